@@ -1,0 +1,100 @@
+//! Command-line interface.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Zero-downtime binary upgrades for native services.
+///
+/// baton holds your service's listening sockets and runs it as a child. On
+/// `kill -HUP`, `systemctl reload` or `baton upgrade` it starts the new binary beside
+/// the old one, waits until it is ready, then drains the old one. A candidate that
+/// fails is rolled back and nobody notices.
+#[derive(Debug, Parser)]
+#[command(name = "baton", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Supervise PROGRAM: bind the listeners, start it, upgrade it on SIGHUP.
+    Run(RunArgs),
+    /// Show the generations, the last upgrade and the listeners.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Start an upgrade (same as `kill -HUP`).
+    Upgrade {
+        /// Wait for the outcome: exit 0 when promoted, 1 (reason on stderr) on rollback.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Drain every generation and stop baton.
+    Stop {
+        #[command(flatten)]
+        control: ControlArg,
+    },
+}
+
+/// Where the control socket is.
+#[derive(Debug, Args)]
+pub struct ControlArg {
+    /// Control socket [default: $BATON_CONTROL, else $XDG_RUNTIME_DIR/baton.sock, else /tmp/baton-UID/baton.sock].
+    #[arg(long, value_name = "PATH", env = "BATON_CONTROL")]
+    pub control: Option<PathBuf>,
+}
+
+/// `baton run` options. Every option can also come from `--config`; flags win.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A listening socket NAME=ADDR; ADDR is HOST:PORT, [V6]:PORT or unix:PATH (repeatable).
+    /// Sockets passed by systemd (LISTEN_FDS) are matched by name and not bound again.
+    #[arg(long, value_name = "NAME=ADDR")]
+    pub listen: Vec<String>,
+    /// Mode for Unix socket files, in octal [default: 0660].
+    #[arg(long, value_name = "MODE")]
+    pub unix_mode: Option<String>,
+    /// listen(2) backlog [default: net.core.somaxconn].
+    #[arg(long, value_name = "N")]
+    pub backlog: Option<String>,
+    /// How readiness is known: `notify` (READY=1 on NOTIFY_SOCKET) or `delay=DUR` (alive for DUR) [default: notify].
+    #[arg(long, value_name = "MODE")]
+    pub ready: Option<String>,
+    /// A candidate not ready within DUR is rolled back [default: 30s].
+    #[arg(long, value_name = "DUR")]
+    pub ready_timeout: Option<String>,
+    /// A draining generation is SIGKILLed after DUR [default: 30s].
+    #[arg(long, value_name = "DUR")]
+    pub drain_timeout: Option<String>,
+    /// Signal that tells a child without the SDK to drain (also sent if baton dies) [default: TERM].
+    #[arg(long, value_name = "SIG")]
+    pub stop_signal: Option<String>,
+    /// Two-phase stateful upgrades: the old generation's snapshot is restored by the new one.
+    #[arg(long)]
+    pub state: bool,
+    /// Stateful: the old generation must deliver its snapshot within DUR [default: 30s].
+    #[arg(long, value_name = "DUR")]
+    pub snapshot_timeout: Option<String>,
+    /// Stateful: the candidate must restore the snapshot within DUR [default: 60s].
+    #[arg(long, value_name = "DUR")]
+    pub restore_timeout: Option<String>,
+    /// TOML file with the same settings (keys like `ready_timeout`, `listen = [...]`, `command = [...]`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub control: ControlArg,
+    /// The program to run and its arguments (after `--`). Resolved again at every upgrade.
+    #[arg(last = true, value_name = "PROGRAM [ARGS]")]
+    pub command: Vec<OsString>,
+}

@@ -1,0 +1,326 @@
+//! `baton run` settings: TOML config merged under the flags, then validated.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde::Deserialize;
+
+use crate::cli::RunArgs;
+use crate::listeners::ListenSpec;
+use crate::upgrade::ReadyMode;
+
+/// A setting that is wrong; the message names the flag or key and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// The config file's shape. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    listen: Option<Vec<String>>,
+    unix_mode: Option<toml::Value>,
+    backlog: Option<toml::Value>,
+    ready: Option<String>,
+    ready_timeout: Option<String>,
+    drain_timeout: Option<String>,
+    stop_signal: Option<String>,
+    state: Option<bool>,
+    snapshot_timeout: Option<String>,
+    restore_timeout: Option<String>,
+    control: Option<PathBuf>,
+    command: Option<Vec<String>>,
+}
+
+/// Validated settings for `baton run`.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Listeners to bind or inherit.
+    pub listen: Vec<ListenSpec>,
+    /// Unix socket file mode.
+    pub unix_mode: u32,
+    /// listen(2) backlog.
+    pub backlog: i32,
+    /// Readiness mode.
+    pub ready: ReadyMode,
+    /// Ready timeout.
+    pub ready_timeout: Duration,
+    /// Drain timeout.
+    pub drain_timeout: Duration,
+    /// Stop signal for children without the SDK.
+    pub stop_signal: Signal,
+    /// Stateful upgrades.
+    pub state: bool,
+    /// Snapshot timeout.
+    pub snapshot_timeout: Duration,
+    /// Restore timeout.
+    pub restore_timeout: Duration,
+    /// Control socket path.
+    pub control: PathBuf,
+    /// PROGRAM.
+    pub program: OsString,
+    /// Its arguments.
+    pub args: Vec<OsString>,
+}
+
+fn duration(what: &str, v: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(v).map_err(|e| {
+        ConfigError(format!(
+            "invalid {what} '{v}': {e} (expected e.g. 500ms, 30s, 2m)"
+        ))
+    })
+}
+
+fn signal(what: &str, v: &str) -> Result<Signal, ConfigError> {
+    let up = v.trim().to_ascii_uppercase();
+    let parsed = if let Ok(n) = up.parse::<i32>() {
+        Signal::try_from(n).ok()
+    } else {
+        let name = if up.starts_with("SIG") {
+            up
+        } else {
+            format!("SIG{up}")
+        };
+        Signal::from_str(&name).ok()
+    };
+    match parsed {
+        Some(Signal::SIGKILL | Signal::SIGSTOP) | None => Err(ConfigError(format!(
+            "invalid {what} '{v}': expected a catchable signal name or number, e.g. TERM, QUIT, INT"
+        ))),
+        Some(s) => Ok(s),
+    }
+}
+
+fn toml_int(what: &str, v: &toml::Value, radix: u32) -> Result<i64, ConfigError> {
+    match v {
+        toml::Value::Integer(i) => Ok(*i),
+        toml::Value::String(s) => i64::from_str_radix(s.trim_start_matches("0o"), radix)
+            .map_err(|_| ConfigError(format!("invalid {what} '{s}': not a number"))),
+        other => Err(ConfigError(format!("invalid {what} {other}: not a number"))),
+    }
+}
+
+fn read_file(path: &Path) -> Result<File, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| {
+                text.as_bytes()[..s.start.min(text.len())]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count()
+                    + 1
+            })
+            .unwrap_or(0);
+        ConfigError(format!(
+            "config {} line {line}: {}",
+            path.display(),
+            e.message().replace('\n', " ")
+        ))
+    })
+}
+
+impl RunConfig {
+    /// Merges `--config` (if any) under the flags and validates everything.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first bad flag or key.
+    pub fn from_args(a: RunArgs) -> Result<Self, ConfigError> {
+        let f = match &a.config {
+            Some(p) => read_file(p)?,
+            None => File::default(),
+        };
+        // Names for messages: the flag, and the key when it came from the file.
+        let pick = |flag: Option<String>, key: Option<String>, fname: &str, kname: &str| match flag
+        {
+            Some(v) => Some((v, format!("--{fname}"))),
+            None => key.map(|v| (v, format!("config key '{kname}'"))),
+        };
+        let dur = |flag: Option<String>, key: Option<String>, name: &str, default: Duration| {
+            let kname = name.replace('-', "_");
+            match pick(flag, key, name, &kname) {
+                Some((v, what)) => duration(&what, &v),
+                None => Ok(default),
+            }
+        };
+        let listen_raw = if a.listen.is_empty() {
+            f.listen.clone().unwrap_or_default()
+        } else {
+            a.listen.clone()
+        };
+        let listen = listen_raw
+            .iter()
+            .map(|s| ListenSpec::parse(s).map_err(|e| ConfigError(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let unix_mode = match (&a.unix_mode, &f.unix_mode) {
+            (Some(s), _) => toml_int("--unix-mode", &toml::Value::String(s.clone()), 8)?,
+            (None, Some(v)) => toml_int("config key 'unix_mode'", v, 8)?,
+            (None, None) => 0o660,
+        };
+        if !(0..=0o7777).contains(&unix_mode) {
+            return Err(ConfigError(format!(
+                "invalid unix mode {unix_mode:o}: must be 0 to 7777 (octal)"
+            )));
+        }
+        let backlog = match (&a.backlog, &f.backlog) {
+            (Some(s), _) => toml_int("--backlog", &toml::Value::String(s.clone()), 10)?,
+            (None, Some(v)) => toml_int("config key 'backlog'", v, 10)?,
+            (None, None) => i64::from(crate::sys::somaxconn()),
+        };
+        if !(1..=i64::from(i32::MAX)).contains(&backlog) {
+            return Err(ConfigError(format!(
+                "invalid backlog {backlog}: must be at least 1"
+            )));
+        }
+        let ready = match pick(a.ready.clone(), f.ready.clone(), "ready", "ready") {
+            None => ReadyMode::Notify,
+            Some((v, what)) => {
+                if v == "notify" {
+                    ReadyMode::Notify
+                } else if let Some(d) = v.strip_prefix("delay=") {
+                    ReadyMode::Delay(duration(&what, d)?)
+                } else {
+                    return Err(ConfigError(format!(
+                        "invalid {what} '{v}': expected 'notify' or 'delay=DUR'"
+                    )));
+                }
+            }
+        };
+        let stop_signal = match pick(
+            a.stop_signal.clone(),
+            f.stop_signal.clone(),
+            "stop-signal",
+            "stop_signal",
+        ) {
+            Some((v, what)) => signal(&what, &v)?,
+            None => Signal::SIGTERM,
+        };
+        let mut command: Vec<OsString> = a.command.clone();
+        if command.is_empty() {
+            command = f
+                .command
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .map(OsString::from)
+                .collect();
+        }
+        if command.is_empty() {
+            return Err(ConfigError(
+                "no PROGRAM given: usage: baton run [OPTIONS] -- PROGRAM [ARGS...]".into(),
+            ));
+        }
+        let program = command.remove(0);
+        crate::spawn::resolve_program(&program).map_err(ConfigError)?;
+        Ok(RunConfig {
+            listen,
+            unix_mode: unix_mode as u32,
+            backlog: backlog as i32,
+            ready,
+            ready_timeout: dur(
+                a.ready_timeout.clone(),
+                f.ready_timeout.clone(),
+                "ready-timeout",
+                Duration::from_secs(30),
+            )?,
+            drain_timeout: dur(
+                a.drain_timeout.clone(),
+                f.drain_timeout.clone(),
+                "drain-timeout",
+                Duration::from_secs(30),
+            )?,
+            stop_signal,
+            state: a.state || f.state.unwrap_or(false),
+            snapshot_timeout: dur(
+                a.snapshot_timeout.clone(),
+                f.snapshot_timeout.clone(),
+                "snapshot-timeout",
+                Duration::from_secs(30),
+            )?,
+            restore_timeout: dur(
+                a.restore_timeout.clone(),
+                f.restore_timeout.clone(),
+                "restore-timeout",
+                Duration::from_secs(60),
+            )?,
+            control: a
+                .control
+                .control
+                .clone()
+                .or(f.control.clone())
+                .unwrap_or_else(crate::control::default_path),
+            program,
+            args: command,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<RunConfig, ConfigError> {
+        let mut v = vec!["baton", "run"];
+        v.extend_from_slice(args);
+        match crate::cli::Cli::try_parse_from(v).unwrap().command {
+            crate::cli::Command::Run(a) => RunConfig::from_args(a),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults_and_flags() {
+        let c = parse(&["--listen", "http=127.0.0.1:0", "--", "true"]).unwrap();
+        assert_eq!(c.ready_timeout, Duration::from_secs(30));
+        assert_eq!(c.stop_signal, Signal::SIGTERM);
+        assert_eq!(c.ready, ReadyMode::Notify);
+        let c = parse(&["--ready", "delay=2s", "--stop-signal", "quit", "--", "true"]).unwrap();
+        assert_eq!(c.ready, ReadyMode::Delay(Duration::from_secs(2)));
+        assert_eq!(c.stop_signal, Signal::SIGQUIT);
+    }
+
+    #[test]
+    fn errors_name_the_flag_or_key() {
+        let e = parse(&["--ready-timeout", "soon", "--", "true"])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("--ready-timeout") && e.contains("soon"), "{e}");
+        let e = parse(&["--stop-signal", "KILL", "--", "true"])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("--stop-signal"), "{e}");
+        let e = parse(&["--", "/nonexistent/app"]).unwrap_err().0;
+        assert!(e.contains("/nonexistent/app"), "{e}");
+        let e = parse(&[]).unwrap_err().0;
+        assert!(e.contains("PROGRAM"), "{e}");
+    }
+
+    #[test]
+    fn config_file_under_flags() {
+        let dir = std::env::temp_dir().join(format!("baton-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("b.toml");
+        std::fs::write(
+            &p,
+            "listen = [\"http=127.0.0.1:0\"]\nready_timeout = \"5s\"\ndrain_timeout = \"7s\"\ncommand = [\"true\"]\n",
+        )
+        .unwrap();
+        let c = parse(&["--config", p.to_str().unwrap(), "--drain-timeout", "1s"]).unwrap();
+        assert_eq!(c.ready_timeout, Duration::from_secs(5));
+        assert_eq!(c.drain_timeout, Duration::from_secs(1));
+        assert_eq!(c.listen.len(), 1);
+        std::fs::write(&p, "ready_timeout = \"x\"\ncommand = [\"true\"]\n").unwrap();
+        let e = parse(&["--config", p.to_str().unwrap()]).unwrap_err().0;
+        assert!(e.contains("config key 'ready_timeout'"), "{e}");
+        std::fs::write(&p, "\nbogus = 1\n").unwrap();
+        let e = parse(&["--config", p.to_str().unwrap()]).unwrap_err().0;
+        assert!(e.contains("line 2") && e.contains("bogus"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,146 @@
+//! Starting one generation: resolve PROGRAM, lay out fds and env, exec.
+
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use baton_child::protocol::{
+    ENV_CONTROL_FD, ENV_GENERATION, ENV_LISTEN_FDNAMES, ENV_LISTEN_FDS, ENV_LISTEN_PID,
+    ENV_NOTIFY_SOCKET, LISTEN_FDS_START,
+};
+use nix::sys::signal::Signal;
+
+use crate::listeners::Listener;
+use crate::sys;
+
+/// Variables baton sets itself, or that belong to baton and not to its children.
+const OWN_VARS: &[&str] = &[
+    ENV_LISTEN_FDS,
+    ENV_LISTEN_FDNAMES,
+    ENV_LISTEN_PID,
+    ENV_NOTIFY_SOCKET,
+    ENV_GENERATION,
+    ENV_CONTROL_FD,
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
+/// What every spawn shares.
+#[derive(Debug, Clone)]
+pub struct SpawnConfig {
+    /// PROGRAM as given; resolved again at every spawn.
+    pub program: OsString,
+    /// Its arguments.
+    pub args: Vec<OsString>,
+    /// Sent to children on baton's death (PR_SET_PDEATHSIG).
+    pub death_signal: Signal,
+    /// The children's `NOTIFY_SOCKET`.
+    pub notify_path: PathBuf,
+    /// baton's environment at startup, minus its own variables.
+    pub base_env: Vec<Vec<u8>>,
+}
+
+/// A started child.
+pub struct Spawned {
+    /// The process.
+    pub child: tokio::process::Child,
+    /// Its pid.
+    pub pid: u32,
+    /// baton's end of the child's control socket.
+    pub control: OwnedFd,
+}
+
+/// baton's environment without the variables it manages for its children.
+pub fn base_env() -> Vec<Vec<u8>> {
+    std::env::vars_os()
+        .filter(|(k, _)| !OWN_VARS.iter().any(|v| OsStr::new(v) == k.as_os_str()))
+        .map(|(k, v)| {
+            let mut e = k.as_bytes().to_vec();
+            e.push(b'=');
+            e.extend_from_slice(v.as_bytes());
+            e
+        })
+        .collect()
+}
+
+/// Finds PROGRAM: a path if it has a `/`, else the first executable match in `PATH`.
+///
+/// # Errors
+/// A message naming PROGRAM when it does not exist or is not executable.
+pub fn resolve_program(program: &OsStr) -> Result<PathBuf, String> {
+    let name = Path::new(program);
+    if program.as_bytes().contains(&b'/') {
+        return check_executable(name).map(|()| name.to_path_buf());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(name);
+        if check_executable(&candidate).is_ok() {
+            return Ok(candidate);
+        }
+    }
+    Err(format!("program '{}' not found in PATH", name.display()))
+}
+
+fn check_executable(p: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+        Ok(m) if m.is_file() => Err(format!("program '{}' is not executable", p.display())),
+        Ok(_) => Err(format!("program '{}' is not a regular file", p.display())),
+        Err(e) => Err(format!("program '{}': {e}", p.display())),
+    }
+}
+
+/// Spawns generation `gen` with the listeners at fds 3.. and its control socket after them.
+///
+/// # Errors
+/// PROGRAM cannot be found, or `execve` failed (reported through std's error pipe).
+pub fn spawn(cfg: &SpawnConfig, listeners: &[Listener], gen: u64) -> io::Result<Spawned> {
+    let path = resolve_program(&cfg.program).map_err(io::Error::other)?;
+    let (ours, theirs) = sys::stream_socketpair()?;
+    let n = listeners.len();
+    let control_fd = LISTEN_FDS_START + n as i32;
+    let mut env = cfg.base_env.clone();
+    let mut set = |k: &str, v: &[u8]| {
+        let mut e = k.as_bytes().to_vec();
+        e.push(b'=');
+        e.extend_from_slice(v);
+        env.push(e);
+    };
+    if n > 0 {
+        set(ENV_LISTEN_FDS, n.to_string().as_bytes());
+        let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+        set(ENV_LISTEN_FDNAMES, names.join(":").as_bytes());
+    }
+    set(ENV_NOTIFY_SOCKET, cfg.notify_path.as_os_str().as_bytes());
+    set(ENV_GENERATION, gen.to_string().as_bytes());
+    set(ENV_CONTROL_FD, control_fd.to_string().as_bytes());
+    let mut fds: Vec<_> = listeners.iter().map(|l| l.fd()).collect();
+    fds.push(theirs.as_fd());
+    let mut argv: Vec<&OsStr> = vec![cfg.program.as_os_str()];
+    argv.extend(cfg.args.iter().map(OsString::as_os_str));
+    let plan = sys::ExecPlan::new(&path, &argv, &env, n > 0, &fds, cfg.death_signal)?;
+    let mut cmd = tokio::process::Command::new(&path);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        // Own process group: a terminal's Ctrl-C reaches baton, which drains the
+        // children, instead of killing them all at once.
+        .process_group(0)
+        .kill_on_drop(false);
+    sys::install_exec(&mut cmd, plan);
+    let child = cmd
+        .spawn()
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    drop(theirs);
+    let pid = child.id().unwrap_or(0);
+    Ok(Spawned {
+        child,
+        pid,
+        control: ours,
+    })
+}

@@ -1,0 +1,504 @@
+//! Every `unsafe` block and raw fd / libc call of the supervisor lives here.
+
+use std::ffi::CString;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::libc;
+use nix::sys::socket::{
+    self, bind, getsockopt, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag,
+    SockType, SockaddrIn, SockaddrIn6, SockaddrLike, SockaddrStorage, UnixAddr,
+};
+use nix::sys::stat::{fstat, SFlag};
+
+/// What an inherited or bound listening socket turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketKind {
+    /// A TCP listener bound to this address.
+    Tcp(SocketAddr),
+    /// A Unix stream listener, bound to this path (None if abstract/unnamed).
+    Unix(Option<std::path::PathBuf>),
+}
+
+/// Creates a TCP listener with `SO_REUSEADDR`, `O_NONBLOCK` and `O_CLOEXEC`.
+pub fn bind_tcp(addr: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    match addr {
+        SocketAddr::V4(a) => bind(fd.as_raw_fd(), &SockaddrIn::from(a))?,
+        SocketAddr::V6(a) => {
+            // A `[::]` listener is IPv6 only; IPv4 gets its own `--listen`.
+            setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+            bind(fd.as_raw_fd(), &SockaddrIn6::from(a))?
+        }
+    }
+    listen(&fd, backlog_of(backlog)?)?;
+    Ok(fd)
+}
+
+/// Creates a Unix stream listener at `path` with `O_NONBLOCK` and `O_CLOEXEC`.
+pub fn bind_unix(path: &Path, backlog: i32) -> io::Result<OwnedFd> {
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    listen(&fd, backlog_of(backlog)?)?;
+    Ok(fd)
+}
+
+fn backlog_of(n: i32) -> io::Result<Backlog> {
+    Backlog::new(n).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+/// Reads `net.core.somaxconn`, the kernel's cap on a listen backlog.
+pub fn somaxconn() -> i32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096)
+}
+
+/// Takes ownership of an inherited fd after checking that it is open.
+///
+/// Returns `None` if `fd` is not open.
+pub fn take_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
+    fcntl(borrow_raw_checked(fd)?, FcntlArg::F_GETFD).ok()?;
+    // SAFETY: the fd is open (F_GETFD succeeded), it came from our parent through
+    // LISTEN_FDS, and nothing else in this process owns it: it is taken exactly once,
+    // at startup, before any other fd is opened.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn borrow_raw_checked(fd: RawFd) -> Option<BorrowedFd<'static>> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: only used for a single fcntl probe right away, while the fd number is
+    // not closed by anyone (startup, single thread); fcntl on a closed fd just fails.
+    Some(unsafe { BorrowedFd::borrow_raw(fd) })
+}
+
+/// Checks that `fd` is a listening stream socket and says what it is bound to.
+///
+/// # Errors
+/// A human-readable reason when it is not a socket, not `SOCK_STREAM`, not
+/// listening, or of an unsupported family.
+pub fn inspect_listener(fd: BorrowedFd<'_>) -> Result<SocketKind, String> {
+    let st = fstat(fd).map_err(|e| format!("fstat failed: {e}"))?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+        return Err("not a socket".into());
+    }
+    let ty = getsockopt(&fd, sockopt::SockType).map_err(|e| format!("SO_TYPE: {e}"))?;
+    if ty != SockType::Stream {
+        return Err(format!("a {ty:?} socket, expected a stream socket"));
+    }
+    let listening =
+        getsockopt(&fd, sockopt::AcceptConn).map_err(|e| format!("SO_ACCEPTCONN: {e}"))?;
+    if !listening {
+        return Err("a stream socket that is not listening".into());
+    }
+    let addr: SockaddrStorage =
+        socket::getsockname(fd.as_raw_fd()).map_err(|e| format!("getsockname: {e}"))?;
+    sockaddr_kind(&addr).ok_or_else(|| format!("unsupported address family {:?}", addr.family()))
+}
+
+fn sockaddr_kind(addr: &SockaddrStorage) -> Option<SocketKind> {
+    if let Some(a) = addr.as_sockaddr_in() {
+        return Some(SocketKind::Tcp(SocketAddr::V4((*a).into())));
+    }
+    if let Some(a) = addr.as_sockaddr_in6() {
+        return Some(SocketKind::Tcp(SocketAddr::V6((*a).into())));
+    }
+    addr.as_unix_addr()
+        .map(|u| SocketKind::Unix(u.path().map(Path::to_path_buf)))
+}
+
+/// Whether a listening socket still listens (a child may have `shutdown()` it).
+pub fn is_listening(fd: BorrowedFd<'_>) -> bool {
+    getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false)
+}
+
+/// Puts a listener that stopped listening back into the listening state.
+pub fn relisten(fd: BorrowedFd<'_>, backlog: i32) -> io::Result<()> {
+    listen(&fd, backlog_of(backlog)?)?;
+    Ok(())
+}
+
+/// Sets `O_NONBLOCK` on a listener, once, before any child shares it.
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    if !flags.contains(OFlag::O_NONBLOCK) {
+        fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    }
+    Ok(())
+}
+
+/// Sets `FD_CLOEXEC`, so the fd never leaks into a child by accident.
+pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    Ok(())
+}
+
+/// A connected pair of `SOCK_STREAM` Unix sockets, both close-on-exec.
+pub fn stream_socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(socket::socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+    )?)
+}
+
+/// Whether `path` exists and is a socket (without following symlinks).
+///
+/// Returns `Ok(None)` when nothing exists at `path`.
+pub fn path_is_socket(path: &Path) -> io::Result<Option<bool>> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => {
+            use std::os::unix::fs::FileTypeExt;
+            Ok(Some(m.file_type().is_socket()))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Binds a datagram socket for sd_notify at `path`, with `SO_PASSCRED` on, so each
+/// message carries its sender's pid.
+pub fn bind_notify_socket(path: &Path) -> io::Result<OwnedFd> {
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    setsockopt(&fd, sockopt::PassCred, &true)?;
+    // Children may run as another user; only root and the owner could connect to
+    // a 0600 socket, so open it up: senders are checked by pid, not by mode.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+    Ok(fd)
+}
+
+/// Receives one sd_notify datagram: the sender's pid (from `SCM_CREDENTIALS`, 0 if
+/// absent) and the payload. Any fds sent along are closed.
+pub fn recv_notify(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(i32, usize)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let mut cmsg = nix::cmsg_space!(libc::ucred, [RawFd; 16]);
+    let msg = recvmsg::<()>(
+        fd.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )?;
+    let mut pid = 0;
+    for c in msg.cmsgs()? {
+        match c {
+            ControlMessageOwned::ScmCredentials(cred) => pid = cred.pid(),
+            ControlMessageOwned::ScmRights(fds) => {
+                for raw in fds {
+                    // SAFETY: SCM_RIGHTS just installed this fd in our table and nothing
+                    // else knows about it; wrapping it closes it on drop.
+                    drop(unsafe { OwnedFd::from_raw_fd(raw) });
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((pid, msg.bytes))
+}
+
+/// Sends one sd_notify datagram to `addr` (a path, or `@name` for abstract), with
+/// optional fds (for `FDSTORE=1`).
+pub fn send_notify(addr: &str, payload: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let sa = if let Some(name) = addr.strip_prefix('@') {
+        UnixAddr::new_abstract(name.as_bytes())?
+    } else {
+        UnixAddr::new(addr)?
+    };
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let iov = [io::IoSlice::new(payload)];
+    let rights = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &rights };
+    sendmsg(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), Some(&sa))?;
+    Ok(())
+}
+
+/// Marks fds received through `SCM_RIGHTS` close-on-exec and takes ownership.
+///
+/// The `sendfd` crate does not pass `MSG_CMSG_CLOEXEC`; baton forks only from the
+/// thread that receives, so no child can be forked between receipt and this call.
+pub fn own_received_fds(raw: &[RawFd]) -> Vec<OwnedFd> {
+    raw.iter()
+        .map(|&fd| {
+            // SAFETY: SCM_RIGHTS just installed this fd in our table; we are its only owner.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            let _ = set_cloexec(owned.as_fd());
+            owned
+        })
+        .collect()
+}
+
+/// The real uid of this process.
+pub fn getuid() -> u32 {
+    nix::unistd::getuid().as_raw()
+}
+
+/// Sends `sig` to `pid`; a process that is already gone is not an error.
+pub fn kill(pid: u32, sig: nix::sys::signal::Signal) -> io::Result<()> {
+    let pid = i32::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// SIGKILLs the process group led by `pid` (every generation leads its own group).
+pub fn kill_group(pid: u32) -> io::Result<()> {
+    let pid = i32::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    match nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    ) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Everything the forked child needs to exec, allocated before `fork`, so the child
+/// runs only async-signal-safe code (no allocation, no locks).
+pub struct ExecPlan {
+    path: CString,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    _envp: Vec<CString>,
+    /// `LISTEN_PID=` followed by room for the digits and the NUL terminator.
+    listen_pid: Box<[u8]>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    /// Source fds, in target order (fd 3, 4, ...).
+    fds: Vec<RawFd>,
+    /// Scratch space for the high duplicates; preallocated so the child needn't.
+    scratch: Vec<RawFd>,
+    parent: libc::pid_t,
+    death_signal: libc::c_int,
+    /// Highest fd number to close when `close_range` is missing.
+    max_fd: RawFd,
+}
+
+// SAFETY: the raw pointers point into heap buffers owned by this same struct
+// (`_argv`, `_envp`, `listen_pid`), which never move when the struct does, and they
+// are only dereferenced by `execve` in the forked child.
+unsafe impl Send for ExecPlan {}
+// SAFETY: as above; the parent never reads through the pointers.
+unsafe impl Sync for ExecPlan {}
+
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+
+impl ExecPlan {
+    /// Prepares an exec of `path` with `argv` and `env` (entries `KEY=VALUE`, without
+    /// `LISTEN_PID`, which is filled in by the child), placing `fds[i]` at `3 + i`.
+    ///
+    /// # Errors
+    /// An argument or variable contains a NUL byte.
+    pub fn new(
+        path: &Path,
+        argv: &[&std::ffi::OsStr],
+        env: &[Vec<u8>],
+        with_listen_pid: bool,
+        fds: &[BorrowedFd<'_>],
+        death_signal: nix::sys::signal::Signal,
+    ) -> io::Result<Self> {
+        let nul = |_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in argument");
+        let path = CString::new(path.as_os_str().as_bytes()).map_err(nul)?;
+        let argv: Vec<CString> = argv
+            .iter()
+            .map(|a| CString::new(a.as_bytes()).map_err(nul))
+            .collect::<io::Result<_>>()?;
+        let envp: Vec<CString> = env
+            .iter()
+            .map(|e| CString::new(e.clone()).map_err(nul))
+            .collect::<io::Result<_>>()?;
+        let mut listen_pid = vec![0u8; LISTEN_PID_PREFIX.len() + 24].into_boxed_slice();
+        listen_pid[..LISTEN_PID_PREFIX.len()].copy_from_slice(LISTEN_PID_PREFIX);
+        let mut argv_ptrs: Vec<_> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let mut envp_ptrs: Vec<_> = envp.iter().map(|e| e.as_ptr()).collect();
+        if with_listen_pid {
+            envp_ptrs.push(listen_pid.as_ptr().cast());
+        }
+        envp_ptrs.push(std::ptr::null());
+        let fds: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        Ok(ExecPlan {
+            path,
+            _argv: argv,
+            argv_ptrs,
+            _envp: envp,
+            listen_pid,
+            envp_ptrs,
+            scratch: vec![-1; fds.len()],
+            fds,
+            parent: nix::unistd::getpid().as_raw(),
+            death_signal: death_signal as libc::c_int,
+            max_fd: nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map(|(soft, _)| soft.min(65536) as RawFd)
+                .unwrap_or(4096),
+        })
+    }
+
+    /// Runs in the forked child (from `pre_exec`): lays out the fds, arms the
+    /// parent-death signal, fills in `LISTEN_PID`, and execs. Returns only on failure.
+    ///
+    /// Only async-signal-safe calls are made: `fcntl`, `dup2`, `prctl`, `getppid`,
+    /// `getpid`, `execve`, plus writes into memory allocated before `fork`.
+    pub fn exec_in_child(&mut self) -> io::Result<()> {
+        let n = self.fds.len() as RawFd;
+        let first = nix::libc::STDERR_FILENO + 1;
+        // Move every source above the target range first, so that laying out fd 3..
+        // never overwrites a source that is still needed.
+        for i in 0..self.fds.len() {
+            // SAFETY: fcntl(F_DUPFD_CLOEXEC) is async-signal-safe; the source fd is open
+            // (the parent holds it until spawn returns).
+            let high = unsafe { libc::fcntl(self.fds[i], libc::F_DUPFD_CLOEXEC, first + n) };
+            if high < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            self.scratch[i] = high;
+        }
+        for i in 0..self.fds.len() {
+            // SAFETY: dup2 is async-signal-safe; the new fd has FD_CLOEXEC cleared, which
+            // is exactly what makes it survive the exec.
+            if unsafe { libc::dup2(self.scratch[i], first + i as RawFd) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        // Anything baton inherited without CLOEXEC (a pipe from its own parent, say)
+        // must not reach the child either: it gets exactly stdio, listeners and control.
+        // SAFETY: close_range is a plain syscall on integers, async-signal-safe.
+        if unsafe {
+            libc::syscall(
+                libc::SYS_close_range,
+                (first + n) as libc::c_uint,
+                libc::c_uint::MAX,
+                0 as libc::c_uint,
+            )
+        } < 0
+        {
+            // Kernels before 5.9: close what the fd limit allows, one by one.
+            for fd in (first + n)..self.max_fd {
+                // SAFETY: close is async-signal-safe; EBADF for unused numbers is fine.
+                unsafe { libc::close(fd) };
+            }
+        }
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and takes plain integers.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, self.death_signal as libc::c_ulong) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: getppid is async-signal-safe. If baton died before prctl, the signal
+        // would never come: give up instead of running unsupervised.
+        if unsafe { libc::getppid() } != self.parent {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        // SAFETY: getpid is async-signal-safe.
+        let pid = unsafe { libc::getpid() };
+        write_decimal(&mut self.listen_pid[LISTEN_PID_PREFIX.len()..], pid as u64);
+        // SAFETY: path, argv and envp are NUL-terminated strings in buffers owned by
+        // `self`, and both pointer arrays end with a null pointer.
+        unsafe {
+            libc::execve(
+                self.path.as_ptr(),
+                self.argv_ptrs.as_ptr(),
+                self.envp_ptrs.as_ptr(),
+            )
+        };
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Makes `cmd` run `plan` in the forked child instead of its own exec.
+pub fn install_exec(cmd: &mut tokio::process::Command, mut plan: ExecPlan) {
+    // SAFETY: the hook runs between fork and exec and does only async-signal-safe work
+    // (see `ExecPlan::exec_in_child`); all its memory was allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || plan.exec_in_child());
+    }
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, as systemd's `MONOTONIC_USEC=` wants it.
+pub fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
+        .unwrap_or(0)
+}
+
+/// Writes `v` in decimal followed by a NUL into `buf`, without allocating.
+fn write_decimal(buf: &mut [u8], mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut n = 0;
+    loop {
+        digits[n] = b'0' + (v % 10) as u8;
+        n += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for i in 0..n {
+        buf[i] = digits[n - 1 - i];
+    }
+    buf[n] = 0;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_digits() {
+        let mut b = [0xffu8; 24];
+        write_decimal(&mut b, 4_194_304);
+        assert_eq!(&b[..8], b"4194304\0");
+        write_decimal(&mut b, 0);
+        assert_eq!(&b[..2], b"0\0");
+    }
+
+    #[test]
+    fn inspects_bound_tcp_listener() {
+        let fd = bind_tcp("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        match inspect_listener(fd.as_fd()).unwrap() {
+            SocketKind::Tcp(a) => assert!(a.port() != 0),
+            other => panic!("unexpected {other:?}"),
+        }
+        let flags = OFlag::from_bits_truncate(fcntl(fd.as_fd(), FcntlArg::F_GETFL).unwrap());
+        assert!(flags.contains(OFlag::O_NONBLOCK));
+    }
+
+    #[test]
+    fn rejects_non_sockets() {
+        let f = std::fs::File::open("/dev/null").unwrap();
+        assert_eq!(inspect_listener(f.as_fd()).unwrap_err(), "not a socket");
+    }
+}
