@@ -271,6 +271,10 @@ pub struct UpgradeReport {
     /// Connections handed over from the old generation(s) to this one.
     #[serde(default)]
     pub migrated_connections: u64,
+    /// baton's own share of the upgrade, in ms: spawning the candidate (fork + exec)
+    /// plus the time from its READY to the old generation being told to drain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor_ms: Option<f64>,
 }
 
 /// One listener in [`Status`].

@@ -160,14 +160,12 @@ impl<R: tokio::io::AsyncRead + Unpin> TakeLinesLimit for tokio::io::BufReader<R>
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Could not connect.
-    #[error(
-        "cannot reach baton at {path}: {source} (is `baton run` running with this --control?)"
-    )]
+    #[error("cannot reach baton at {path}: {err} (is `baton run` running with this --control?)")]
     Connect {
         /// Socket path.
         path: PathBuf,
         /// OS error.
-        source: io::Error,
+        err: io::Error,
     },
     /// Connection broke or the reply was not understood.
     #[error("control socket {path}: {why}")]
@@ -193,9 +191,9 @@ pub fn request(
         why,
     };
     let mut s =
-        std::os::unix::net::UnixStream::connect(path).map_err(|source| ClientError::Connect {
+        std::os::unix::net::UnixStream::connect(path).map_err(|err| ClientError::Connect {
             path: path.to_path_buf(),
-            source,
+            err,
         })?;
     s.set_read_timeout(timeout)
         .map_err(|e| perr(e.to_string()))?;

@@ -1,15 +1,14 @@
 //! The driver's side of one running generation: its process and control channel.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use baton_child::protocol::{ChildMsg, SupervisorMsg};
-use sendfd::{RecvWithFd, SendWithFd};
+use baton_child::wire::{self, FrameReader};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
-use crate::sys;
 use crate::upgrade::GenId;
 
 /// Something that happened to a generation, for the main loop.
@@ -121,66 +120,39 @@ pub fn describe(st: std::process::ExitStatus) -> String {
     }
 }
 
-/// Reads JSON lines; fds received are queued in order and handed to the messages
-/// that declare them (see `baton_child::protocol`).
+/// Reads protocol messages with the SDK's framing (`baton_child::wire`), so both ends
+/// pair fds with lines the same way.
 async fn read_loop(gen: GenId, stream: Arc<UnixStream>, events: mpsc::UnboundedSender<GenEvent>) {
-    let mut buf = Vec::<u8>::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    let mut fd_queue: std::collections::VecDeque<OwnedFd> = Default::default();
+    let mut reader = FrameReader::new();
     loop {
-        if stream.readable().await.is_err() {
-            return;
-        }
-        let mut raw: [RawFd; 8] = [-1; 8];
-        let (n, nfds) = match stream.recv_with_fd(&mut chunk, &mut raw) {
-            Ok(r) => r,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => return,
-        };
-        fd_queue.extend(sys::own_received_fds(&raw[..nfds]));
-        if n == 0 {
-            return;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            let ev = match serde_json::from_slice::<ChildMsg>(&line) {
-                Ok(msg) => {
-                    let want = declared_fds(&msg);
-                    let fds: Vec<OwnedFd> =
-                        (0..want).filter_map(|_| fd_queue.pop_front()).collect();
-                    if fds.len() < want {
-                        GenEvent::BadMessage {
-                            gen,
-                            why: format!("message declares {want} fd(s) but carried {}", fds.len()),
-                        }
-                    } else {
-                        GenEvent::Message { gen, msg, fds }
-                    }
-                }
+        let ev = match reader.next(&stream).await {
+            Ok(None) => return,
+            Ok(Some(frame)) => match frame.parse::<ChildMsg>() {
+                Ok(msg) => GenEvent::Message {
+                    gen,
+                    msg,
+                    fds: frame.fds,
+                },
                 Err(e) => GenEvent::BadMessage {
                     gen,
-                    why: format!("{e}: {}", String::from_utf8_lossy(&line).trim_end()),
+                    why: format!("unknown message '{}': {e}", frame.kind()),
                 },
-            };
-            if events.send(ev).is_err() {
-                return;
+            },
+            Err(e) => {
+                let fatal = e.is_fatal();
+                let _ = events.send(GenEvent::BadMessage {
+                    gen,
+                    why: e.to_string(),
+                });
+                if fatal {
+                    return;
+                }
+                continue;
             }
-        }
-        if buf.len() > 1 << 20 {
-            let _ = events.send(GenEvent::BadMessage {
-                gen,
-                why: "control line longer than 1 MiB".into(),
-            });
+        };
+        if events.send(ev).is_err() {
             return;
         }
-    }
-}
-
-fn declared_fds(msg: &ChildMsg) -> usize {
-    match msg {
-        ChildMsg::Snapshot { fds, .. } | ChildMsg::Migrate { fds, .. } => *fds as usize,
-        _ => 0,
     }
 }
 
@@ -190,32 +162,14 @@ async fn write_loop(
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) {
     while let Some(out) = rx.recv().await {
-        let mut line = match serde_json::to_vec(&out.msg) {
-            Ok(l) => l,
-            Err(_) => continue,
+        let Ok(line) = wire::encode(&out.msg) else {
+            continue;
         };
-        line.push(b'\n');
-        let raw: Vec<RawFd> = out.fds.iter().map(|f| f.as_raw_fd()).collect();
-        if let Err(e) = send_all(&stream, &line, &raw).await {
+        let fds: Vec<BorrowedFd<'_>> = out.fds.iter().map(AsFd::as_fd).collect();
+        if let Err(e) = wire::write_line(&stream, &line, &fds).await {
             tracing::debug!(generation = gen, error = %e, "control write failed");
             return;
         }
-        // `out.fds` drop here: the child has its own copies now.
+        // `out.fds` drop here: the child holds its own copies now.
     }
-}
-
-/// Writes all of `bytes`, the fds riding with the first chunk.
-async fn send_all(stream: &UnixStream, mut bytes: &[u8], mut fds: &[RawFd]) -> std::io::Result<()> {
-    while !bytes.is_empty() {
-        stream.writable().await?;
-        match stream.send_with_fd(bytes, fds) {
-            Ok(n) => {
-                bytes = &bytes[n..];
-                fds = &[];
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }

@@ -43,11 +43,17 @@ struct Driver {
     next_waiter: WaiterId,
     sd: SystemdOut,
     exit: Option<(i32, String)>,
+    /// How long the last fork + exec took (baton's share of an upgrade).
+    last_spawn: Duration,
+    /// When the READY being handled was received.
+    ready_received: Option<Instant>,
 }
 
 impl Host for Driver {
     fn spawn(&mut self, gen: GenId) -> Result<u32, String> {
+        let t = Instant::now();
         let s = spawn::spawn(&self.spawn_cfg, &self.listeners, gen).map_err(|e| e.to_string())?;
+        self.last_spawn = t.elapsed();
         let h = GenHandle::start(gen, s.child, s.pid, s.control, self.events.clone())
             .map_err(|e| e.to_string())?;
         self.handles.insert(gen, h);
@@ -91,7 +97,10 @@ impl Host for Driver {
         }
     }
 
-    fn finished(&mut self, report: &UpgradeReport, waiters: Vec<WaiterId>) {
+    fn finished(&mut self, report: &mut UpgradeReport, waiters: Vec<WaiterId>) {
+        if let Some(t) = self.ready_received {
+            report.supervisor_ms = Some((self.last_spawn + t.elapsed()).as_secs_f64() * 1000.0);
+        }
         for w in waiters {
             if let Some(tx) = self.waiters.remove(&w) {
                 let _ = tx.send(ControlReply::Upgrade(report.clone()));
@@ -204,6 +213,8 @@ pub async fn run(
         next_waiter: 1,
         sd,
         exit: None,
+        last_spawn: Duration::ZERO,
+        ready_received: None,
     };
     let mut m = Machine::new(settings);
     let serve = control.serve(ctl_tx);
@@ -388,8 +399,11 @@ fn on_notify(m: &mut Machine, d: &mut Driver, pid: u32, text: &str) {
     for (k, v) in notify::parse(text) {
         match k {
             "READY" if v == "1" => {
+                let now = Instant::now();
+                d.ready_received = Some(now);
                 tracing::info!(generation = gen, pid = owner, "READY");
-                m.on_ready(d, Instant::now(), gen);
+                m.on_ready(d, now, gen);
+                d.ready_received = None;
             }
             "STATUS" => {
                 if let Some(h) = d.handles.get_mut(&gen) {

@@ -3,7 +3,7 @@
 use std::ffi::CString;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -248,21 +248,6 @@ pub fn send_notify(addr: &str, payload: &[u8], fds: &[BorrowedFd<'_>]) -> io::Re
     Ok(())
 }
 
-/// Marks fds received through `SCM_RIGHTS` close-on-exec and takes ownership.
-///
-/// The `sendfd` crate does not pass `MSG_CMSG_CLOEXEC`; baton forks only from the
-/// thread that receives, so no child can be forked between receipt and this call.
-pub fn own_received_fds(raw: &[RawFd]) -> Vec<OwnedFd> {
-    raw.iter()
-        .map(|&fd| {
-            // SAFETY: SCM_RIGHTS just installed this fd in our table; we are its only owner.
-            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-            let _ = set_cloexec(owned.as_fd());
-            owned
-        })
-        .collect()
-}
-
 /// The real uid of this process.
 pub fn getuid() -> u32 {
     nix::unistd::getuid().as_raw()
@@ -475,6 +460,7 @@ fn write_decimal(buf: &mut [u8], mut v: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn decimal_digits() {

@@ -49,7 +49,7 @@ pub trait Host {
     /// Notifies systemd; `status` is the new `STATUS=` text.
     fn systemd(&mut self, event: SdEvent, status: &str);
     /// An upgrade finished; answer these waiters.
-    fn finished(&mut self, report: &UpgradeReport, waiters: Vec<WaiterId>);
+    fn finished(&mut self, report: &mut UpgradeReport, waiters: Vec<WaiterId>);
     /// baton should exit with this code (after everything has stopped).
     fn exit(&mut self, code: i32, reason: &str);
 }
@@ -297,8 +297,8 @@ impl Machine {
     ) {
         if self.stopping {
             if let Some(w) = waiter {
-                let report = self.report_for_refusal("baton is stopping", now);
-                host.finished(&report, vec![w]);
+                let mut report = self.report_for_refusal("baton is stopping", now);
+                host.finished(&mut report, vec![w]);
             }
             return;
         }
@@ -323,6 +323,7 @@ impl Machine {
             snapshot_ms: None,
             restore_ms: None,
             migrated_connections: 0,
+            supervisor_ms: None,
         }
     }
 
@@ -643,8 +644,8 @@ impl Machine {
             }
         }
         if let Some(w) = self.queued.take() {
-            let report = self.report_for_refusal("baton is stopping", now);
-            host.finished(&report, w);
+            let mut report = self.report_for_refusal("baton is stopping", now);
+            host.finished(&mut report, w);
         }
         let ids: Vec<GenId> = self.gens.keys().copied().collect();
         for id in ids {
@@ -765,6 +766,7 @@ impl Machine {
             snapshot_ms: u.snapshot_ms,
             restore_ms: u.restore_ms,
             migrated_connections: 0,
+            supervisor_ms: None,
         };
         tracing::info!(
             generation = id,
@@ -820,6 +822,7 @@ impl Machine {
             snapshot_ms: u.snapshot_ms,
             restore_ms: u.restore_ms,
             migrated_connections: 0,
+            supervisor_ms: None,
         };
         if u.why != Why::Upgrade {
             self.consecutive_crashes += 1;
@@ -832,14 +835,14 @@ impl Machine {
         host: &mut impl Host,
         now: Instant,
         why: Why,
-        report: UpgradeReport,
+        mut report: UpgradeReport,
         waiters: Vec<WaiterId>,
     ) {
         let promoted = report.result == UpgradeResult::Promoted;
         match why {
             Why::Initial if !promoted => {
                 let reason = report.reason.clone().unwrap_or_default();
-                host.finished(&report, waiters);
+                host.finished(&mut report, waiters);
                 self.last = Some(report);
                 self.stopping = true;
                 self.exited = true;
@@ -847,13 +850,13 @@ impl Machine {
                 return;
             }
             Why::Initial | Why::Replace => {
-                host.finished(&report, waiters);
+                host.finished(&mut report, waiters);
                 if why == Why::Replace && !promoted {
                     self.last = Some(report);
                 }
             }
             Why::Upgrade => {
-                host.finished(&report, waiters);
+                host.finished(&mut report, waiters);
                 self.last = Some(report);
             }
         }
@@ -952,7 +955,7 @@ mod tests {
         fn systemd(&mut self, event: SdEvent, _status: &str) {
             self.calls.push(Call::Sd(event));
         }
-        fn finished(&mut self, r: &UpgradeReport, waiters: Vec<WaiterId>) {
+        fn finished(&mut self, r: &mut UpgradeReport, waiters: Vec<WaiterId>) {
             self.calls
                 .push(Call::Finished(r.result, r.reason.clone(), waiters));
         }
