@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::RunConfig;
 use crate::control::{ControlServer, Incoming};
 use crate::generation::{GenEvent, GenHandle};
-use crate::listeners::Listener;
+use crate::listeners::{ListenAddr, Listener};
 use crate::notify::{self, NotifyIn, SystemdOut};
 use crate::spawn::{self, SpawnConfig};
 use crate::sys;
@@ -283,7 +283,13 @@ fn rearm_listeners(listeners: &[Listener], backlog: i32) {
     for l in listeners {
         if !sys::is_listening(l.fd()) {
             match sys::relisten(l.fd(), backlog) {
-                Ok(()) => tracing::warn!(name = %l.name, "a child shut down listener; re-armed it"),
+                Ok(()) => match sys::inspect_listener(l.fd()) {
+                    Ok(sys::SocketKind::Tcp(now)) if ListenAddr::Tcp(now) != l.addr => {
+                        // The kernel drops an auto-assigned port on shutdown().
+                        tracing::error!(name = %l.name, was = %l.addr, now = %now, "a child shut down listener; re-armed it, but on another port (bind an explicit port to avoid this)");
+                    }
+                    _ => tracing::warn!(name = %l.name, "a child shut down listener; re-armed it"),
+                },
                 Err(e) => {
                     tracing::error!(name = %l.name, error = %e, "listener stopped listening and cannot be re-armed")
                 }

@@ -101,6 +101,8 @@ pub struct Gen {
     ready_at: Option<Instant>,
     /// Must be ready by this time.
     ready_by: Option<Instant>,
+    /// When it became active.
+    promoted_at: Option<Instant>,
 }
 
 impl Gen {
@@ -169,6 +171,9 @@ pub struct Machine {
     last: Option<UpgradeReport>,
     exited: bool,
 }
+
+/// A generation active this long resets the crash back-off.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
 
 fn ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
@@ -368,6 +373,7 @@ impl Machine {
                         killed: false,
                         ready_at,
                         ready_by,
+                        promoted_at: None,
                     },
                 );
                 if let Some(u) = self.upgrade.as_mut() {
@@ -569,6 +575,11 @@ impl Machine {
                 tracing::info!(generation = gen, pid = g.pid, status = how, "exited");
             } else {
                 self.crashes += 1;
+                // A generation that stayed up a while proves the build works: forget
+                // earlier crashes. One that dies soon after READY is a crash loop.
+                if g.promoted_at.is_some_and(|t| now - t >= STABLE_AFTER) {
+                    self.consecutive_crashes = 0;
+                }
                 self.consecutive_crashes += 1;
                 tracing::error!(
                     generation = gen,
@@ -740,6 +751,7 @@ impl Machine {
             g.phase = Phase::Active;
             g.ready_by = None;
             g.ready_at = None;
+            g.promoted_at = Some(now);
         }
         // Anything that stopped accepting for this upgrade drains now.
         let migrate = self.gens.get(&id).is_some_and(|g| g.has(Feature::Adopt));
@@ -754,7 +766,6 @@ impl Machine {
                 self.retire_with(host, now, o, migrate);
             }
         }
-        self.consecutive_crashes = 0;
         let report = UpgradeReport {
             result: UpgradeResult::Promoted,
             reason: u.state_lost.clone(),
@@ -1153,6 +1164,28 @@ mod tests {
         // An upgrade requested while waiting to replace is queued, not lost.
         m.request_upgrade(&mut h, t + d1, Some(9));
         assert!(m.queued());
+    }
+
+    #[test]
+    fn crash_soon_after_ready_still_backs_off() {
+        let (mut m, mut h, t) = running(settings());
+        let mut now = t;
+        let mut delays = Vec::new();
+        for gen in 1..=4 {
+            m.on_exit(&mut h, now, gen, "exit status 7");
+            let at = m.next_deadline().unwrap();
+            delays.push(at - now);
+            now = at;
+            m.tick(&mut h, now);
+            m.on_ready(&mut h, now, gen + 1);
+            assert_eq!(m.active(), Some(gen + 1));
+        }
+        assert_eq!(delays[0], Duration::ZERO);
+        assert!(delays.windows(2).skip(1).all(|w| w[1] > w[0]), "{delays:?}");
+        // Up for a while: the next crash is replaced at once again.
+        now += STABLE_AFTER;
+        m.on_exit(&mut h, now, 5, "exit status 7");
+        assert_eq!(m.next_deadline(), Some(now));
     }
 
     #[test]

@@ -1,0 +1,132 @@
+//! Issue 2, test 8: bad usage and configuration exit with code 2 and one line on stderr
+//! naming the culprit, promptly, and without side effects.
+
+use std::fs;
+use std::net::TcpListener;
+use std::time::Duration;
+
+use baton_tests::harness::{baton_cli, hello_http_bin, CliOutput, TestDir};
+
+/// Generous bound for an invocation that must fail fast.
+const BOUND: Duration = Duration::from_secs(10);
+const FAST: Duration = Duration::from_secs(5);
+
+/// Runs `baton run --control <tmp> <args> -- <program>` and checks the failure shape.
+async fn expect_usage_error(args: &[&str], program: &[&str], culprit: &str) -> CliOutput {
+    let dir = TestDir::new("bad-input").unwrap();
+    let control = dir.join("baton.sock");
+    let mut all: Vec<String> = vec![
+        "run".into(),
+        "--control".into(),
+        control.to_string_lossy().into(),
+    ];
+    all.extend(args.iter().map(|s| s.to_string()));
+    if !program.is_empty() {
+        all.push("--".into());
+        all.extend(program.iter().map(|s| s.to_string()));
+    }
+    let out = baton_cli(&all, BOUND)
+        .await
+        .unwrap_or_else(|e| panic!("baton {all:?}: {e}"));
+    let shown = format!(
+        "baton {all:?}\nstdout: {:?}\nstderr: {:?}",
+        out.stdout, out.stderr
+    );
+    assert_eq!(out.status.code(), Some(2), "{shown}");
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "stderr must be exactly one line: {shown}");
+    assert!(
+        lines[0].contains(culprit),
+        "stderr does not name the culprit {culprit:?}: {shown}"
+    );
+    assert!(out.elapsed < FAST, "took {:?}: {shown}", out.elapsed);
+    out
+}
+
+fn hello() -> String {
+    hello_http_bin().unwrap().to_string_lossy().into_owned()
+}
+
+#[tokio::test]
+async fn unknown_flag() {
+    expect_usage_error(
+        &["--listen", "http=127.0.0.1:0", "--bogus-flag"],
+        &[&hello()],
+        "--bogus-flag",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn listen_without_address() {
+    expect_usage_error(&["--listen", "webz"], &[&hello()], "webz").await;
+}
+
+#[tokio::test]
+async fn listen_without_port() {
+    expect_usage_error(&["--listen", "webz=nohost"], &[&hello()], "nohost").await;
+}
+
+#[tokio::test]
+async fn malformed_duration() {
+    expect_usage_error(
+        &[
+            "--listen",
+            "http=127.0.0.1:0",
+            "--ready-timeout",
+            "5parsecs",
+        ],
+        &[&hello()],
+        "5parsecs",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn port_in_use() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let listen = format!("http={addr}");
+    expect_usage_error(&["--listen", &listen], &[&hello()], &port).await;
+    drop(taken);
+}
+
+#[tokio::test]
+async fn unix_path_that_is_a_regular_file_is_left_alone() {
+    let dir = TestDir::new("not-a-socket").unwrap();
+    let path = dir.join("precious.sock");
+    fs::write(&path, "precious data\n").unwrap();
+    let listen = format!("ctl=unix:{}", path.display());
+    expect_usage_error(&["--listen", &listen], &[&hello()], &path.to_string_lossy()).await;
+    assert_eq!(
+        fs::read_to_string(&path).unwrap(),
+        "precious data\n",
+        "baton removed or changed a file that is not a socket"
+    );
+}
+
+#[tokio::test]
+async fn program_path_missing() {
+    expect_usage_error(
+        &["--listen", "http=127.0.0.1:0"],
+        &["/nonexistent/baton-test/prog"],
+        "/nonexistent/baton-test/prog",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn program_not_in_path() {
+    expect_usage_error(
+        &["--listen", "http=127.0.0.1:0"],
+        &["baton-test-no-such-program"],
+        "baton-test-no-such-program",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn no_program_at_all() {
+    expect_usage_error(&["--listen", "http=127.0.0.1:0"], &[], "PROGRAM").await;
+}
