@@ -1,1 +1,262 @@
-fn main() {}
+//! `baton-bench`: drives the real release binaries (baton, hello-http, kv-server) through
+//! the benchmark scenarios of BENCHMARKS.md and prints a table, or one JSON object per
+//! scenario (per state size for `stateful`) per line with `--json`.
+//!
+//! ```text
+//! cargo build --release --workspace
+//! target/release/baton-bench --quick            # every scenario, < 90 s on 2 cores
+//! target/release/baton-bench --json             # the full run
+//! target/release/baton-bench --scenario overhead --scenario stateful
+//! ```
+
+mod common;
+mod migration;
+mod overhead;
+mod report;
+mod restart;
+mod stateful;
+mod swap;
+mod sys;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use baton_tests::harness;
+use clap::{Parser, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use crate::report::Row;
+
+/// Benchmarks for baton: upgrades under load, overhead, stateful hand-over, connection
+/// migration, and a cold restart for contrast.
+#[derive(Debug, Parser)]
+#[command(name = "baton-bench", version)]
+struct Args {
+    /// The short run (every scenario in under 90 s on 2 cores); default: the full run.
+    #[arg(long)]
+    quick: bool,
+    /// One JSON object per scenario per line on stdout, instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Run only this scenario (repeatable); default: all, in the order listed here.
+    #[arg(long = "scenario", value_enum, value_name = "NAME")]
+    scenarios: Vec<Scenario>,
+    /// swap-under-load: number of upgrades [quick: 10, full: 100].
+    #[arg(long, value_name = "K")]
+    upgrades: Option<usize>,
+    /// baseline-restart: number of restarts [default: as many as swap-under-load upgrades].
+    #[arg(long, value_name = "N")]
+    restarts: Option<usize>,
+    /// HTTP load: keep-alive clients.
+    #[arg(long, default_value_t = 8)]
+    keepalive: usize,
+    /// HTTP load: connection-per-request clients.
+    #[arg(long, default_value_t = 8)]
+    fresh: usize,
+    /// overhead: measured window per run [quick: 2s, full: 5s].
+    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    overhead_duration: Option<Duration>,
+    /// overhead: interleaved (direct, baton) pairs [quick: 3, full: 10].
+    #[arg(long, value_name = "N")]
+    overhead_pairs: Option<usize>,
+    /// stateful: state size in MiB (repeatable) [quick: 10 100, full: 10 100 1000].
+    #[arg(long = "state-mb", value_name = "MB")]
+    state_mb: Vec<u64>,
+    /// stateful: upgrades per size [quick: 1, full: 3].
+    #[arg(long, value_name = "N")]
+    state_upgrades: Option<usize>,
+    /// migration: persistent connections [quick: 1000, full: 10000].
+    #[arg(long, value_name = "P")]
+    connections: Option<usize>,
+    /// migration: upgrades [quick: 2, full: 5].
+    #[arg(long, value_name = "K")]
+    migration_upgrades: Option<usize>,
+    /// migration: the app holding the connections.
+    #[arg(long, value_enum, default_value = "http")]
+    migration_app: migration::App,
+}
+
+/// The scenarios, in run order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    SwapUnderLoad,
+    Overhead,
+    Stateful,
+    Migration,
+    BaselineRestart,
+}
+
+/// The release binaries under test, next to this executable.
+pub struct Bins {
+    /// `hello-http`.
+    pub hello: PathBuf,
+    /// `kv-server`.
+    pub kv: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    if cfg!(debug_assertions) {
+        anyhow::bail!(
+            "baton-bench measures the release binaries: build and run it with \
+             `cargo build --release --workspace && target/release/baton-bench`"
+        );
+    }
+    // baton and the apps are found next to this executable (target/release).
+    harness::baton_bin()?;
+    let bins = Bins {
+        hello: harness::hello_http_bin()?,
+        kv: harness::kv_server_bin()?,
+    };
+    let nofile = sys::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
+
+    // Two workers: the load generator gets the machine's two cores like the server does;
+    // the tables in BENCHMARKS.md say so.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    let scenarios = if args.scenarios.is_empty() {
+        Scenario::value_variants().to_vec()
+    } else {
+        args.scenarios.clone()
+    };
+    let started = Instant::now();
+    let mut broken = 0;
+    let mut missed = Vec::new();
+    for scenario in scenarios {
+        let name = scenario
+            .to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default();
+        tracing::info!(scenario = %name, quick = args.quick, "starting");
+        let t = Instant::now();
+        let rows = rt.block_on(run(scenario, &args, &bins, nofile));
+        tracing::info!(scenario = %name, secs = t.elapsed().as_secs_f64(), "finished");
+        for row in rows {
+            broken += usize::from(row.failed_to_run());
+            missed.extend(row.missed().into_iter().map(|k| format!("{name}.{k}")));
+            if args.json {
+                println!("{}", row.json_line());
+            } else {
+                println!("{}", row.table());
+            }
+        }
+    }
+    tracing::info!(secs = started.elapsed().as_secs_f64(), "all scenarios done");
+    if !args.json {
+        if missed.is_empty() {
+            println!("every measured figure meets its target");
+        } else {
+            println!("targets MISSED: {}", missed.join(", "));
+        }
+    }
+    if broken > 0 {
+        anyhow::bail!("{broken} scenario(s) failed to run (see their `error`)");
+    }
+    Ok(())
+}
+
+async fn run(scenario: Scenario, a: &Args, bins: &Bins, nofile: u64) -> Vec<Row> {
+    let q = a.quick;
+    let load = common::http_load(a.keepalive, a.fresh);
+    let upgrades = a.upgrades.unwrap_or(if q { 10 } else { 100 });
+    let requests_between = 2000;
+    let interval = Duration::from_millis(300);
+    let one = |name: &'static str, r: anyhow::Result<Row>| {
+        vec![r.unwrap_or_else(|e| Row::error(name, &e))]
+    };
+    match scenario {
+        Scenario::SwapUnderLoad => one(
+            "swap-under-load",
+            swap::run(
+                bins,
+                &swap::Opts {
+                    upgrades,
+                    load,
+                    requests_between,
+                    interval,
+                },
+            )
+            .await,
+        ),
+        Scenario::Overhead => one(
+            "overhead",
+            overhead::run(
+                bins,
+                &overhead::Opts {
+                    pairs: a.overhead_pairs.unwrap_or(if q { 3 } else { 10 }),
+                    warmup: Duration::from_millis(if q { 500 } else { 1000 }),
+                    duration: a
+                        .overhead_duration
+                        .unwrap_or(Duration::from_secs(if q { 2 } else { 5 })),
+                    load,
+                },
+            )
+            .await,
+        ),
+        Scenario::Stateful => {
+            let sizes_mb = if !a.state_mb.is_empty() {
+                a.state_mb.clone()
+            } else if q {
+                vec![10, 100]
+            } else {
+                vec![10, 100, 1000]
+            };
+            stateful::run(
+                bins,
+                &stateful::Opts {
+                    sizes_mb,
+                    upgrades: a.state_upgrades.unwrap_or(if q { 1 } else { 3 }),
+                },
+            )
+            .await
+        }
+        Scenario::Migration => {
+            let connections = a.connections.unwrap_or(if q { 1000 } else { 10_000 });
+            // Each connection costs an fd here and one in each generation holding it.
+            if connections as u64 + 256 > nofile {
+                return vec![Row::skipped(
+                    "migration",
+                    format!("RLIMIT_NOFILE is {nofile}: too low for {connections} connections"),
+                )];
+            }
+            one(
+                "migration",
+                migration::run(
+                    bins,
+                    &migration::Opts {
+                        connections,
+                        upgrades: a.migration_upgrades.unwrap_or(if q { 2 } else { 5 }),
+                        app: a.migration_app,
+                        drain_timeout: Duration::from_secs(if q { 5 } else { 20 }),
+                    },
+                )
+                .await,
+            )
+        }
+        Scenario::BaselineRestart => one(
+            "baseline-restart",
+            restart::run(
+                bins,
+                &restart::Opts {
+                    restarts: a.restarts.unwrap_or(upgrades),
+                    load,
+                    requests_between,
+                    interval,
+                },
+            )
+            .await,
+        ),
+    }
+}

@@ -1,0 +1,341 @@
+//! What several scenarios share: the control-socket client, a directly run app, a small
+//! HTTP/1.1 keep-alive client, and bounded waits.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use baton_child::protocol::{ControlReply, ControlRequest, Status, UpgradeReport};
+use baton_tests::harness::{pid_alive, Baton};
+use baton_tests::load::{find_pid, LoadHandle, LoadOpts, LoadSnapshot};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::sys;
+
+/// Bound on one control-socket round trip that is not an upgrade.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on an upgrade waited for: above every ready/snapshot/restore timeout used here.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Poll interval of the bounded waits on status or on a pid.
+const POLL: Duration = Duration::from_millis(2);
+
+/// A client of baton's control socket. One request per connection, as baton serves it;
+/// talking to the socket directly (rather than running `baton status`) keeps process
+/// spawning out of the measured loop.
+pub struct Control {
+    path: PathBuf,
+}
+
+impl Control {
+    /// The control socket at `path`.
+    pub fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+        }
+    }
+
+    async fn request(&self, req: &ControlRequest, timeout: Duration) -> anyhow::Result<ControlReply> {
+        let exchange = async {
+            let stream = UnixStream::connect(&self.path)
+                .await
+                .with_context(|| format!("connect to {}", self.path.display()))?;
+            let (read, mut write) = stream.into_split();
+            let mut line = serde_json::to_vec(req)?;
+            line.push(b'\n');
+            write.write_all(&line).await.context("send control request")?;
+            let mut reply = String::new();
+            BufReader::new(read)
+                .read_line(&mut reply)
+                .await
+                .context("read control reply")?;
+            if reply.is_empty() {
+                bail!("baton closed the control connection without a reply");
+            }
+            serde_json::from_str::<ControlReply>(reply.trim())
+                .with_context(|| format!("unparsable control reply {reply:?}"))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .with_context(|| format!("no control reply within {timeout:?} to {req:?}"))?
+    }
+
+    /// baton's status.
+    pub async fn status(&self) -> anyhow::Result<Status> {
+        match self.request(&ControlRequest::Status, CONTROL_TIMEOUT).await? {
+            ControlReply::Status(s) => Ok(s),
+            other => bail!("status: unexpected reply {other:?}"),
+        }
+    }
+
+    /// Runs one upgrade and waits for its outcome; returns the report and the wall time
+    /// from sending the request to reading the outcome (baton's own `duration_ms` has
+    /// whole-millisecond resolution, this one has microseconds).
+    pub async fn upgrade(&self) -> anyhow::Result<(UpgradeReport, Duration)> {
+        let started = Instant::now();
+        let reply = self
+            .request(&ControlRequest::Upgrade { wait: true }, UPGRADE_TIMEOUT)
+            .await?;
+        let took = started.elapsed();
+        match reply {
+            ControlReply::Upgrade(report) => Ok((report, took)),
+            other => bail!("upgrade: unexpected reply {other:?}"),
+        }
+    }
+
+    /// Polls status (bounded) until `cond` holds.
+    pub async fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&Status) -> bool,
+    ) -> anyhow::Result<Status> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status().await?;
+            if cond(&status) {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {timeout:?} waiting for {what}; last status: {}",
+                    serde_json::to_string(&status).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits until no upgrade runs and a single generation is left: the previous one has
+    /// drained and exited.
+    pub async fn wait_settled(&self, timeout: Duration) -> anyhow::Result<Status> {
+        self.wait_status("one generation left, no upgrade running", timeout, |s| {
+            !s.upgrading && s.queued_upgrades == 0 && s.generations.len() == 1
+        })
+        .await
+    }
+}
+
+/// Adds baton's log tail to an error, since that is where the reason usually is.
+pub fn with_log(baton: &Baton, e: anyhow::Error) -> anyhow::Error {
+    let log = baton.log();
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+    e.context(format!("baton log tail:\n{tail}"))
+}
+
+/// Waits (bounded) until `pid` has exited; returns how long that took.
+pub async fn wait_pid_gone(pid: u32, timeout: Duration) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    while pid_alive(pid) {
+        if started.elapsed() >= timeout {
+            bail!("pid {pid} still alive after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(started.elapsed())
+}
+
+/// Waits (bounded) until the load's counters satisfy `cond`.
+pub async fn wait_load(
+    load: &LoadHandle,
+    what: &str,
+    timeout: Duration,
+    cond: impl Fn(&LoadSnapshot) -> bool,
+) -> anyhow::Result<LoadSnapshot> {
+    load.wait_until(timeout, cond).await.map_err(|last| {
+        anyhow::anyhow!(
+            "timed out after {timeout:?} waiting for {what}; load: {} requests, {} failed ({}), pids {:?}",
+            last.requests,
+            last.failed,
+            last.failures,
+            last.pids
+        )
+    })
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the app binds it right after).
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// hello-http run directly, binding its own port (no baton): SIGKILLed on drop.
+pub struct DirectApp {
+    child: tokio::process::Child,
+    pid: u32,
+}
+
+impl DirectApp {
+    /// Starts `program --listen-fallback <addr> args...`; stderr is discarded unless
+    /// `log` is given (the app logs every connection event at info level otherwise).
+    pub fn spawn(
+        program: &Path,
+        addr: SocketAddr,
+        args: &[&str],
+        log: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let stderr = match log {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("open {}", path.display()))?,
+            ),
+            None => Stdio::null(),
+        };
+        let child = tokio::process::Command::new(program)
+            .arg("--listen-fallback")
+            .arg(addr.to_string())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawn {}", program.display()))?;
+        let pid = child
+            .id()
+            .context("spawned child has no pid (already reaped?)")?;
+        Ok(Self { child, pid })
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Waits (bounded) until it answers `GET /` on `addr` with its own pid. Fails early
+    /// if it exits (e.g. its port was taken).
+    pub async fn wait_serving(&mut self, addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{} exited before serving: {status}", self.pid);
+            }
+            if let Ok(Ok(pid)) =
+                tokio::time::timeout(Duration::from_secs(1), http_get_pid(addr)).await
+            {
+                if pid == self.pid {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("pid {} not serving on {addr} after {timeout:?}", self.pid);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// `systemctl stop` for a service without a socket unit: SIGTERM, then wait (bounded)
+    /// for the process to exit.
+    pub async fn terminate(mut self, timeout: Duration) -> anyhow::Result<()> {
+        sys::signal(self.pid, nix::sys::signal::Signal::SIGTERM)
+            .with_context(|| format!("SIGTERM {}", self.pid))?;
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .with_context(|| format!("pid {} did not exit within {timeout:?} of SIGTERM", self.pid))?
+            .context("wait for the app")?;
+        Ok(())
+    }
+}
+
+/// One `GET /` on a new connection; the `pid=` in the body.
+pub async fn http_get_pid(addr: SocketAddr) -> anyhow::Result<u32> {
+    let mut conn = HttpConn::connect(addr).await?;
+    let resp = conn.get().await?;
+    resp.pid.context("no pid= in the response body")
+}
+
+/// A minimal HTTP/1.1 keep-alive client for the connection-holding scenarios: it must see
+/// exactly when the server closes a connection, which a pooling client library hides.
+pub struct HttpConn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// What one exchange returned.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpResp {
+    /// Status code.
+    pub status: u16,
+    /// The server said `Connection: close`.
+    pub close: bool,
+    /// `pid=` from the body.
+    pub pid: Option<u32>,
+}
+
+impl HttpConn {
+    /// Connects (no request yet).
+    pub async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            buf: Vec::with_capacity(512),
+        })
+    }
+
+    /// `GET /` and its response. An early EOF is an error.
+    pub async fn get(&mut self) -> anyhow::Result<HttpResp> {
+        self.stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: baton-bench\r\n\r\n")
+            .await?;
+        self.buf.clear();
+        let head_end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if self.buf.len() > 64 * 1024 {
+                bail!("response head too large");
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                bail!("connection closed before a response");
+            }
+        };
+        let head = std::str::from_utf8(&self.buf[..head_end]).context("non-UTF-8 head")?;
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|c| c.parse().ok())
+            .context("bad status line")?;
+        let mut len = None;
+        let mut close = false;
+        for line in lines {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            if name.eq_ignore_ascii_case("content-length") {
+                len = Some(value.trim().parse::<usize>().context("bad content-length")?);
+            } else if name.eq_ignore_ascii_case("connection") {
+                close |= value
+                    .split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("close"));
+            }
+        }
+        let len = len.context("response without content-length")?;
+        while self.buf.len() < head_end + len {
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                bail!("connection closed inside a response body");
+            }
+        }
+        Ok(HttpResp {
+            status,
+            close,
+            pid: find_pid(&self.buf[head_end..head_end + len]),
+        })
+    }
+}
+
+/// The closed-loop HTTP load every HTTP scenario uses ("the same load").
+pub fn http_load(keepalive: usize, fresh: usize) -> LoadOpts {
+    LoadOpts {
+        keepalive,
+        fresh,
+        ..LoadOpts::default()
+    }
+}

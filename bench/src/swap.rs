@@ -1,0 +1,153 @@
+//! `swap-under-load`: hello-http under baton at saturation, K upgrades, every request
+//! counted.
+
+use std::time::Duration;
+
+use baton_child::protocol::UpgradeResult;
+use baton_tests::harness::Baton;
+use baton_tests::load::{LoadGen, LoadOpts, LoadReport};
+
+use crate::common::{wait_load, with_log, Control};
+use crate::report::{percentile, Row, Target, RSS_TARGET_KB};
+use crate::Bins;
+
+/// Shape of the run.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// Upgrades to run.
+    pub upgrades: usize,
+    /// The load.
+    pub load: LoadOpts,
+    /// Requests that must complete between two upgrades, so that every upgrade overlaps
+    /// real traffic on a settled generation rather than the tail of the previous swap.
+    pub requests_between: u64,
+    /// Upgrades start on this schedule (one every `interval`), or as soon as the previous
+    /// one has settled if that takes longer.
+    pub interval: Duration,
+}
+
+const SCENARIO: &str = "swap-under-load";
+
+/// Runs the scenario.
+pub async fn run(bins: &Bins, opts: &Opts) -> anyhow::Result<Row> {
+    let baton = Baton::start(
+        ["--listen", "http=127.0.0.1:0", "--drain-timeout", "20s"],
+        [bins.hello.as_os_str(), "--label".as_ref(), "bench".as_ref()],
+    )
+    .await?;
+    let control = Control::new(baton.control());
+    match measure(&baton, &control, opts).await {
+        Ok(row) => Ok(row),
+        Err(e) => Err(with_log(&baton, e)),
+    }
+}
+
+async fn measure(baton: &Baton, control: &Control, opts: &Opts) -> anyhow::Result<Row> {
+    let addr = baton.tcp_addr("http").await?;
+    let first = control.status().await?;
+    let mut rss_kb = first.rss_kb;
+
+    let load = LoadGen::start(addr, opts.load.clone());
+    wait_load(&load, "the first requests", Duration::from_secs(30), |s| {
+        s.ok >= opts.requests_between
+    })
+    .await?;
+
+    let mut wall_ms = Vec::with_capacity(opts.upgrades);
+    let mut supervisor_ms = Vec::with_capacity(opts.upgrades);
+    let mut promoted = 0u64;
+    let mut rollbacks = Vec::new();
+    let mut next = tokio::time::Instant::now();
+    for i in 1..=opts.upgrades {
+        next += opts.interval;
+        tokio::time::sleep_until(next).await;
+        let (report, took) = control.upgrade().await?;
+        wall_ms.push(took.as_secs_f64() * 1000.0);
+        if let Some(ms) = report.supervisor_ms {
+            supervisor_ms.push(ms);
+        }
+        match report.result {
+            UpgradeResult::Promoted => promoted += 1,
+            UpgradeResult::RolledBack => {
+                rollbacks.push(report.reason.clone().unwrap_or_default());
+                continue;
+            }
+        }
+        let new_pid = report.pid.unwrap_or(0);
+        // Events, not sleeps: the new generation answers, the old one has drained and
+        // exited, and enough requests went through before the next swap.
+        let at = wait_load(
+            &load,
+            &format!("upgrade {i}: the new pid {new_pid} to answer"),
+            Duration::from_secs(30),
+            |s| s.pids.contains(&new_pid),
+        )
+        .await?;
+        let status = control.wait_settled(Duration::from_secs(30)).await?;
+        rss_kb = rss_kb.max(status.rss_kb);
+        wait_load(
+            &load,
+            &format!("upgrade {i}: traffic on generation {}", report.generation),
+            Duration::from_secs(30),
+            |s| s.ok >= at.ok + opts.requests_between,
+        )
+        .await?;
+        if i % 10 == 0 || i == opts.upgrades {
+            tracing::info!(
+                upgrade = i,
+                of = opts.upgrades,
+                failed = at.failed,
+                "swap-under-load progress"
+            );
+        }
+    }
+    let report = load.stop().await;
+    rss_kb = rss_kb.max(control.status().await?.rss_kb);
+
+    let mut row = Row::new(SCENARIO);
+    row.set("requests", report.requests)
+        .set("failed", report.failed)
+        .target("failed", Target::Eq(0.0))
+        .set("upgrades", promoted)
+        .set_ms("upgrade_ms_p50", percentile(&wall_ms, 0.50))
+        .set_ms("upgrade_ms_p99", percentile(&wall_ms, 0.99))
+        .set_ms("upgrade_ms_max", percentile(&wall_ms, 1.0));
+    if supervisor_ms.is_empty() {
+        row.set("supervisor_ms_p99", serde_json::Value::Null)
+            .note("baton reported no supervisor_ms");
+    } else {
+        row.set_ms("supervisor_ms_p99", percentile(&supervisor_ms, 0.99))
+            .target("supervisor_ms_p99", Target::Le(2.0));
+    }
+    row.set("supervisor_rss_kb", rss_kb)
+        .target("supervisor_rss_kb", RSS_TARGET_KB)
+        .set("rolled_back", rollbacks.len())
+        .target("rolled_back", Target::Eq(0.0));
+    load_extras(&mut row, &report);
+    row.set_ms("supervisor_ms_max", percentile(&supervisor_ms, 1.0));
+    for reason in rollbacks.iter().take(3) {
+        row.note(format!("rollback: {reason}"));
+    }
+    Ok(row)
+}
+
+/// Throughput, latency and failure kinds of a load run, appended after the documented keys.
+pub fn load_extras(row: &mut Row, report: &LoadReport) {
+    row.set("rps", report.requests_per_sec.round())
+        .set_ms("latency_ms_p50", report.latency_us.p50 as f64 / 1000.0)
+        .set_ms("latency_ms_p99", report.latency_us.p99 as f64 / 1000.0)
+        .set_ms("latency_ms_max", report.latency_us.max as f64 / 1000.0)
+        .set("keepalive_reconnects", report.keepalive_reconnects.iter().sum::<u64>())
+        .set("duration_s", (report.duration_s * 10.0).round() / 10.0);
+    if report.failed > 0 {
+        // Honest accounting: say which kinds of failure happened, not just how many.
+        let kinds: serde_json::Map<String, serde_json::Value> = report
+            .failures
+            .nonzero()
+            .into_iter()
+            .map(|(k, n)| (k.name().to_owned(), n.into()))
+            .collect();
+        row.set("failures", serde_json::Value::Object(kinds));
+        row.note(format!("failure kinds: {}", report.failures));
+    }
+}

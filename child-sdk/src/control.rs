@@ -1,0 +1,299 @@
+//! The control-socket client: a writer task that owns the sending side and a
+//! reader task that dispatches supervisor messages.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::drain::{DrainCause, DrainInfo, DrainTrigger};
+use crate::error::{Error, Result};
+use crate::migrate::{self, AdoptRoutes, AdoptedConn};
+use crate::protocol::{ChildMsg, SupervisorMsg};
+use crate::state::{StateEvent, StateMsg};
+use crate::wire::{self, Frame, FrameReader};
+
+/// One queued outgoing line and the fd that travels with it.
+#[derive(Debug)]
+struct Outgoing {
+    line: Vec<u8>,
+    fd: Option<OwnedFd>,
+    /// Told once the line is written (dropped unsent if writing fails).
+    written: Option<oneshot::Sender<()>>,
+}
+
+/// Sends messages to the supervisor. Cloneable; messages keep their order
+/// (one writer task).
+#[derive(Debug, Clone)]
+pub(crate) struct ControlTx {
+    tx: mpsc::UnboundedSender<Outgoing>,
+}
+
+impl ControlTx {
+    /// Queues `msg`, with `fd` attached when the message carries one.
+    pub(crate) fn send(&self, msg: &ChildMsg, fd: Option<OwnedFd>) -> Result<()> {
+        self.queue(msg, fd, None)
+    }
+
+    /// Like [`send`](Self::send), but resolves once the message is written
+    /// to the socket (so the process may exit right after).
+    pub(crate) async fn send_and_wait(&self, msg: &ChildMsg, fd: Option<OwnedFd>) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.queue(msg, fd, Some(tx))?;
+        rx.await.map_err(|_| Error::ControlClosed)
+    }
+
+    fn queue(
+        &self,
+        msg: &ChildMsg,
+        fd: Option<OwnedFd>,
+        written: Option<oneshot::Sender<()>>,
+    ) -> Result<()> {
+        let line = wire::encode(msg).map_err(|e| Error::Protocol(e.to_string()))?;
+        self.tx
+            .send(Outgoing { line, fd, written })
+            .map_err(|_| Error::ControlClosed)
+    }
+}
+
+/// Where the reader delivers what the supervisor says.
+#[derive(Debug)]
+pub(crate) struct Dispatch {
+    pub(crate) drain: DrainTrigger,
+    /// Set when the child announced `state`.
+    pub(crate) state: Option<mpsc::UnboundedSender<StateMsg>>,
+    /// Set when the child announced `adopt`.
+    pub(crate) adopt: Option<AdoptRoutes>,
+}
+
+impl Dispatch {
+    fn frame(&self, mut frame: Frame) {
+        let msg = match frame.parse::<SupervisorMsg>() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(kind = frame.kind(), error = %e, "ignoring unknown control message");
+                return;
+            }
+        };
+        tracing::debug!(?msg, "control message");
+        match msg {
+            SupervisorMsg::Drain {
+                deadline_ms,
+                migrate,
+            } => {
+                let now = Instant::now();
+                self.drain.trigger(DrainInfo {
+                    deadline: Some(now + Duration::from_millis(deadline_ms)),
+                    migrate,
+                    cause: DrainCause::Supervisor,
+                    started: now,
+                });
+            }
+            SupervisorMsg::Quiesce => self.to_state(StateMsg::Event(StateEvent::Quiesce)),
+            SupervisorMsg::Resume { reason } => {
+                self.to_state(StateMsg::Event(StateEvent::Resume { reason }));
+            }
+            SupervisorMsg::Commit {
+                deadline_ms,
+                migrate,
+            } => {
+                let now = Instant::now();
+                let deadline = now + Duration::from_millis(deadline_ms);
+                self.to_state(StateMsg::Event(StateEvent::Commit { deadline, migrate }));
+                // Commit ends this generation like a drain does, so generic
+                // drain handling works for stateful apps too.
+                self.drain.trigger(DrainInfo {
+                    deadline: Some(deadline),
+                    migrate,
+                    cause: DrainCause::Commit,
+                    started: now,
+                });
+            }
+            SupervisorMsg::Fresh { reason } => self.to_state(StateMsg::Fresh { reason }),
+            SupervisorMsg::Restore { size, .. } => match frame.fds.pop() {
+                Some(fd) if frame.fds.is_empty() => self.to_state(StateMsg::Restore { fd, size }),
+                _ => tracing::error!("restore must carry exactly one fd; ignored"),
+            },
+            SupervisorMsg::Adopt {
+                listener,
+                buffered,
+                meta,
+                ..
+            } => {
+                let Some(routes) = &self.adopt else {
+                    // Only sent to children that announced `adopt`; the
+                    // connection closes when the fd drops.
+                    tracing::warn!(listener, "adopt, but this child did not announce the adopt feature; connection closed");
+                    return;
+                };
+                let (Some(fd), true) = (frame.fds.pop(), frame.fds.is_empty()) else {
+                    tracing::error!("adopt must carry exactly one fd; ignored");
+                    return;
+                };
+                match migrate::decode_buffered(&buffered) {
+                    Ok(buffered) => routes.deliver(&listener, AdoptedConn { fd, buffered, meta }),
+                    Err(e) => {
+                        tracing::error!(listener, error = %e, "bad adopt message; connection closed")
+                    }
+                }
+            }
+        }
+    }
+
+    fn to_state(&self, msg: StateMsg) {
+        match &self.state {
+            Some(tx) => {
+                if tx.send(msg).is_err() {
+                    tracing::warn!("state message arrived but the state handle was dropped");
+                }
+            }
+            None => tracing::warn!(
+                ?msg,
+                "state message, but this child did not announce the state feature; ignored"
+            ),
+        }
+    }
+}
+
+/// Takes over the control socket: queues `hello` (so it is the first line
+/// the supervisor reads) and spawns the writer and reader tasks.
+pub(crate) fn start(fd: OwnedFd, hello: &ChildMsg, dispatch: Dispatch) -> Result<ControlTx> {
+    let std = std::os::unix::net::UnixStream::from(fd);
+    // Our end of the per-generation socketpair: no other process shares this
+    // open file description, so setting O_NONBLOCK affects nobody else.
+    std.set_nonblocking(true)
+        .map_err(|e| Error::io("control socket: setting O_NONBLOCK", e))?;
+    let stream = Arc::new(
+        UnixStream::from_std(std).map_err(|e| Error::io("control socket: registering", e))?,
+    );
+    let (tx, rx) = mpsc::unbounded_channel();
+    let control = ControlTx { tx };
+    control.send(hello, None)?;
+    tokio::spawn(writer(Arc::clone(&stream), rx));
+    tokio::spawn(reader(stream, dispatch));
+    Ok(control)
+}
+
+async fn writer(stream: Arc<UnixStream>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+    while let Some(out) = rx.recv().await {
+        let fds: Vec<_> = out.fd.iter().map(AsFd::as_fd).collect();
+        if let Err(e) = wire::write_line(&stream, &out.line, &fds).await {
+            // Closing the receiver makes later sends fail with ControlClosed.
+            tracing::warn!(error = %e, "control socket write failed; no more reports to the supervisor");
+            return;
+        }
+        if let Some(done) = out.written {
+            // The waiter may have given up; nothing to do then.
+            let _ = done.send(());
+        }
+    }
+}
+
+async fn reader(stream: Arc<UnixStream>, dispatch: Dispatch) {
+    let mut frames = FrameReader::new();
+    loop {
+        match frames.next(&stream).await {
+            Ok(Some(frame)) => dispatch.frame(frame),
+            Ok(None) => {
+                // The supervisor is gone or dropped us. If it died, the
+                // kernel sends our parent-death signal, which drains.
+                tracing::warn!("control socket closed by the supervisor");
+                return;
+            }
+            Err(e) if !e.is_fatal() => {
+                tracing::warn!(error = %e, "skipping malformed control message");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "control socket unusable; no more supervisor messages");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::PROTOCOL_VERSION;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn hello_goes_first_and_drain_is_dispatched() {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        let theirs = UnixStream::from_std(theirs).unwrap();
+        let trigger = DrainTrigger::new();
+        let drain = trigger.drain();
+        let hello = ChildMsg::Hello {
+            protocol: PROTOCOL_VERSION,
+            features: vec![],
+        };
+        let tx = start(
+            OwnedFd::from(ours),
+            &hello,
+            Dispatch {
+                drain: trigger,
+                state: None,
+                adopt: None,
+            },
+        )
+        .unwrap();
+        tx.send(&ChildMsg::Connections { active: 1 }, None).unwrap();
+
+        let mut r = FrameReader::new();
+        let bound = Duration::from_secs(5);
+        let first = tokio::time::timeout(bound, r.next(&theirs)).await.unwrap();
+        assert_eq!(first.unwrap().unwrap().parse::<ChildMsg>().unwrap(), hello);
+        let second = tokio::time::timeout(bound, r.next(&theirs)).await.unwrap();
+        assert_eq!(
+            second.unwrap().unwrap().parse::<ChildMsg>().unwrap(),
+            ChildMsg::Connections { active: 1 }
+        );
+
+        // Garbage and unknown messages are skipped, then drain arrives.
+        let before = Instant::now();
+        for line in [
+            &b"garbage\n"[..],
+            b"{\"type\":\"brand_new\"}\n",
+            b"{\"type\":\"drain\",\"deadline_ms\":3000,\"migrate\":true}\n",
+        ] {
+            wire::write_line(&theirs, line, &[]).await.unwrap();
+        }
+        let info = tokio::time::timeout(bound, drain.wait()).await.unwrap();
+        assert!(info.migrate);
+        assert_eq!(info.cause, DrainCause::Supervisor);
+        let d = info.deadline.unwrap();
+        assert!(d >= before + Duration::from_millis(3000));
+        assert!(d <= Instant::now() + Duration::from_millis(3000));
+    }
+
+    #[tokio::test]
+    async fn send_fails_once_the_supervisor_is_gone() {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(theirs);
+        let hello = ChildMsg::Hello {
+            protocol: PROTOCOL_VERSION,
+            features: vec![],
+        };
+        let tx = start(
+            OwnedFd::from(ours),
+            &hello,
+            Dispatch {
+                drain: DrainTrigger::new(),
+                state: None,
+                adopt: None,
+            },
+        )
+        .unwrap();
+        // The writer hits EPIPE on hello and stops; later sends then fail.
+        tokio::time::timeout(Duration::from_secs(5), tx.tx.closed())
+            .await
+            .unwrap();
+        assert!(matches!(
+            tx.send(&ChildMsg::Connections { active: 0 }, None),
+            Err(Error::ControlClosed)
+        ));
+    }
+}

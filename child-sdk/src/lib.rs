@@ -1,0 +1,45 @@
+//! `baton-child`: the child-side SDK for the baton supervisor.
+//!
+//! An application linked with this crate takes its listening sockets from
+//! baton (or from systemd socket activation) by name, tells baton when it is
+//! ready, learns when to drain, and reports its live connections. Without a
+//! supervisor everything still works: listeners fall back to binding, drain
+//! comes from SIGTERM / SIGINT.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), baton_child::Error> {
+//! let mut baton = baton_child::Baton::from_env()?;
+//! let listener = baton.tcp_listener("http", "127.0.0.1:8080")?;
+//! baton.ready()?;
+//! let info = baton.drain().wait().await;
+//! drop(listener);
+//! # let _ = info; Ok(()) }
+//! ```
+//!
+//! The wire protocol is in [`protocol`] (types) and [`wire`] (framing), and
+//! is described for other languages in `PROTOCOL.md`.
+#![deny(missing_docs)]
+
+mod baton;
+mod conns;
+mod control;
+mod drain;
+mod env;
+mod error;
+mod listeners;
+mod migrate;
+mod notify;
+pub mod protocol;
+mod state;
+mod sys;
+#[cfg(test)]
+mod testutil;
+pub mod wire;
+
+pub use crate::baton::{Baton, Builder};
+pub use crate::conns::{ConnGuard, Connections};
+pub use crate::drain::{Drain, DrainCause, DrainInfo};
+pub use crate::env::Env;
+pub use crate::error::{Error, Result};
+pub use crate::migrate::{Accepted, Migrator, PrefixedStream, TcpIncoming};
+pub use crate::state::{StateEvent, StateHandle};

@@ -1,0 +1,658 @@
+//! The child's side of the stateful (two-phase) upgrade: versioned snapshots
+//! in sealed memfds, restore with migration, and the quiesce / resume /
+//! commit events.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::BufWriter;
+use std::marker::PhantomData;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Instant;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::control::ControlTx;
+use crate::error::{Error, Result};
+use crate::protocol::ChildMsg;
+use crate::sys;
+
+/// What the old generation is asked to do during a stateful upgrade.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StateEvent {
+    /// Stop accepting **without closing the listeners** (connections wait in
+    /// the kernel backlog), finish in-flight work, pause live connections,
+    /// then call [`StateHandle::send_snapshot`] (or
+    /// [`StateHandle::snapshot_failed`]).
+    Quiesce,
+    /// The upgrade was aborted: start accepting again, state intact.
+    Resume {
+        /// Why it was aborted.
+        reason: String,
+    },
+    /// The candidate was promoted: hand over or close the paused
+    /// connections, then exit. [`Drain`](crate::Drain) fires as well (cause
+    /// [`Commit`](crate::DrainCause::Commit)).
+    Commit {
+        /// When the supervisor will SIGKILL this process.
+        deadline: Instant,
+        /// Whether the successor adopts connections.
+        migrate: bool,
+    },
+}
+
+/// What the control reader forwards to the state handle.
+#[derive(Debug)]
+pub(crate) enum StateMsg {
+    Restore { fd: OwnedFd, size: u64 },
+    Fresh { reason: String },
+    Event(StateEvent),
+}
+
+/// The snapshot's JSON layout: `{"version": V, "state": ...}`.
+#[derive(Serialize)]
+struct SnapshotOut<'a, T> {
+    version: u32,
+    state: &'a T,
+}
+
+/// The state part (the version is read separately, see
+/// [`SnapshotVersion`]).
+#[derive(Deserialize)]
+struct SnapshotIn<S> {
+    state: S,
+}
+
+/// Reads only the version (serde skips the rest).
+#[derive(Deserialize)]
+struct SnapshotVersion {
+    version: u32,
+}
+
+/// Takes part in stateful upgrades for state of type `T`, schema version
+/// `version`. Get it from [`Baton::state`](crate::Baton::state) after
+/// announcing the feature with [`Builder::stateful`](crate::Builder::stateful).
+///
+/// # Example
+///
+/// ```no_run
+/// use std::collections::BTreeMap;
+/// use baton_child::{Baton, StateEvent};
+///
+/// const SCHEMA: u32 = 2;
+/// type Db = BTreeMap<String, String>;
+///
+/// # async fn f() -> Result<(), baton_child::Error> {
+/// let mut baton = Baton::builder().stateful().from_env()?;
+/// let listener = baton.tcp_listener("kv", "127.0.0.1:6379")?;
+/// let mut state = baton.state::<Db>(SCHEMA)?;
+/// // Version 1 stored a list of pairs; migrate it (Erlang's code_change).
+/// let mut db: Db = state
+///     .restore(|version, value| match version {
+///         1 => serde_json::from_value::<Vec<(String, String)>>(value)
+///             .map(|pairs| pairs.into_iter().collect())
+///             .map_err(|e| e.to_string()),
+///         v => Err(format!("cannot read schema version {v}")),
+///     })
+///     .await?
+///     .unwrap_or_default();
+/// baton.ready()?;
+/// loop {
+///     match state.next_event().await {
+///         StateEvent::Quiesce => state.send_snapshot(&db)?,
+///         StateEvent::Resume { .. } => { /* accept again */ }
+///         StateEvent::Commit { .. } => break,
+///         _ => {}
+///     }
+/// }
+/// # drop(listener); db.clear(); Ok(()) }
+/// ```
+pub struct StateHandle<T> {
+    version: u32,
+    control: Option<ControlTx>,
+    rx: Option<mpsc::UnboundedReceiver<StateMsg>>,
+    pending: VecDeque<StateEvent>,
+    restored: bool,
+    _state: PhantomData<fn(T) -> T>,
+}
+
+impl<T> fmt::Debug for StateHandle<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateHandle")
+            .field("version", &self.version)
+            .field("supervised", &self.control.is_some())
+            .field("restored", &self.restored)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> StateHandle<T>
+where
+    T: Serialize + DeserializeOwned,
+{
+    pub(crate) fn new(
+        version: u32,
+        control: Option<ControlTx>,
+        rx: Option<mpsc::UnboundedReceiver<StateMsg>>,
+    ) -> Self {
+        StateHandle {
+            version,
+            control,
+            rx,
+            pending: VecDeque::new(),
+            restored: false,
+            _state: PhantomData,
+        }
+    }
+
+    /// The schema version this program writes.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// Gets the predecessor's state. Call it once, after everything except
+    /// state is initialised and before [`Baton::ready`](crate::Baton::ready).
+    ///
+    /// Sends `prepared` and waits for the supervisor: `fresh` gives
+    /// `Ok(None)` (start empty); `restore` gives the snapshot, which is
+    /// checked (a sealed memfd of the announced size), parsed and answered
+    /// with `restored`. A snapshot of this handle's version is deserialised
+    /// directly; for any other version `migrate(version, state_json)` is
+    /// called to convert it (or refuse with a reason).
+    ///
+    /// Standalone (no control socket) it returns `Ok(None)` at once. It
+    /// waits as long as the supervisor takes (which kills a candidate that
+    /// does not become ready within its ready timeout).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::SnapshotRejected`] after answering `rejected` (the snapshot
+    /// was invalid, corrupt, truncated, or `migrate` refused it): the
+    /// supervisor aborts the upgrade and kills this process, so exit.
+    /// [`Error::ControlClosed`] if the supervisor went away,
+    /// [`Error::Protocol`] on a second call.
+    pub async fn restore<F>(&mut self, migrate: F) -> Result<Option<T>>
+    where
+        F: FnOnce(u32, serde_json::Value) -> Result<T, String>,
+    {
+        if self.restored {
+            return Err(Error::Protocol("restore() called twice".to_owned()));
+        }
+        self.restored = true;
+        let (Some(control), Some(rx)) = (&self.control, &mut self.rx) else {
+            return Ok(None);
+        };
+        control.send(&ChildMsg::Prepared, None)?;
+        tracing::debug!("prepared: waiting for the predecessor's state");
+        loop {
+            match rx.recv().await.ok_or(Error::ControlClosed)? {
+                StateMsg::Fresh { reason } => {
+                    tracing::info!(%reason, "no predecessor state: starting fresh");
+                    return Ok(None);
+                }
+                StateMsg::Restore { fd, size } => {
+                    let started = Instant::now();
+                    return match read_snapshot(&fd, size, self.version, migrate) {
+                        Ok((state, from_version)) => {
+                            let restore_ms =
+                                u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                            tracing::info!(from_version, size, restore_ms, "state restored");
+                            control.send(
+                                &ChildMsg::Restored {
+                                    from_version,
+                                    restore_ms,
+                                },
+                                None,
+                            )?;
+                            Ok(Some(state))
+                        }
+                        Err(reason) => {
+                            tracing::error!(%reason, "rejecting the snapshot");
+                            control.send(
+                                &ChildMsg::Rejected {
+                                    reason: reason.clone(),
+                                },
+                                None,
+                            )?;
+                            Err(Error::SnapshotRejected(reason))
+                        }
+                    };
+                }
+                StateMsg::Event(e) => {
+                    tracing::warn!(event = ?e, "state event before restore; keeping it for later");
+                    self.pending.push_back(e);
+                }
+            }
+        }
+    }
+
+    /// The next instruction from the supervisor. Never resolves standalone
+    /// or once the supervisor is gone (its death drains the process through
+    /// the parent-death signal instead). Cancel-safe.
+    pub async fn next_event(&mut self) -> StateEvent {
+        if let Some(e) = self.pending.pop_front() {
+            return e;
+        }
+        let Some(rx) = &mut self.rx else {
+            return std::future::pending().await;
+        };
+        loop {
+            match rx.recv().await {
+                Some(StateMsg::Event(e)) => return e,
+                Some(StateMsg::Restore { .. } | StateMsg::Fresh { .. }) => {
+                    tracing::warn!("unexpected restore/fresh outside restore(); ignored");
+                }
+                None => return std::future::pending().await,
+            }
+        }
+    }
+
+    /// Writes `{"version": V, "state": state}` into a sealed memfd and sends
+    /// it to the supervisor (the answer to [`StateEvent::Quiesce`]). The
+    /// JSON is streamed into the memfd; the supervisor never copies it. A
+    /// no-op standalone.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Snapshot`] if serialising or writing fails (then call
+    /// [`snapshot_failed`](Self::snapshot_failed)), [`Error::ControlClosed`].
+    pub fn send_snapshot(&self, state: &T) -> Result<()> {
+        let Some(control) = &self.control else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let (fd, size) = write_snapshot(self.version, state)?;
+        tracing::info!(
+            version = self.version,
+            size,
+            ms = started.elapsed().as_millis(),
+            "snapshot written"
+        );
+        control.send(
+            &ChildMsg::Snapshot {
+                fds: 1,
+                version: self.version,
+                size,
+            },
+            Some(fd),
+        )
+    }
+
+    /// Tells the supervisor no snapshot can be made; it aborts the upgrade
+    /// and sends [`StateEvent::Resume`]. A no-op standalone.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ControlClosed`].
+    pub fn snapshot_failed(&self, reason: &str) -> Result<()> {
+        match &self.control {
+            Some(c) => c.send(
+                &ChildMsg::SnapshotFailed {
+                    reason: reason.to_owned(),
+                },
+                None,
+            ),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Serialises a snapshot into a new sealed memfd; returns it and its size.
+pub(crate) fn write_snapshot<T: Serialize>(version: u32, state: &T) -> Result<(OwnedFd, u64)> {
+    let fail = |what: &str, e: &dyn fmt::Display| Error::Snapshot(format!("{what}: {e}"));
+    let fd = sys::memfd("baton-snapshot").map_err(|e| fail("memfd_create", &e))?;
+    let file = std::fs::File::from(fd.try_clone().map_err(|e| fail("dup", &e))?);
+    let mut w = BufWriter::with_capacity(1 << 16, file);
+    serde_json::to_writer(&mut w, &SnapshotOut { version, state })
+        .map_err(|e| fail("serialising the state", &e))?;
+    let file = w
+        .into_inner()
+        .map_err(|e| fail("writing the memfd", &e.into_error()))?;
+    let size = file.metadata().map_err(|e| fail("fstat", &e))?.len();
+    drop(file);
+    sys::seal_immutable(fd.as_fd()).map_err(|e| fail("sealing the memfd", &e))?;
+    Ok((fd, size))
+}
+
+/// Checks, maps and parses a received snapshot; returns the state and the
+/// version it was written with. The error is the reason sent in `rejected`.
+pub(crate) fn read_snapshot<T, F>(
+    fd: &OwnedFd,
+    size: u64,
+    version: u32,
+    migrate: F,
+) -> std::result::Result<(T, u32), String>
+where
+    T: DeserializeOwned,
+    F: FnOnce(u32, serde_json::Value) -> std::result::Result<T, String>,
+{
+    let actual = sys::regular_file_size(fd.as_fd())
+        .map_err(|e| format!("snapshot fd: fstat: {e}"))?
+        .ok_or("snapshot fd is not a memfd or regular file")?;
+    let seals = sys::seals(fd.as_fd()).map_err(|e| format!("snapshot fd is not sealable: {e}"))?;
+    if !seals.contains(sys::immutable_seals()) {
+        return Err(format!(
+            "snapshot memfd is not sealed against write/shrink/grow (seals {seals:?})"
+        ));
+    }
+    if actual != size {
+        return Err(format!(
+            "snapshot is {actual} bytes but was announced as {size} (truncated or corrupt)"
+        ));
+    }
+    if size == 0 {
+        return Err("snapshot is empty".to_owned());
+    }
+    let map = sys::SealedMap::new(fd.as_fd()).map_err(|e| format!("mapping the snapshot: {e}"))?;
+    let bytes = map.as_slice();
+    let corrupt = |e: serde_json::Error| {
+        let hint = if e.is_eof() { " (truncated?)" } else { "" };
+        format!("snapshot is not valid JSON{hint}: {e}")
+    };
+    let found = serde_json::from_slice::<SnapshotVersion>(bytes)
+        .map_err(corrupt)?
+        .version;
+    if found == version {
+        let snap: SnapshotIn<T> = serde_json::from_slice(bytes).map_err(|e| {
+            format!("snapshot of version {found} does not match this program's state type: {e}")
+        })?;
+        return Ok((snap.state, found));
+    }
+    let snap: SnapshotIn<serde_json::Value> = serde_json::from_slice(bytes).map_err(corrupt)?;
+    tracing::info!(from = found, to = version, "migrating the snapshot");
+    let state = migrate(found, snap.state).map_err(|e| {
+        format!("snapshot version {found} refused by this program (version {version}): {e}")
+    })?;
+    Ok((state, found))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::Env;
+    use crate::protocol::SupervisorMsg;
+    use crate::testutil::{self, recv, send, BOUND};
+    use crate::wire::FrameReader;
+    use crate::{Baton, DrainCause};
+    use std::collections::BTreeMap;
+    use std::io::Write;
+    use std::time::Duration;
+    use tokio::net::UnixStream;
+
+    type Db = BTreeMap<String, u64>;
+
+    fn no_migration(v: u32, _: serde_json::Value) -> std::result::Result<Db, String> {
+        Err(format!("no migration from {v}"))
+    }
+
+    fn memfd_with(content: &[u8], seal: bool) -> OwnedFd {
+        let fd = sys::memfd("test").unwrap();
+        std::fs::File::from(fd.try_clone().unwrap())
+            .write_all(content)
+            .unwrap();
+        if seal {
+            sys::seal_immutable(fd.as_fd()).unwrap();
+        }
+        fd
+    }
+
+    #[test]
+    fn snapshot_roundtrip_same_version() {
+        let db: Db = [("a".to_owned(), 1), ("b".to_owned(), 2)].into();
+        let (fd, size) = write_snapshot(3, &db).unwrap();
+        // Sealed: the receiver can trust it does not change.
+        assert!(sys::seals(fd.as_fd())
+            .unwrap()
+            .contains(sys::immutable_seals()));
+        let (back, from): (Db, u32) = read_snapshot(&fd, size, 3, no_migration).unwrap();
+        assert_eq!(back, db);
+        assert_eq!(from, 3);
+    }
+
+    #[test]
+    fn older_versions_go_through_the_migration() {
+        // Version 1 stored a list of pairs.
+        let old = vec![("x".to_owned(), 7u64)];
+        let (fd, size) = write_snapshot(1, &old).unwrap();
+        let (db, from): (Db, u32) = read_snapshot(&fd, size, 2, |v, value| {
+            assert_eq!(v, 1);
+            serde_json::from_value::<Vec<(String, u64)>>(value)
+                .map(|p| p.into_iter().collect())
+                .map_err(|e| e.to_string())
+        })
+        .unwrap();
+        assert_eq!(from, 1);
+        assert_eq!(db.get("x"), Some(&7));
+
+        let (fd, size) = write_snapshot(9, &old).unwrap();
+        let err = read_snapshot::<Db, _>(&fd, size, 2, no_migration).unwrap_err();
+        assert!(err.contains("version 9 refused"), "{err}");
+    }
+
+    #[test]
+    fn bad_snapshots_are_rejected_with_a_reason() {
+        let good = br#"{"version":1,"state":{"a":1}}"#;
+        let cases: Vec<(OwnedFd, u64, &str)> = vec![
+            (memfd_with(good, false), good.len() as u64, "not sealed"),
+            (memfd_with(good, true), good.len() as u64 + 5, "announced"),
+            (
+                memfd_with(&good[..good.len() - 4], true),
+                good.len() as u64 - 4,
+                "truncated?",
+            ),
+            (memfd_with(b"\x00\x01garbage", true), 9, "not valid JSON"),
+            (
+                memfd_with(br#"{"version":1,"state":"nope"}"#, true),
+                28,
+                "does not match",
+            ),
+            (memfd_with(b"", true), 0, "empty"),
+            (
+                std::fs::File::open("/dev/null").unwrap().into(),
+                0,
+                "not a memfd",
+            ),
+        ];
+        for (fd, size, want) in cases {
+            let err = read_snapshot::<Db, _>(&fd, size, 1, no_migration).unwrap_err();
+            assert!(err.contains(want), "expected {want:?} in {err:?}");
+        }
+    }
+
+    fn child(generation: u64) -> (Baton, UnixStream) {
+        testutil::child(Baton::builder().stateful(), generation)
+    }
+
+    #[tokio::test]
+    async fn stateful_upgrade_through_real_sockets() {
+        let (mut old, old_sup) = child(1);
+        let (mut new, new_sup) = child(2);
+        let (mut old_r, mut new_r) = (FrameReader::new(), FrameReader::new());
+        for (r, s) in [(&mut old_r, &old_sup), (&mut new_r, &new_sup)] {
+            let (hello, _) = recv(r, s).await;
+            assert_eq!(
+                hello,
+                ChildMsg::Hello {
+                    protocol: 1,
+                    features: vec![crate::protocol::Feature::State]
+                }
+            );
+        }
+
+        // Generation 1: the first one starts fresh.
+        let mut old_state = old.state::<Db>(2).unwrap();
+        let first = tokio::spawn(async move {
+            let r = old_state.restore(no_migration).await;
+            (r, old_state)
+        });
+        assert_eq!(recv(&mut old_r, &old_sup).await.0, ChildMsg::Prepared);
+        send(
+            &old_sup,
+            &SupervisorMsg::Fresh {
+                reason: "first generation".into(),
+            },
+            None,
+        )
+        .await;
+        let (r, mut old_state) = tokio::time::timeout(BOUND, first).await.unwrap().unwrap();
+        assert_eq!(r.unwrap(), None);
+
+        // Generation 2 prepares; generation 1 quiesces and snapshots.
+        let mut new_state = new.state::<Db>(2).unwrap();
+        let candidate = tokio::spawn(async move {
+            let r = new_state.restore(no_migration).await;
+            (r, new_state)
+        });
+        assert_eq!(recv(&mut new_r, &new_sup).await.0, ChildMsg::Prepared);
+        send(&old_sup, &SupervisorMsg::Quiesce, None).await;
+        let ev = tokio::time::timeout(BOUND, old_state.next_event())
+            .await
+            .unwrap();
+        assert_eq!(ev, StateEvent::Quiesce);
+        let db: Db = (0..1000).map(|i| (format!("key{i}"), i)).collect();
+        old_state.send_snapshot(&db).unwrap();
+        let (msg, mut fds) = recv(&mut old_r, &old_sup).await;
+        let ChildMsg::Snapshot {
+            fds: 1,
+            version: 2,
+            size,
+        } = msg
+        else {
+            panic!("expected a snapshot, got {msg:?}");
+        };
+        assert_eq!(fds.len(), 1);
+        let memfd = fds.remove(0);
+
+        // The supervisor relays the fd without reading it.
+        send(
+            &new_sup,
+            &SupervisorMsg::Restore { fds: 1, size },
+            Some(&memfd),
+        )
+        .await;
+        let (r, _new_state) = tokio::time::timeout(BOUND, candidate)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.unwrap(), Some(db));
+        let (msg, _) = recv(&mut new_r, &new_sup).await;
+        assert!(
+            matches!(
+                msg,
+                ChildMsg::Restored {
+                    from_version: 2,
+                    ..
+                }
+            ),
+            "{msg:?}"
+        );
+
+        // Commit ends generation 1: a state event and a drain.
+        let drain = old.drain();
+        send(
+            &old_sup,
+            &SupervisorMsg::Commit {
+                deadline_ms: 5000,
+                migrate: true,
+            },
+            None,
+        )
+        .await;
+        let ev = tokio::time::timeout(BOUND, old_state.next_event())
+            .await
+            .unwrap();
+        assert!(
+            matches!(ev, StateEvent::Commit { migrate: true, .. }),
+            "{ev:?}"
+        );
+        let info = tokio::time::timeout(BOUND, drain.wait()).await.unwrap();
+        assert_eq!(info.cause, DrainCause::Commit);
+        assert!(info.migrate);
+    }
+
+    #[tokio::test]
+    async fn a_bad_snapshot_is_answered_with_rejected() {
+        let (mut new, sup) = child(2);
+        let mut r = FrameReader::new();
+        recv(&mut r, &sup).await; // hello
+        let mut st = new.state::<Db>(2).unwrap();
+        assert!(matches!(new.state::<Db>(2), Err(Error::Feature { .. })));
+        let task = tokio::spawn(async move { st.restore(no_migration).await });
+        assert_eq!(recv(&mut r, &sup).await.0, ChildMsg::Prepared);
+        // Announced bigger than it is: a truncated snapshot.
+        let body = br#"{"version":2,"state":{"a":1}}"#;
+        let fd = memfd_with(body, true);
+        send(
+            &sup,
+            &SupervisorMsg::Restore {
+                fds: 1,
+                size: body.len() as u64 * 2,
+            },
+            Some(&fd),
+        )
+        .await;
+        let res = tokio::time::timeout(BOUND, task).await.unwrap().unwrap();
+        assert!(matches!(res, Err(Error::SnapshotRejected(_))), "{res:?}");
+        let (msg, _) = recv(&mut r, &sup).await;
+        let ChildMsg::Rejected { reason } = msg else {
+            panic!("expected rejected, got {msg:?}");
+        };
+        assert!(reason.contains("announced"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn resume_and_snapshot_failed() {
+        let (mut old, sup) = child(1);
+        let mut r = FrameReader::new();
+        recv(&mut r, &sup).await; // hello
+        let mut st = old.state::<Db>(1).unwrap();
+        send(&sup, &SupervisorMsg::Quiesce, None).await;
+        assert_eq!(
+            tokio::time::timeout(BOUND, st.next_event()).await.unwrap(),
+            StateEvent::Quiesce
+        );
+        st.snapshot_failed("disk on fire").unwrap();
+        assert_eq!(
+            recv(&mut r, &sup).await.0,
+            ChildMsg::SnapshotFailed {
+                reason: "disk on fire".into()
+            }
+        );
+        send(
+            &sup,
+            &SupervisorMsg::Resume {
+                reason: "snapshot failed".into(),
+            },
+            None,
+        )
+        .await;
+        assert_eq!(
+            tokio::time::timeout(BOUND, st.next_event()).await.unwrap(),
+            StateEvent::Resume {
+                reason: "snapshot failed".into()
+            }
+        );
+        assert!(!old.drain().is_draining());
+    }
+
+    #[tokio::test]
+    async fn standalone_state_is_a_no_op() {
+        let mut baton = Baton::builder()
+            .stateful()
+            .handle_signals(false)
+            .start(Env::standalone())
+            .unwrap();
+        let mut st = baton.state::<Db>(1).unwrap();
+        assert_eq!(st.restore(no_migration).await.unwrap(), None);
+        st.send_snapshot(&Db::new()).unwrap();
+        let pending = tokio::time::timeout(Duration::from_millis(50), st.next_event()).await;
+        assert!(pending.is_err(), "no event can come standalone");
+        let mut plain = Baton::builder()
+            .handle_signals(false)
+            .start(Env::standalone())
+            .unwrap();
+        assert!(matches!(plain.state::<Db>(1), Err(Error::Feature { .. })));
+    }
+}

@@ -1,0 +1,474 @@
+//! Framing of the control socket: one JSON object per line, with file
+//! descriptors passed as `SCM_RIGHTS`.
+//!
+//! A message that carries fds says how many in its `fds` field, and the
+//! sender attaches them to the `sendmsg` that carries the first byte of the
+//! message's line. The receiver therefore queues every fd it receives, in
+//! order, and pops `fds` of them for each complete line it parses: by the
+//! time a line's newline has arrived, its fds have arrived too, and fds
+//! belonging to later lines stay queued. Unknown message types are still
+//! framed correctly (their `fds` are popped and dropped), so a newer peer
+//! cannot desynchronise an older one.
+//!
+//! This module is transport-level and shared: the supervisor may use it for
+//! its end of the socket too.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+
+use crate::sys;
+
+/// Longest accepted line. Larger data (snapshots) travels in fds, never
+/// inline, so this only guards against a broken peer.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// Bytes read per `recvmsg`.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// A framing error on the control socket.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// Reading or writing the socket failed.
+    #[error("control socket I/O: {0}")]
+    Io(#[from] io::Error),
+    /// A line grew beyond [`MAX_LINE`] without a newline.
+    #[error("line longer than {MAX_LINE} bytes")]
+    LineTooLong,
+    /// The peer closed the socket in the middle of a line.
+    #[error("peer closed the socket in the middle of a message")]
+    Truncated,
+    /// A line is not a JSON object. The line is consumed; the stream may
+    /// continue, but fds it carried (if any) can no longer be matched.
+    #[error("malformed message {line:?}: {reason}")]
+    Malformed {
+        /// The offending line (lossily decoded, at most 200 bytes).
+        line: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A message announced more fds than were received with it: the peer
+    /// broke the protocol and the stream cannot be trusted any more.
+    #[error("message announces {wanted} fds but only {queued} were received")]
+    MissingFds {
+        /// The message's `fds` field.
+        wanted: u64,
+        /// Fds queued.
+        queued: usize,
+    },
+}
+
+impl WireError {
+    /// Whether the stream is unusable after this error (everything except a
+    /// malformed line).
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, WireError::Malformed { .. })
+    }
+}
+
+/// One received message: the JSON object and the fds that came with it.
+#[derive(Debug)]
+pub struct Frame {
+    /// The parsed line.
+    pub value: serde_json::Value,
+    /// The fds the message's `fds` field announced, in order.
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Frame {
+    /// Deserialises the message into a protocol type (e.g.
+    /// [`SupervisorMsg`](crate::protocol::SupervisorMsg)).
+    ///
+    /// # Errors
+    ///
+    /// The serde error when the object is not a `T` (for example a message
+    /// type this version does not know).
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        T::deserialize(&self.value)
+    }
+
+    /// The message's `type` field, for logging.
+    pub fn kind(&self) -> &str {
+        self.value
+            .get("type")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("?")
+    }
+}
+
+/// Reassembles lines from a byte stream and pairs them with the fds received
+/// alongside (see the module docs). Pure: feed it with [`push`](Self::push).
+#[derive(Debug, Default)]
+pub struct LineDecoder {
+    buf: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl LineDecoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends received bytes and the fds received with them.
+    pub fn push(&mut self, bytes: &[u8], fds: impl IntoIterator<Item = OwnedFd>) {
+        self.buf.extend_from_slice(bytes);
+        self.fds.extend(fds);
+    }
+
+    /// Fds received but not yet claimed by a message.
+    pub fn queued_fds(&self) -> usize {
+        self.fds.len()
+    }
+
+    /// Bytes of an incomplete line buffered.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete message, if one is buffered. Empty lines are
+    /// skipped.
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::LineTooLong`], [`WireError::Malformed`] (the line is
+    /// consumed), or [`WireError::MissingFds`].
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        loop {
+            let Some(nl) = self.buf.iter().position(|b| *b == b'\n') else {
+                if self.buf.len() > MAX_LINE {
+                    self.buf.clear();
+                    return Err(WireError::LineTooLong);
+                }
+                return Ok(None);
+            };
+            let line: Vec<u8> = self.buf.drain(..=nl).collect();
+            let line = &line[..nl];
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            if line.len() > MAX_LINE {
+                return Err(WireError::LineTooLong);
+            }
+            let malformed = |reason: String| WireError::Malformed {
+                line: String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned(),
+                reason,
+            };
+            let value: serde_json::Value =
+                serde_json::from_slice(line).map_err(|e| malformed(e.to_string()))?;
+            if !value.is_object() {
+                return Err(malformed("not a JSON object".to_owned()));
+            }
+            let wanted = match value.get("fds") {
+                None | Some(serde_json::Value::Null) => 0,
+                Some(v) => v
+                    .as_u64()
+                    .ok_or_else(|| malformed(format!("\"fds\" is {v}, not a count")))?,
+            };
+            if wanted > self.fds.len() as u64 {
+                return Err(WireError::MissingFds {
+                    wanted,
+                    queued: self.fds.len(),
+                });
+            }
+            // `wanted` <= queue length, so it fits in usize.
+            let fds = self.fds.drain(..wanted as usize).collect();
+            return Ok(Some(Frame { value, fds }));
+        }
+    }
+}
+
+/// Serialises a message as one line (JSON + `\n`).
+///
+/// # Errors
+///
+/// The serde error (not expected for the protocol types).
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, serde_json::Error> {
+    let mut line = serde_json::to_vec(msg)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+/// Writes one encoded line with `fds` attached to its first byte.
+///
+/// Not cancel-safe: dropping the future mid-line corrupts the stream, so run
+/// it to completion (the SDK uses a single writer task).
+///
+/// # Errors
+///
+/// The I/O error (`EPIPE` when the peer is gone).
+pub async fn write_line(
+    stream: &UnixStream,
+    line: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    if line.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "cannot send an empty line",
+        ));
+    }
+    let mut off = 0;
+    let mut fds = fds;
+    while off < line.len() {
+        stream.writable().await?;
+        match stream.try_io(Interest::WRITABLE, || {
+            sys::send_with_fds(stream.as_fd(), &line[off..], fds)
+        }) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                off += n;
+                // The kernel attached the fds to the bytes just written.
+                fds = &[];
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads [`Frame`]s from a Unix stream socket.
+#[derive(Debug)]
+pub struct FrameReader {
+    decoder: LineDecoder,
+    chunk: Vec<u8>,
+}
+
+impl Default for FrameReader {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FrameReader {
+    /// A reader with an empty buffer.
+    pub fn new() -> Self {
+        FrameReader {
+            decoder: LineDecoder::new(),
+            chunk: vec![0; READ_CHUNK],
+        }
+    }
+
+    /// The next message; `Ok(None)` at a clean end of stream.
+    ///
+    /// Cancel-safe: received data is buffered before any await point, so it
+    /// can be used in `tokio::select!`.
+    ///
+    /// # Errors
+    ///
+    /// See [`WireError`]; after a fatal one ([`WireError::is_fatal`]) stop
+    /// reading.
+    pub async fn next(&mut self, stream: &UnixStream) -> Result<Option<Frame>, WireError> {
+        loop {
+            if let Some(frame) = self.decoder.next_frame()? {
+                return Ok(Some(frame));
+            }
+            stream.readable().await?;
+            let mut fds = Vec::new();
+            let chunk = &mut self.chunk;
+            match stream.try_io(Interest::READABLE, || {
+                sys::recv_with_fds(stream.as_fd(), chunk, &mut fds)
+            }) {
+                Ok(0) => {
+                    if self.decoder.buffered() > 0
+                        || self.decoder.queued_fds() > 0
+                        || !fds.is_empty()
+                    {
+                        return Err(WireError::Truncated);
+                    }
+                    return Ok(None);
+                }
+                Ok(n) => self.decoder.push(&self.chunk[..n], fds),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{ChildMsg, SupervisorMsg};
+    use std::io::{Read, Seek, Write};
+
+    fn memfile(content: &[u8]) -> OwnedFd {
+        let mut f = tempfile_in_proc();
+        f.write_all(content).unwrap();
+        f.rewind().unwrap();
+        f.into()
+    }
+
+    // An anonymous temp file without extra crates: O_TMPFILE in /tmp.
+    fn tempfile_in_proc() -> std::fs::File {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_TMPFILE)
+            .open(std::env::temp_dir())
+            .unwrap()
+    }
+
+    fn read_all(fd: OwnedFd) -> Vec<u8> {
+        let mut f = std::fs::File::from(fd);
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).unwrap();
+        v
+    }
+
+    #[test]
+    fn decoder_pairs_fds_with_lines_in_order() {
+        let mut d = LineDecoder::new();
+        // Two fd-carrying messages and one plain one arrive in odd chunks;
+        // both fds were received with the first chunk.
+        let a = br#"{"type":"adopt","fds":1,"listener":"http"}"#;
+        let b = br#"{"type":"drain","deadline_ms":5}"#;
+        let c = br#"{"type":"restore","fds":1,"size":3}"#;
+        let mut stream = Vec::new();
+        for l in [&a[..], &b[..], &c[..]] {
+            stream.extend_from_slice(l);
+            stream.push(b'\n');
+        }
+        d.push(&stream[..10], [memfile(b"one"), memfile(b"two")]);
+        assert!(d.next_frame().unwrap().is_none());
+        d.push(&stream[10..], []);
+
+        let f = d.next_frame().unwrap().unwrap();
+        assert!(matches!(
+            f.parse::<SupervisorMsg>().unwrap(),
+            SupervisorMsg::Adopt { .. }
+        ));
+        assert_eq!(read_all(f.fds.into_iter().next().unwrap()), b"one");
+
+        let f = d.next_frame().unwrap().unwrap();
+        assert_eq!(
+            f.parse::<SupervisorMsg>().unwrap(),
+            SupervisorMsg::Drain {
+                deadline_ms: 5,
+                migrate: false
+            }
+        );
+        assert!(f.fds.is_empty());
+
+        let f = d.next_frame().unwrap().unwrap();
+        assert_eq!(f.kind(), "restore");
+        assert_eq!(read_all(f.fds.into_iter().next().unwrap()), b"two");
+        assert!(d.next_frame().unwrap().is_none());
+        assert_eq!(d.queued_fds(), 0);
+    }
+
+    #[test]
+    fn unknown_messages_still_consume_their_fds() {
+        let mut d = LineDecoder::new();
+        d.push(
+            b"{\"type\":\"from_the_future\",\"fds\":1}\n{\"type\":\"adopt\",\"fds\":1,\"listener\":\"x\"}\n",
+            [memfile(b"future"), memfile(b"adopt")],
+        );
+        let f = d.next_frame().unwrap().unwrap();
+        assert!(f.parse::<SupervisorMsg>().is_err());
+        assert_eq!(f.fds.len(), 1);
+        let f = d.next_frame().unwrap().unwrap();
+        assert_eq!(read_all(f.fds.into_iter().next().unwrap()), b"adopt");
+    }
+
+    #[test]
+    fn missing_fds_and_malformed_lines_are_errors() {
+        let mut d = LineDecoder::new();
+        d.push(b"not json\n{\"type\":\"adopt\",\"fds\":1}\n\n", []);
+        let e = d.next_frame().unwrap_err();
+        assert!(matches!(e, WireError::Malformed { .. }) && !e.is_fatal());
+        let e = d.next_frame().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                WireError::MissingFds {
+                    wanted: 1,
+                    queued: 0
+                }
+            ) && e.is_fatal()
+        );
+        d.push(b"[1,2]\n{\"fds\":\"x\"}\n", []);
+        assert!(matches!(d.next_frame(), Err(WireError::Malformed { .. })));
+        assert!(matches!(d.next_frame(), Err(WireError::Malformed { .. })));
+        assert!(d.next_frame().unwrap().is_none());
+    }
+
+    #[test]
+    fn overlong_lines_are_rejected() {
+        let mut d = LineDecoder::new();
+        d.push(&vec![b'x'; MAX_LINE + 1], []);
+        assert!(matches!(d.next_frame(), Err(WireError::LineTooLong)));
+    }
+
+    #[tokio::test]
+    async fn frames_roundtrip_through_a_real_socketpair() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let snapshot = memfile(b"{\"version\":1,\"state\":{}}");
+        let msgs = [
+            (
+                encode(&ChildMsg::Hello {
+                    protocol: 1,
+                    features: vec![],
+                })
+                .unwrap(),
+                None,
+            ),
+            (
+                encode(&ChildMsg::Snapshot {
+                    fds: 1,
+                    version: 1,
+                    size: 24,
+                })
+                .unwrap(),
+                Some(snapshot),
+            ),
+            (encode(&ChildMsg::Connections { active: 3 }).unwrap(), None),
+        ];
+        for (line, fd) in &msgs {
+            let fds: Vec<BorrowedFd<'_>> = fd.iter().map(AsFd::as_fd).collect();
+            write_line(&a, line, &fds).await.unwrap();
+        }
+        drop(msgs);
+        drop(a);
+
+        let mut r = FrameReader::new();
+        let f = r.next(&b).await.unwrap().unwrap();
+        assert_eq!(
+            f.parse::<ChildMsg>().unwrap(),
+            ChildMsg::Hello {
+                protocol: 1,
+                features: vec![]
+            }
+        );
+        let f = r.next(&b).await.unwrap().unwrap();
+        assert_eq!(f.kind(), "snapshot");
+        assert_eq!(f.fds.len(), 1);
+        let content = read_all(f.fds.into_iter().next().unwrap());
+        assert_eq!(content, b"{\"version\":1,\"state\":{}}");
+        let f = r.next(&b).await.unwrap().unwrap();
+        assert_eq!(
+            f.parse::<ChildMsg>().unwrap(),
+            ChildMsg::Connections { active: 3 }
+        );
+        assert!(r.next(&b).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn eof_mid_line_is_truncation() {
+        let (a, b) = UnixStream::pair().unwrap();
+        write_line(&a, b"{\"type\":", &[]).await.unwrap();
+        drop(a);
+        let mut r = FrameReader::new();
+        assert!(matches!(r.next(&b).await, Err(WireError::Truncated)));
+    }
+}

@@ -1,0 +1,64 @@
+//! `kv-server`: an in-memory key-value server speaking the Redis protocol (RESP2), built to
+//! run under baton. It serves the listener named `kv` (or binds `--listen-fallback`
+//! standalone), drains at command boundaries, and hands its keyspace to the next version in
+//! a stateful upgrade (see `state.rs` for the snapshot schemas).
+
+mod baton_glue;
+mod cmd;
+mod db;
+mod resp;
+mod server;
+mod state;
+
+use std::io::IsTerminal as _;
+
+use anyhow::Context as _;
+use clap::Parser;
+
+use crate::state::Schema;
+
+/// Command-line options.
+#[derive(Debug, Parser)]
+#[command(name = "kv-server", version, about)]
+pub struct Options {
+    /// Address to bind when baton does not pass a listener named `kv`:
+    /// HOST:PORT or unix:PATH.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6379")]
+    listen_fallback: String,
+
+    /// State schema version this build writes in snapshots (1 or 2). A schema-2 server
+    /// migrates schema-1 snapshots; a schema-1 server rejects schema-2 ones.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=2))]
+    schema: u32,
+
+    /// How long a drain started by a signal (no supervisor deadline) may take before the
+    /// process exits anyway.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_timeout: std::time::Duration,
+}
+
+impl Options {
+    fn schema(&self) -> anyhow::Result<Schema> {
+        Schema::from_version(self.schema).context("unsupported --schema")
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let opts = Options::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    // Take the inherited fds and remove the contract variables while this is the only
+    // thread: changing the environment once runtime threads exist is unsound.
+    let env = baton_child::Env::take().context("reading the baton environment")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(baton_glue::run(opts, env))
+}
