@@ -37,7 +37,11 @@ impl Control {
         }
     }
 
-    async fn request(&self, req: &ControlRequest, timeout: Duration) -> anyhow::Result<ControlReply> {
+    async fn request(
+        &self,
+        req: &ControlRequest,
+        timeout: Duration,
+    ) -> anyhow::Result<ControlReply> {
         let exchange = async {
             let stream = UnixStream::connect(&self.path)
                 .await
@@ -45,7 +49,10 @@ impl Control {
             let (read, mut write) = stream.into_split();
             let mut line = serde_json::to_vec(req)?;
             line.push(b'\n');
-            write.write_all(&line).await.context("send control request")?;
+            write
+                .write_all(&line)
+                .await
+                .context("send control request")?;
             let mut reply = String::new();
             BufReader::new(read)
                 .read_line(&mut reply)
@@ -64,7 +71,10 @@ impl Control {
 
     /// baton's status.
     pub async fn status(&self) -> anyhow::Result<Status> {
-        match self.request(&ControlRequest::Status, CONTROL_TIMEOUT).await? {
+        match self
+            .request(&ControlRequest::Status, CONTROL_TIMEOUT)
+            .await?
+        {
             ControlReply::Status(s) => Ok(s),
             other => bail!("status: unexpected reply {other:?}"),
         }
@@ -210,7 +220,11 @@ impl DirectApp {
 
     /// Waits (bounded) until it answers `GET /` on `addr` with its own pid. Fails early
     /// if it exits (e.g. its port was taken).
-    pub async fn wait_serving(&mut self, addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    pub async fn wait_serving(
+        &mut self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -237,7 +251,12 @@ impl DirectApp {
             .with_context(|| format!("SIGTERM {}", self.pid))?;
         tokio::time::timeout(timeout, self.child.wait())
             .await
-            .with_context(|| format!("pid {} did not exit within {timeout:?} of SIGTERM", self.pid))?
+            .with_context(|| {
+                format!(
+                    "pid {} did not exit within {timeout:?} of SIGTERM",
+                    self.pid
+                )
+            })?
             .context("wait for the app")?;
         Ok(())
     }
@@ -310,7 +329,12 @@ impl HttpConn {
                 continue;
             };
             if name.eq_ignore_ascii_case("content-length") {
-                len = Some(value.trim().parse::<usize>().context("bad content-length")?);
+                len = Some(
+                    value
+                        .trim()
+                        .parse::<usize>()
+                        .context("bad content-length")?,
+                );
             } else if name.eq_ignore_ascii_case("connection") {
                 close |= value
                     .split(',')
@@ -338,4 +362,52 @@ pub fn http_load(keepalive: usize, fresh: usize) -> LoadOpts {
         fresh,
         ..LoadOpts::default()
     }
+}
+
+/// How busy the machine was with work that is not ours during a scenario: total busy CPU
+/// (from `/proc/stat`) minus the CPU used by the bench's own process tree. Other builds or
+/// tests on the same 2 cores show up here, so a noisy figure is recognisable as such.
+pub struct CpuMeter {
+    started: Instant,
+    machine: Option<f64>,
+    own: Option<Duration>,
+}
+
+impl CpuMeter {
+    /// Starts measuring.
+    pub fn start() -> Self {
+        Self {
+            started: Instant::now(),
+            machine: machine_busy_secs(),
+            own: sys::own_cpu().ok(),
+        }
+    }
+
+    /// Foreign CPU use as a percentage of the machine's capacity over the interval.
+    pub fn foreign_pct(&self) -> Option<f64> {
+        let machine = machine_busy_secs()? - self.machine?;
+        let own = (sys::own_cpu().ok()? - self.own?).as_secs_f64();
+        let cores = std::thread::available_parallelism().ok()?.get() as f64;
+        let capacity = self.started.elapsed().as_secs_f64() * cores;
+        (capacity > 0.0).then(|| ((machine - own).max(0.0) / capacity * 100.0).round())
+    }
+}
+
+/// Busy CPU seconds of the whole machine since boot (every state but idle and iowait).
+fn machine_busy_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = cpu
+        .split_whitespace()
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let busy: u64 = ticks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(i, 0 | 1 | 2 | 5 | 6 | 7))
+        .map(|(_, t)| t)
+        .sum();
+    // USER_HZ is 100 on every Linux ABI the bench runs on.
+    Some(busy as f64 / 100.0)
 }

@@ -141,11 +141,28 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or_default();
         tracing::info!(scenario = %name, quick = args.quick, "starting");
         let t = Instant::now();
-        let rows = rt.block_on(run(scenario, &args, &bins, nofile));
+        let cpu = common::CpuMeter::start();
+        let mut rows = rt.block_on(run(scenario, &args, &bins, nofile));
+        if let Some(pct) = cpu.foreign_pct() {
+            for row in &mut rows {
+                row.set("foreign_cpu_pct", pct);
+            }
+            if pct >= 10.0 {
+                tracing::warn!(
+                    scenario = %name,
+                    foreign_cpu_pct = pct,
+                    "other processes used the machine during this scenario: its figures are noisy"
+                );
+            }
+        }
         tracing::info!(scenario = %name, secs = t.elapsed().as_secs_f64(), "finished");
         for row in rows {
             broken += usize::from(row.failed_to_run());
-            missed.extend(row.missed().into_iter().map(|k| format!("{name}.{k}")));
+            let label = match row.get_f64("state_mb") {
+                Some(mb) => format!("{name}[{mb} MB]"),
+                None => name.clone(),
+            };
+            missed.extend(row.missed().into_iter().map(|k| format!("{label}.{k}")));
             if args.json {
                 println!("{}", row.json_line());
             } else {
@@ -197,9 +214,11 @@ async fn run(scenario: Scenario, a: &Args, bins: &Bins, nofile: u64) -> Vec<Row>
                 &overhead::Opts {
                     pairs: a.overhead_pairs.unwrap_or(if q { 3 } else { 10 }),
                     warmup: Duration::from_millis(if q { 500 } else { 1000 }),
-                    duration: a
-                        .overhead_duration
-                        .unwrap_or(Duration::from_secs(if q { 2 } else { 5 })),
+                    duration: a.overhead_duration.unwrap_or(Duration::from_secs(if q {
+                        2
+                    } else {
+                        5
+                    })),
                     load,
                 },
             )

@@ -138,7 +138,10 @@ async fn measure(baton: &Baton, control: &Control, opts: &Opts) -> anyhow::Resul
     let mut conns = open_all(opts.app, addr, opts.connections).await?;
     let (back, lost, _) = round(conns, pid).await;
     if lost > 0 {
-        bail!("{lost} of {} connections failed before any upgrade", opts.connections);
+        bail!(
+            "{lost} of {} connections failed before any upgrade",
+            opts.connections
+        );
     }
     conns = back;
     tracing::info!(connections = conns.len(), "migration: connections open");
@@ -170,16 +173,23 @@ async fn measure(baton: &Baton, control: &Control, opts: &Opts) -> anyhow::Resul
 
         let (mut back, lost, first_loss) = round(conns, pid).await;
         disconnects += lost;
-        tracing::info!(upgrade = i, migrated = this_migrated, lost, "migration: upgrade done");
+        tracing::info!(
+            upgrade = i,
+            migrated = this_migrated,
+            lost,
+            "migration: upgrade done"
+        );
         if i == 1 && this_migrated == 0 {
             let mut row = Row::skipped(
                 SCENARIO,
                 format!(
-                    "no connection was migrated: the app does not adopt connections yet \
-                     (after 1 upgrade {lost} of {} connections were closed by the draining \
-                     generation{}, which exited {:.0} ms after promotion)",
+                    "no connection was migrated: the app does not adopt connections yet; \
+                     after 1 upgrade {lost} of {} connections were lost{} and the old \
+                     generation exited {:.0} ms after promotion",
                     opts.connections,
-                    first_loss.map(|e| format!(", e.g. {e}")).unwrap_or_default(),
+                    first_loss
+                        .map(|e| format!(" (e.g. {e})"))
+                        .unwrap_or_default(),
                     gone.as_secs_f64() * 1000.0
                 ),
             );

@@ -65,7 +65,9 @@ pub async fn run(bins: &Bins, opts: &Opts) -> anyhow::Result<Row> {
         .collect();
     let ratio = median(&ratios);
     let runs = |v: &[LoadReport]| -> Vec<serde_json::Value> {
-        v.iter().map(|r| r.requests_per_sec.round().into()).collect()
+        v.iter()
+            .map(|r| r.requests_per_sec.round().into())
+            .collect()
     };
 
     let mut row = Row::new(SCENARIO);
@@ -82,7 +84,9 @@ pub async fn run(bins: &Bins, opts: &Opts) -> anyhow::Result<Row> {
         .set("runs", opts.pairs)
         .set("rps_direct_runs", runs(&direct))
         .set("rps_baton_runs", runs(&under_baton))
-        .note("rps and p99: medians over the runs; throughput_ratio: median of the per-pair ratios");
+        .note(
+            "rps and p99: medians over the runs; throughput_ratio: median of the per-pair ratios",
+        );
     Ok(row)
 }
 

@@ -136,7 +136,10 @@ impl Row {
     pub fn json_line(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|e| {
             // Only non-string map keys can fail, and every key here is a string.
-            format!(r#"{{"scenario":"{}","error":"cannot serialise: {e}"}}"#, self.scenario)
+            format!(
+                r#"{{"scenario":"{}","error":"cannot serialise: {e}"}}"#,
+                self.scenario
+            )
         })
     }
 

@@ -74,7 +74,12 @@ pub async fn run(bins: &Bins, opts: &Opts) -> anyhow::Result<Row> {
         )
         .await?;
         if i % 10 == 0 || i == opts.restarts {
-            tracing::info!(restart = i, of = opts.restarts, failed = at.failed, "baseline-restart progress");
+            tracing::info!(
+                restart = i,
+                of = opts.restarts,
+                failed = at.failed,
+                "baseline-restart progress"
+            );
         }
     }
     let report = load.stop().await;

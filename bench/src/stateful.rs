@@ -96,8 +96,11 @@ async fn run_size(bins: &Bins, opts: &Opts, mb: u64) -> anyhow::Result<Row> {
     let gap = row.get_f64("accept_gap_ms_max").unwrap_or(0.0);
     row.set_ms("serde_ms", serde_ms);
     let ratio = if serde_ms > 0.0 { gap / serde_ms } else { 0.0 };
-    row.set("transport_overhead_ratio", (ratio * 1000.0).round() / 1000.0)
-        .target("transport_overhead_ratio", Target::Le(1.3));
+    row.set(
+        "transport_overhead_ratio",
+        (ratio * 1000.0).round() / 1000.0,
+    )
+    .target("transport_overhead_ratio", Target::Le(1.3));
     Ok(row)
 }
 
@@ -106,7 +109,12 @@ enum Measured {
     Skipped(Row),
 }
 
-async fn measure(baton: &Baton, control: &Control, opts: &Opts, mb: u64) -> anyhow::Result<Measured> {
+async fn measure(
+    baton: &Baton,
+    control: &Control,
+    opts: &Opts,
+    mb: u64,
+) -> anyhow::Result<Measured> {
     let addr = baton.tcp_addr("kv").await?;
     let mut rss_kb = control.status().await?.rss_kb;
 
@@ -144,7 +152,12 @@ async fn measure(baton: &Baton, control: &Control, opts: &Opts, mb: u64) -> anyh
 
     let keys = (mb as usize * 1024 * 1024 / ENTRY_BYTES) as u64;
     let filled_in = fill(&mut client, keys).await?;
-    tracing::info!(mb, keys, secs = filled_in.as_secs_f64(), "stateful: state loaded");
+    tracing::info!(
+        mb,
+        keys,
+        secs = filled_in.as_secs_f64(),
+        "stateful: state loaded"
+    );
     drop(client);
 
     let mut gaps = Vec::new();
@@ -165,7 +178,9 @@ async fn measure(baton: &Baton, control: &Control, opts: &Opts, mb: u64) -> anyh
         snapshots.push(report.snapshot_ms.unwrap_or(0.0));
         restores.push(report.restore_ms.unwrap_or(0.0));
         bytes = report.snapshot_bytes.unwrap_or(0);
-        verify(addr, keys).await.with_context(|| format!("after upgrade {i}"))?;
+        verify(addr, keys)
+            .await
+            .with_context(|| format!("after upgrade {i}"))?;
         let status = control.wait_settled(Duration::from_secs(60)).await?;
         rss_kb = rss_kb.max(status.rss_kb);
         tracing::info!(
@@ -231,7 +246,10 @@ fn value(i: u64) -> Vec<u8> {
     v
 }
 
-async fn fill(client: &mut RespClient<tokio::net::TcpStream>, keys: u64) -> anyhow::Result<Duration> {
+async fn fill(
+    client: &mut RespClient<tokio::net::TcpStream>,
+    keys: u64,
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let mut i = 0;
     while i < keys {
@@ -261,7 +279,10 @@ async fn verify(addr: SocketAddr, keys: u64) -> anyhow::Result<()> {
     while n < keys {
         let got = client.command(&[b"GET".to_vec(), key(n)]).await?;
         if got.as_bytes() != Some(value(n).as_slice()) {
-            bail!("GET {} returned {got}: state was corrupted", String::from_utf8_lossy(&key(n)));
+            bail!(
+                "GET {} returned {got}: state was corrupted",
+                String::from_utf8_lossy(&key(n))
+            );
         }
         n += step;
     }
@@ -398,7 +419,11 @@ fn serde_baseline(keys: u64, runs: usize) -> anyhow::Result<f64> {
         }
         let elapsed = started.elapsed();
         if restored.len() != db.len() {
-            bail!("baseline: {} of {} entries came back", restored.len(), db.len());
+            bail!(
+                "baseline: {} of {} entries came back",
+                restored.len(),
+                db.len()
+            );
         }
         times.push(elapsed.as_secs_f64() * 1000.0);
         drop(restored);
@@ -416,6 +441,9 @@ mod tests {
         assert_eq!(key(7).len(), KEY_LEN);
         assert_eq!(value(7).len(), VALUE_LEN);
         assert_ne!(value(7), value(8));
-        assert!(std::str::from_utf8(&value(3)).unwrap().parse::<i64>().is_err());
+        assert!(std::str::from_utf8(&value(3))
+            .unwrap()
+            .parse::<i64>()
+            .is_err());
     }
 }

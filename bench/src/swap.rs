@@ -137,7 +137,10 @@ pub fn load_extras(row: &mut Row, report: &LoadReport) {
         .set_ms("latency_ms_p50", report.latency_us.p50 as f64 / 1000.0)
         .set_ms("latency_ms_p99", report.latency_us.p99 as f64 / 1000.0)
         .set_ms("latency_ms_max", report.latency_us.max as f64 / 1000.0)
-        .set("keepalive_reconnects", report.keepalive_reconnects.iter().sum::<u64>())
+        .set(
+            "keepalive_reconnects",
+            report.keepalive_reconnects.iter().sum::<u64>(),
+        )
         .set("duration_s", (report.duration_s * 10.0).round() / 10.0);
     if report.failed > 0 {
         // Honest accounting: say which kinds of failure happened, not just how many.

@@ -30,3 +30,19 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     }
     Ok(soft)
 }
+
+/// CPU time (user + system) used by this process and every descendant it has reaped.
+/// baton reaps its generations and the bench reaps baton, so after a scenario this covers
+/// the whole process tree the scenario ran.
+pub fn own_cpu() -> io::Result<std::time::Duration> {
+    use nix::sys::resource::{getrusage, UsageWho};
+    use nix::sys::time::TimeValLike;
+    let mut total_us: i64 = 0;
+    for who in [UsageWho::RUSAGE_SELF, UsageWho::RUSAGE_CHILDREN] {
+        let u = getrusage(who).map_err(io::Error::from)?;
+        total_us += u.user_time().num_microseconds() + u.system_time().num_microseconds();
+    }
+    Ok(std::time::Duration::from_micros(
+        u64::try_from(total_us).unwrap_or(0),
+    ))
+}

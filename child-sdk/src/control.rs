@@ -157,9 +157,17 @@ impl Dispatch {
     }
 }
 
-/// Takes over the control socket: queues `hello` (so it is the first line
+/// Takes over the control socket: writes `hello` (so it is the first line
 /// the supervisor reads) and spawns the writer and reader tasks.
+///
+/// `hello` is written synchronously, before this returns, so that it is in
+/// the socket before the app can send `READY=1` on the notify socket: the
+/// supervisor decides things at READY time (e.g. whether the new generation
+/// adopts connections) from the features `hello` announced.
 pub(crate) fn start(fd: OwnedFd, hello: &ChildMsg, dispatch: Dispatch) -> Result<ControlTx> {
+    let line = wire::encode(hello).map_err(|e| Error::Protocol(e.to_string()))?;
+    crate::sys::write_all_blocking(fd.as_fd(), &line)
+        .map_err(|e| Error::io("control socket: sending hello", e))?;
     let std = std::os::unix::net::UnixStream::from(fd);
     // Our end of the per-generation socketpair: no other process shares this
     // open file description, so setting O_NONBLOCK affects nobody else.
@@ -170,7 +178,6 @@ pub(crate) fn start(fd: OwnedFd, hello: &ChildMsg, dispatch: Dispatch) -> Result
     );
     let (tx, rx) = mpsc::unbounded_channel();
     let control = ControlTx { tx };
-    control.send(hello, None)?;
     tokio::spawn(writer(Arc::clone(&stream), rx));
     tokio::spawn(reader(stream, dispatch));
     Ok(control)
@@ -270,9 +277,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn hello_is_in_the_socket_when_start_returns() {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let hello = ChildMsg::Hello {
+            protocol: PROTOCOL_VERSION,
+            features: vec![crate::protocol::Feature::Adopt],
+        };
+        let dispatch = Dispatch {
+            drain: DrainTrigger::new(),
+            state: None,
+            adopt: None,
+        };
+        let _tx = start(OwnedFd::from(ours), &hello, dispatch).unwrap();
+        // No await point since start(): a non-blocking read must find it.
+        theirs.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 256];
+        let n = std::io::Read::read(&mut &theirs, &mut buf).unwrap();
+        let got: ChildMsg = serde_json::from_slice(&buf[..n]).unwrap();
+        assert_eq!(got, hello);
+        assert_eq!(buf[n - 1], b'\n');
+    }
+
+    #[tokio::test]
     async fn send_fails_once_the_supervisor_is_gone() {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-        drop(theirs);
         let hello = ChildMsg::Hello {
             protocol: PROTOCOL_VERSION,
             features: vec![],
@@ -287,7 +315,10 @@ mod tests {
             },
         )
         .unwrap();
-        // The writer hits EPIPE on hello and stops; later sends then fail.
+        drop(theirs);
+        // The writer hits EPIPE on the next message and stops; later sends
+        // then fail.
+        tx.send(&ChildMsg::Connections { active: 1 }, None).unwrap();
         tokio::time::timeout(Duration::from_secs(5), tx.tx.closed())
             .await
             .unwrap();

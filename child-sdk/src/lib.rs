@@ -16,6 +16,15 @@
 //! # let _ = info; Ok(()) }
 //! ```
 //!
+//! Beyond that, announced with the [`Builder`]:
+//!
+//! - stateful upgrades ([`Builder::stateful`], [`Baton::state`],
+//!   [`StateHandle`]): a versioned snapshot in a sealed memfd, restored (and
+//!   migrated from older schema versions) by the next generation;
+//! - connection migration ([`Builder::adopt`], [`Baton::tcp_incoming`],
+//!   [`Baton::migrator`]): live connections move to the next generation at a
+//!   request boundary, with the bytes already read.
+//!
 //! The wire protocol is in [`protocol`] (types) and [`wire`] (framing), and
 //! is described for other languages in `PROTOCOL.md`.
 #![deny(missing_docs)]

@@ -11,6 +11,7 @@ use nix::errno::Errno;
 use nix::fcntl::SealFlag;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use nix::libc::c_void;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::sys::socket::{
@@ -176,6 +177,30 @@ pub(crate) fn send_with_fds(
     let rights = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
     sendmsg::<()>(fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None).map_err(errno)
+}
+
+/// Writes all of `buf` to a socket without a runtime, waiting (at most a
+/// second at a time) for room if the socket is non-blocking and full. Used
+/// for the first line on a fresh socket, where it never waits in practice.
+pub(crate) fn write_all_blocking(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<()> {
+    let mut off = 0;
+    while off < buf.len() {
+        match send_with_fds(fd, &buf[off..], &[]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut pfd = [PollFd::new(fd, PollFlags::POLLOUT)];
+                match poll(&mut pfd, PollTimeout::from(1000u16)) {
+                    Ok(0) => return Err(io::ErrorKind::TimedOut.into()),
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(e) => return Err(errno(e)),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Creates an anonymous, sealable memory file (close-on-exec).

@@ -56,7 +56,10 @@ pub struct GenHandle {
     pub status_text: Option<String>,
     /// Its snapshot, held only between receipt and hand-over (never read by baton).
     pub snapshot: Option<(OwnedFd, u64)>,
+    /// READY arrived while a message (its SDK's hello) was still unread.
+    pub ready_deferred: bool,
     tx: mpsc::UnboundedSender<Outgoing>,
+    stream: Arc<UnixStream>,
 }
 
 impl GenHandle {
@@ -74,7 +77,7 @@ impl GenHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(wait_exit(gen, child, events.clone()));
         tokio::spawn(read_loop(gen, stream.clone(), events));
-        tokio::spawn(write_loop(gen, stream, rx));
+        tokio::spawn(write_loop(gen, stream.clone(), rx));
         let started_at = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -85,8 +88,18 @@ impl GenHandle {
             connections: None,
             status_text: None,
             snapshot: None,
+            ready_deferred: false,
             tx,
+            stream,
         })
+    }
+
+    /// Whether the child has written something baton has not read yet.
+    ///
+    /// The SDK writes `hello` before it can send READY, so a READY from a child that
+    /// has not said hello yet but has unread bytes means: its hello is in flight.
+    pub fn has_unread(&self) -> bool {
+        crate::sys::pending_bytes(self.stream.as_fd()) > 0
     }
 
     /// Queues a message (with fds) for the child.

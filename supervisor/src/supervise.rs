@@ -307,6 +307,7 @@ fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
         }
         GenEvent::BadMessage { gen, why } => {
             tracing::warn!(generation = gen, why, "bad control message");
+            deferred_ready(m, d, gen);
         }
         GenEvent::Message { gen, msg, mut fds } => {
             let pid = d.handles.get(&gen).map(|h| h.pid).unwrap_or(0);
@@ -323,6 +324,7 @@ fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                         return;
                     }
                     m.on_hello(gen, features);
+                    deferred_ready(m, d, gen);
                 }
                 ChildMsg::Connections { active } => {
                     if let Some(h) = d.handles.get_mut(&gen) {
@@ -391,6 +393,19 @@ fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
     }
 }
 
+/// Acts on a READY that waited for the generation's hello.
+fn deferred_ready(m: &mut Machine, d: &mut Driver, gen: GenId) {
+    let Some(h) = d.handles.get_mut(&gen) else {
+        return;
+    };
+    if std::mem::take(&mut h.ready_deferred) {
+        let now = Instant::now();
+        d.ready_received = Some(now);
+        m.on_ready(d, now, gen);
+        d.ready_received = None;
+    }
+}
+
 fn on_notify(m: &mut Machine, d: &mut Driver, pid: u32, text: &str) {
     let Some(owner) = notify::owning_pid(pid, |p| m.gen_by_pid(p).is_some()) else {
         tracing::debug!(
@@ -405,9 +420,19 @@ fn on_notify(m: &mut Machine, d: &mut Driver, pid: u32, text: &str) {
     for (k, v) in notify::parse(text) {
         match k {
             "READY" if v == "1" => {
+                tracing::info!(generation = gen, pid = owner, "READY");
+                // Promotion decides whether connections migrate, from the features the
+                // candidate's hello announced: never decide before reading that hello.
+                let no_hello = m.gen(gen).is_some_and(|g| g.features.is_none());
+                if let Some(h) = d.handles.get_mut(&gen) {
+                    if no_hello && h.has_unread() {
+                        tracing::debug!(generation = gen, "READY before hello was read; deferring");
+                        h.ready_deferred = true;
+                        continue;
+                    }
+                }
                 let now = Instant::now();
                 d.ready_received = Some(now);
-                tracing::info!(generation = gen, pid = owner, "READY");
                 m.on_ready(d, now, gen);
                 d.ready_received = None;
             }

@@ -248,6 +248,18 @@ pub fn send_notify(addr: &str, payload: &[u8], fds: &[BorrowedFd<'_>]) -> io::Re
     Ok(())
 }
 
+/// Bytes waiting in a socket's receive queue (`FIONREAD`).
+pub fn pending_bytes(fd: BorrowedFd<'_>) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which points at `n`.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) };
+    if r < 0 {
+        0
+    } else {
+        usize::try_from(n).unwrap_or(0)
+    }
+}
+
 /// The real uid of this process.
 pub fn getuid() -> u32 {
     nix::unistd::getuid().as_raw()

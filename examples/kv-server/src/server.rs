@@ -382,10 +382,12 @@ where
                     if c || !more {
                         break;
                     }
-                    if out.len() >= OUT_KEEP && stream.write_all(&out).await.is_err() {
-                        return;
-                    }
+                    // A deep pipeline: flush large reply batches as we go rather than
+                    // buffering every reply of the whole read.
                     if out.len() >= OUT_KEEP {
+                        if stream.write_all(&out).await.is_err() {
+                            return;
+                        }
                         out.clear();
                     }
                 }

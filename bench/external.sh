@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Real external clients across upgrades, for BENCHMARKS.md:
+#   1. wrk against hello-http under baton while baton upgrades it every UPGRADE_EVERY seconds;
+#   2. redis-benchmark against kv-server under `baton run --state`, same upgrade loop.
+# Prints each client's own output and the upgrade reports. Needs a release build, wrk and
+# redis-benchmark (scripts/install-test-deps installs them).
+#
+#   cargo build --release --workspace && bench/external.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=target/release
+DURATION=${DURATION:-20}          # seconds of load per client
+UPGRADE_EVERY=${UPGRADE_EVERY:-1} # seconds between upgrades
+TMP=$(mktemp -d /tmp/baton-external-XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+for tool in wrk redis-benchmark; do
+    command -v "$tool" >/dev/null || { echo "$tool not installed (scripts/install-test-deps)" >&2; exit 2; }
+done
+
+# start NAME LISTEN [baton options...] -- PROGRAM...: runs baton, waits for an active generation,
+# prints the listener's HOST:PORT.
+start() {
+    local name=$1 listen=$2; shift 2
+    local ctl="$TMP/$name.sock"
+    "$BIN/baton" run --listen "$listen" --control "$ctl" "$@" 2>"$TMP/$name.log" &
+    PIDS+=($!)
+    for _ in $(seq 200); do
+        if addr=$("$BIN/baton" status --json --control "$ctl" 2>/dev/null | jq -er '.listeners[0].addr'); then
+            if "$BIN/baton" status --json --control "$ctl" | jq -e '.pid != null' >/dev/null; then
+                echo "$addr"; return 0
+            fi
+        fi
+        sleep 0.05
+    done
+    echo "baton $name did not start; log:" >&2; cat "$TMP/$name.log" >&2; exit 1
+}
+
+# upgrade_loop NAME SECONDS: one `baton upgrade --wait` every UPGRADE_EVERY s; prints a summary.
+upgrade_loop() {
+    local ctl="$TMP/$1.sock" end=$((SECONDS + $2)) ok=0 bad=0
+    sleep "$UPGRADE_EVERY"
+    while [ $((SECONDS + UPGRADE_EVERY)) -lt "$end" ]; do
+        if "$BIN/baton" upgrade --wait --control "$ctl" >>"$TMP/$1.upgrades" 2>&1; then
+            ok=$((ok + 1))
+        else
+            bad=$((bad + 1))
+        fi
+        sleep "$UPGRADE_EVERY"
+    done
+    echo "upgrades: $ok promoted, $bad rolled back"
+    echo "last upgrade: $("$BIN/baton" status --json --control "$ctl" | jq -c .last_upgrade)"
+}
+
+echo "== machine: $(nproc) cores, kernel $(uname -r); baton $(git rev-parse --short HEAD)"
+
+addr=$(start http http=127.0.0.1:0 -- "$BIN/hello-http" --label external)
+echo
+echo "== wrk -t2 -c64 -d${DURATION}s --latency http://$addr/   (upgrade every ${UPGRADE_EVERY}s)"
+upgrade_loop http "$DURATION" >"$TMP/http.summary" &
+loop=$!
+wrk -t2 -c64 -d"${DURATION}s" --latency "http://$addr/"
+wait "$loop"
+cat "$TMP/http.summary"
+
+addr=$(start kv kv=127.0.0.1:0 --state -- "$BIN/kv-server")
+port=${addr##*:}
+echo
+echo "== redis-benchmark -p $port -c 50 -n 2000000 -t set,get -k 0 -q   (--state; upgrade every ${UPGRADE_EVERY}s)"
+upgrade_loop kv "$DURATION" >"$TMP/kv.summary" &
+loop=$!
+# -k 0: a new connection per request. A stateful upgrade closes the old generation's
+# connections at commit (connection migration is not in kv-server), and redis-benchmark
+# treats a closed connection as fatal; with -k 0 every request gets a fresh connection.
+timeout "$((DURATION + 5))" redis-benchmark -p "$port" -c 50 -n 2000000 -t set,get -k 0 -q \
+    || echo "(redis-benchmark stopped by timeout after $((DURATION + 5))s)"
+wait "$loop"
+cat "$TMP/kv.summary"
+echo "keys kept across the upgrades: $(redis-cli -p "$port" dbsize)"

@@ -1,0 +1,451 @@
+//! The real `kv-server` binary in stateful upgrades, with this test playing the supervisor's
+//! side of the control protocol (`PROTOCOL.md`): JSON lines on a Unix stream socket, the
+//! snapshot memfd passed with SCM_RIGHTS, readiness on a NOTIFY_SOCKET datagram socket.
+//!
+//! What is under test is kv-server: it restores (and migrates or rejects) snapshots before it
+//! becomes ready, holds commands back while quiesced, resumes, and closes at command
+//! boundaries on commit. Handing the shared listener over is baton's job and is covered by
+//! the end-to-end tests in `tests/`; here each process binds its own port.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use sendfd::{RecvWithFd, SendWithFd};
+use serde_json::{json, Value};
+
+/// Bound on every wait in this file.
+const T: Duration = Duration::from_secs(20);
+
+/// A temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "kv-stateful-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The supervisor's end of one child's control socket.
+struct Control {
+    sock: UnixStream,
+    buf: Vec<u8>,
+    fds: VecDeque<RawFd>,
+}
+
+impl Control {
+    /// The next message, with the fds it carries.
+    fn recv(&mut self) -> (Value, Vec<RawFd>) {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                let msg: Value = serde_json::from_slice(&line).expect("a JSON line");
+                let n = msg["fds"].as_u64().unwrap_or(0) as usize;
+                assert!(self.fds.len() >= n, "{msg} announced {n} fds");
+                let fds = self.fds.drain(..n).collect();
+                return (msg, fds);
+            }
+            let mut chunk = [0u8; 4096];
+            let mut fds = [0 as RawFd; 4];
+            let (n, nfds) = self
+                .sock
+                .recv_with_fd(&mut chunk, &mut fds)
+                .expect("control socket read");
+            assert!(n > 0, "control socket closed by the child");
+            self.buf.extend_from_slice(&chunk[..n]);
+            self.fds.extend(&fds[..nfds]);
+        }
+    }
+
+    /// The next message that is not a connection-count report.
+    fn expect(&mut self, kind: &str) -> (Value, Vec<RawFd>) {
+        loop {
+            let (msg, fds) = self.recv();
+            if msg["type"] == "connections" {
+                continue;
+            }
+            assert_eq!(msg["type"], kind, "unexpected message {msg}");
+            return (msg, fds);
+        }
+    }
+
+    fn send(&self, msg: Value, fds: &[RawFd]) {
+        let mut line = serde_json::to_vec(&msg).unwrap();
+        line.push(b'\n');
+        let n = self
+            .sock
+            .send_with_fd(&line, fds)
+            .expect("control socket write");
+        assert_eq!(n, line.len(), "short control write");
+    }
+}
+
+/// One kv-server generation, killed on drop.
+struct Generation {
+    child: Child,
+    ctl: Control,
+    notify: UnixDatagram,
+    log: mpsc::Receiver<String>,
+    addr: Option<SocketAddr>,
+}
+
+impl Generation {
+    /// Spawns kv-server with a control socket at fd 3 and a notify socket, and reads its
+    /// hello (which must announce `state`) and its `prepared`.
+    fn spawn(dir: &TempDir, generation: u64, schema: u32) -> Generation {
+        let notify_path = dir.0.join(format!("notify-{generation}"));
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        notify.set_read_timeout(Some(T)).unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_read_timeout(Some(T)).unwrap();
+        // The child's end goes in as stdin and the shell dups it to fd 3 (without
+        // close-on-exec) before exec, which puts it where BATON_CONTROL_FD says.
+        let mut child = Command::new("sh")
+            .args(["-c", "exec \"$0\" \"$@\" 3<&0"])
+            .arg(env!("CARGO_BIN_EXE_kv-server"))
+            .args(["--listen-fallback", "127.0.0.1:0", "--schema"])
+            .arg(schema.to_string())
+            .env("RUST_LOG", "info")
+            .env("BATON_CONTROL_FD", "3")
+            .env("BATON_GENERATION", generation.to_string())
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn kv-server");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                eprintln!("[gen {generation}] {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let mut g = Generation {
+            child,
+            ctl: Control {
+                sock: ours,
+                buf: Vec::new(),
+                fds: VecDeque::new(),
+            },
+            notify,
+            log,
+            addr: None,
+        };
+        let (hello, _) = g.ctl.expect("hello");
+        assert_eq!(hello["protocol"], 1);
+        assert!(
+            hello["features"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("state")),
+            "{hello}"
+        );
+        g.ctl.expect("prepared");
+        g
+    }
+
+    /// Waits for READY=1, then learns the port from the log.
+    fn wait_ready(&mut self) {
+        let mut buf = [0u8; 512];
+        loop {
+            let n = self
+                .notify
+                .recv(&mut buf)
+                .expect("READY=1 within the bound");
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "READY=1")
+            {
+                break;
+            }
+        }
+        let line = self.wait_log("accepting addr=");
+        let addr = line
+            .split("accepting addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("address in log line");
+        self.addr = Some(addr.parse().unwrap());
+    }
+
+    fn wait_log(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + T;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no log line containing {needle:?}: {e}"),
+            }
+        }
+    }
+
+    fn connect(&self) -> Client {
+        let s = TcpStream::connect(self.addr.expect("ready")).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        Client {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        }
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + T;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "kv-server did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends quiesce and returns the snapshot's fd and its JSON.
+    fn quiesce(&mut self) -> (RawFd, u64, Value) {
+        self.ctl.send(json!({"type": "quiesce"}), &[]);
+        let (msg, fds) = self.ctl.expect("snapshot");
+        assert_eq!(fds.len(), 1);
+        let size = msg["size"].as_u64().unwrap();
+        // Read through /proc: the fd stays open to be passed on to the candidate.
+        let bytes = std::fs::read(format!("/proc/self/fd/{}", fds[0])).unwrap();
+        assert_eq!(bytes.len() as u64, size);
+        let snapshot: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(snapshot["version"], msg["version"]);
+        (fds[0], size, snapshot)
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Client {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Client {
+    fn send(&mut self, args: &[&str]) {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+        }
+        self.w.write_all(&out).unwrap();
+    }
+
+    /// One reply, raw (first line, plus the payload line of a bulk string).
+    fn reply(&mut self) -> String {
+        let mut line = String::new();
+        self.r.read_line(&mut line).unwrap();
+        if line.starts_with('$') && line != "$-1\r\n" {
+            self.r.read_line(&mut line).unwrap();
+        }
+        line
+    }
+
+    fn cmd(&mut self, args: &[&str]) -> String {
+        self.send(args);
+        self.reply()
+    }
+
+    fn expect_eof(&mut self) {
+        let mut buf = [0u8; 64];
+        match self.r.read(&mut buf) {
+            Ok(0) => {}
+            other => panic!("expected EOF, got {other:?}"),
+        }
+    }
+
+    fn info_field(&mut self, name: &str) -> String {
+        self.send(&["INFO"]);
+        let mut header = String::new();
+        self.r.read_line(&mut header).unwrap();
+        let len: usize = header.trim_end()[1..].parse().unwrap();
+        let mut body = vec![0; len + 2];
+        self.r.read_exact(&mut body).unwrap();
+        let body = String::from_utf8(body).unwrap();
+        body.split("\r\n")
+            .find_map(|l| l.strip_prefix(&format!("{name}:")).map(str::to_owned))
+            .unwrap_or_else(|| panic!("no {name} in {body}"))
+    }
+}
+
+/// Probes that a command sent while quiesced is held back: no reply within a short while.
+/// (The deterministic check of the gate is a unit test in `server.rs`.)
+fn assert_no_reply(c: &mut Client) {
+    c.w.flush().unwrap();
+    c.r.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    match c.r.read(&mut buf) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("a command ran while quiesced: {other:?}"),
+    }
+    c.r.get_ref().set_read_timeout(Some(T)).unwrap();
+}
+
+#[test]
+fn commit_hands_state_to_a_newer_schema() {
+    let dir = TempDir::new();
+    let mut old = Generation::spawn(&dir, 1, 1);
+    old.ctl
+        .send(json!({"type": "fresh", "reason": "first generation"}), &[]);
+    old.wait_ready();
+    let mut c = old.connect();
+    assert_eq!(c.cmd(&["SET", "a", "1"]), "+OK\r\n");
+    assert_eq!(c.cmd(&["SET", "text", "hello world"]), "+OK\r\n");
+    for i in 1..=3 {
+        assert_eq!(c.cmd(&["INCR", "n"]), format!(":{i}\r\n"));
+    }
+
+    let (fd, size, snapshot) = old.quiesce();
+    assert_eq!(
+        snapshot,
+        json!({"version": 1, "state": {"entries": {"a": "1", "text": "hello world", "n": "3"}}})
+    );
+    // Acknowledged writes are in the snapshot; this one is held back and never runs here.
+    c.send(&["SET", "late", "x"]);
+    assert_no_reply(&mut c);
+
+    let mut new = Generation::spawn(&dir, 2, 2);
+    new.ctl
+        .send(json!({"type": "restore", "fds": 1, "size": size}), &[fd]);
+    let (restored, _) = new.ctl.expect("restored");
+    assert_eq!(restored["from_version"], 1);
+    new.wait_ready();
+    let mut c2 = new.connect();
+    assert_eq!(c2.cmd(&["GET", "text"]), "$11\r\nhello world\r\n");
+    assert_eq!(c2.cmd(&["INCR", "n"]), ":4\r\n");
+    assert_eq!(c2.cmd(&["EXISTS", "late"]), ":0\r\n");
+    assert_eq!(c2.info_field("kv_schema"), "2");
+    assert_eq!(c2.info_field("kv_restored_from_schema"), "1");
+    assert_eq!(c2.info_field("baton_generation"), "2");
+
+    old.ctl.send(
+        json!({"type": "commit", "deadline_ms": 10000, "migrate": false}),
+        &[],
+    );
+    // The paused connection is closed without running the held-back command.
+    c.expect_eof();
+    drop(c);
+    let status = old.wait_exit();
+    assert!(status.success(), "old generation exit: {status}");
+}
+
+#[test]
+fn resume_after_abort_runs_held_back_commands() {
+    let dir = TempDir::new();
+    let mut g = Generation::spawn(&dir, 1, 2);
+    g.ctl.send(json!({"type": "fresh", "reason": "test"}), &[]);
+    g.wait_ready();
+    let mut c = g.connect();
+    assert_eq!(c.cmd(&["SET", "k", "v"]), "+OK\r\n");
+    let (_, _, snapshot) = g.quiesce();
+    assert_eq!(snapshot["version"], 2);
+    assert_eq!(
+        snapshot["state"]["entries"],
+        json!([{"k": "k", "kind": "str", "v": "v"}])
+    );
+    c.send(&["SET", "k2", "v2"]);
+    assert_no_reply(&mut c);
+
+    g.ctl.send(
+        json!({"type": "resume", "reason": "candidate crashed"}),
+        &[],
+    );
+    assert_eq!(
+        c.reply(),
+        "+OK\r\n",
+        "the held-back command runs after resume"
+    );
+    assert_eq!(c.cmd(&["GET", "k2"]), "$2\r\nv2\r\n");
+    // And it accepts new connections again.
+    let mut c2 = g.connect();
+    assert_eq!(c2.cmd(&["DBSIZE"]), ":2\r\n");
+}
+
+#[test]
+fn older_schema_rejects_a_newer_snapshot() {
+    let dir = TempDir::new();
+    let mut old = Generation::spawn(&dir, 1, 2);
+    old.ctl
+        .send(json!({"type": "fresh", "reason": "test"}), &[]);
+    old.wait_ready();
+    assert_eq!(old.connect().cmd(&["SET", "k", "v"]), "+OK\r\n");
+    let (fd, size, _) = old.quiesce();
+
+    let mut candidate = Generation::spawn(&dir, 2, 1);
+    candidate
+        .ctl
+        .send(json!({"type": "restore", "fds": 1, "size": size}), &[fd]);
+    let (rejected, _) = candidate.ctl.expect("rejected");
+    let reason = rejected["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("snapshot schema 2 is newer than this server's schema 1"),
+        "{reason}"
+    );
+    let status = candidate.wait_exit();
+    assert!(
+        !status.success(),
+        "a rejecting candidate exits with failure"
+    );
+
+    // The old generation resumes with its state intact.
+    old.ctl
+        .send(json!({"type": "resume", "reason": "rejected"}), &[]);
+    assert_eq!(old.connect().cmd(&["GET", "k"]), "$1\r\nv\r\n");
+}
+
+#[test]
+fn schema_1_refuses_to_snapshot_binary_data_and_keeps_serving() {
+    let dir = TempDir::new();
+    let mut g = Generation::spawn(&dir, 1, 1);
+    g.ctl.send(json!({"type": "fresh", "reason": "test"}), &[]);
+    g.wait_ready();
+    let mut c = g.connect();
+    c.w.write_all(b"*3\r\n$3\r\nSET\r\n$3\r\nbin\r\n$2\r\n\xff\xfe\r\n")
+        .unwrap();
+    assert_eq!(c.reply(), "+OK\r\n");
+    g.ctl.send(json!({"type": "quiesce"}), &[]);
+    let (failed, _) = g.ctl.expect("snapshot_failed");
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(reason.contains("non-UTF-8"), "{reason}");
+    // Nothing is lost and it serves on, even before the supervisor's resume arrives.
+    assert_eq!(c.cmd(&["DBSIZE"]), ":1\r\n");
+    assert_eq!(c.cmd(&["SET", "after", "1"]), "+OK\r\n");
+}
