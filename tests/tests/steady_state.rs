@@ -76,11 +76,18 @@ async fn a_crash_loop_backs_off_and_is_reported() {
         "no back-off: {:?}",
         started.elapsed()
     );
+    // The human status reports the crash count too.
     let text = baton
         .cli(&["status"], Duration::from_secs(5))
         .await
         .unwrap();
-    assert!(text.stdout.contains("crashes"), "{}", text.stdout);
+    let shown: u64 = text
+        .stdout
+        .split("crashes ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no crash count in: {}", text.stdout));
+    assert!(shown >= st.crashes, "{} < {}", shown, st.crashes);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -93,9 +93,6 @@ fn tools(test: &str) -> Option<Tools> {
     // Missing binaries are a broken setup, not a reason to skip.
     let baton = harness::baton_bin().unwrap_or_else(|e| panic!("{e}"));
     let hello = harness::hello_http_bin().unwrap_or_else(|e| panic!("{e}"));
-    let hello = std::env::var_os("TMP_DEV_HELLO")
-        .map(PathBuf::from)
-        .unwrap_or(hello); // TMPDEV
     Some(Tools {
         sandbox,
         baton,
