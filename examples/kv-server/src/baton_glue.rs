@@ -4,7 +4,7 @@
 
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use baton_child::{Baton, DrainCause, Env, StateEvent, StateHandle};
@@ -17,6 +17,9 @@ use crate::Options;
 
 /// Name of the listener baton passes (`baton run --listen kv=...`).
 const LISTENER: &str = "kv";
+
+/// How long a candidate that rejected the snapshot waits to be stopped before exiting.
+const REJECTED_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the server until a drain (or a stateful commit) finishes.
 pub async fn run(opts: Options, env: Env) -> anyhow::Result<()> {
@@ -113,8 +116,20 @@ async fn run_with<M: SchemaMarker>(opts: Options, env: Env) -> anyhow::Result<()
             from_version = version;
             state::restore(schema, version, value).map(|db| KvState::new(Inner::Restored(db)))
         })
-        .await
-        .context("restoring the predecessor's state")?;
+        .await;
+    let restored = match restored {
+        Ok(r) => r,
+        Err(baton_child::Error::SnapshotRejected(reason)) => {
+            // The supervisor aborts the upgrade and kills this candidate. Wait for that (or
+            // a drain) instead of exiting at once: the SDK hands `rejected` to its writer
+            // task, and exiting right away can lose the line, and with it the reason that
+            // `baton status` would show.
+            tracing::error!(%reason, "snapshot rejected; waiting for the supervisor to stop us");
+            let _ = tokio::time::timeout(REJECTED_GRACE, baton.drain().wait()).await;
+            anyhow::bail!("snapshot rejected: {reason}");
+        }
+        Err(e) => return Err(e).context("restoring the predecessor's state"),
+    };
     match restored.map(|s| s.inner) {
         Some(Inner::Restored(db)) => {
             tracing::info!(from_version, keys = db.len(), "keyspace restored");

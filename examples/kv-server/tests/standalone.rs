@@ -340,12 +340,16 @@ fn sigterm_drains_at_command_boundaries() {
     let mut server = Server::start(&[]);
     let mut busy = server.connect();
     let mut idle = server.connect();
-    assert_eq!(busy.cmd(&["SET", "k", "v1"]), Reply::Simple("OK".into()));
     assert_eq!(idle.cmd(&["PING"]), Reply::Simple("PONG".into()));
-    // Half a command is in flight when the drain starts.
+    // Half a command is in flight when the drain starts. It goes out in the same write as a
+    // complete command, so once that one's reply arrives the server has read the half too
+    // (a small loopback write arrives in one segment and is read at once).
     let frame = encode(&["SET", "k", "v2"]);
     let (head, tail) = frame.split_at(frame.len() - 4);
-    busy.send_raw(head);
+    let mut first = encode(&["SET", "k", "v1"]);
+    first.extend_from_slice(head);
+    busy.send_raw(&first);
+    assert_eq!(busy.read(), Reply::Simple("OK".into()));
     server.signal(Signal::SIGTERM);
     server.wait_log("stopped accepting");
     // The idle connection is closed at once, cleanly.

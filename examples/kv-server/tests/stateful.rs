@@ -419,9 +419,16 @@ fn older_schema_rejects_a_newer_snapshot() {
         reason.contains("snapshot schema 2 is newer than this server's schema 1"),
         "{reason}"
     );
+    // Like baton, stop the rejecting candidate; it exits with failure.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(candidate.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let status = candidate.wait_exit();
-    assert!(
-        !status.success(),
+    assert_eq!(
+        status.code(),
+        Some(1),
         "a rejecting candidate exits with failure"
     );
 
