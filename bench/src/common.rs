@@ -95,6 +95,14 @@ impl Control {
         }
     }
 
+    /// Asks baton to drain every generation and exit.
+    pub async fn stop(&self) -> anyhow::Result<()> {
+        match self.request(&ControlRequest::Stop, CONTROL_TIMEOUT).await? {
+            ControlReply::Stopping => Ok(()),
+            other => bail!("stop: unexpected reply {other:?}"),
+        }
+    }
+
     /// Polls status (bounded) until `cond` holds.
     pub async fn wait_status(
         &self,
@@ -126,6 +134,18 @@ impl Control {
         })
         .await
     }
+}
+
+/// Stops baton the orderly way (`stop`, then wait for it to exit) so that it reaps its
+/// generations and the bench reaps it: their CPU time then counts as the bench's own in
+/// [`CpuMeter`]. Dropping a [`Baton`] SIGKILLs the tree instead, which is the fallback.
+pub async fn shutdown(mut baton: Baton) -> anyhow::Result<()> {
+    Control::new(baton.control()).stop().await?;
+    let status = baton.wait_exit(Duration::from_secs(60)).await?;
+    if !status.success() {
+        bail!("baton exited with {status} after stop");
+    }
+    Ok(())
 }
 
 /// Adds baton's log tail to an error, since that is where the reason usually is.
@@ -384,12 +404,12 @@ impl CpuMeter {
     }
 
     /// Foreign CPU use as a percentage of the machine's capacity over the interval.
-    pub fn foreign_pct(&self) -> Option<f64> {
+    pub fn foreign_pct(&self) -> Option<u64> {
         let machine = machine_busy_secs()? - self.machine?;
         let own = (sys::own_cpu().ok()? - self.own?).as_secs_f64();
         let cores = std::thread::available_parallelism().ok()?.get() as f64;
         let capacity = self.started.elapsed().as_secs_f64() * cores;
-        (capacity > 0.0).then(|| ((machine - own).max(0.0) / capacity * 100.0).round())
+        (capacity > 0.0).then(|| ((machine - own).max(0.0) / capacity * 100.0).round() as u64)
     }
 }
 
@@ -410,4 +430,16 @@ fn machine_busy_secs() -> Option<f64> {
         .sum();
     // USER_HZ is 100 on every Linux ABI the bench runs on.
     Some(busy as f64 / 100.0)
+}
+
+/// CPU seconds (user + system) `pid` has used so far, from `/proc/<pid>/stat`.
+pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm may contain spaces; the fields after the last ')' are fixed: state is field 3,
+    // utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }

@@ -147,7 +147,7 @@ fn main() -> anyhow::Result<()> {
             for row in &mut rows {
                 row.set("foreign_cpu_pct", pct);
             }
-            if pct >= 10.0 {
+            if pct >= 10 {
                 tracing::warn!(
                     scenario = %name,
                     foreign_cpu_pct = pct,

@@ -14,7 +14,7 @@ use clap::ValueEnum;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use crate::common::{wait_pid_gone, with_log, Control, HttpConn};
+use crate::common::{shutdown, wait_pid_gone, with_log, Control, HttpConn};
 use crate::report::{median, percentile, Row, Target, RSS_TARGET_KB};
 use crate::Bins;
 
@@ -120,9 +120,11 @@ pub async fn run(bins: &Bins, opts: &Opts) -> anyhow::Result<Row> {
     )
     .await?;
     let control = Control::new(baton.control());
-    measure(&baton, &control, opts)
+    let row = measure(&baton, &control, opts)
         .await
-        .map_err(|e| with_log(&baton, e))
+        .map_err(|e| with_log(&baton, e))?;
+    shutdown(baton).await?;
+    Ok(row)
 }
 
 async fn measure(baton: &Baton, control: &Control, opts: &Opts) -> anyhow::Result<Row> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use baton_tests::harness::Baton;
 use baton_tests::load::{LoadGen, LoadOpts, LoadReport};
 
-use crate::common::{free_port, with_log, Control, DirectApp};
+use crate::common::{free_port, proc_cpu_secs, shutdown, with_log, Control, DirectApp};
 use crate::report::{median, Row, Target, RSS_TARGET_KB};
 use crate::Bins;
 
@@ -31,12 +31,16 @@ pub async fn run(bins: &Bins, opts: &Opts) -> anyhow::Result<Row> {
     let mut direct = Vec::new();
     let mut under_baton = Vec::new();
     let mut rss_kb = 0;
+    let mut baton_cpu_secs = 0.0;
+    let mut baton_wall_secs = 0.0;
     for pair in 0..opts.pairs {
         // Alternate which goes first, so neither always runs on a warmer machine.
         for baton_first in [pair % 2 == 1, pair % 2 == 0] {
             if baton_first {
-                let (report, rss) = run_baton(bins, opts).await?;
+                let (report, rss, cpu) = run_baton(bins, opts).await?;
                 rss_kb = rss_kb.max(rss);
+                baton_cpu_secs += cpu.unwrap_or(0.0);
+                baton_wall_secs += (opts.warmup + opts.duration).as_secs_f64();
                 under_baton.push(report);
             } else {
                 direct.push(run_direct(bins, opts).await?);
@@ -66,13 +70,13 @@ pub async fn run(bins: &Bins, opts: &Opts) -> anyhow::Result<Row> {
     let ratio = median(&ratios);
     let runs = |v: &[LoadReport]| -> Vec<serde_json::Value> {
         v.iter()
-            .map(|r| r.requests_per_sec.round().into())
+            .map(|r| (r.requests_per_sec.round() as u64).into())
             .collect()
     };
 
     let mut row = Row::new(SCENARIO);
-    row.set("rps_direct", rps_direct.round())
-        .set("rps_baton", rps_baton.round())
+    row.set("rps_direct", rps_direct.round() as u64)
+        .set("rps_baton", rps_baton.round() as u64)
         .set("throughput_ratio", (ratio * 1000.0).round() / 1000.0)
         .target("throughput_ratio", Target::Ge(0.98))
         .set_ms("p99_ms_direct", p99(&direct))
@@ -82,6 +86,10 @@ pub async fn run(bins: &Bins, opts: &Opts) -> anyhow::Result<Row> {
         .set("failed", failed)
         .target("failed", Target::Eq(0.0))
         .set("runs", opts.pairs)
+        .set(
+            "supervisor_cpu_pct",
+            (baton_cpu_secs / baton_wall_secs.max(f64::EPSILON) * 1000.0).round() / 10.0,
+        )
         .set("rps_direct_runs", runs(&direct))
         .set("rps_baton_runs", runs(&under_baton))
         .note(
@@ -108,7 +116,8 @@ async fn run_direct(bins: &Bins, opts: &Opts) -> anyhow::Result<LoadReport> {
     Ok(report)
 }
 
-async fn run_baton(bins: &Bins, opts: &Opts) -> anyhow::Result<(LoadReport, u64)> {
+/// One run under baton: the load report, baton's RSS, and baton's CPU seconds meanwhile.
+async fn run_baton(bins: &Bins, opts: &Opts) -> anyhow::Result<(LoadReport, u64, Option<f64>)> {
     let baton = Baton::start(
         ["--listen", "http=127.0.0.1:0"],
         [bins.hello.as_os_str(), "--label".as_ref(), "bench".as_ref()],
@@ -117,10 +126,16 @@ async fn run_baton(bins: &Bins, opts: &Opts) -> anyhow::Result<(LoadReport, u64)
     let control = Control::new(baton.control());
     let result = async {
         let addr = baton.tcp_addr("http").await?;
+        let cpu_before = proc_cpu_secs(baton.pid());
         let report = measure(addr, opts).await;
+        let cpu = proc_cpu_secs(baton.pid())
+            .zip(cpu_before)
+            .map(|(after, before)| after - before);
         let rss = control.status().await?.rss_kb;
-        anyhow::Ok((report, rss))
+        anyhow::Ok((report, rss, cpu))
     }
     .await;
-    result.map_err(|e| with_log(&baton, e))
+    let measured = result.map_err(|e| with_log(&baton, e))?;
+    shutdown(baton).await?;
+    Ok(measured)
 }

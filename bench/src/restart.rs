@@ -83,7 +83,7 @@ pub async fn run(bins: &Bins, opts: &Opts) -> anyhow::Result<Row> {
         }
     }
     let report = load.stop().await;
-    drop(app);
+    app.terminate(Duration::from_secs(60)).await?;
 
     let mut row = Row::new(SCENARIO);
     row.set("requests", report.requests)

@@ -13,7 +13,7 @@ use baton_tests::harness::Baton;
 use baton_tests::resp::{Reply, RespClient};
 use serde::{Deserialize, Serialize};
 
-use crate::common::{with_log, Control};
+use crate::common::{shutdown, with_log, Control};
 use crate::report::{median, Row, Target, RSS_TARGET_KB};
 use crate::Bins;
 
@@ -87,14 +87,17 @@ async fn run_size(bins: &Bins, opts: &Opts, mb: u64) -> anyhow::Result<Row> {
         .await
         .map_err(|e| with_log(&baton, e))?;
     // Free kv-server's memory before the in-process baseline builds the same state.
-    drop(baton);
+    shutdown(baton).await?;
     let (mut row, entries) = match measured {
         Measured::Done(row, entries) => (row, entries),
         Measured::Skipped(row) => return Ok(row),
     };
-    let serde_ms = serde_baseline(entries, if mb <= 100 { 3 } else { 1 })?;
+    let serde = serde_baseline(entries, if mb <= 100 { 3 } else { 1 })?;
+    let serde_ms = serde.total_ms;
     let gap = row.get_f64("accept_gap_ms_max").unwrap_or(0.0);
-    row.set_ms("serde_ms", serde_ms);
+    row.set_ms("serde_ms", serde_ms)
+        .set_ms("serde_serialise_ms", serde.serialise_ms)
+        .set_ms("serde_parse_ms", serde.parse_ms);
     let ratio = if serde_ms > 0.0 { gap / serde_ms } else { 0.0 };
     row.set(
         "transport_overhead_ratio",
@@ -208,6 +211,13 @@ async fn measure(
         .set("client_failed", client_failed)
         .target("client_failed", Target::Eq(0.0))
         .set("keys", keys)
+        .set_ms("accept_gap_ms_p50", median(&gaps))
+        .set(
+            "accept_gap_ms_runs",
+            gaps.iter()
+                .map(|g| serde_json::Value::from(crate::report::round3(*g)))
+                .collect::<Vec<_>>(),
+        )
         .note("snapshot_ms / restore_ms: medians; serde_ms: serialise + parse + rebuild the map in-process")
         .note("client_stall_ms_max: slowest connect+PING of a client probing on new connections during the upgrades");
     Ok(Measured::Done(row, keys))
@@ -381,14 +391,26 @@ struct Stats {
     keyspace_misses: u64,
 }
 
+/// The in-process baseline, medians over its runs.
+struct Baseline {
+    /// Serialise + parse + rebuild.
+    total_ms: f64,
+    /// Map to JSON bytes.
+    serialise_ms: f64,
+    /// JSON bytes to a rebuilt map.
+    parse_ms: f64,
+}
+
 /// Serialise + parse + rebuild of the same keyspace in this process (median of `runs`):
 /// the floor any state transfer is compared with.
-fn serde_baseline(keys: u64, runs: usize) -> anyhow::Result<f64> {
+fn serde_baseline(keys: u64, runs: usize) -> anyhow::Result<Baseline> {
     let mut db: HashMap<Vec<u8>, Vec<u8>> = HashMap::with_capacity(keys as usize);
     for i in 0..keys {
         db.insert(key(i), value(i));
     }
-    let mut times = Vec::with_capacity(runs);
+    let mut totals = Vec::with_capacity(runs);
+    let mut sers = Vec::with_capacity(runs);
+    let mut des = Vec::with_capacity(runs);
     for _ in 0..runs {
         let started = Instant::now();
         let entries = db
@@ -408,6 +430,7 @@ fn serde_baseline(keys: u64, runs: usize) -> anyhow::Result<f64> {
                 stats: Stats::default(),
             },
         })?;
+        let serialised = started.elapsed();
         let parsed: EnvelopeIn = serde_json::from_slice(&json)?;
         let mut restored: HashMap<Vec<u8>, Vec<u8>> =
             HashMap::with_capacity(parsed.state.entries.len());
@@ -425,11 +448,17 @@ fn serde_baseline(keys: u64, runs: usize) -> anyhow::Result<f64> {
                 db.len()
             );
         }
-        times.push(elapsed.as_secs_f64() * 1000.0);
+        totals.push(elapsed.as_secs_f64() * 1000.0);
+        sers.push(serialised.as_secs_f64() * 1000.0);
+        des.push((elapsed - serialised).as_secs_f64() * 1000.0);
         drop(restored);
         drop(json);
     }
-    Ok(median(&times))
+    Ok(Baseline {
+        total_ms: median(&totals),
+        serialise_ms: median(&sers),
+        parse_ms: median(&des),
+    })
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use baton_child::protocol::UpgradeResult;
 use baton_tests::harness::Baton;
 use baton_tests::load::{LoadGen, LoadOpts, LoadReport};
 
-use crate::common::{wait_load, with_log, Control};
+use crate::common::{shutdown, wait_load, with_log, Control};
 use crate::report::{percentile, Row, Target, RSS_TARGET_KB};
 use crate::Bins;
 
@@ -36,10 +36,11 @@ pub async fn run(bins: &Bins, opts: &Opts) -> anyhow::Result<Row> {
     )
     .await?;
     let control = Control::new(baton.control());
-    match measure(&baton, &control, opts).await {
-        Ok(row) => Ok(row),
-        Err(e) => Err(with_log(&baton, e)),
-    }
+    let row = measure(&baton, &control, opts)
+        .await
+        .map_err(|e| with_log(&baton, e))?;
+    shutdown(baton).await?;
+    Ok(row)
 }
 
 async fn measure(baton: &Baton, control: &Control, opts: &Opts) -> anyhow::Result<Row> {
@@ -124,7 +125,8 @@ async fn measure(baton: &Baton, control: &Control, opts: &Opts) -> anyhow::Resul
         .set("rolled_back", rollbacks.len())
         .target("rolled_back", Target::Eq(0.0));
     load_extras(&mut row, &report);
-    row.set_ms("supervisor_ms_max", percentile(&supervisor_ms, 1.0));
+    row.set_ms("supervisor_ms_p50", percentile(&supervisor_ms, 0.5))
+        .set_ms("supervisor_ms_max", percentile(&supervisor_ms, 1.0));
     for reason in rollbacks.iter().take(3) {
         row.note(format!("rollback: {reason}"));
     }
@@ -133,7 +135,7 @@ async fn measure(baton: &Baton, control: &Control, opts: &Opts) -> anyhow::Resul
 
 /// Throughput, latency and failure kinds of a load run, appended after the documented keys.
 pub fn load_extras(row: &mut Row, report: &LoadReport) {
-    row.set("rps", report.requests_per_sec.round())
+    row.set("rps", report.requests_per_sec.round() as u64)
         .set_ms("latency_ms_p50", report.latency_us.p50 as f64 / 1000.0)
         .set_ms("latency_ms_p99", report.latency_us.p99 as f64 / 1000.0)
         .set_ms("latency_ms_max", report.latency_us.max as f64 / 1000.0)

@@ -210,12 +210,17 @@ where
                         }
                         Err(reason) => {
                             tracing::error!(%reason, "rejecting the snapshot");
-                            control.send(
-                                &ChildMsg::Rejected {
-                                    reason: reason.clone(),
-                                },
-                                None,
-                            )?;
+                            // Wait until the line is on the socket: the caller is told to
+                            // exit, and a queued-but-unwritten `rejected` would be lost
+                            // with the process, and with it the reason baton reports.
+                            control
+                                .send_and_wait(
+                                    &ChildMsg::Rejected {
+                                        reason: reason.clone(),
+                                    },
+                                    None,
+                                )
+                                .await?;
                             Err(Error::SnapshotRejected(reason))
                         }
                     };
@@ -280,6 +285,38 @@ where
         )
     }
 
+    /// Sends `bytes`, unchecked, as the snapshot of this handle's version (in
+    /// a sealed memfd, like [`send_snapshot`](Self::send_snapshot)). For
+    /// fault-injection tests of the receiving side only: corrupt or truncated
+    /// snapshots must be rejected by the candidate and roll the upgrade back.
+    /// A no-op standalone.
+    ///
+    /// # Errors
+    ///
+    /// As [`send_snapshot`](Self::send_snapshot).
+    #[doc(hidden)]
+    pub fn send_raw_snapshot(&self, bytes: &[u8]) -> Result<()> {
+        let Some(control) = &self.control else {
+            return Ok(());
+        };
+        let (fd, size) = write_memfd(|w| {
+            std::io::Write::write_all(w, bytes).map_err(|e| format!("writing the memfd: {e}"))
+        })?;
+        tracing::warn!(
+            version = self.version,
+            size,
+            "sending an unchecked snapshot"
+        );
+        control.send(
+            &ChildMsg::Snapshot {
+                fds: 1,
+                version: self.version,
+                size,
+            },
+            Some(fd),
+        )
+    }
+
     /// Tells the supervisor no snapshot can be made; it aborts the upgrade
     /// and sends [`StateEvent::Resume`]. A no-op standalone.
     ///
@@ -301,12 +338,22 @@ where
 
 /// Serialises a snapshot into a new sealed memfd; returns it and its size.
 pub(crate) fn write_snapshot<T: Serialize>(version: u32, state: &T) -> Result<(OwnedFd, u64)> {
+    write_memfd(|w| {
+        serde_json::to_writer(w, &SnapshotOut { version, state })
+            .map_err(|e| format!("serialising the state: {e}"))
+    })
+}
+
+/// Fills a new memfd through `fill`, seals it; returns it and its size.
+fn write_memfd<F>(fill: F) -> Result<(OwnedFd, u64)>
+where
+    F: FnOnce(&mut BufWriter<std::fs::File>) -> std::result::Result<(), String>,
+{
     let fail = |what: &str, e: &dyn fmt::Display| Error::Snapshot(format!("{what}: {e}"));
     let fd = sys::memfd("baton-snapshot").map_err(|e| fail("memfd_create", &e))?;
     let file = std::fs::File::from(fd.try_clone().map_err(|e| fail("dup", &e))?);
     let mut w = BufWriter::with_capacity(1 << 16, file);
-    serde_json::to_writer(&mut w, &SnapshotOut { version, state })
-        .map_err(|e| fail("serialising the state", &e))?;
+    fill(&mut w).map_err(Error::Snapshot)?;
     let file = w
         .into_inner()
         .map_err(|e| fail("writing the memfd", &e.into_error()))?;
@@ -600,6 +647,69 @@ mod tests {
             panic!("expected rejected, got {msg:?}");
         };
         assert!(reason.contains("announced"), "{reason}");
+    }
+
+    /// An app exits as soon as `restore` reports a rejection, so `rejected` must already be
+    /// on the socket when `restore` returns, not merely queued for the writer task.
+    #[tokio::test(flavor = "current_thread")]
+    async fn rejected_is_written_before_restore_returns() {
+        use std::io::Read;
+        let (mut new, sup) = child(2);
+        let mut r = FrameReader::new();
+        recv(&mut r, &sup).await; // hello
+        let mut st = new.state::<Db>(2).unwrap();
+        let body = br#"{"version":2,"state":"#;
+        let fd = memfd_with(body, true);
+        let restore = SupervisorMsg::Restore {
+            fds: 1,
+            size: body.len() as u64,
+        };
+        send(&sup, &restore, Some(&fd)).await;
+        let res = tokio::time::timeout(BOUND, st.restore(no_migration))
+            .await
+            .unwrap();
+        assert!(matches!(res, Err(Error::SnapshotRejected(_))), "{res:?}");
+        // No await from here on: on this single-threaded runtime the SDK's writer task cannot
+        // run any more, so whatever is not on the socket yet would be lost with the process.
+        let sup = sup.into_std().unwrap();
+        sup.set_nonblocking(true).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match (&sup).read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.contains(r#""type":"rejected""#), "{text}");
+        assert!(text.contains("truncated?"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn raw_snapshots_are_sealed_and_sized_but_unchecked() {
+        let (mut old, sup) = child(1);
+        let mut r = FrameReader::new();
+        recv(&mut r, &sup).await; // hello
+        let st = old.state::<Db>(2).unwrap();
+        let half = br#"{"version":2,"sta"#;
+        st.send_raw_snapshot(half).unwrap();
+        let (msg, mut fds) = recv(&mut r, &sup).await;
+        assert_eq!(
+            msg,
+            ChildMsg::Snapshot {
+                fds: 1,
+                version: 2,
+                size: half.len() as u64
+            }
+        );
+        let fd = fds.remove(0);
+        // It passes the transport checks (sealed, size as announced), and only the
+        // candidate's parser refuses it.
+        let err = read_snapshot::<Db, _>(&fd, half.len() as u64, 2, no_migration).unwrap_err();
+        assert!(err.contains("truncated?"), "{err}");
     }
 
     #[tokio::test]

@@ -10,8 +10,9 @@
 //! these tests fail loudly instead of testing a stale copy.
 //!
 //! The tests skip (pass, with the reason on stderr) when not root, or when systemd or the
-//! sandbox script is missing. They need `cargo build -p baton -p hello-http` first.
-//! `shipped_units_are_consistent` checks the unit files statically and runs everywhere.
+//! sandbox script is missing. They run the target dir's binaries, so `cargo build
+//! --workspace` first (a missing binary fails them). `shipped_units_are_consistent` checks
+//! the unit files statically and runs everywhere.
 
 use std::collections::HashMap;
 use std::fs;
@@ -344,13 +345,15 @@ struct Fixture {
     /// Known up front for the socket layout; for the template, read from status.
     port: Option<u16>,
     tools: Tools,
-    // Declared last: dropped (sandbox down) after nothing else needs it.
+    /// Taken down first when the fixture drops.
     sandbox: Option<Sandbox>,
 }
 
 impl Fixture {
     /// Writes the unit dir for `layout`; `app_args` go to hello-http via the wrapper.
     fn new(test: &'static str, tools: Tools, layout: Layout, app_args: &[&str]) -> Fixture {
+        // Not under /tmp: the shipped hello-http.service has PrivateTmp=yes, so it would
+        // not see the wrapper script there.
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("systemd-{test}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -622,14 +625,19 @@ impl Fixture {
     /// The commands running in the sandbox (`pid comm`), systemd and this query aside.
     fn processes(&self) -> Vec<(u32, String)> {
         let out = self.sb().exec(&["ps", "-e", "-o", "pid=,comm="]);
-        String::from_utf8_lossy(&out.stdout)
+        let procs: Vec<(u32, String)> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| {
                 let mut it = l.split_whitespace();
                 let pid = it.next()?.parse().ok()?;
                 Some((pid, it.next()?.to_owned()))
             })
-            .collect()
+            .collect();
+        // An empty or failed listing would make every "is it gone?" check pass.
+        if !out.status.success() || !procs.iter().any(|(p, c)| *p == 1 && c == "systemd") {
+            self.fail(&format!("ps in the sandbox: {out:?}"));
+        }
+        procs
     }
 
     fn pid_alive(&self, pid: u32) -> bool {
@@ -955,6 +963,43 @@ fn shipped_units_are_consistent() {
     }
 }
 
+/// systemd's own linter finds nothing to complain about in the shipped units (an unknown
+/// or misspelt key is only a warning to systemd, and would silently fall back to the
+/// default). Needs `systemd-analyze`, not root.
+#[test]
+fn shipped_units_pass_systemd_analyze_verify() {
+    let Some(analyze) = harness::which("systemd-analyze") else {
+        eprintln!("SKIP systemd::shipped_units_pass_systemd_analyze_verify: no systemd-analyze");
+        return;
+    };
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("systemd-verify-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("mkdir");
+    // verify also checks that the commands exist; /bin/true stands in for the binaries
+    // that are installed under /usr/local/bin on a real machine.
+    for file in [HELLO_SOCKET, HELLO_SERVICE, TEMPLATE] {
+        let text = read_shipped(file)
+            .replace(SHIPPED_BATON, "/bin/true")
+            .replace(SHIPPED_APP, "/bin/true");
+        fs::write(dir.join(file), text).expect("write unit");
+    }
+    let out = Command::new(analyze)
+        .args(["verify", "--man=no"])
+        .arg(dir.join(HELLO_SOCKET))
+        .arg(dir.join(HELLO_SERVICE))
+        .arg(dir.join(TEMPLATE_INSTANCE))
+        .output()
+        .expect("run systemd-analyze");
+    let _ = fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify ({}):\n{stderr}",
+        out.status
+    );
+}
+
 /// (a) Socket activation: a connection to the socket starts the service; the unit is
 /// `activating` until the app is READY and only then `active`, and the request that
 /// triggered the start is served.
@@ -1075,9 +1120,14 @@ fn reload_under_load_keeps_main_pid_and_serves_every_request() {
 
     let load = Load::start(&fx, fx.addr());
     for i in 1..=5 {
+        let ok_before = load.handle().snapshot().ok;
         let started = Instant::now();
         fx.ctl_ok(&["reload", HELLO_SERVICE]);
         let took = started.elapsed();
+        let ok_during = load.handle().snapshot().ok - ok_before;
+        fx.check(ok_during > 0, || {
+            format!("reload {i}: no request completed while it ran ({took:?}): not under load")
+        });
         let m = fx.main_pid();
         fx.check(m == main_pid, || {
             format!("reload {i}: MainPID {main_pid} -> {m}")
@@ -1401,4 +1451,48 @@ fn watchdog_is_pinged() {
     }
     let restarts = fx.prop_u64("NRestarts");
     fx.check(restarts == 0, || format!("NRestarts={restarts}"));
+}
+
+/// The fire-and-forget alternative documented in the units, `ExecReload=/bin/kill -HUP
+/// $MAINPID`: `systemctl reload` returns at once, baton upgrades on SIGHUP and reports
+/// the outcome through StatusText.
+#[test]
+fn reload_by_sighup_alternative() {
+    let _serial = serial();
+    let Some(tools) = tools("reload_by_sighup_alternative") else {
+        return;
+    };
+    let mut fx = Fixture::new("sighup", tools, Layout::SocketUnit, &[]);
+    let alternative = "ExecReload=/bin/kill -HUP $MAINPID";
+    fx.check(read_shipped(HELLO_SERVICE).contains(alternative), || {
+        format!("{HELLO_SERVICE} no longer documents {alternative}")
+    });
+    fx.drop_in_named(
+        HELLO_SERVICE,
+        "60-sighup.conf",
+        &format!("[Service]\nExecReload=\n{alternative}\n"),
+    );
+    fx.boot();
+    fx.ctl_ok(&["start", HELLO_SERVICE]);
+    let main_pid = fx.main_pid();
+    let before = fx.status();
+    let load = Load::start(&fx, fx.addr());
+    for i in 1..=2u64 {
+        fx.ctl_ok(&["reload", HELLO_SERVICE]);
+        let gen = before.generation + i;
+        let text = fx.wait_prop("StatusText", LONG, |t| {
+            mentions(t, "generation", gen) && t.contains("promoted")
+        });
+        let st = fx.status();
+        fx.check(st.generation == gen, || format!("after {text:?}: {st:?}"));
+        fx.wait_prop("ActiveState", SHORT, |s| s == "active");
+        let m = fx.main_pid();
+        fx.check(m == main_pid, || {
+            format!("SIGHUP {i}: MainPID {main_pid} -> {m}")
+        });
+        load.progress(&fx, 20);
+    }
+    let report = load.stop();
+    eprintln!("{report}");
+    fx.check(report.failed == 0, || format!("requests failed:\n{report}"));
 }

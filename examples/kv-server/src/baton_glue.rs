@@ -1,17 +1,19 @@
 //! The only module that talks to baton (through `baton-child`): listener, readiness, drain,
-//! connection counts, and the stateful upgrade (restore as a candidate; quiesce / resume /
-//! commit as the old generation).
+//! connection counts, connection migration (adopt as the new generation, hand over as the old
+//! one), and the stateful upgrade (restore as a candidate; quiesce / resume / commit as the
+//! old generation).
 
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use baton_child::{Baton, DrainCause, Env, StateEvent, StateHandle};
+use baton_child::{Baton, DrainCause, Env, Migrator, StateEvent, StateHandle};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::db::Db;
-use crate::server::{ConnHook, ConnToken, Listener, Server};
+use crate::fault::{self, Fault};
+use crate::server::{ConnHook, ConnToken, HandOver, HandOverFuture, Listener, Server};
 use crate::state::{self, Schema, StateOf};
 use crate::Options;
 
@@ -81,6 +83,7 @@ impl<M: SchemaMarker> Serialize for KvState<M> {
 impl<'de, M: SchemaMarker> Deserialize<'de> for KvState<M> {
     /// A snapshot of this binary's own schema; older ones go through [`state::restore`].
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        fault::on_restore();
         state::deserialize_state(M::SCHEMA, d).map(|db| KvState::new(Inner::Restored(db)))
     }
 }
@@ -89,10 +92,11 @@ async fn run_with<M: SchemaMarker>(opts: Options, env: Env) -> anyhow::Result<()
     let schema = M::SCHEMA;
     // Announcing `state` is harmless without `baton run --state`: the supervisor then
     // answers `prepared` with `fresh`.
-    let mut baton = Baton::builder()
-        .stateful()
-        .start(env)
-        .context("starting baton-child")?;
+    let mut builder = Baton::builder().stateful();
+    if !opts.no_adopt {
+        builder = builder.adopt();
+    }
+    let mut baton = builder.start(env).context("starting baton-child")?;
     let listener = take_listener(&mut baton, &opts.listen_fallback)?;
     let mut state = baton
         .state::<KvState<M>>(schema.version())
@@ -100,11 +104,15 @@ async fn run_with<M: SchemaMarker>(opts: Options, env: Env) -> anyhow::Result<()
 
     let conns = baton.connections();
     let hook: ConnHook = Box::new(move || Some(Box::new(conns.track()) as ConnToken));
-    let server = Server::new(schema, baton.generation(), Some(hook));
+    let migrator = baton.migrator();
+    let hand_over = (!opts.no_adopt && migrator.is_available())
+        .then(|| Arc::new(MigratorHandOver(migrator)) as Arc<dyn HandOver>);
+    let server = Server::new(schema, baton.generation(), Some(hook), hand_over);
     tracing::info!(
         generation = baton.generation(),
         supervised = baton.is_supervised(),
         schema = schema.version(),
+        migration = !opts.no_adopt,
         listener = %listener.describe(),
         "kv-server starting"
     );
@@ -113,6 +121,7 @@ async fn run_with<M: SchemaMarker>(opts: Options, env: Env) -> anyhow::Result<()
     let mut from_version = schema.version();
     let restored = state
         .restore(|version, value| {
+            fault::on_restore();
             from_version = version;
             state::restore(schema, version, value).map(|db| KvState::new(Inner::Restored(db)))
         })
@@ -120,10 +129,10 @@ async fn run_with<M: SchemaMarker>(opts: Options, env: Env) -> anyhow::Result<()
     let restored = match restored {
         Ok(r) => r,
         Err(baton_child::Error::SnapshotRejected(reason)) => {
-            // The supervisor aborts the upgrade and kills this candidate. Wait for that (or
-            // a drain) instead of exiting at once: the SDK hands `rejected` to its writer
-            // task, and exiting right away can lose the line, and with it the reason that
-            // `baton status` would show.
+            // `rejected` is on the socket already (the SDK waits until it is written). The
+            // supervisor aborts the upgrade and kills this candidate; wait for that (or a
+            // drain) rather than exit first, so that baton reports the rejection reason
+            // instead of racing it with "candidate exited".
             tracing::error!(%reason, "snapshot rejected; waiting for the supervisor to stop us");
             let _ = tokio::time::timeout(REJECTED_GRACE, baton.drain().wait()).await;
             anyhow::bail!("snapshot rejected: {reason}");
@@ -162,10 +171,14 @@ async fn run_with<M: SchemaMarker>(opts: Options, env: Env) -> anyhow::Result<()
     if drain.cause == DrainCause::Commit {
         tracing::info!("stateful upgrade committed: the successor owns the keyspace now");
     }
-    server.close();
+    if drain.migrate && server.migrate() {
+        tracing::info!("the successor adopts connections: handing them over at command boundaries");
+    } else {
+        server.close();
+    }
     match tokio::time::timeout_at(deadline.into(), serving).await {
         Ok(Ok(())) => {
-            tracing::info!("drained; exiting");
+            tracing::info!(handed_over = server.handed_over(), "drained; exiting");
             Ok(())
         }
         Ok(Err(e)) => Err(e).context("server task failed"),
@@ -188,10 +201,14 @@ fn handle_state_event<M: SchemaMarker>(
         StateEvent::Quiesce => {
             let started = Instant::now();
             server.quiesce();
+            if fault::is(Fault::HangDuringSnapshot) {
+                tracing::error!("fault hang-during-snapshot: quiesced, never sending the snapshot");
+                return;
+            }
             let live = KvState::<M>::new(Inner::Live(Arc::clone(server)));
             // Serialising a large keyspace takes a while; let the runtime move this worker's
             // other tasks elsewhere meanwhile (main builds a multi-thread runtime).
-            let sent = tokio::task::block_in_place(|| state.send_snapshot(&live));
+            let sent = tokio::task::block_in_place(|| send_snapshot(state, &live));
             match sent {
                 Ok(()) => tracing::info!(
                     keys = server.with_db(Db::len),
@@ -221,6 +238,44 @@ fn handle_state_event<M: SchemaMarker>(
     }
 }
 
+/// Sends the snapshot of `live`, or the armed corruption of it (`--fault`).
+fn send_snapshot<M: SchemaMarker>(
+    state: &StateHandle<KvState<M>>,
+    live: &KvState<M>,
+) -> Result<(), baton_child::Error> {
+    if fault::is(Fault::CorruptSnapshot) || fault::is(Fault::TruncateSnapshot) {
+        // The same layout the SDK writes, so the fault damages a realistic snapshot.
+        let mut good = format!(r#"{{"version":{},"state":"#, state.version()).into_bytes();
+        serde_json::to_writer(&mut good, live)
+            .map_err(|e| baton_child::Error::Snapshot(e.to_string()))?;
+        good.push(b'}');
+        if let Some(bad) = fault::corrupt_snapshot(good) {
+            tracing::error!(bytes = bad.len(), "fault: sending a damaged snapshot");
+            return state.send_raw_snapshot(&bad);
+        }
+    }
+    state.send_snapshot(live)
+}
+
+/// Hands connections over through the SDK, on the `kv` listener.
+struct MigratorHandOver(Migrator);
+
+impl HandOver for MigratorHandOver {
+    fn hand_over(
+        &self,
+        stream: tokio::net::TcpStream,
+        buffered: Vec<u8>,
+        meta: serde_json::Value,
+    ) -> HandOverFuture<'_> {
+        Box::pin(async move {
+            self.0
+                .hand_over_tcp(stream, LISTENER, &buffered, meta)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
 fn take_listener(baton: &mut Baton, fallback: &str) -> anyhow::Result<Listener> {
     if let Some(path) = fallback.strip_prefix("unix:") {
         let l = baton
@@ -228,8 +283,8 @@ fn take_listener(baton: &mut Baton, fallback: &str) -> anyhow::Result<Listener> 
             .with_context(|| format!("listener {LISTENER:?}"))?;
         return Ok(Listener::Unix(l));
     }
-    let l = baton
-        .tcp_listener(LISTENER, fallback)
+    let incoming = baton
+        .tcp_incoming(LISTENER, fallback)
         .with_context(|| format!("listener {LISTENER:?}"))?;
-    Ok(Listener::Tcp(l))
+    Ok(Listener::Tcp(incoming))
 }

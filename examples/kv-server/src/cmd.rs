@@ -32,6 +32,39 @@ pub struct Info {
     pub total_connections: u64,
 }
 
+/// Per-connection state that commands change. It travels with the connection when it is
+/// handed to the next generation (as the `meta` of the hand-over).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Session {
+    /// Set by `CLIENT SETNAME`.
+    pub name: Option<String>,
+}
+
+impl Session {
+    /// The hand-over metadata. `db` is always 0 (only `SELECT 0` is supported) but is sent so
+    /// that a successor with more databases knows where the client is.
+    pub fn to_meta(&self) -> serde_json::Value {
+        serde_json::json!({ "name": self.name, "db": 0 })
+    }
+
+    /// The session of an adopted connection, from the predecessor's [`Session::to_meta`].
+    /// Unknown or missing fields fall back to the defaults (an older predecessor may send
+    /// less); a name that `CLIENT SETNAME` would refuse is dropped.
+    pub fn from_meta(meta: &serde_json::Value) -> Session {
+        let name = meta
+            .get("name")
+            .and_then(serde_json::Value::as_str)
+            .filter(|n| valid_client_name(n.as_bytes()))
+            .map(str::to_owned);
+        Session { name }
+    }
+}
+
+/// Redis' rule for connection names: printable ASCII without spaces.
+fn valid_client_name(name: &[u8]) -> bool {
+    name.iter().all(|b| (b'!'..=b'~').contains(b))
+}
+
 /// What the connection does after a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum After {
@@ -44,6 +77,7 @@ pub enum After {
 /// Runs one command and appends its reply to `out`. `info` is called only by INFO.
 pub fn execute(
     db: &mut Db,
+    session: &mut Session,
     args: &[Cow<'_, [u8]>],
     out: &mut Vec<u8>,
     info: &dyn Fn() -> Info,
@@ -138,7 +172,7 @@ pub fn execute(
             Some(_) => resp::error(out, "ERR DB index is out of range"),
             None => resp::error(out, NOT_INTEGER),
         },
-        "client" => client(args, out),
+        "client" => client(session, args, out),
         "quit" => {
             resp::simple(out, "OK");
             return After::Close;
@@ -326,11 +360,29 @@ fn config(args: &[Cow<'_, [u8]>], out: &mut Vec<u8>) {
 }
 
 /// Just enough of CLIENT for client libraries that name their connections on connect.
-fn client(args: &[Cow<'_, [u8]>], out: &mut Vec<u8>) {
-    if is_one_of(&args[1], &["setname", "setinfo"]) {
+fn client(session: &mut Session, args: &[Cow<'_, [u8]>], out: &mut Vec<u8>) {
+    if args[1].eq_ignore_ascii_case(b"setname") {
+        if args.len() != 3 {
+            wrong_arity(out, "client|setname");
+        } else if !valid_client_name(&args[2]) {
+            resp::error(
+                out,
+                "ERR Client names cannot contain spaces, newlines or special characters.",
+            );
+        } else {
+            // Validated as printable ASCII just above, so this is lossless.
+            let name = String::from_utf8_lossy(&args[2]).into_owned();
+            // As in Redis, an empty name removes the name.
+            session.name = (!name.is_empty()).then_some(name);
+            resp::simple(out, "OK");
+        }
+    } else if args[1].eq_ignore_ascii_case(b"setinfo") {
         resp::simple(out, "OK");
     } else if args[1].eq_ignore_ascii_case(b"getname") {
-        resp::null(out);
+        match &session.name {
+            Some(name) => resp::bulk(out, name.as_bytes()),
+            None => resp::null(out),
+        }
     } else {
         let sub = String::from_utf8_lossy(&args[1]);
         let sub: String = sub.chars().take(128).collect();
@@ -405,7 +457,7 @@ mod tests {
     fn run(db: &mut Db, words: &[&str]) -> String {
         let args: Vec<Cow<'_, [u8]>> = words.iter().map(|w| Cow::Borrowed(w.as_bytes())).collect();
         let mut out = Vec::new();
-        execute(db, &args, &mut out, &test_info);
+        execute(db, &mut Session::default(), &args, &mut out, &test_info);
         String::from_utf8(out).unwrap()
     }
 
@@ -563,8 +615,73 @@ mod tests {
 
         let args = [Cow::Borrowed(&b"QUIT"[..])];
         let mut out = Vec::new();
-        assert_eq!(execute(&mut db, &args, &mut out, &test_info), After::Close);
+        assert_eq!(
+            execute(
+                &mut db,
+                &mut Session::default(),
+                &args,
+                &mut out,
+                &test_info
+            ),
+            After::Close
+        );
         assert_eq!(out, b"+OK\r\n");
+    }
+
+    /// Runs commands given as words on one session; returns the raw replies.
+    fn run_in(db: &mut Db, session: &mut Session, words: &[&str]) -> String {
+        let args: Vec<Cow<'_, [u8]>> = words.iter().map(|w| Cow::Borrowed(w.as_bytes())).collect();
+        let mut out = Vec::new();
+        execute(db, session, &args, &mut out, &test_info);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn client_name_lives_in_the_session_and_survives_meta() {
+        let mut db = Db::new();
+        let mut s = Session::default();
+        assert_eq!(run_in(&mut db, &mut s, &["CLIENT", "GETNAME"]), "$-1\r\n");
+        assert_eq!(
+            run_in(&mut db, &mut s, &["CLIENT", "SETNAME", "worker-7"]),
+            "+OK\r\n"
+        );
+        assert_eq!(
+            run_in(&mut db, &mut s, &["client", "getname"]),
+            "$8\r\nworker-7\r\n"
+        );
+        assert_eq!(
+            run_in(&mut db, &mut s, &["CLIENT", "SETNAME", "a b"]),
+            "-ERR Client names cannot contain spaces, newlines or special characters.\r\n"
+        );
+        assert_eq!(
+            s.name.as_deref(),
+            Some("worker-7"),
+            "a refused name changes nothing"
+        );
+
+        // Hand-over: the next generation rebuilds the same session from the metadata.
+        let meta = s.to_meta();
+        assert_eq!(meta, serde_json::json!({"name": "worker-7", "db": 0}));
+        let mut adopted = Session::from_meta(&meta);
+        assert_eq!(adopted, s);
+        assert_eq!(
+            run_in(&mut db, &mut adopted, &["CLIENT", "GETNAME"]),
+            "$8\r\nworker-7\r\n"
+        );
+        // An empty name clears it; odd or missing metadata gives a default session.
+        assert_eq!(
+            run_in(&mut db, &mut adopted, &["CLIENT", "SETNAME", ""]),
+            "+OK\r\n"
+        );
+        assert_eq!(adopted.name, None);
+        assert_eq!(
+            Session::from_meta(&serde_json::Value::Null),
+            Session::default()
+        );
+        assert_eq!(
+            Session::from_meta(&serde_json::json!({"name": "has space"})),
+            Session::default()
+        );
     }
 
     #[test]
@@ -589,7 +706,10 @@ mod tests {
     fn empty_command_is_ignored() {
         let mut db = Db::new();
         let mut out = Vec::new();
-        assert_eq!(execute(&mut db, &[], &mut out, &test_info), After::Continue);
+        assert_eq!(
+            execute(&mut db, &mut Session::default(), &[], &mut out, &test_info),
+            After::Continue
+        );
         assert!(out.is_empty());
         assert_eq!(db.stats.commands_processed, 0);
     }

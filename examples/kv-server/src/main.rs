@@ -6,6 +6,7 @@
 mod baton_glue;
 mod cmd;
 mod db;
+mod fault;
 mod resp;
 mod server;
 mod state;
@@ -35,6 +36,15 @@ pub struct Options {
     /// process exits anyway.
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: std::time::Duration,
+
+    /// Behave like a build without connection migration: neither adopt connections from the
+    /// previous generation nor hand them to the next (they close at a command boundary).
+    #[arg(long, hide = true)]
+    no_adopt: bool,
+
+    /// Test only: break one step of the stateful upgrade on purpose (see README).
+    #[arg(long, value_enum, hide = true)]
+    fault: Option<fault::Fault>,
 }
 
 impl Options {
@@ -53,6 +63,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    fault::arm(opts.fault);
     // Take the inherited fds and remove the contract variables while this is the only
     // thread: changing the environment once runtime threads exist is unsound.
     let env = baton_child::Env::take().context("reading the baton environment")?;

@@ -1,23 +1,33 @@
 //! The network side: accept loop, one task per connection, and the run modes an upgrade
-//! drives (running, paused for a snapshot, closing).
+//! drives (running, paused for a snapshot, closing, handing connections over).
 //!
 //! Consistency rule for stateful upgrades: every command runs while holding the keyspace
 //! lock, and the lock also guards the `frozen` flag. `quiesce` sets `frozen`; from then on
 //! no command runs and the keyspace cannot change, so the snapshot taken afterwards holds
 //! exactly the commands that ran, and those never run again in this process. Replies of
 //! commands that ran are always written before a connection closes.
+//!
+//! Connection migration: when the successor adopts connections, each TCP connection is handed
+//! over at a command boundary: every command that ran here has its reply fully written (into
+//! the kernel's send buffer, which goes with the socket), and the bytes read but not run (a
+//! partial command, or commands held back by a quiesce) travel with the fd, so the successor
+//! runs them next, exactly once. Bytes the client sent that were never read stay in the
+//! socket's receive queue, which also goes with the fd.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use baton_child::{Accepted, TcpIncoming};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::cmd::{self, After, Info};
+use crate::cmd::{self, After, Info, Session};
 use crate::db::Db;
 use crate::resp::{self, Parsed};
 use crate::state::Schema;
@@ -43,15 +53,18 @@ pub enum Mode {
     Paused,
     /// Draining: not accepting; each connection closes at its next command boundary.
     Closing,
+    /// Draining into a successor that adopts connections: not accepting; each TCP connection
+    /// is handed over at its next command boundary (Unix ones close as in `Closing`).
+    Migrating,
 }
 
 /// A listener the server accepts on. The fd is shared with the supervisor and other
 /// generations, so it is never shut down or switched to blocking: it is only dropped.
 #[derive(Debug)]
 pub enum Listener {
-    /// TCP.
-    Tcp(TcpListener),
-    /// Unix stream socket.
+    /// TCP: fresh connections merged with those the previous generation hands over.
+    Tcp(TcpIncoming),
+    /// Unix stream socket (no migration: the SDK adopts TCP connections only).
     Unix(UnixListener),
 }
 
@@ -59,9 +72,11 @@ impl Listener {
     /// `HOST:PORT` or `unix:PATH`, for logs.
     pub fn describe(&self) -> String {
         match self {
-            Listener::Tcp(l) => l
-                .local_addr()
-                .map_or_else(|e| format!("tcp (unknown address: {e})"), |a| a.to_string()),
+            Listener::Tcp(incoming) => match incoming.listener().map(|l| l.local_addr()) {
+                Some(Ok(a)) => a.to_string(),
+                Some(Err(e)) => format!("tcp (unknown address: {e})"),
+                None => "tcp (stopped)".to_owned(),
+            },
             Listener::Unix(l) => match l.local_addr() {
                 Ok(a) => match a.as_pathname() {
                     Some(p) => format!("unix:{}", p.display()),
@@ -77,6 +92,21 @@ impl Listener {
 pub type ConnToken = Box<dyn Send + Sync>;
 /// Called for every accepted connection; the token is dropped when the connection closes.
 pub type ConnHook = Box<dyn Fn() -> Option<ConnToken> + Send + Sync>;
+
+/// The future of one [`HandOver::hand_over`].
+pub type HandOverFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// Hands a live TCP connection to the next generation: the SDK's migrator under baton.
+pub trait HandOver: Send + Sync {
+    /// Sends `stream` with the bytes read from it but not run, and the session metadata.
+    /// Resolves once this process may forget the connection (its fd copy is closed).
+    fn hand_over(
+        &self,
+        stream: TcpStream,
+        buffered: Vec<u8>,
+        meta: serde_json::Value,
+    ) -> HandOverFuture<'_>;
+}
 
 struct Gate {
     db: Db,
@@ -97,15 +127,27 @@ pub struct Server {
     restored_from: AtomicU32,
     /// Batches that found the keyspace frozen and waited (observability and tests).
     held_back: AtomicU64,
+    /// Connections handed over to the successor.
+    handed_over: AtomicU64,
+    /// Connections adopted from the predecessor.
+    adopted: AtomicU64,
     schema: Schema,
     generation: u64,
     started: Instant,
     conn_hook: Option<ConnHook>,
+    /// Set when connections can be handed over (under baton, with migration support).
+    hand_over: Option<Arc<dyn HandOver>>,
 }
 
 impl Server {
-    /// A server with an empty keyspace.
-    pub fn new(schema: Schema, generation: u64, conn_hook: Option<ConnHook>) -> Arc<Self> {
+    /// A server with an empty keyspace. Without `hand_over`, [`Server::migrate`] falls back
+    /// to closing connections.
+    pub fn new(
+        schema: Schema,
+        generation: u64,
+        conn_hook: Option<ConnHook>,
+        hand_over: Option<Arc<dyn HandOver>>,
+    ) -> Arc<Self> {
         Arc::new(Server {
             gate: Mutex::new(Gate {
                 db: Db::new(),
@@ -117,10 +159,13 @@ impl Server {
             total_conns: AtomicU64::new(0),
             restored_from: AtomicU32::new(0),
             held_back: AtomicU64::new(0),
+            handed_over: AtomicU64::new(0),
+            adopted: AtomicU64::new(0),
             schema,
             generation,
             started: Instant::now(),
             conn_hook,
+            hand_over,
         })
     }
 
@@ -174,6 +219,25 @@ impl Server {
         self.mode.send_replace(Mode::Closing);
     }
 
+    /// Drain into a successor that adopts connections: stop accepting and hand every TCP
+    /// connection over at its next command boundary. After a quiesce (stateful commit) the
+    /// keyspace stays frozen, so held-back commands travel with their connection and run in
+    /// the successor, against the state it restored. Returns false (and closes instead) when
+    /// this server cannot hand connections over.
+    pub fn migrate(&self) -> bool {
+        if self.hand_over.is_none() {
+            self.close();
+            return false;
+        }
+        self.mode.send_replace(Mode::Migrating);
+        true
+    }
+
+    /// Connections handed over to the successor so far.
+    pub fn handed_over(&self) -> u64 {
+        self.handed_over.load(Ordering::Relaxed)
+    }
+
     /// Client connections open now.
     pub fn connections(&self) -> u64 {
         *self.conns.borrow()
@@ -194,14 +258,14 @@ impl Server {
 
     /// Accepts on `listener` until [`Server::close`], then waits until every connection has
     /// closed. The listener fd is dropped (never shut down) as soon as accepting stops.
-    pub async fn run(self: &Arc<Self>, listener: Listener) {
+    pub async fn run(self: &Arc<Self>, mut listener: Listener) {
         let addr = listener.describe();
         tracing::info!(%addr, "accepting");
         let mut mode = self.mode.subscribe();
         loop {
             let current = *mode.borrow_and_update();
             match current {
-                Mode::Closing => break,
+                Mode::Closing | Mode::Migrating => break,
                 Mode::Paused => {
                     // Keep the fd; connections wait in the shared kernel queue, where the
                     // candidate (or this process, after resume) picks them up.
@@ -215,11 +279,14 @@ impl Server {
             tokio::select! {
                 biased;
                 changed = mode.changed() => if changed.is_err() { break },
-                accepted = accept(&listener) => match accepted {
+                accepted = accept(&mut listener) => match accepted {
                     Ok(conn) => self.spawn_connection(conn),
                     Err(e) => accept_error(e).await,
                 },
             }
+        }
+        if *mode.borrow() == Mode::Migrating {
+            self.take_queued(&mut listener).await;
         }
         drop(listener);
         tracing::info!(%addr, connections = self.connections(), "stopped accepting");
@@ -227,7 +294,54 @@ impl Server {
         // Every connection holds a guard that decrements the count on drop, and the accept
         // loop (the only place that increments) has ended, so this terminates.
         let _ = conns.wait_for(|&n| n == 0).await;
-        tracing::info!("all connections closed");
+        tracing::info!(
+            adopted = self.adopted.load(Ordering::Relaxed),
+            handed_over = self.handed_over(),
+            "all connections closed or handed over"
+        );
+    }
+
+    /// Takes the connections the predecessor handed over that the accept loop has not picked
+    /// up yet (they queue while this process is paused for a snapshot, e.g. when two upgrades
+    /// run back to back), so that they are handed on instead of dropped with the listener.
+    ///
+    /// Complete: baton relays a hand-over only to the active generation, on the same control
+    /// stream as (and so before) the drain or commit that ends it, and the SDK queues adopted
+    /// connections before it reports the drain. The queue is therefore final by now.
+    ///
+    /// Only when migrating: the SDK's `accept` also takes fresh connections from the shared
+    /// kernel queue (there is no adopted-only accept). Handed on, such a connection merely
+    /// takes a detour; closed (plain drain) it would be a client's brand-new connection closed
+    /// for nothing, which is worse than what it avoids.
+    async fn take_queued(self: &Arc<Self>, listener: &mut Listener) {
+        let Listener::Tcp(incoming) = listener else {
+            return;
+        };
+        let mut taken = 0u64;
+        loop {
+            // A fresh connection from the kernel queue is handed over like any other.
+            let next = tokio::select! {
+                biased;
+                accepted = incoming.accept() => accepted,
+                () = std::future::ready(()) => break,
+            };
+            match next {
+                Ok(accepted) => {
+                    taken += 1;
+                    self.spawn_connection(Conn::from_accepted(accepted));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept while draining");
+                    break;
+                }
+            }
+        }
+        if taken > 0 {
+            tracing::info!(
+                connections = taken,
+                "took queued connections while draining"
+            );
+        }
     }
 
     fn spawn_connection(self: &Arc<Self>, conn: Conn) {
@@ -239,31 +353,65 @@ impl Server {
         };
         let mode = self.mode.subscribe();
         match conn {
-            Conn::Tcp(s) => {
-                tokio::spawn(serve_connection(guard, s, mode));
+            Conn::Tcp {
+                stream,
+                buffered,
+                session,
+            } => {
+                if session.is_some() {
+                    self.adopted.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::spawn(serve_tcp(
+                    guard,
+                    stream,
+                    buffered,
+                    session.unwrap_or_default(),
+                    mode,
+                ));
             }
-            Conn::Unix(s) => {
-                tokio::spawn(serve_connection(guard, s, mode));
+            Conn::Unix(mut stream) => {
+                tokio::spawn(async move {
+                    let buf = BytesMut::with_capacity(READ_BUF);
+                    let session = Session::default();
+                    // Unix connections cannot be handed over: `Migrating` closes them.
+                    serve_connection(&guard.server, &mut stream, buf, session, mode, false).await;
+                });
             }
         }
     }
 }
 
 enum Conn {
-    Tcp(tokio::net::TcpStream),
-    Unix(tokio::net::UnixStream),
+    Tcp {
+        stream: TcpStream,
+        /// Read by the previous generation but not run (empty for a fresh connection).
+        buffered: Vec<u8>,
+        /// `Some` for an adopted connection.
+        session: Option<Session>,
+    },
+    Unix(UnixStream),
 }
 
-async fn accept(listener: &Listener) -> io::Result<Conn> {
-    match listener {
-        Listener::Tcp(l) => {
-            let (s, _) = l.accept().await?;
-            // Replies are flushed once per batch, so Nagle only adds latency.
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY");
-            }
-            Ok(Conn::Tcp(s))
+impl Conn {
+    fn from_accepted(accepted: Accepted) -> Conn {
+        let session = accepted.adopted.as_ref().map(Session::from_meta);
+        let (stream, buffered) = accepted.stream.into_parts();
+        // Replies are flushed once per batch, so Nagle only adds latency. (An adopted socket
+        // already has it: socket options travel with the fd. Setting it again is harmless.)
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY");
         }
+        Conn::Tcp {
+            stream,
+            buffered,
+            session,
+        }
+    }
+}
+
+async fn accept(listener: &mut Listener) -> io::Result<Conn> {
+    match listener {
+        Listener::Tcp(incoming) => Ok(Conn::from_accepted(incoming.accept().await?)),
         Listener::Unix(l) => Ok(Conn::Unix(l.accept().await?.0)),
     }
 }
@@ -303,7 +451,12 @@ enum Batch {
 }
 
 /// Runs the complete commands at the front of `buf` under one lock hold.
-fn run_batch(server: &Server, buf: &mut BytesMut, out: &mut Vec<u8>) -> Batch {
+fn run_batch(
+    server: &Server,
+    session: &mut Session,
+    buf: &mut BytesMut,
+    out: &mut Vec<u8>,
+) -> Batch {
     if buf.is_empty() {
         return Batch::Ran {
             close: false,
@@ -341,7 +494,7 @@ fn run_batch(server: &Server, buf: &mut BytesMut, out: &mut Vec<u8>) -> Batch {
             Ok(Parsed::Frame { args, len }) => {
                 pos += len;
                 ran += 1;
-                if cmd::execute(&mut gate.db, &args, out, &info) == After::Close {
+                if cmd::execute(&mut gate.db, session, &args, out, &info) == After::Close {
                     close = true;
                     break;
                 }
@@ -360,19 +513,64 @@ fn run_batch(server: &Server, buf: &mut BytesMut, out: &mut Vec<u8>) -> Batch {
     Batch::Ran { close, more }
 }
 
-async fn serve_connection<S>(guard: ConnGuard, mut stream: S, mut mode: watch::Receiver<Mode>)
+/// Serves a TCP connection; hands it over when [`serve_connection`] stops at a boundary for
+/// migration.
+async fn serve_tcp(
+    guard: ConnGuard,
+    mut stream: TcpStream,
+    buffered: Vec<u8>,
+    session: Session,
+    mode: watch::Receiver<Mode>,
+) {
+    let server = &guard.server;
+    let mut buf = BytesMut::with_capacity(READ_BUF.max(buffered.len()));
+    buf.extend_from_slice(&buffered);
+    drop(buffered);
+    let Some(hand_over) = server.hand_over.clone() else {
+        serve_connection(server, &mut stream, buf, session, mode, false).await;
+        return;
+    };
+    let Some((rest, session)) =
+        serve_connection(server, &mut stream, buf, session, mode, true).await
+    else {
+        return;
+    };
+    let buffered = rest.len();
+    match hand_over
+        .hand_over(stream, rest.to_vec(), session.to_meta())
+        .await
+    {
+        Ok(()) => {
+            server.handed_over.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(buffered, "connection handed over");
+        }
+        // The fd is gone with the failed message: the client sees the connection close
+        // (no reply was lost: every command that ran here was answered).
+        Err(e) => tracing::warn!(error = %e, buffered, "hand-over failed; connection closed"),
+    }
+}
+
+/// Serves one connection until it closes, or, when `can_migrate` and the server is
+/// [`Mode::Migrating`], until a command boundary: then it returns the bytes read but not run
+/// and the session, for the hand-over.
+async fn serve_connection<S>(
+    server: &Server,
+    stream: &mut S,
+    mut buf: BytesMut,
+    mut session: Session,
+    mut mode: watch::Receiver<Mode>,
+    can_migrate: bool,
+) -> Option<(BytesMut, Session)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let server = &guard.server;
-    let mut buf = BytesMut::with_capacity(READ_BUF);
     let mut out = Vec::with_capacity(READ_BUF);
     loop {
         // Run everything that is complete, and write every reply.
         let mut frozen = false;
         let mut close = false;
         loop {
-            match run_batch(server, &mut buf, &mut out) {
+            match run_batch(server, &mut session, &mut buf, &mut out) {
                 Batch::Frozen => {
                     frozen = true;
                     break;
@@ -386,7 +584,7 @@ where
                     // buffering every reply of the whole read.
                     if out.len() >= OUT_KEEP {
                         if stream.write_all(&out).await.is_err() {
-                            return;
+                            return None;
                         }
                         out.clear();
                     }
@@ -395,7 +593,7 @@ where
         }
         if !out.is_empty() {
             if stream.write_all(&out).await.is_err() {
-                return;
+                return None;
             }
             out.clear();
             if out.capacity() > OUT_KEEP {
@@ -403,37 +601,53 @@ where
             }
         }
         if close {
-            close_gracefully(&mut stream).await;
-            return;
+            close_gracefully(stream).await;
+            return None;
         }
         // A command boundary: every command that ran has its reply written.
         let current = *mode.borrow_and_update();
-        if current == Mode::Closing {
-            // Frozen + closing is a stateful commit: held-back commands belong to the
-            // successor now (they never ran here), so close without running them.
-            // Otherwise close once no partial command is mid-flight; if one is, read the
-            // rest, run it, and close after its reply.
-            if frozen || buf.is_empty() {
-                close_gracefully(&mut stream).await;
-                return;
+        match current {
+            Mode::Migrating if can_migrate => {
+                // What is left in `buf` never ran here: a partial command (stateless), or
+                // commands held back by the freeze (stateful commit). The successor runs them.
+                return Some((buf, session));
             }
-        } else if current == Mode::Paused || frozen {
-            // Paused (or frozen a moment before Paused was published): stop reading, so
-            // held-back commands stay in the kernel buffer, and wait for resume or close.
-            if mode.changed().await.is_err() {
-                return;
+            Mode::Closing | Mode::Migrating => {
+                // Frozen + closing is a stateful commit: held-back commands belong to the
+                // successor now (they never ran here), so close without running them.
+                // Otherwise close once no partial command is mid-flight; if one is, read the
+                // rest, run it, and close after its reply.
+                if frozen || buf.is_empty() {
+                    close_gracefully(stream).await;
+                    return None;
+                }
             }
-            continue;
+            Mode::Paused => {
+                // Stop reading, so held-back commands stay in the kernel buffer, and wait for
+                // resume, close or hand-over.
+                if mode.changed().await.is_err() {
+                    return None;
+                }
+                continue;
+            }
+            Mode::Running if frozen => {
+                // Frozen a moment before Paused was published: wait for it (or its undoing).
+                if mode.changed().await.is_err() {
+                    return None;
+                }
+                continue;
+            }
+            Mode::Running => {}
         }
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(READ_BUF);
         }
         tokio::select! {
             read = stream.read_buf(&mut buf) => match read {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => return None,
                 Ok(_) => {}
             },
-            changed = mode.changed() => if changed.is_err() { return },
+            changed = mode.changed() => if changed.is_err() { return None },
         }
     }
 }
@@ -466,11 +680,20 @@ mod tests {
 
     const T: Duration = Duration::from_secs(10);
 
+    /// A TCP listener on a free port, through the SDK as in production (standalone here).
+    fn incoming() -> TcpIncoming {
+        let mut baton = baton_child::Baton::builder()
+            .handle_signals(false)
+            .start(baton_child::Env::standalone())
+            .unwrap();
+        baton.tcp_incoming("kv", "127.0.0.1:0").unwrap()
+    }
+
     async fn start(server: &Arc<Server>) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
+        let incoming = incoming();
+        let addr = incoming.listener().unwrap().local_addr().unwrap();
         let s = Arc::clone(server);
-        let task = tokio::spawn(async move { s.run(Listener::Tcp(l)).await });
+        let task = tokio::spawn(async move { s.run(Listener::Tcp(incoming)).await });
         (addr, task)
     }
 
@@ -489,12 +712,12 @@ mod tests {
 
     #[test]
     fn frozen_gate_runs_nothing() {
-        let server = Server::new(Schema::V2, 0, None);
+        let server = Server::new(Schema::V2, 0, None, None);
         let mut buf = BytesMut::from(&b"SET a 1\r\nINCR n\r\n"[..]);
         let mut out = Vec::new();
         server.quiesce();
         assert!(matches!(
-            run_batch(&server, &mut buf, &mut out),
+            run_batch(&server, &mut Session::default(), &mut buf, &mut out),
             Batch::Frozen
         ));
         assert_eq!(
@@ -508,7 +731,7 @@ mod tests {
 
         server.resume();
         assert!(matches!(
-            run_batch(&server, &mut buf, &mut out),
+            run_batch(&server, &mut Session::default(), &mut buf, &mut out),
             Batch::Ran {
                 close: false,
                 more: false
@@ -521,11 +744,11 @@ mod tests {
 
     #[test]
     fn batch_limit_yields_and_quit_closes() {
-        let server = Server::new(Schema::V2, 0, None);
+        let server = Server::new(Schema::V2, 0, None, None);
         let mut buf = BytesMut::from(b"PING\r\n".repeat(MAX_BATCH + 1).as_slice());
         let mut out = Vec::new();
         assert!(matches!(
-            run_batch(&server, &mut buf, &mut out),
+            run_batch(&server, &mut Session::default(), &mut buf, &mut out),
             Batch::Ran {
                 close: false,
                 more: true
@@ -536,7 +759,7 @@ mod tests {
         let mut buf = BytesMut::from(&b"QUIT\r\nSET x 1\r\n"[..]);
         out.clear();
         assert!(matches!(
-            run_batch(&server, &mut buf, &mut out),
+            run_batch(&server, &mut Session::default(), &mut buf, &mut out),
             Batch::Ran { close: true, .. }
         ));
         assert_eq!(out, b"+OK\r\n");
@@ -553,7 +776,7 @@ mod tests {
 
     #[tokio::test]
     async fn drain_finishes_partial_command_then_closes() {
-        let server = Server::new(Schema::V2, 0, None);
+        let server = Server::new(Schema::V2, 0, None, None);
         let (addr, task) = start(&server).await;
         let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());
         // Half a command in flight when the drain starts. It shares a write with a complete
@@ -580,7 +803,7 @@ mod tests {
 
     #[tokio::test]
     async fn quiesce_holds_commands_and_resume_runs_them() {
-        let server = Server::new(Schema::V2, 0, None);
+        let server = Server::new(Schema::V2, 0, None, None);
         let (addr, task) = start(&server).await;
         let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());
         send(&mut c, b"SET a 1\r\n").await;
@@ -606,7 +829,7 @@ mod tests {
 
     #[tokio::test]
     async fn commit_closes_paused_connections_without_running_held_commands() {
-        let server = Server::new(Schema::V2, 0, None);
+        let server = Server::new(Schema::V2, 0, None, None);
         let (addr, task) = start(&server).await;
         let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());
         send(&mut c, b"PING\r\n").await;
@@ -622,7 +845,7 @@ mod tests {
 
     #[tokio::test]
     async fn paused_server_does_not_accept_until_resume() {
-        let server = Server::new(Schema::V2, 0, None);
+        let server = Server::new(Schema::V2, 0, None, None);
         let (addr, task) = start(&server).await;
         server.quiesce();
         // The kernel completes the handshake (backlog) but nobody serves it yet.
@@ -640,7 +863,7 @@ mod tests {
 
     #[tokio::test]
     async fn protocol_error_replies_then_closes() {
-        let server = Server::new(Schema::V2, 0, None);
+        let server = Server::new(Schema::V2, 0, None, None);
         let (addr, task) = start(&server).await;
         let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());
         send(&mut c, b"PING\r\n*1\r\n+x\r\n").await;
@@ -653,5 +876,177 @@ mod tests {
         drop(c);
         server.close();
         tokio::time::timeout(T, task).await.unwrap().unwrap();
+    }
+
+    /// Plays the supervisor's relay: what the old server hands over is queued here, and the
+    /// test gives it to the new server the way its accept loop would.
+    struct Relay(tokio::sync::mpsc::UnboundedSender<(TcpStream, Vec<u8>, serde_json::Value)>);
+
+    impl HandOver for Relay {
+        fn hand_over(
+            &self,
+            stream: TcpStream,
+            buffered: Vec<u8>,
+            meta: serde_json::Value,
+        ) -> HandOverFuture<'_> {
+            let sent = self.0.send((stream, buffered, meta));
+            Box::pin(async move { sent.map_err(|_| "relay gone".to_owned()) })
+        }
+    }
+
+    type Relayed = tokio::sync::mpsc::UnboundedReceiver<(TcpStream, Vec<u8>, serde_json::Value)>;
+
+    fn relay() -> (Arc<dyn HandOver>, Relayed) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Arc::new(Relay(tx)), rx)
+    }
+
+    /// Takes the next handed-over connection and lets `to` adopt it.
+    async fn adopt_next(relayed: &mut Relayed, to: &Arc<Server>) -> (Vec<u8>, serde_json::Value) {
+        let (stream, buffered, meta) = tokio::time::timeout(T, relayed.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let accepted = Accepted {
+            stream: baton_child::PrefixedStream::new(buffered.clone(), stream),
+            adopted: Some(meta.clone()),
+        };
+        to.spawn_connection(Conn::from_accepted(accepted));
+        (buffered, meta)
+    }
+
+    #[tokio::test]
+    async fn migration_hands_over_at_a_command_boundary_with_unread_bytes_and_session() {
+        let (hand_over, mut relayed) = relay();
+        let old = Server::new(Schema::V2, 1, None, Some(hand_over));
+        let new = Server::new(Schema::V2, 2, None, None);
+        let (addr, task) = start(&old).await;
+        let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());
+        let local = c.get_ref().local_addr().unwrap();
+        // Two complete commands and half of a third, in one segment.
+        send(
+            &mut c,
+            b"CLIENT SETNAME c1\r\nSET k v\r\n*2\r\n$4\r\nECHO\r\n$5\r\nhel",
+        )
+        .await;
+        assert_eq!(line(&mut c).await, "+OK\r\n");
+        assert_eq!(line(&mut c).await, "+OK\r\n");
+
+        assert!(old.migrate());
+        let (buffered, meta) = adopt_next(&mut relayed, &new).await;
+        assert_eq!(
+            buffered, b"*2\r\n$4\r\nECHO\r\n$5\r\nhel",
+            "the unread half travels"
+        );
+        assert_eq!(meta, serde_json::json!({"name": "c1", "db": 0}));
+        tokio::time::timeout(T, task).await.unwrap().unwrap();
+        assert_eq!(old.handed_over(), 1);
+        assert!(
+            old.lock().db.contains(b"k"),
+            "what ran, ran in the old server"
+        );
+
+        // Same connection, now served by the new server: the half command completes there,
+        // and pipelined commands after it run in order.
+        send(&mut c, b"lo\r\nCLIENT GETNAME\r\nINCR n\r\nINFO\r\n").await;
+        assert_eq!(line(&mut c).await, "$5\r\n");
+        assert_eq!(line(&mut c).await, "hello\r\n");
+        assert_eq!(line(&mut c).await, "$2\r\n");
+        assert_eq!(line(&mut c).await, "c1\r\n");
+        assert_eq!(line(&mut c).await, ":1\r\n");
+        let mut info = String::new();
+        while !info.contains("baton_generation:") {
+            info.push_str(&line(&mut c).await);
+        }
+        assert!(info.contains("baton_generation:2\r\n"), "{info}");
+        assert_eq!(c.get_ref().local_addr().unwrap(), local);
+        assert!(new.lock().db.contains(b"n"));
+        assert!(!old.lock().db.contains(b"n"));
+        new.close();
+        drop(c);
+    }
+
+    #[tokio::test]
+    async fn commit_with_migration_hands_held_back_commands_to_the_successor() {
+        let (hand_over, mut relayed) = relay();
+        let old = Server::new(Schema::V2, 1, None, Some(hand_over));
+        let new = Server::new(Schema::V2, 2, None, None);
+        let (addr, task) = start(&old).await;
+        let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());
+        send(&mut c, b"SET n 40\r\n").await;
+        assert_eq!(line(&mut c).await, "+OK\r\n");
+        old.quiesce();
+        send(&mut c, b"INCR n\r\nINCR n\r\n").await;
+        // The successor restores the snapshot (n = 40), then the old server commits.
+        let mut restored = Db::new();
+        restored.set(b"n", b"40");
+        new.install(restored, 2);
+        assert!(old.migrate());
+        adopt_next(&mut relayed, &new).await;
+        assert_eq!(line(&mut c).await, ":41\r\n");
+        assert_eq!(line(&mut c).await, ":42\r\n");
+        tokio::time::timeout(T, task).await.unwrap().unwrap();
+        assert_eq!(
+            old.lock().db.get(b"n"),
+            Some(&b"40"[..]),
+            "held-back commands never ran in the old server"
+        );
+        new.close();
+        drop(c);
+    }
+
+    #[tokio::test]
+    async fn frozen_bytes_already_read_are_handed_over_not_run() {
+        let (hand_over, _relayed) = relay();
+        let server = Server::new(Schema::V2, 1, None, Some(hand_over));
+        server.quiesce();
+        server.migrate();
+        let (mut stream, _peer) = tokio::io::duplex(1024);
+        let buf = BytesMut::from(&b"INCR n\r\nGET"[..]);
+        let session = Session {
+            name: Some("x".into()),
+        };
+        let mode = server.mode.subscribe();
+        let (rest, session) = tokio::time::timeout(
+            T,
+            serve_connection(&server, &mut stream, buf, session, mode, true),
+        )
+        .await
+        .unwrap()
+        .expect("handed over, not closed");
+        assert_eq!(&rest[..], b"INCR n\r\nGET");
+        assert_eq!(session.name.as_deref(), Some("x"));
+        assert!(server.lock().db.is_empty());
+    }
+
+    #[tokio::test]
+    async fn without_migration_support_migrating_closes_at_a_boundary() {
+        // A Unix connection (or a server without a hand-over) cannot migrate: it closes as
+        // in a plain drain, after finishing the partial command.
+        let server = Server::new(Schema::V2, 1, None, None);
+        assert!(!server.migrate(), "falls back to closing");
+        assert_eq!(*server.mode.borrow(), Mode::Closing);
+        let server = Server::new(Schema::V2, 1, None, Some(relay().0));
+        server.migrate();
+        let (mut stream, mut peer) = tokio::io::duplex(1024);
+        let mode = server.mode.subscribe();
+        let task = tokio::spawn({
+            let server = Arc::clone(&server);
+            async move {
+                let buf = BytesMut::from(&b"SET a"[..]);
+                serve_connection(&server, &mut stream, buf, Session::default(), mode, false)
+                    .await
+                    .is_none()
+            }
+        });
+        peer.write_all(b" 1\r\n").await.unwrap();
+        let mut reply = String::new();
+        tokio::time::timeout(T, peer.read_to_string(&mut reply))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply, "+OK\r\n", "partial command finished, then EOF");
+        drop(peer);
+        assert!(tokio::time::timeout(T, task).await.unwrap().unwrap());
     }
 }

@@ -1,0 +1,106 @@
+//! Test-only fault injection (`--fault KIND`, hidden from `--help`): each fault takes a real
+//! code path of the stateful upgrade and breaks it the way a buggy release would, so the
+//! end-to-end tests can check that baton rolls back and the old generation keeps its data.
+
+use std::sync::OnceLock;
+
+/// One injected failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fault {
+    /// Candidate: abort the process after receiving the snapshot, before `restored`.
+    CrashDuringRestore,
+    /// Candidate: never answer `restored` (baton's restore timeout must fire).
+    HangDuringRestore,
+    /// Old generation: send a snapshot whose bytes are scrambled (not JSON).
+    CorruptSnapshot,
+    /// Old generation: send only the first half of the snapshot's JSON.
+    TruncateSnapshot,
+    /// Old generation: quiesce but never send the snapshot (baton's snapshot timeout must
+    /// fire; on resume it serves again).
+    HangDuringSnapshot,
+}
+
+/// Set once in `main`, read where the fault fires. A global because one of those places is a
+/// serde `Deserialize` impl, which cannot be handed the options.
+static ACTIVE: OnceLock<Fault> = OnceLock::new();
+
+/// Arms `fault` (if any) for the rest of the process.
+pub fn arm(fault: Option<Fault>) {
+    if let Some(f) = fault {
+        tracing::warn!(fault = ?f, "fault injection armed (test only)");
+        // Only `main` calls this, once; a second call would be a bug but is harmless.
+        let _ = ACTIVE.set(f);
+    }
+}
+
+/// Whether `fault` is armed.
+pub fn is(fault: Fault) -> bool {
+    ACTIVE.get() == Some(&fault)
+}
+
+/// Candidate side, called once the snapshot has arrived and is being read (before the SDK
+/// answers `restored`).
+pub fn on_restore() {
+    if is(Fault::CrashDuringRestore) {
+        tracing::error!("fault crash-during-restore: aborting");
+        std::process::abort();
+    }
+    if is(Fault::HangDuringRestore) {
+        tracing::error!("fault hang-during-restore: never answering restored");
+        // Blocks this thread for good (restore runs on the main task). baton SIGKILLs the
+        // candidate when its restore timeout fires; the SDK's tasks run on the runtime's
+        // workers meanwhile, so a second SIGTERM still exits at once.
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+/// Old-generation side: turns a well-formed snapshot into the armed corruption, or returns
+/// `None` when no snapshot corruption is armed.
+pub fn corrupt_snapshot(good: Vec<u8>) -> Option<Vec<u8>> {
+    if is(Fault::CorruptSnapshot) {
+        return Some(scramble(good));
+    }
+    if is(Fault::TruncateSnapshot) {
+        return Some(halve(good));
+    }
+    None
+}
+
+/// Flips bits in every 7th byte, the first included: `{` becomes `!`, so the result is never
+/// valid JSON whatever the keyspace holds.
+fn scramble(mut bytes: Vec<u8>) -> Vec<u8> {
+    for b in bytes.iter_mut().step_by(7) {
+        *b ^= 0x5a;
+    }
+    bytes
+}
+
+/// The first half: the candidate's parser hits the end of input ("truncated?").
+fn halve(mut bytes: Vec<u8>) -> Vec<u8> {
+    bytes.truncate(bytes.len() / 2);
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corruptions_are_never_valid_json() {
+        // Nothing is armed in unit tests: snapshots pass through untouched.
+        assert_eq!(corrupt_snapshot(b"{}".to_vec()), None);
+        for sample in [
+            &br#"{"version":2,"state":{"entries":[],"stats":{}}}"#[..],
+            br#"{"version":1,"state":{"entries":{"a":"b"}}}"#,
+        ] {
+            let scrambled = scramble(sample.to_vec());
+            assert_eq!(scrambled.len(), sample.len());
+            assert!(serde_json::from_slice::<serde_json::Value>(&scrambled).is_err());
+            let half = halve(sample.to_vec());
+            let err = serde_json::from_slice::<serde_json::Value>(&half).unwrap_err();
+            assert!(err.is_eof(), "{err}");
+        }
+    }
+}

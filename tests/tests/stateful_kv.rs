@@ -1,0 +1,1135 @@
+//! Issue 3: stateful two-phase upgrades of kv-server under `baton run --state`, end to end.
+//!
+//! baton runs `<tmp>/app`, a symlink to one of the wrapper scripts written into the test dir
+//! before baton starts (`kv1.sh` = `exec kv-server --schema 1 "$@"`, `kv2.sh`, and one per
+//! `--fault`). PROGRAM is resolved again at every upgrade, so re-pointing the symlink picks the
+//! next candidate. The scripts are never rewritten while baton runs: a script held open for
+//! writing while baton execs it fails with ETXTBSY.
+//!
+//! The writer clients ([`Writers`]) keep one connection each, send one command at a time and
+//! wait for its reply, and reconnect when the server closes the connection (kv-server closes
+//! idle and paused connections at a command boundary on commit, unless it migrates them). Every
+//! acknowledged write is recorded and checked at the end.
+//!
+//! # Accounting for a command whose reply never came
+//!
+//! When the connection closes after a command was sent and before its reply arrived, the
+//! command is *unanswered*: it may or may not have run. The writer resolves it on the next
+//! connection, before anything else:
+//! - `INCR c{i}`: the writer sends `INCR c{i}` again. Its reply `v` against the last
+//!   acknowledged value `last` tells: `v == last + 1` means the lost INCR never ran;
+//!   `v == last + 1 + k` means `k` lost INCRs ran although their replies were dropped; any
+//!   other value is a skipped or repeated value.
+//! - `SET w{i}:{n} n`: the writer sends `GET w{i}:{n}`: `n` means it ran and the reply was
+//!   dropped, nil means it never ran, and the SET is sent again.
+//!
+//! kv-server's contract (and the design goal) is that a command either runs and its reply is
+//! written before the connection closes, or it does not run at all (held back while quiesced,
+//! then left to the successor). So the number of commands that ran without their reply
+//! reaching the client (`lost_applied`) must be 0; unanswered commands that never ran are
+//! allowed and reported.
+
+use std::collections::BTreeMap;
+use std::hash::{DefaultHasher, Hasher};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use baton_child::protocol::{Status, UpgradeReport, UpgradeResult};
+use baton_tests::harness::{
+    exclusive, generation_pids, kv_server_bin, pid_alive, proc_rss_kb, replace_symlink,
+    wait_pid_gone, which, write_script, Baton, TestDir, UpgradeOutcome,
+};
+use baton_tests::resp::{Reply, RespClient, RespError};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+/// Bound on one client command (connect included). A command sent while the old generation
+/// is quiesced waits for the whole accept gap, which the abort cases stretch to the 2 s
+/// timeouts, so this is far above anything legitimate.
+const CMD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on one status-driven wait (settling, progress after an upgrade).
+const WAIT: Duration = Duration::from_secs(30);
+/// Steps every writer must complete between two upgrades, so that each upgrade happens
+/// under load and the next one starts only once the new generation has served everybody.
+const STEPS_BETWEEN: u64 = 50;
+/// baton is not in the data path and never copies a snapshot: its RSS must stay small
+/// whatever the size of the state handed over.
+const MAX_BATON_RSS_KB: u64 = 20 * 1024;
+
+/// The wrapper scripts, by name: kv-server arguments.
+const SCRIPTS: &[(&str, &str)] = &[
+    ("kv1", "--schema 1"),
+    ("kv2", "--schema 2"),
+    ("kv1-no-adopt", "--schema 1 --no-adopt"),
+    ("kv2-no-adopt", "--schema 2 --no-adopt"),
+    (
+        "kv2-crash-during-restore",
+        "--schema 2 --fault crash-during-restore",
+    ),
+    (
+        "kv2-hang-during-restore",
+        "--schema 2 --fault hang-during-restore",
+    ),
+    (
+        "kv2-corrupt-snapshot",
+        "--schema 2 --fault corrupt-snapshot",
+    ),
+    (
+        "kv2-truncate-snapshot",
+        "--schema 2 --fault truncate-snapshot",
+    ),
+    (
+        "kv2-hang-during-snapshot",
+        "--schema 2 --fault hang-during-snapshot",
+    ),
+];
+
+/// `<dir>/app` and the scripts it can point at.
+struct App {
+    link: PathBuf,
+    dir: PathBuf,
+}
+
+impl App {
+    /// Writes every wrapper script into `dir` and points `app` at `initial`.
+    fn prepare(dir: &TestDir, initial: &str) -> App {
+        let kv = kv_server_bin().unwrap();
+        for (name, args) in SCRIPTS {
+            write_script(
+                &dir.join(format!("{name}.sh")),
+                &format!("#!/bin/sh\nexec '{}' {args} \"$@\"\n", kv.display()),
+            )
+            .unwrap();
+        }
+        let app = App {
+            link: dir.join("app"),
+            dir: dir.path().to_path_buf(),
+        };
+        app.select(initial);
+        app
+    }
+
+    /// Points `app` at `<script>.sh` (atomically).
+    fn select(&self, script: &str) {
+        let target = self.dir.join(format!("{script}.sh"));
+        assert!(target.is_file(), "no wrapper script {}", target.display());
+        replace_symlink(&self.link, &target).unwrap();
+    }
+}
+
+/// Starts `baton run --state --listen kv=127.0.0.1:0 <extra> -- <tmp>/app`, with `app` first
+/// pointing at `initial`.
+async fn start(tag: &str, initial: &str, extra: &[&str]) -> (Baton, App, SocketAddr) {
+    let dir = TestDir::new(tag).unwrap();
+    let app = App::prepare(&dir, initial);
+    let mut args = vec![
+        "--state",
+        "--listen",
+        "kv=127.0.0.1:0",
+        "--drain-timeout",
+        "10s",
+    ];
+    if !extra.contains(&"--ready-timeout") {
+        args.extend(["--ready-timeout", "20s"]);
+    }
+    args.extend_from_slice(extra);
+    let baton = Baton::start_in(dir, args, [&app.link]).await.unwrap();
+    let addr = baton.tcp_addr("kv").await.unwrap();
+    (baton, app, addr)
+}
+
+/// Connects with a bound.
+async fn connect(addr: SocketAddr) -> RespClient<TcpStream> {
+    tokio::time::timeout(CMD_TIMEOUT, RespClient::connect(addr))
+        .await
+        .unwrap_or_else(|_| panic!("connecting to {addr} timed out"))
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"))
+}
+
+/// One command with a bound; the connection must stay up.
+async fn command<A: AsRef<[u8]>>(c: &mut RespClient<TcpStream>, args: &[A]) -> Reply {
+    let shown = args
+        .iter()
+        .map(|a| String::from_utf8_lossy(&a.as_ref()[..a.as_ref().len().min(40)]).into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    tokio::time::timeout(CMD_TIMEOUT, c.command(args))
+        .await
+        .unwrap_or_else(|_| panic!("`{shown}`: no reply within {CMD_TIMEOUT:?}"))
+        .unwrap_or_else(|e| panic!("`{shown}`: {e}"))
+}
+
+/// `INFO` on a fresh connection, as `field -> value`.
+async fn info(addr: SocketAddr) -> BTreeMap<String, String> {
+    let mut c = connect(addr).await;
+    let reply = command(&mut c, &["INFO"]).await;
+    let text = reply
+        .as_bytes()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .unwrap_or_else(|| panic!("INFO answered {reply}"));
+    text.lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// The pid that serves a fresh connection, from `INFO`.
+async fn serving_pid(addr: SocketAddr) -> u32 {
+    let info = info(addr).await;
+    info.get("process_id")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("INFO without process_id: {info:?}"))
+}
+
+/// `baton upgrade --wait`, which must promote a new pid; waits until the old generation has
+/// exited and returns the report.
+async fn upgrade_promoted(baton: &Baton, what: &str) -> UpgradeReport {
+    let before = baton.status().await.unwrap();
+    let old = before.pid.expect("an active generation before the upgrade");
+    let report = match baton.upgrade_wait().await.unwrap() {
+        UpgradeOutcome::Promoted(r) => r,
+        UpgradeOutcome::RolledBack { message } => panic!("{what}: rolled back: {message}"),
+    };
+    assert_eq!(report.result, UpgradeResult::Promoted, "{what}: {report:?}");
+    let new = report
+        .pid
+        .unwrap_or_else(|| panic!("{what}: no pid: {report:?}"));
+    assert_ne!(new, old, "{what}: same pid after promotion");
+    let settled = baton.wait_settled(WAIT).await.unwrap();
+    assert_eq!(generation_pids(&settled), vec![new], "{what}");
+    wait_pid_gone(old, WAIT).await.unwrap();
+    report
+}
+
+/// `baton upgrade --wait`, which must roll back. Checks that the old generation stays active
+/// and the candidate is gone; returns the rollback's `last_upgrade` and the CLI's message.
+async fn upgrade_rolled_back(baton: &Baton, what: &str) -> (UpgradeReport, String) {
+    let before = baton.status().await.unwrap();
+    let old = before.pid.expect("an active generation before the upgrade");
+    let message = match baton.upgrade_wait().await.unwrap() {
+        UpgradeOutcome::RolledBack { message } => message,
+        UpgradeOutcome::Promoted(r) => panic!("{what}: promoted instead of rolled back: {r:?}"),
+    };
+    assert!(!message.is_empty(), "{what}: rollback without a message");
+    let after = baton.status().await.unwrap();
+    let last = after
+        .last_upgrade
+        .clone()
+        .unwrap_or_else(|| panic!("{what}: no last_upgrade after a rollback: {after:?}"));
+    assert_eq!(last.result, UpgradeResult::RolledBack, "{what}: {last:?}");
+    assert_eq!(
+        after.pid,
+        Some(old),
+        "{what}: the old generation must stay active"
+    );
+    assert_eq!(after.generation, before.generation, "{what}");
+    if let Some(candidate) = last.pid {
+        assert_ne!(candidate, old, "{what}");
+        wait_pid_gone(candidate, WAIT).await.unwrap();
+    }
+    let settled = baton.wait_settled(WAIT).await.unwrap();
+    assert_eq!(generation_pids(&settled), vec![old], "{what}");
+    assert!(pid_alive(old), "{what}");
+    (last, message)
+}
+
+fn reason(report: &UpgradeReport) -> String {
+    report.reason.clone().unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------
+// Writers
+// ---------------------------------------------------------------------------------------
+
+/// What one writer did: every acknowledged write and every anomaly.
+#[derive(Debug, Default)]
+struct WriterLog {
+    id: usize,
+    /// Steps completed (one acknowledged INCR and one acknowledged SET each).
+    steps: u64,
+    /// `n` of every `SET w{id}:{n} n` answered `+OK`.
+    acked_sets: Vec<u64>,
+    /// SETs whose reply was lost but that ran (found by GET). Must stay empty.
+    applied_unacked: Vec<u64>,
+    /// The last INCR reply.
+    last_incr: i64,
+    /// Commands sent whose connection closed before the reply.
+    unanswered: u64,
+    /// Of those, how many ran anyway (their reply was dropped). Must be 0.
+    lost_applied: u64,
+    /// Connections the server closed.
+    reconnects: u64,
+    /// INCR replies that skipped or repeated a value.
+    violations: Vec<String>,
+    /// Anything else: resets, refused connections, timeouts, error replies. Fatal.
+    errors: Vec<String>,
+}
+
+/// How one command went.
+enum Sent {
+    Reply(Reply),
+    /// The server closed the connection (clean EOF) before the reply.
+    Lost,
+}
+
+/// Sends one command on the writer's connection (connecting first if needed).
+/// `Err` is fatal for the writer: a reset, a refused connection, a timeout.
+async fn send(
+    conn: &mut Option<RespClient<TcpStream>>,
+    addr: SocketAddr,
+    args: &[&str],
+    log: &mut WriterLog,
+) -> Result<Sent, String> {
+    let c = match conn {
+        Some(c) => c,
+        None => {
+            let c = tokio::time::timeout(CMD_TIMEOUT, RespClient::connect(addr))
+                .await
+                .map_err(|_| format!("connect: no answer within {CMD_TIMEOUT:?}"))?
+                .map_err(|e| format!("connect: {e}"))?;
+            conn.insert(c)
+        }
+    };
+    match tokio::time::timeout(CMD_TIMEOUT, c.command(args)).await {
+        Err(_) => Err(format!("{args:?}: no reply within {CMD_TIMEOUT:?}")),
+        Ok(Ok(Reply::Error(e))) => Err(format!("{args:?}: error reply {e:?}")),
+        Ok(Ok(reply)) => Ok(Sent::Reply(reply)),
+        Ok(Err(RespError::Eof)) => {
+            *conn = None;
+            log.reconnects += 1;
+            Ok(Sent::Lost)
+        }
+        Ok(Err(e)) => Err(format!("{args:?}: {e}")),
+    }
+}
+
+/// One writer: `INCR c{id}` then `SET w{id}:{n} n`, step after step, until `stop`.
+async fn writer(
+    id: usize,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    progress: Arc<AtomicU64>,
+) -> WriterLog {
+    let mut log = WriterLog {
+        id,
+        ..WriterLog::default()
+    };
+    if let Err(e) = writer_loop(id, addr, &stop, &progress, &mut log).await {
+        log.errors.push(e);
+    }
+    log
+}
+
+async fn writer_loop(
+    id: usize,
+    addr: SocketAddr,
+    stop: &AtomicBool,
+    progress: &AtomicU64,
+    log: &mut WriterLog,
+) -> Result<(), String> {
+    let counter = format!("c{id}");
+    let mut conn = None;
+    // INCRs sent whose reply was lost and that are not yet accounted for.
+    let mut incr_unresolved = 0i64;
+    while !stop.load(Ordering::Relaxed) {
+        let n = log.steps + 1;
+
+        // INCR: resend until a reply comes; the reply resolves the lost ones.
+        loop {
+            match send(&mut conn, addr, &["INCR", &counter], log).await? {
+                Sent::Lost => {
+                    log.unanswered += 1;
+                    incr_unresolved += 1;
+                }
+                Sent::Reply(Reply::Integer(v)) => {
+                    let expected = log.last_incr + 1;
+                    let ran_unacked = v - expected;
+                    if (0..=incr_unresolved).contains(&ran_unacked) {
+                        log.lost_applied += u64::try_from(ran_unacked).unwrap_or(0);
+                    } else {
+                        log.violations.push(format!(
+                            "INCR {counter}: reply {v} after {} \
+                             ({incr_unresolved} unanswered before it)",
+                            log.last_incr
+                        ));
+                    }
+                    log.last_incr = v;
+                    incr_unresolved = 0;
+                    break;
+                }
+                Sent::Reply(other) => return Err(format!("INCR {counter}: answered {other}")),
+            }
+        }
+
+        // SET: on a lost reply, GET tells whether it ran; if not, send it again.
+        let key = format!("w{id}:{n}");
+        let value = n.to_string();
+        'set: loop {
+            match send(&mut conn, addr, &["SET", &key, &value], log).await? {
+                Sent::Reply(r) if r.is_ok() => {
+                    log.acked_sets.push(n);
+                    break 'set;
+                }
+                Sent::Reply(other) => return Err(format!("SET {key}: answered {other}")),
+                Sent::Lost => {
+                    log.unanswered += 1;
+                    loop {
+                        match send(&mut conn, addr, &["GET", &key], log).await? {
+                            // A lost GET changes nothing: ask again.
+                            Sent::Lost => {}
+                            Sent::Reply(Reply::Bulk(None)) => continue 'set,
+                            Sent::Reply(Reply::Bulk(Some(v))) if v == value.as_bytes() => {
+                                log.lost_applied += 1;
+                                log.applied_unacked.push(n);
+                                break 'set;
+                            }
+                            Sent::Reply(other) => {
+                                return Err(format!("GET {key} after a lost SET: {other}"))
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        log.steps = n;
+        progress.store(n, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// A set of writer tasks on one address.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    progress: Vec<Arc<AtomicU64>>,
+    tasks: Vec<JoinHandle<WriterLog>>,
+}
+
+impl Writers {
+    fn start(addr: SocketAddr, n: usize) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let progress: Vec<Arc<AtomicU64>> = (0..n).map(|_| Arc::new(AtomicU64::new(0))).collect();
+        let tasks = progress
+            .iter()
+            .enumerate()
+            .map(|(id, p)| tokio::spawn(writer(id, addr, Arc::clone(&stop), Arc::clone(p))))
+            .collect();
+        Writers {
+            stop,
+            progress,
+            tasks,
+        }
+    }
+
+    fn steps(&self) -> Vec<u64> {
+        self.progress
+            .iter()
+            .map(|p| p.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Waits (bounded) until every writer has completed `more` steps from now. Fails at once
+    /// with the writer's log if a writer stopped on an error.
+    async fn wait_progress(&mut self, more: u64, what: &str) {
+        let from = self.steps();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(i) = self.tasks.iter().position(JoinHandle::is_finished) {
+                let log = (&mut self.tasks[i]).await.expect("writer task panicked");
+                panic!("{what}: writer {i} stopped: {log:#?}");
+            }
+            let now = self.steps();
+            if now.iter().zip(&from).all(|(n, f)| *n >= f + more) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: writers did not complete {more} more steps within {WAIT:?}: \
+                 steps then {from:?}, now {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops every writer after its current step and returns the logs.
+    async fn stop(self) -> Vec<WriterLog> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut logs = Vec::new();
+        for t in self.tasks {
+            let log = tokio::time::timeout(CMD_TIMEOUT * 4, t)
+                .await
+                .expect("a writer did not stop")
+                .expect("writer task panicked");
+            logs.push(log);
+        }
+        logs
+    }
+}
+
+/// Totals over every writer, for the report.
+fn totals(logs: &[WriterLog]) -> String {
+    let sum = |f: fn(&WriterLog) -> u64| logs.iter().map(f).sum::<u64>();
+    format!(
+        "{} steps, {} acknowledged SETs, {} reconnects, {} unanswered commands \
+         (resolved as not run: {}), {} ran with their reply dropped",
+        sum(|l| l.steps),
+        sum(|l| l.acked_sets.len() as u64),
+        sum(|l| l.reconnects),
+        sum(|l| l.unanswered),
+        sum(|l| l.unanswered - l.lost_applied),
+        sum(|l| l.lost_applied),
+    )
+}
+
+/// No writer saw an error, a skipped or repeated INCR value, or a dropped reply.
+fn assert_clean(logs: &[WriterLog], what: &str) {
+    for l in logs {
+        assert!(
+            l.errors.is_empty(),
+            "{what}: writer {}: {:?}",
+            l.id,
+            l.errors
+        );
+        assert!(
+            l.violations.is_empty(),
+            "{what}: writer {}: INCR replies skipped or repeated: {:?}",
+            l.id,
+            l.violations
+        );
+        assert_eq!(
+            l.lost_applied, 0,
+            "{what}: writer {}: commands ran but their reply was dropped (SETs: {:?})",
+            l.id, l.applied_unacked
+        );
+        assert!(
+            l.steps > 0,
+            "{what}: writer {} never completed a step",
+            l.id
+        );
+    }
+}
+
+/// Every acknowledged write is in the keyspace, with its value, and nothing else is:
+/// counters equal their last acknowledged INCR, every acknowledged SET key holds its value,
+/// and DBSIZE is exactly the number of counters and acknowledged keys plus `other_keys`.
+async fn verify_writes(addr: SocketAddr, logs: &[WriterLog], other_keys: u64, what: &str) -> u64 {
+    let mut c = connect(addr).await;
+    let mut keys = other_keys;
+    for l in logs {
+        let counter = format!("c{}", l.id);
+        let got = command(&mut c, &["GET", counter.as_str()]).await;
+        let want = l.last_incr.to_string();
+        assert_eq!(
+            got.as_bytes(),
+            Some(want.as_bytes()),
+            "{what}: counter {counter}: got {got}, last acknowledged INCR was {want}"
+        );
+        keys += 1;
+        let acked: Vec<u64> = l
+            .acked_sets
+            .iter()
+            .chain(&l.applied_unacked)
+            .copied()
+            .collect();
+        for chunk in acked.chunks(500) {
+            let mut args = vec!["MGET".to_owned()];
+            args.extend(chunk.iter().map(|n| format!("w{}:{n}", l.id)));
+            let reply = command(&mut c, &args).await;
+            let Reply::Array(Some(values)) = reply else {
+                panic!("{what}: MGET answered {reply}");
+            };
+            assert_eq!(values.len(), chunk.len(), "{what}");
+            for (n, v) in chunk.iter().zip(&values) {
+                let want = n.to_string();
+                assert_eq!(
+                    v.as_bytes(),
+                    Some(want.as_bytes()),
+                    "{what}: acknowledged key w{}:{n} lost or changed: {v}",
+                    l.id
+                );
+            }
+        }
+        keys += acked.len() as u64;
+    }
+    let dbsize = command(&mut c, &["DBSIZE"]).await;
+    assert_eq!(
+        dbsize,
+        Reply::Integer(i64::try_from(keys).unwrap()),
+        "{what}: keys that no client wrote (or lost keys)"
+    );
+    keys
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Thirty stateful upgrades, a schema migration and three refused downgrades under load
+// ---------------------------------------------------------------------------------------
+
+const UPGRADES: usize = 30;
+/// Upgrades 1..=15 run schema 1; upgrade 16 migrates 1 -> 2; the rest run schema 2.
+const FIRST_SCHEMA_2: usize = 16;
+/// Before these upgrades, a downgrade to schema 1 is attempted (and must be refused).
+const DOWNGRADE_BEFORE: [usize; 3] = [18, 23, 28];
+const WRITERS: usize = 8;
+/// Upgrades `5*b+1 ..= 5*b+5` for these `b` start candidates with `--no-adopt`, so that both
+/// ways an old generation leaves its connections are covered: handed over (migration) and
+/// closed at a command boundary (the writers reconnect and resolve unanswered commands).
+const NO_ADOPT_BLOCKS: [usize; 3] = [1, 3, 5];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_stateful_upgrades_lose_no_acknowledged_write() {
+    let _serial = exclusive().await;
+    let started = Instant::now();
+    let (baton, app, addr) = start("kv-writers", "kv1", &[]).await;
+    let first = info(addr).await;
+    assert_eq!(first["kv_schema"], "1", "{first:?}");
+    assert_eq!(first["kv_restored_from_schema"], "none", "{first:?}");
+
+    let mut writers = Writers::start(addr, WRITERS);
+    writers.wait_progress(20, "generation 1").await;
+
+    let mut max_gap = 0f64;
+    let mut gaps = Vec::new();
+    let mut downgrade_reasons = Vec::new();
+    let mut migrated = 0;
+    let mut close_rounds = 0u64;
+    let mut prev_adopt = true;
+    for round in 1..=UPGRADES {
+        if DOWNGRADE_BEFORE.contains(&round) {
+            let what = format!("downgrade to schema 1 before upgrade {round}");
+            let old = baton.status().await.unwrap().pid.unwrap();
+            app.select("kv1");
+            let (last, message) = upgrade_rolled_back(&baton, &what).await;
+            let why = reason(&last);
+            assert!(
+                why.contains("schema"),
+                "{what}: the reason must name the schema: {why:?} (CLI: {message:?})"
+            );
+            downgrade_reasons.push(why);
+            // The old generation resumed: it serves old and new connections.
+            assert_eq!(serving_pid(addr).await, old, "{what}");
+            writers.wait_progress(STEPS_BETWEEN, &what).await;
+        }
+        let schema = if round < FIRST_SCHEMA_2 { "1" } else { "2" };
+        let adopt = !NO_ADOPT_BLOCKS.contains(&((round - 1) / 5));
+        app.select(&format!(
+            "kv{schema}{}",
+            if adopt { "" } else { "-no-adopt" }
+        ));
+        // Connections migrate only when both sides support it; otherwise the old
+        // generation closes them at a command boundary and every writer reconnects.
+        if !(adopt && prev_adopt) {
+            close_rounds += 1;
+        }
+        prev_adopt = adopt;
+        let what = format!("upgrade {round} (schema {schema}, adopt {adopt})");
+        let report = upgrade_promoted(&baton, &what).await;
+        let gap = report.accept_gap_ms.unwrap_or_else(|| {
+            panic!("{what}: no accept_gap_ms in a stateful upgrade: {report:?}")
+        });
+        assert!(
+            report.snapshot_bytes.is_some_and(|b| b > 0),
+            "{what}: {report:?}"
+        );
+        max_gap = max_gap.max(gap);
+        gaps.push(gap);
+        migrated += report.migrated_connections;
+
+        let now = info(addr).await;
+        let restored_from = if round <= FIRST_SCHEMA_2 { "1" } else { "2" };
+        assert_eq!(
+            now["process_id"],
+            report.pid.unwrap().to_string(),
+            "{what}: {now:?}"
+        );
+        assert_eq!(now["kv_schema"], schema, "{what}: {now:?}");
+        assert_eq!(
+            now["kv_restored_from_schema"], restored_from,
+            "{what}: {now:?}"
+        );
+        writers.wait_progress(STEPS_BETWEEN, &what).await;
+    }
+
+    let logs = writers.stop().await;
+    assert_clean(&logs, "after 30 upgrades");
+    let keys = verify_writes(addr, &logs, 0, "after 30 upgrades").await;
+    let t = totals(&logs);
+    let status = baton.status().await.unwrap();
+    gaps.sort_by(f64::total_cmp);
+    println!(
+        "{UPGRADES} stateful upgrades + {} refused downgrades with {WRITERS} writers in {:?}: \
+         {t}; {close_rounds} upgrades closed connections, {migrated} connections migrated; \
+         {keys} keys verified; accept gap ms: median {:.2}, max {max_gap:.2}; \
+         baton rss {} kB; downgrade reasons: {downgrade_reasons:?}",
+        DOWNGRADE_BEFORE.len(),
+        started.elapsed(),
+        gaps[gaps.len() / 2],
+        status.rss_kb,
+    );
+    let reconnects: u64 = logs.iter().map(|l| l.reconnects).sum();
+    // Each writer always holds one connection to the active generation, so an upgrade that
+    // cannot migrate closes exactly one connection per writer, and one that migrates closes
+    // none. More closes mean a connection made after the commit was closed too: one that a
+    // generation which no longer accepts took from the shared queue instead of leaving it to
+    // its successor, or one the new generation dropped.
+    assert_eq!(
+        reconnects,
+        close_rounds * WRITERS as u64,
+        "{close_rounds} upgrades could not migrate and must have closed exactly one \
+         connection per writer ({WRITERS} writers); the rest migrated and must have closed \
+         none. Reconnects per writer: {:?}",
+        logs.iter().map(|l| l.reconnects).collect::<Vec<_>>()
+    );
+    assert!(status.rss_kb < MAX_BATON_RSS_KB, "{status:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Aborted upgrades under load
+// ---------------------------------------------------------------------------------------
+
+/// One abort path.
+struct AbortCase {
+    tag: &'static str,
+    /// The script generation 1 runs.
+    old: &'static str,
+    /// The script the failing upgrade starts.
+    candidate: &'static str,
+    /// Extra `baton run` options (timeouts).
+    extra: &'static [&'static str],
+    /// The rollback reason must contain each of these (lowercased).
+    reason_has: &'static [&'static str],
+}
+
+const ABORT_WRITERS: usize = 4;
+
+/// Runs one abort path under writer load: the upgrade rolls back with a sensible reason, the
+/// old generation keeps serving (old and new connections) with every acknowledged write.
+///
+/// Then, when the fault is on the candidate, a normal upgrade (app pointed back at `kv2`) must
+/// succeed and carry all data over. When the fault is on the old generation (it writes a bad
+/// snapshot or none at all), kv-server's `--fault` fires at every quiesce, so no upgrade out
+/// of that process can succeed: instead a second attempt must abort just as cleanly, which
+/// shows that resume leaves the old generation fully able to quiesce again.
+async fn abort_case(case: AbortCase) {
+    let _serial = exclusive().await;
+    let AbortCase {
+        tag,
+        old,
+        candidate,
+        extra,
+        reason_has,
+    } = case;
+    let (baton, app, addr) = start(tag, old, extra).await;
+    let old_pid = baton.status().await.unwrap().pid.unwrap();
+    let mut writers = Writers::start(addr, ABORT_WRITERS);
+    writers.wait_progress(20, tag).await;
+
+    app.select(candidate);
+    let old_side = old != "kv2";
+    let attempts = if old_side { 2 } else { 1 };
+    let mut reasons = Vec::new();
+    for attempt in 1..=attempts {
+        let what = format!("{tag}: attempt {attempt}");
+        let started = Instant::now();
+        let (last, message) = upgrade_rolled_back(&baton, &what).await;
+        let took = started.elapsed();
+        let why = reason(&last);
+        let lower = why.to_lowercase();
+        for needle in reason_has {
+            assert!(
+                lower.contains(needle),
+                "{what}: reason {why:?} should mention {needle:?} (CLI: {message:?})"
+            );
+        }
+        // The old generation serves again: a fresh connection reaches it, and every writer
+        // (whose connection was paused, not closed) completes more steps.
+        assert_eq!(serving_pid(addr).await, old_pid, "{what}");
+        writers.wait_progress(STEPS_BETWEEN, &what).await;
+        reasons.push(format!(
+            "{why} (rolled back in {took:?}, accept gap {:?} ms)",
+            last.accept_gap_ms
+        ));
+    }
+
+    let mut promoted = None;
+    if !old_side {
+        app.select("kv2");
+        let report =
+            upgrade_promoted(&baton, &format!("{tag}: normal upgrade after the abort")).await;
+        let new_pid = report.pid.unwrap();
+        assert_eq!(serving_pid(addr).await, new_pid, "{tag}");
+        writers.wait_progress(STEPS_BETWEEN, tag).await;
+        promoted = Some(report);
+    }
+
+    let logs = writers.stop().await;
+    assert_clean(&logs, tag);
+    let keys = verify_writes(addr, &logs, 0, tag).await;
+    println!(
+        "{tag}: reasons {reasons:?}; {}; {keys} keys verified; then: {promoted:?}",
+        totals(&logs)
+    );
+}
+
+/// 2a. The candidate aborts after receiving the snapshot, before answering `restored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_candidate_crashes_during_restore() {
+    abort_case(AbortCase {
+        tag: "kv-crash-restore",
+        old: "kv2",
+        candidate: "kv2-crash-during-restore",
+        extra: &[],
+        reason_has: &["exited"],
+    })
+    .await;
+}
+
+/// 2b. The old generation sends a snapshot that is not JSON: the candidate rejects it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_corrupt_snapshot_is_rejected() {
+    abort_case(AbortCase {
+        tag: "kv-corrupt",
+        old: "kv2-corrupt-snapshot",
+        candidate: "kv2",
+        extra: &[],
+        reason_has: &["json"],
+    })
+    .await;
+}
+
+/// 2c. The candidate never answers `restored`: `--restore-timeout` fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_candidate_misses_restore_timeout() {
+    abort_case(AbortCase {
+        tag: "kv-hang-restore",
+        old: "kv2",
+        candidate: "kv2-hang-during-restore",
+        extra: &["--restore-timeout", "2s"],
+        reason_has: &["restore"],
+    })
+    .await;
+}
+
+/// 2d. The old generation sends half of its snapshot: the candidate rejects it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_truncated_snapshot_is_rejected() {
+    abort_case(AbortCase {
+        tag: "kv-truncate",
+        old: "kv2-truncate-snapshot",
+        candidate: "kv2",
+        extra: &[],
+        reason_has: &["truncated"],
+    })
+    .await;
+}
+
+/// 2e. The old generation never sends its snapshot: `--snapshot-timeout` fires, and on
+/// resume the old generation serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_old_generation_hangs_while_snapshotting() {
+    abort_case(AbortCase {
+        tag: "kv-hang-snapshot",
+        old: "kv2-hang-during-snapshot",
+        candidate: "kv2",
+        extra: &["--snapshot-timeout", "2s"],
+        reason_has: &["snapshot"],
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Large state
+// ---------------------------------------------------------------------------------------
+
+/// Size of one large value.
+const LARGE_VALUE: usize = 1 << 20;
+/// SETs per pipelined write while filling.
+const FILL_BATCH: usize = 8;
+
+/// How many MiB of values the large-state test stores: `BATON_TEST_LARGE_MB`, else a default
+/// sized for the CI budget of this file (about 3 minutes on 2 cores, for every test in it).
+///
+/// The issue asks for 1 GiB where memory allows. Measured on the 2-core dev machine, 1 GiB
+/// takes (release build, which is what CI runs) about 12 s for the whole test: fill 2 s,
+/// snapshot 3.6-4.2 s, restore 4.5-5.2 s, two read-backs, and about 3.2 GiB of RSS across
+/// the two kv-server generations at the peak (old keyspace, the memfd, the candidate's
+/// keyspace). A debug build is 5-8 times slower at the JSON (about 57 s for 1 GiB). The
+/// defaults, 512 MiB in release and 128 MiB in debug, keep the test at a few seconds and the
+/// memory within a small CI runner, while the snapshot stays far larger than any socket
+/// buffer and than baton's whole RSS, which is what the test is about. Run it once with
+/// `BATON_TEST_LARGE_MB=1024` for the full-size figures.
+fn large_mb() -> usize {
+    match std::env::var("BATON_TEST_LARGE_MB") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("BATON_TEST_LARGE_MB={v:?} is not a number of MiB")),
+        Err(_) if cfg!(debug_assertions) => 128,
+        Err(_) => 512,
+    }
+}
+
+/// The value of `big:{i}`: letters from a per-key xorshift pattern, repeated, with the key
+/// and block number stamped into every 4 KiB block so that no two blocks (of any key) are
+/// alike. Built with `slice::repeat` and a short loop: cheap even in a debug build.
+fn large_value(i: u64) -> Vec<u8> {
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let pattern: Vec<u8> = (0..256)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b'a' + (x % 26) as u8
+        })
+        .collect();
+    let mut value = pattern.repeat(LARGE_VALUE / pattern.len());
+    for (block, chunk) in value.chunks_mut(4096).enumerate() {
+        let stamp = format!("<{i}:{block}>");
+        chunk[..stamp.len()].copy_from_slice(stamp.as_bytes());
+    }
+    value
+}
+
+/// A digest of one entry (std's SipHash: fast even when this test is a debug build, since
+/// std is always optimised).
+fn digest(key: &[u8], value: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    h.write(key);
+    h.write_usize(value.len());
+    h.write(value);
+    h.finish()
+}
+
+/// Reads every `big:{i}` back on a fresh connection; returns the serving pid and the digests.
+async fn read_large(addr: SocketAddr, count: usize) -> (u32, Vec<u64>) {
+    let pid = serving_pid(addr).await;
+    let mut c = connect(addr).await;
+    let mut digests = Vec::with_capacity(count);
+    for start in (0..count).step_by(FILL_BATCH) {
+        let keys: Vec<String> = (start..(start + FILL_BATCH).min(count))
+            .map(|i| format!("big:{i}"))
+            .collect();
+        let cmds: Vec<Vec<&str>> = keys.iter().map(|k| vec!["GET", k.as_str()]).collect();
+        let replies = tokio::time::timeout(CMD_TIMEOUT, c.pipeline(&cmds))
+            .await
+            .expect("GET batch timed out")
+            .expect("GET batch");
+        for (k, r) in keys.iter().zip(&replies) {
+            let v = r
+                .as_bytes()
+                .unwrap_or_else(|| panic!("GET {k} answered {r}"));
+            digests.push(digest(k.as_bytes(), v));
+        }
+    }
+    (pid, digests)
+}
+
+fn combined(digests: &[u64]) -> u64 {
+    let mut h = DefaultHasher::new();
+    for d in digests {
+        h.write_u64(*d);
+    }
+    h.finish()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_state_survives_a_stateful_upgrade_and_baton_stays_small() {
+    let _serial = exclusive().await;
+    let mb = large_mb();
+    let count = mb * (1 << 20) / LARGE_VALUE;
+    assert!(count > 0, "BATON_TEST_LARGE_MB must be at least 1");
+    // Generous timeouts: the size is configurable, and a debug build is slow at JSON.
+    let (baton, _app, addr) = start(
+        "kv-large",
+        "kv2",
+        &[
+            "--snapshot-timeout",
+            "600s",
+            "--restore-timeout",
+            "600s",
+            "--ready-timeout",
+            "900s",
+        ],
+    )
+    .await;
+
+    let fill_started = Instant::now();
+    let mut c = connect(addr).await;
+    let mut expected = Vec::with_capacity(count);
+    for start in (0..count).step_by(FILL_BATCH) {
+        let batch: Vec<(String, Vec<u8>)> = (start..(start + FILL_BATCH).min(count))
+            .map(|i| (format!("big:{i}"), large_value(i as u64)))
+            .collect();
+        let cmds: Vec<Vec<&[u8]>> = batch
+            .iter()
+            .map(|(k, v)| vec![&b"SET"[..], k.as_bytes(), v.as_slice()])
+            .collect();
+        let replies = tokio::time::timeout(CMD_TIMEOUT, c.pipeline(&cmds))
+            .await
+            .expect("SET batch timed out")
+            .expect("SET batch");
+        for ((k, v), r) in batch.iter().zip(&replies) {
+            assert!(r.is_ok(), "SET {k}: {r}");
+            expected.push(digest(k.as_bytes(), v));
+        }
+    }
+    drop(c);
+    let fill = fill_started.elapsed();
+
+    let check_started = Instant::now();
+    let (old_pid, before) = read_large(addr, count).await;
+    let check = check_started.elapsed();
+    assert_eq!(
+        before, expected,
+        "the values read back differ from those written"
+    );
+    let checksum = combined(&expected);
+
+    // Sample baton's RSS every ~50 ms for the whole upgrade.
+    let baton_pid = baton.pid();
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = tokio::spawn({
+        let sampling = Arc::clone(&sampling);
+        async move {
+            let (mut max, mut samples) = (0u64, 0u64);
+            while sampling.load(Ordering::Relaxed) {
+                if let Ok(kb) = proc_rss_kb(baton_pid) {
+                    max = max.max(kb);
+                    samples += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (max, samples)
+        }
+    });
+
+    let upgrade_started = Instant::now();
+    let out = baton
+        .cli(&["upgrade", "--wait"], Duration::from_secs(1200))
+        .await
+        .unwrap();
+    let upgrade = upgrade_started.elapsed();
+    let status = baton.status().await.unwrap();
+    sampling.store(false, Ordering::Relaxed);
+    let (max_rss, samples) = sampler.await.unwrap();
+    assert!(
+        out.status.success(),
+        "upgrade with {mb} MiB of state failed: {out:?}\nstatus: {status:?}"
+    );
+    let report = status.last_upgrade.clone().expect("last_upgrade");
+    assert_eq!(report.result, UpgradeResult::Promoted, "{report:?}");
+    let new_pid = report.pid.unwrap();
+    assert_ne!(new_pid, old_pid);
+    let snapshot_bytes = report.snapshot_bytes.expect("snapshot_bytes");
+    assert!(
+        snapshot_bytes >= (mb as u64) << 20,
+        "a {snapshot_bytes}-byte snapshot cannot hold {mb} MiB of values: {report:?}"
+    );
+    assert!(report.accept_gap_ms.is_some(), "{report:?}");
+
+    let (pid, after) = read_large(addr, count).await;
+    assert_eq!(
+        pid, new_pid,
+        "the values must be read from the new generation"
+    );
+    let mismatched: Vec<usize> = (0..count).filter(|&i| after[i] != expected[i]).collect();
+    assert!(
+        mismatched.is_empty(),
+        "{} of {count} values changed across the upgrade, e.g. big:{:?}",
+        mismatched.len(),
+        &mismatched[..mismatched.len().min(10)]
+    );
+    assert_eq!(combined(&after), checksum);
+    let info = info(addr).await;
+    assert_eq!(info["keys"], count.to_string(), "{info:?}");
+
+    println!(
+        "large state: {mb} MiB in {count} values of {LARGE_VALUE} bytes; fill {fill:?} \
+         ({:.0} MiB/s), read back + checksum {check:?}; checksum {checksum:016x}; \
+         upgrade {upgrade:?}: snapshot {snapshot_bytes} bytes in {:?} ms, restore {:?} ms, \
+         accept gap {:?} ms, duration {} ms; baton RSS max {max_rss} kB over {samples} samples, \
+         status.rss_kb {}",
+        mb as f64 / fill.as_secs_f64(),
+        report.snapshot_ms,
+        report.restore_ms,
+        report.accept_gap_ms,
+        report.duration_ms,
+        status.rss_kb,
+    );
+    assert!(
+        samples >= 1,
+        "baton's RSS was never sampled during the upgrade"
+    );
+    assert!(
+        max_rss < MAX_BATON_RSS_KB,
+        "baton's VmRSS reached {max_rss} kB during the upgrade"
+    );
+    assert!(
+        status.rss_kb < MAX_BATON_RSS_KB,
+        "status.rss_kb = {}",
+        status.rss_kb
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. The README walkthrough with redis-cli
+// ---------------------------------------------------------------------------------------
+
+/// `redis-cli -h 127.0.0.1 -p PORT <args>`, bounded; returns its trimmed stdout.
+async fn redis_cli(cli: &Path, port: u16, args: &[&str]) -> String {
+    let out = tokio::time::timeout(
+        CMD_TIMEOUT,
+        tokio::process::Command::new(cli)
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("redis-cli {args:?} timed out"))
+    .unwrap_or_else(|e| panic!("running redis-cli: {e}"));
+    assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_walkthrough_with_redis_cli_and_sighup() {
+    let Some(cli) = which("redis-cli") else {
+        eprintln!(
+            "SKIPPED readme_walkthrough_with_redis_cli_and_sighup: redis-cli is not in PATH \
+             (scripts/install-test-deps installs redis-tools)"
+        );
+        return;
+    };
+    let _serial = exclusive().await;
+    let (baton, _app, addr) = start("kv-readme", "kv2", &[]).await;
+    let port = addr.port();
+    let before: Status = baton.status().await.unwrap();
+    let old_pid = before.pid.unwrap();
+
+    assert_eq!(redis_cli(&cli, port, &["SET", "a", "1"]).await, "OK");
+    baton.hup().unwrap();
+    let target = before.generation + 1;
+    let after = baton
+        .wait_for("the SIGHUP upgrade to be promoted and settle", WAIT, |s| {
+            s.generation == target
+                && !s.upgrading
+                && s.generations.len() == 1
+                && s.last_upgrade
+                    .as_ref()
+                    .is_some_and(|u| u.generation == target && u.result == UpgradeResult::Promoted)
+        })
+        .await
+        .unwrap();
+    let new_pid = after.pid.unwrap();
+    assert_ne!(new_pid, old_pid);
+    assert_eq!(redis_cli(&cli, port, &["GET", "a"]).await, "1");
+    let info = redis_cli(&cli, port, &["INFO", "server"]).await;
+    assert!(
+        info.lines()
+            .any(|l| l.trim() == format!("process_id:{new_pid}")),
+        "GET was not answered by the new generation {new_pid}: {info}"
+    );
+}
