@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Supervise PROGRAM: bind the listeners, start it, upgrade it on SIGHUP.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the generations, the last upgrade and the listeners.
     Status {
         /// Print JSON instead of text.

@@ -269,7 +269,7 @@ mod tests {
         let mut v = vec!["baton", "run"];
         v.extend_from_slice(args);
         match crate::cli::Cli::try_parse_from(v).unwrap().command {
-            crate::cli::Command::Run(a) => RunConfig::from_args(a),
+            crate::cli::Command::Run(a) => RunConfig::from_args(*a),
             _ => unreachable!(),
         }
     }

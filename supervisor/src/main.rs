@@ -48,7 +48,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Status { json, control } => client(|| status(control.control, json)),
         Command::Upgrade { wait, control } => client(|| upgrade(control.control, wait)),
         Command::Stop { control } => client(|| stop(control.control)),
@@ -87,6 +87,12 @@ fn run(args: RunArgs) -> ExitCode {
         unix_mode: Some(cfg.unix_mode),
     };
     let listeners = match listeners::open_all(&cfg.listen, opts) {
+        Ok(l) if l.is_empty() => {
+            // Without sockets held by baton, each generation would bind its own and
+            // upgrades could not be seamless.
+            eprintln!("baton: error: no listeners: give --listen NAME=ADDR, or start baton with socket activation (LISTEN_FDS)");
+            return ExitCode::from(EXIT_USAGE);
+        }
         Ok(l) => l,
         Err(e) => {
             eprintln!("baton: error: {e}");

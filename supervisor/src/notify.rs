@@ -142,8 +142,13 @@ impl SystemdOut {
     /// Sends `msg` with fds attached (for `FDSTORE=1`).
     pub fn send_fds(&self, msg: &str, fds: &[BorrowedFd<'_>]) {
         if let Some(addr) = &self.addr {
-            if let Err(e) = sys::send_notify(addr, msg.as_bytes(), fds) {
-                tracing::warn!(error = %e, "sd_notify failed");
+            match sys::send_notify(addr, msg.as_bytes(), fds) {
+                Ok(()) => {}
+                // systemd itself going away (shutdown) is not baton's problem.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    tracing::debug!(error = %e, "sd_notify failed");
+                }
+                Err(e) => tracing::warn!(error = %e, "sd_notify failed"),
             }
         }
     }

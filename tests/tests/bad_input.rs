@@ -130,3 +130,22 @@ async fn program_not_in_path() {
 async fn no_program_at_all() {
     expect_usage_error(&["--listen", "http=127.0.0.1:0"], &[], "PROGRAM").await;
 }
+
+#[tokio::test]
+async fn no_listener_at_all() {
+    // Each generation would bind its own socket: no seamless upgrade is possible.
+    expect_usage_error(&[], &[&hello()], "--listen").await;
+}
+
+#[tokio::test]
+async fn malformed_config_file_names_the_line() {
+    let dir = TestDir::new("bad-config").unwrap();
+    let cfg = dir.join("baton.toml");
+    fs::write(
+        &cfg,
+        "listen = [\"http=127.0.0.1:0\"]\ndrain_timeout = 30\n",
+    )
+    .unwrap();
+    let out = expect_usage_error(&["--config", cfg.to_str().unwrap()], &[&hello()], "line 2").await;
+    assert!(out.stderr.contains("baton.toml"), "{}", out.stderr);
+}
