@@ -10,8 +10,8 @@ use crate::control::{self, ControlTx, Dispatch};
 use crate::drain::{self, Drain, DrainTrigger};
 use crate::env::Env;
 use crate::error::{Error, Result};
-use crate::listeners::Listeners;
-use crate::migrate::{AdoptRoutes, Migrator, TcpIncoming};
+use crate::listeners::{ListenerKind, Listeners};
+use crate::migrate::{AdoptRoutes, Migrator, TcpIncoming, UnixIncoming};
 use crate::notify::Notifier;
 use crate::protocol::{ChildMsg, Feature, PROTOCOL_VERSION};
 use crate::state::{StateHandle, StateMsg};
@@ -49,8 +49,8 @@ impl Builder {
     }
 
     /// Announces the `adopt` feature: connections the previous generation
-    /// hands over arrive through [`Baton::tcp_incoming`], next to fresh
-    /// accepts.
+    /// hands over arrive through [`Baton::tcp_incoming`] or
+    /// [`Baton::unix_incoming`], next to fresh accepts.
     pub fn adopt(mut self) -> Self {
         if !self.features.contains(&Feature::Adopt) {
             self.features.push(Feature::Adopt);
@@ -235,6 +235,35 @@ impl Baton {
         self.listeners.names()
     }
 
+    /// The kind of the inherited listener called `name` that the next
+    /// `*_listener` / `*_incoming` call for `name` would take; `None` when
+    /// none of that name is left (not inherited, or taken). Lets an app serve
+    /// a listener as whatever the operator configured (`--listen
+    /// kv=127.0.0.1:6379` or `--listen kv=unix:/run/kv.sock`) and use its
+    /// own fallback only when standalone.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn f(baton: &mut baton_child::Baton) -> Result<(), baton_child::Error> {
+    /// use baton_child::ListenerKind;
+    /// match baton.inherited_kind("kv") {
+    ///     Some(ListenerKind::Unix) => {
+    ///         let unix = baton.unix_incoming("kv", "/run/kv.sock")?;
+    ///         # drop(unix);
+    ///     }
+    ///     _ => {
+    ///         // TCP, or standalone: the fallback is TCP.
+    ///         let tcp = baton.tcp_incoming("kv", "127.0.0.1:6379")?;
+    ///         # drop(tcp);
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn inherited_kind(&self, name: &str) -> Option<ListenerKind> {
+        self.listeners.kind(name)
+    }
+
     /// The TCP listener called `name`: the inherited one, or else `fallback`
     /// freshly bound (with `SO_REUSEADDR`).
     ///
@@ -408,5 +437,38 @@ impl Baton {
         let listener = self.tcp_listener(name, fallback)?;
         let adopted = self.adopt.as_ref().and_then(|r| r.take(name));
         Ok(TcpIncoming::new(name, listener, adopted))
+    }
+
+    /// The Unix stream listener called `name` (as
+    /// [`unix_listener`](Self::unix_listener)) merged with the connections
+    /// the previous generation hands over on that listener, if
+    /// [`Builder::adopt`] was announced.
+    ///
+    /// # Errors
+    ///
+    /// As [`unix_listener`](Self::unix_listener).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), baton_child::Error> {
+    /// let mut baton = baton_child::Baton::builder().adopt().from_env()?;
+    /// let mut incoming = baton.unix_incoming("kv", "/run/kv/kv.sock")?;
+    /// baton.ready()?;
+    /// while let Ok(conn) = incoming.accept().await {
+    ///     // As with TCP: conn.stream yields the bytes the previous
+    ///     // generation had read first; conn.adopted carries its metadata.
+    ///     # drop(conn);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn unix_incoming(
+        &mut self,
+        name: &str,
+        fallback: impl AsRef<Path>,
+    ) -> Result<UnixIncoming> {
+        let listener = self.unix_listener(name, fallback)?;
+        let adopted = self.adopt.as_ref().and_then(|r| r.take(name));
+        Ok(UnixIncoming::new(name, listener, adopted))
     }
 }

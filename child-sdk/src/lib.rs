@@ -22,8 +22,9 @@
 //!   [`StateHandle`]): a versioned snapshot in a sealed memfd, restored (and
 //!   migrated from older schema versions) by the next generation;
 //! - connection migration ([`Builder::adopt`], [`Baton::tcp_incoming`],
-//!   [`Baton::migrator`]): live connections move to the next generation at a
-//!   request boundary, with the bytes already read.
+//!   [`Baton::unix_incoming`], [`Baton::migrator`]): live TCP and Unix
+//!   stream connections move to the next generation at a request boundary,
+//!   with the bytes already read.
 //!
 //! The wire protocol is in [`protocol`] (types) and [`wire`] (framing), and
 //! is described for other languages in `PROTOCOL.md`.
@@ -50,5 +51,6 @@ pub use crate::conns::{ConnGuard, Connections};
 pub use crate::drain::{Drain, DrainCause, DrainInfo};
 pub use crate::env::Env;
 pub use crate::error::{Error, Result};
-pub use crate::migrate::{Accepted, Migrator, PrefixedStream, TcpIncoming};
+pub use crate::listeners::ListenerKind;
+pub use crate::migrate::{Accepted, Migrator, PrefixedStream, TcpIncoming, UnixIncoming};
 pub use crate::state::{StateEvent, StateHandle};

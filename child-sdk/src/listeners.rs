@@ -17,6 +17,24 @@ pub(crate) struct Listeners {
     entries: Vec<(String, Option<OwnedFd>)>,
 }
 
+/// What kind of socket an inherited listener is (see
+/// [`Baton::inherited_kind`](crate::Baton::inherited_kind)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ListenerKind {
+    /// A TCP stream socket (IPv4 or IPv6): take it with
+    /// [`Baton::tcp_incoming`](crate::Baton::tcp_incoming) or
+    /// [`Baton::tcp_listener`](crate::Baton::tcp_listener).
+    Tcp,
+    /// A Unix stream socket: take it with
+    /// [`Baton::unix_incoming`](crate::Baton::unix_incoming) or
+    /// [`Baton::unix_listener`](crate::Baton::unix_listener).
+    Unix,
+    /// Anything else (a datagram socket, a FIFO, ...): only
+    /// [`Baton::take_listener_fd`](crate::Baton::take_listener_fd) takes it.
+    Other,
+}
+
 /// The socket a caller wants.
 #[derive(Debug, Clone, Copy)]
 enum Want {
@@ -33,6 +51,27 @@ impl Listeners {
 
     pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// The kind of the listener [`take`](Self::take) would return for
+    /// `name`; `None` when there is none left of that name.
+    pub(crate) fn kind(&self, name: &str) -> Option<ListenerKind> {
+        let fd = self
+            .entries
+            .iter()
+            .filter(|(n, _)| n == name)
+            .find_map(|(_, fd)| fd.as_ref())?;
+        // Not a socket at all (or unreadable): `Other`; taking it reports why.
+        let Ok(info) = sys::socket_info(fd.as_fd()) else {
+            return Some(ListenerKind::Other);
+        };
+        Some(match (info.ty, info.family) {
+            (SockType::Stream, Some(AddressFamily::Inet | AddressFamily::Inet6)) => {
+                ListenerKind::Tcp
+            }
+            (SockType::Stream, Some(AddressFamily::Unix)) => ListenerKind::Unix,
+            _ => ListenerKind::Other,
+        })
     }
 
     /// Takes the first untaken inherited listener called `name`.
@@ -223,6 +262,30 @@ mod tests {
             ls.unix("admin", &dir.join("s")),
             Err(Error::InheritedFd { .. })
         ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn kind_of_an_inherited_listener_by_name() {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dir = tmpdir("kindof");
+        let unix = std::os::unix::net::UnixListener::bind(dir.join("s")).unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let mut ls = Listeners::new(vec![
+            ("web".to_owned(), OwnedFd::from(tcp)),
+            ("kv".to_owned(), OwnedFd::from(unix)),
+            ("dns".to_owned(), OwnedFd::from(udp)),
+            ("odd".to_owned(), OwnedFd::from(file)),
+        ]);
+        assert_eq!(ls.kind("web"), Some(ListenerKind::Tcp));
+        assert_eq!(ls.kind("kv"), Some(ListenerKind::Unix));
+        assert_eq!(ls.kind("dns"), Some(ListenerKind::Other));
+        assert_eq!(ls.kind("odd"), Some(ListenerKind::Other));
+        assert_eq!(ls.kind("nope"), None);
+        // Once taken, there is nothing left to describe.
+        ls.unix("kv", &dir.join("unused")).unwrap();
+        assert_eq!(ls.kind("kv"), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -1,5 +1,7 @@
 //! Connection migration: the old generation hands live connections over
 //! (`migrate`), the new one adopts them (`adopt`) next to fresh accepts.
+//! TCP and Unix stream connections both work: the hand-over is an fd, and the
+//! adopting side checks it is a connected stream of its listener's kind.
 
 use std::collections::HashMap;
 use std::io;
@@ -9,8 +11,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use base64::Engine;
+use nix::sys::socket::{AddressFamily, SockType};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 use crate::control::ControlTx;
@@ -27,7 +30,8 @@ pub(crate) struct AdoptedConn {
 }
 
 /// Per listener name, the channel adopted connections wait in until the app
-/// takes the receiving side with [`Baton::tcp_incoming`](crate::Baton::tcp_incoming).
+/// takes the receiving side with [`Baton::tcp_incoming`](crate::Baton::tcp_incoming)
+/// or [`Baton::unix_incoming`](crate::Baton::unix_incoming).
 #[derive(Debug, Default, Clone)]
 pub(crate) struct AdoptRoutes {
     inner: Arc<Mutex<HashMap<String, Route>>>,
@@ -143,6 +147,39 @@ impl Migrator {
         self.hand_over(OwnedFd::from(std), listener, buffered, meta)
             .await
     }
+
+    /// [`hand_over`](Self::hand_over) for a tokio Unix stream.
+    ///
+    /// # Errors
+    ///
+    /// As [`hand_over`](Self::hand_over), or [`Error::Io`] if the stream
+    /// cannot be taken out of tokio.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # use baton_child::{Baton, Error};
+    /// # async fn f(baton: &Baton, conn: tokio::net::UnixStream) -> Result<(), Error> {
+    /// // At a request boundary, with nothing read that was not processed:
+    /// baton
+    ///     .migrator()
+    ///     .hand_over_unix(conn, "admin", b"", serde_json::json!({"user": "alice"}))
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn hand_over_unix(
+        &self,
+        stream: UnixStream,
+        listener: &str,
+        buffered: &[u8],
+        meta: serde_json::Value,
+    ) -> Result<()> {
+        let std = stream
+            .into_std()
+            .map_err(|e| Error::io("taking the connection out of tokio", e))?;
+        self.hand_over(OwnedFd::from(std), listener, buffered, meta)
+            .await
+    }
 }
 
 /// A stream that first yields bytes read earlier (by the previous
@@ -228,119 +265,265 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for PrefixedStream<S> {
     }
 }
 
-/// A connection from [`TcpIncoming::accept`].
+/// A connection from [`TcpIncoming`] or [`UnixIncoming`] (`S` is the
+/// tokio stream type: [`TcpStream`] by default, or
+/// [`UnixStream`](tokio::net::UnixStream)).
 #[derive(Debug)]
-pub struct Accepted {
+pub struct Accepted<S = TcpStream> {
     /// The connection; for an adopted one, the bytes the previous generation
     /// had read come first.
-    pub stream: PrefixedStream<TcpStream>,
+    pub stream: PrefixedStream<S>,
     /// `Some(meta)` when the connection was adopted from the previous
     /// generation (`meta` is what it sent), `None` when freshly accepted.
     pub adopted: Option<serde_json::Value>,
 }
 
-/// Fresh connections from a listener merged with connections adopted from
-/// the previous generation (see [`Baton::tcp_incoming`](crate::Baton::tcp_incoming)).
-#[derive(Debug)]
-pub struct TcpIncoming {
-    name: String,
-    listener: Option<TcpListener>,
-    adopted: Option<mpsc::UnboundedReceiver<AdoptedConn>>,
+/// A stream type an adopted fd can become, after checking the fd is one.
+trait Adoptable: Sized {
+    /// What the fd must be, for the log when it is not.
+    const WHAT: &'static str;
+    /// Whether a socket of address family `family` can be this kind.
+    fn family_ok(family: Option<AddressFamily>) -> bool;
+    /// Registers the checked, non-blocking fd with tokio.
+    fn register(fd: OwnedFd) -> io::Result<Self>;
 }
 
-impl TcpIncoming {
-    pub(crate) fn new(
-        name: &str,
-        listener: TcpListener,
-        adopted: Option<mpsc::UnboundedReceiver<AdoptedConn>>,
-    ) -> Self {
-        TcpIncoming {
-            name: name.to_owned(),
-            listener: Some(listener),
-            adopted,
-        }
+impl Adoptable for TcpStream {
+    const WHAT: &'static str = "a connected TCP stream";
+    fn family_ok(family: Option<AddressFamily>) -> bool {
+        matches!(family, Some(AddressFamily::Inet | AddressFamily::Inet6))
     }
-
-    /// The listener, while accepting.
-    pub fn listener(&self) -> Option<&TcpListener> {
-        self.listener.as_ref()
-    }
-
-    /// Stops accepting: closes this process's listener fd (the socket stays
-    /// open in the supervisor and the other generations) and stops adopting.
-    pub fn stop(&mut self) {
-        self.listener = None;
-        self.adopted = None;
-    }
-
-    /// The next connection, fresh or adopted. Cancel-safe. Never resolves
-    /// after [`stop`](Self::stop).
-    ///
-    /// # Errors
-    ///
-    /// The `accept` error (e.g. `EMFILE`); the caller decides whether to
-    /// back off. An adopted fd that is not a connected TCP socket is logged
-    /// and skipped.
-    pub async fn accept(&mut self) -> io::Result<Accepted> {
-        loop {
-            let adopted = async {
-                match &mut self.adopted {
-                    Some(rx) => rx.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            let fresh = async {
-                match &self.listener {
-                    Some(l) => l.accept().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                res = fresh => {
-                    let (stream, _) = res?;
-                    return Ok(Accepted { stream: PrefixedStream::new(Vec::new(), stream), adopted: None });
-                }
-                conn = adopted => {
-                    let Some(conn) = conn else {
-                        self.adopted = None;
-                        continue;
-                    };
-                    match adopted_tcp(conn.fd) {
-                        Ok(stream) => {
-                            tracing::debug!(listener = %self.name, buffered = conn.buffered.len(), "adopted a connection");
-                            return Ok(Accepted {
-                                stream: PrefixedStream::new(conn.buffered, stream),
-                                adopted: Some(conn.meta),
-                            });
-                        }
-                        Err(e) => tracing::warn!(listener = %self.name, error = %e, "skipping an unusable adopted connection"),
-                    }
-                }
-            }
-        }
+    fn register(fd: OwnedFd) -> io::Result<Self> {
+        TcpStream::from_std(std::net::TcpStream::from(fd))
     }
 }
 
-/// Checks an adopted fd is a connected TCP stream and registers it.
-fn adopted_tcp(fd: OwnedFd) -> io::Result<TcpStream> {
-    use nix::sys::socket::{AddressFamily, SockType};
+impl Adoptable for UnixStream {
+    const WHAT: &'static str = "a connected Unix stream";
+    fn family_ok(family: Option<AddressFamily>) -> bool {
+        family == Some(AddressFamily::Unix)
+    }
+    fn register(fd: OwnedFd) -> io::Result<Self> {
+        UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
+    }
+}
+
+/// Checks an adopted fd is a connected stream socket of kind `S` and
+/// registers it.
+fn adopted_stream<S: Adoptable>(fd: OwnedFd) -> io::Result<S> {
     let info = sys::socket_info(fd.as_fd())?;
-    if info.ty != SockType::Stream
-        || info.listening
-        || !matches!(
-            info.family,
-            Some(AddressFamily::Inet | AddressFamily::Inet6)
-        )
-    {
+    let connected = info.ty == SockType::Stream
+        && !info.listening
+        && S::family_ok(info.family)
+        && sys::has_peer(fd.as_fd())?;
+    if !connected {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("not a connected TCP stream: {info:?}"),
+            format!("not {}: {info:?}", S::WHAT),
         ));
     }
     // The previous owner closed its copy after sending, so nobody else uses
     // this open file description.
     sys::ensure_nonblocking(fd.as_fd())?;
-    TcpStream::from_std(std::net::TcpStream::from(fd))
+    S::register(fd)
+}
+
+/// The connections handed over for one listener, as the app takes them.
+#[derive(Debug)]
+struct AdoptQueue {
+    name: String,
+    /// `None` when this process does not adopt, or stopped.
+    rx: Option<mpsc::UnboundedReceiver<AdoptedConn>>,
+}
+
+impl AdoptQueue {
+    /// The next usable adopted connection, waiting for one; `None` once none
+    /// can come. Cancel-safe: a connection is only taken off the channel in
+    /// the poll that returns it.
+    async fn next<S: Adoptable>(&mut self) -> Option<Accepted<S>> {
+        loop {
+            let rx = self.rx.as_mut()?;
+            let Some(conn) = rx.recv().await else {
+                self.rx = None;
+                return None;
+            };
+            if let Some(accepted) = self.check(conn) {
+                return Some(accepted);
+            }
+        }
+    }
+
+    /// The next usable adopted connection already queued, without waiting.
+    fn try_next<S: Adoptable>(&mut self) -> Option<Accepted<S>> {
+        loop {
+            let rx = self.rx.as_mut()?;
+            match rx.try_recv() {
+                Ok(conn) => {
+                    if let Some(accepted) = self.check(conn) {
+                        return Some(accepted);
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => return None,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.rx = None;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// An unusable fd is logged and dropped: it cannot be served, and the
+    /// peer (if any) sees the close.
+    fn check<S: Adoptable>(&self, conn: AdoptedConn) -> Option<Accepted<S>> {
+        match adopted_stream::<S>(conn.fd) {
+            Ok(stream) => {
+                tracing::debug!(
+                    listener = %self.name,
+                    buffered = conn.buffered.len(),
+                    "adopted a connection"
+                );
+                Some(Accepted {
+                    stream: PrefixedStream::new(conn.buffered, stream),
+                    adopted: Some(conn.meta),
+                })
+            }
+            Err(e) => {
+                tracing::warn!(
+                    listener = %self.name,
+                    error = %e,
+                    "skipping an unusable adopted connection"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Defines `TcpIncoming` and `UnixIncoming`, which differ only in the socket
+/// types, so that their behaviour (and documentation) cannot drift apart.
+macro_rules! incoming {
+    (
+        $(#[$doc:meta])*
+        $name:ident, $listener:ty, $stream:ty
+    ) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $name {
+            listener: Option<$listener>,
+            adopted: AdoptQueue,
+        }
+
+        impl $name {
+            pub(crate) fn new(
+                name: &str,
+                listener: $listener,
+                adopted: Option<mpsc::UnboundedReceiver<AdoptedConn>>,
+            ) -> Self {
+                $name {
+                    listener: Some(listener),
+                    adopted: AdoptQueue {
+                        name: name.to_owned(),
+                        rx: adopted,
+                    },
+                }
+            }
+
+            /// The listener, while accepting.
+            pub fn listener(&self) -> Option<&$listener> {
+                self.listener.as_ref()
+            }
+
+            /// Whether connections handed over by the previous generation
+            /// arrive here (the `adopt` feature was announced, a supervisor
+            /// is there, and [`stop`](Self::stop) was not called).
+            pub fn adopts(&self) -> bool {
+                self.adopted.rx.is_some()
+            }
+
+            /// Stops accepting: closes this process's listener fd (the
+            /// socket stays open in the supervisor and the other
+            /// generations) and stops adopting. Adopted connections not
+            /// taken yet are closed as their fds drop; to serve them (or
+            /// close them at a request boundary), take them first with
+            /// [`try_accept_adopted`](Self::try_accept_adopted).
+            pub fn stop(&mut self) {
+                self.listener = None;
+                self.adopted.rx = None;
+            }
+
+            /// The next connection, fresh or adopted. Cancel-safe. Never
+            /// resolves after [`stop`](Self::stop).
+            ///
+            /// # Errors
+            ///
+            /// The `accept` error (e.g. `EMFILE`); the caller decides
+            /// whether to back off. An adopted fd that is not a connected
+            /// stream socket of this kind is logged and skipped.
+            pub async fn accept(&mut self) -> io::Result<Accepted<$stream>> {
+                let fresh = async {
+                    match &self.listener {
+                        Some(l) => l.accept().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    res = fresh => {
+                        let (stream, _) = res?;
+                        let stream = PrefixedStream::new(Vec::new(), stream);
+                        Ok(Accepted { stream, adopted: None })
+                    }
+                    Some(accepted) = self.adopted.next::<$stream>() => Ok(accepted),
+                }
+            }
+
+            /// The next connection handed over by the previous generation,
+            /// waiting for one; never a fresh one from the listener.
+            /// Cancel-safe. `None` when none can come: see
+            /// [`adopts`](Self::adopts).
+            pub async fn accept_adopted(&mut self) -> Option<Accepted<$stream>> {
+                self.adopted.next().await
+            }
+
+            /// An adopted connection that has already arrived, without
+            /// waiting; never a fresh one. `None` when none is queued.
+            ///
+            /// For a drain: once the drain (or commit) message is seen,
+            /// every connection the supervisor handed to this process is
+            /// queued already (it relays them on the same control stream,
+            /// before the drain), so taking them until `None` gets them
+            /// all, to hand on or close at a request boundary, while fresh
+            /// connections stay in the kernel queue for the successor.
+            ///
+            /// # Example
+            ///
+            /// ```no_run
+            #[doc = concat!("# async fn f(mut incoming: baton_child::", stringify!($name), ") {")]
+            /// while let Some(conn) = incoming.try_accept_adopted() {
+            ///     // Serve `conn` to its next request boundary, then close it
+            ///     // or hand it on.
+            ///     # drop(conn);
+            /// }
+            /// incoming.stop();
+            /// # }
+            /// ```
+            pub fn try_accept_adopted(&mut self) -> Option<Accepted<$stream>> {
+                self.adopted.try_next()
+            }
+        }
+    };
+}
+
+incoming! {
+    /// Fresh TCP connections from a listener merged with connections adopted
+    /// from the previous generation (see [`Baton::tcp_incoming`](crate::Baton::tcp_incoming)).
+    TcpIncoming, TcpListener, TcpStream
+}
+
+incoming! {
+    /// Fresh Unix stream connections from a listener merged with connections
+    /// adopted from the previous generation (see
+    /// [`Baton::unix_incoming`](crate::Baton::unix_incoming)).
+    UnixIncoming, UnixListener, UnixStream
 }
 
 #[cfg(test)]
@@ -439,7 +622,7 @@ mod tests {
         let mut r = FrameReader::new();
         recv(&mut r, &sup).await;
         let incoming = plain.tcp_incoming("http", "127.0.0.1:0").unwrap();
-        assert!(incoming.adopted.is_none());
+        assert!(!incoming.adopts());
         // Standalone: there is nobody to hand over to.
         let standalone = Baton::builder()
             .handle_signals(false)
@@ -453,6 +636,234 @@ mod tests {
                 .await,
             Err(Error::ControlClosed)
         ));
+    }
+
+    fn tmpdir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("baton-migrate-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// The Unix counterpart of `a_live_connection_moves_between_generations`:
+    /// through the real control sockets, with a half-read request and
+    /// metadata, onto a listener the new generation binds itself.
+    #[tokio::test]
+    async fn a_live_unix_connection_moves_between_generations() {
+        let dir = tmpdir("unix-move");
+        let (old, old_sup) = child(Baton::builder(), 1);
+        let (mut new, new_sup) = child(Baton::builder().adopt(), 2);
+        let (mut old_r, mut new_r) = (FrameReader::new(), FrameReader::new());
+        recv(&mut old_r, &old_sup).await;
+        recv(&mut new_r, &new_sup).await;
+        let mut incoming = new.unix_incoming("kv", dir.join("new.sock")).unwrap();
+        assert!(incoming.adopts());
+
+        // The old generation's listener and connection, with half a command read.
+        let listener = UnixListener::bind(dir.join("old.sock")).unwrap();
+        let mut client = UnixStream::connect(dir.join("old.sock")).await.unwrap();
+        let (mut server_side, _) = listener.accept().await.unwrap();
+        client.write_all(b"*1\r\n$4\r\nPI").await.unwrap();
+        let mut head = [0u8; 10];
+        server_side.read_exact(&mut head).await.unwrap();
+        old.migrator()
+            .hand_over_unix(server_side, "kv", &head, serde_json::json!({"name": "c1"}))
+            .await
+            .unwrap();
+        drop(listener);
+
+        let (msg, mut fds) = recv(&mut old_r, &old_sup).await;
+        let ChildMsg::Migrate {
+            fds: 1,
+            listener,
+            buffered,
+            meta,
+        } = msg
+        else {
+            panic!("expected migrate, got {msg:?}");
+        };
+        assert_eq!(listener, "kv");
+        let fd = fds.remove(0);
+        send(
+            &new_sup,
+            &SupervisorMsg::Adopt {
+                fds: 1,
+                listener,
+                buffered,
+                meta,
+            },
+            Some(&fd),
+        )
+        .await;
+        drop(fd);
+
+        // Only adopted connections: the adopted one comes, although a fresh
+        // client waits on the new listener too.
+        let _fresh = UnixStream::connect(dir.join("new.sock")).await.unwrap();
+        let conn = tokio::time::timeout(BOUND, incoming.accept_adopted())
+            .await
+            .unwrap()
+            .expect("adopted connection");
+        assert_eq!(conn.adopted, Some(serde_json::json!({"name": "c1"})));
+        let mut stream = conn.stream;
+        client.write_all(b"NG\r\n").await.unwrap();
+        let mut got = [0u8; 14];
+        stream.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"*1\r\n$4\r\nPING\r\n");
+        stream.write_all(b"+PONG\r\n").await.unwrap();
+        let mut pong = [0u8; 7];
+        client.read_exact(&mut pong).await.unwrap();
+        assert_eq!(&pong, b"+PONG\r\n");
+        // The fresh client is still there for `accept`.
+        let fresh = tokio::time::timeout(BOUND, incoming.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(fresh.adopted.is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Routes adopted connections for `kv` into a fresh incoming of each kind.
+    fn routed(dir: &std::path::Path) -> (AdoptRoutes, TcpIncoming, UnixIncoming) {
+        let tcp_routes = AdoptRoutes::default();
+        let tcp = TcpIncoming::new(
+            "web",
+            TcpListener::from_std({
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                l.set_nonblocking(true).unwrap();
+                l
+            })
+            .unwrap(),
+            tcp_routes.take("web"),
+        );
+        let unix = UnixIncoming::new(
+            "kv",
+            UnixListener::bind(dir.join("kv.sock")).unwrap(),
+            tcp_routes.take("kv"),
+        );
+        (tcp_routes, tcp, unix)
+    }
+
+    fn adopted(fd: impl Into<OwnedFd>, buffered: &[u8]) -> AdoptedConn {
+        AdoptedConn {
+            fd: fd.into(),
+            buffered: buffered.to_vec(),
+            meta: serde_json::json!(buffered.len()),
+        }
+    }
+
+    /// Each incoming takes only connected stream sockets of its own kind;
+    /// anything else is closed and skipped, and the next good one comes.
+    #[tokio::test]
+    async fn adopted_fds_are_checked_for_kind_and_connection() {
+        let dir = tmpdir("unix-check");
+        let (routes, mut tcp, mut unix) = routed(&dir);
+
+        // Unusable for `kv` (Unix): a TCP connection, a listening Unix
+        // socket, a never-connected Unix stream socket, a datagram pair, a
+        // file. Then a good one.
+        let tl = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp_conn = std::net::TcpStream::connect(tl.local_addr().unwrap()).unwrap();
+        let unix_listener = std::os::unix::net::UnixListener::bind(dir.join("l.sock")).unwrap();
+        let lone = nix::sys::socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let (dgram, _dgram_peer) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let (good, mut good_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        for conn in [
+            adopted(tcp_conn, b"a"),
+            adopted(unix_listener, b"bb"),
+            adopted(lone, b"ccc"),
+            adopted(dgram, b"dddd"),
+            adopted(file, b"eeeee"),
+            adopted(good, b"ffffff"),
+        ] {
+            routes.deliver("kv", conn);
+        }
+        let conn = unix.try_accept_adopted().expect("the good one");
+        assert_eq!(conn.adopted, Some(serde_json::json!(6)));
+        assert!(unix.try_accept_adopted().is_none());
+        // It is usable, prefix first.
+        let mut stream = conn.stream;
+        std::io::Write::write_all(&mut good_peer, b"!").unwrap();
+        let mut got = [0u8; 7];
+        stream.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ffffff!");
+
+        // Unusable for `web` (TCP): a Unix stream, a listening TCP socket.
+        // Then a good one.
+        let (u, _u_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let tcp_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let good = std::net::TcpStream::connect(tl.local_addr().unwrap()).unwrap();
+        routes.deliver("web", adopted(u, b"1"));
+        routes.deliver("web", adopted(tcp_listener, b"22"));
+        routes.deliver("web", adopted(good, b"333"));
+        let conn = tokio::time::timeout(BOUND, tcp.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(conn.adopted, Some(serde_json::json!(3)));
+        assert!(tcp.try_accept_adopted().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `try_accept_adopted` never takes a fresh connection, and never
+    /// waits; `accept_adopted` waits for the next adopted one; after `stop`
+    /// (or without the feature) there are none.
+    #[tokio::test]
+    async fn adopted_only_accepts_leave_fresh_connections_queued() {
+        let dir = tmpdir("unix-adopted-only");
+        let (routes, _tcp, mut unix) = routed(&dir);
+        let path = dir.join("kv.sock");
+        let _fresh = UnixStream::connect(&path).await.unwrap();
+        assert!(
+            unix.try_accept_adopted().is_none(),
+            "fresh ones stay queued"
+        );
+
+        // accept_adopted waits for one, and only that one arrives.
+        let (a, _a_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let waiting = tokio::spawn(async move {
+            let got = unix.accept_adopted().await.map(|c| c.adopted);
+            (unix, got)
+        });
+        routes.deliver("kv", adopted(a, b"x"));
+        let (mut unix, got) = tokio::time::timeout(BOUND, waiting).await.unwrap().unwrap();
+        assert_eq!(got, Some(Some(serde_json::json!(1))));
+
+        // Several queued: all of them, in order, then None.
+        let mut peers = Vec::new();
+        for i in 0..3 {
+            let (s, p) = std::os::unix::net::UnixStream::pair().unwrap();
+            peers.push(p);
+            routes.deliver("kv", adopted(s, &vec![b'q'; i + 1]));
+        }
+        for i in 0..3 {
+            let c = unix
+                .try_accept_adopted()
+                .expect("queued adopted connection");
+            assert_eq!(c.adopted, Some(serde_json::json!(i + 1)));
+        }
+        assert!(unix.try_accept_adopted().is_none());
+
+        // The fresh client is still in the kernel queue.
+        let fresh = tokio::time::timeout(BOUND, unix.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(fresh.adopted.is_none());
+
+        unix.stop();
+        assert!(!unix.adopts());
+        assert!(unix.listener().is_none());
+        assert!(unix.try_accept_adopted().is_none());
+        assert!(unix.accept_adopted().await.is_none());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

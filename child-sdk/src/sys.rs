@@ -15,7 +15,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::sys::socket::{
-    getsockname, getsockopt, recvmsg, sendmsg, sockopt, AddressFamily, ControlMessage,
+    getpeername, getsockname, getsockopt, recvmsg, sendmsg, sockopt, AddressFamily, ControlMessage,
     ControlMessageOwned, MsgFlags, SockType, SockaddrLike, SockaddrStorage, UnixAddr,
 };
 use nix::sys::stat::{fstat, SFlag};
@@ -112,6 +112,17 @@ pub(crate) fn socket_info(fd: BorrowedFd<'_>) -> io::Result<SocketInfo> {
         ty,
         listening,
     })
+}
+
+/// Whether a stream socket has a peer (`getpeername` succeeds): `false` for
+/// one that was never connected, or (TCP) whose connection was reset or
+/// fully closed.
+pub(crate) fn has_peer(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    match getpeername::<SockaddrStorage>(fd.as_raw_fd()) {
+        Ok(_) => Ok(true),
+        Err(Errno::ENOTCONN) => Ok(false),
+        Err(e) => Err(errno(e)),
+    }
 }
 
 /// One `recvmsg` on a Unix stream socket: reads into `buf` and appends the
@@ -313,6 +324,25 @@ mod tests {
         let info = socket_info(a.as_fd()).unwrap();
         assert_eq!(info.family, Some(AddressFamily::Unix));
         assert!(!info.listening);
+    }
+
+    #[test]
+    fn has_peer_tells_connected_streams_from_others() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(has_peer(a.as_fd()).unwrap());
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(!has_peer(l.as_fd()).unwrap());
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        assert!(has_peer(c.as_fd()).unwrap());
+        // A stream socket that was never connected.
+        let lone = nix::sys::socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        assert!(!has_peer(lone.as_fd()).unwrap());
     }
 
     #[test]

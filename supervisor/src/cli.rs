@@ -34,7 +34,8 @@ pub enum Command {
     },
     /// Start an upgrade (same as `kill -HUP`).
     Upgrade {
-        /// Wait for the outcome: exit 0 when promoted, 1 (reason on stderr) on rollback.
+        /// Wait for the outcome: exit 0 when promoted, 1 (reason on stderr) on rollback,
+        /// 3 when promoted but the old generation's state was lost.
         #[arg(long)]
         wait: bool,
         #[command(flatten)]

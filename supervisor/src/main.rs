@@ -24,6 +24,8 @@ use crate::cli::{Cli, Command, RunArgs};
 
 /// Bad usage or configuration.
 const EXIT_USAGE: u8 = 2;
+/// `upgrade --wait`: promoted, but the old generation's state was lost.
+const EXIT_PROMOTED_WITH_LOSS: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -234,7 +236,15 @@ fn upgrade(path: Option<PathBuf>, wait: bool) -> anyhow::Result<ExitCode> {
                 r.pid.unwrap_or(0),
                 r.duration_ms
             );
-            Ok(ExitCode::SUCCESS)
+            match &r.reason {
+                // Promoted, but the old generation died with its state: say so loudly,
+                // and fail the command an operator (or `systemctl reload`) watches.
+                Some(why) => {
+                    eprintln!("baton: warning: {why}");
+                    Ok(ExitCode::from(EXIT_PROMOTED_WITH_LOSS))
+                }
+                None => Ok(ExitCode::SUCCESS),
+            }
         }
         ControlReply::Upgrade(r) => {
             eprintln!(

@@ -4,7 +4,8 @@
 //! restores the snapshot, and on commit the old generation hands every client connection over
 //! at a command boundary: the fd, the bytes it read but did not run, and the session (client
 //! name). The held-back commands then run in the new generation, against the restored state.
-//! Clients keep their TCP connections and never see a close, a reset or an error.
+//! Clients keep their connections (TCP, or Unix with `--listen kv=unix:PATH`) and never see a
+//! close, a reset or an error.
 //!
 //! baton runs with `--drain-timeout 60s`: an old generation that waited out its drain instead
 //! of handing its connections over (or closing them at command boundaries) would outlive the
@@ -12,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,8 +25,8 @@ use baton_tests::harness::{
     Baton, TestDir, UpgradeOutcome,
 };
 use baton_tests::resp::{Reply, RespClient};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::task::JoinHandle;
 
 const DRAIN_TIMEOUT: &str = "60s";
@@ -41,12 +42,17 @@ const BATCH: usize = 10;
 
 /// Starts `baton run --state` on `program` with the `kv` listener on a free port.
 async fn start_kv(dir: TestDir, program: &Path) -> Baton {
+    start_kv_on(dir, program, "kv=127.0.0.1:0").await
+}
+
+/// Starts `baton run --state --listen <listen>` on `program`.
+async fn start_kv_on(dir: TestDir, program: &Path, listen: &str) -> Baton {
     Baton::start_in(
         dir,
         [
             "--state",
             "--listen",
-            "kv=127.0.0.1:0",
+            listen,
             "--drain-timeout",
             DRAIN_TIMEOUT,
         ],
@@ -115,7 +121,26 @@ async fn connect(addr: SocketAddr) -> Result<(RespClient<TcpStream>, SocketAddr)
     Ok((RespClient::new(stream), local))
 }
 
-async fn command(c: &mut RespClient<TcpStream>, args: &[&str]) -> Result<Reply, String> {
+/// Where the clients connect: the `kv` listener as baton shows it.
+#[derive(Debug, Clone)]
+enum Target {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// Connects to a Unix socket with a bound.
+async fn connect_unix(path: &Path) -> Result<RespClient<UnixStream>, String> {
+    let stream = tokio::time::timeout(IO_TIMEOUT, UnixStream::connect(path))
+        .await
+        .map_err(|_| format!("connect to {} timed out", path.display()))?
+        .map_err(|e| format!("connect to {}: {e}", path.display()))?;
+    Ok(RespClient::new(stream))
+}
+
+async fn command<S>(c: &mut RespClient<S>, args: &[&str]) -> Result<Reply, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     tokio::time::timeout(IO_TIMEOUT, c.command(args))
         .await
         .map_err(|_| format!("{args:?}: no reply within {IO_TIMEOUT:?}"))?
@@ -157,7 +182,7 @@ struct Slot {
 }
 
 struct Shared {
-    addr: SocketAddr,
+    target: Target,
     stop: AtomicBool,
     /// Raised by the test after an upgrade: every client sends INFO with its next batch.
     probe: AtomicU64,
@@ -193,9 +218,39 @@ struct Final {
 /// One client of test 1: a single connection for its whole life (any close or error is a
 /// failure), pipelining `BATCH` INCRs on its own key, plus INFO when a probe is raised.
 async fn persistent_client(shared: Arc<Shared>, id: usize) -> Result<Final, String> {
+    match &shared.target {
+        Target::Tcp(addr) => {
+            let (c, local) = connect(*addr).await?;
+            let (f, stream) = persistent_session(&shared, id, c).await?;
+            let now_local = stream.local_addr().map_err(|e| e.to_string())?;
+            if now_local != local {
+                return Err(format!(
+                    "client {id}: local address {local} became {now_local}"
+                ));
+            }
+            Ok(f)
+        }
+        // A Unix client socket has no address to compare; the INFO probes (process_id
+        // changing on this very connection) are what shows it was handed over.
+        Target::Unix(path) => {
+            let c = connect_unix(path).await?;
+            Ok(persistent_session(&shared, id, c).await?.0)
+        }
+    }
+}
+
+/// The life of one persistent client on its connection `c`; returns its figures and the
+/// stream.
+async fn persistent_session<S>(
+    shared: &Shared,
+    id: usize,
+    mut c: RespClient<S>,
+) -> Result<(Final, S), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let key = format!("mig:{id}");
     let name = format!("client-{id}");
-    let (mut c, local) = connect(shared.addr).await?;
     let ok = command(&mut c, &["CLIENT", "SETNAME", &name]).await?;
     if !ok.is_ok() {
         return Err(format!("CLIENT SETNAME: {ok}"));
@@ -230,27 +285,32 @@ async fn persistent_client(shared: Arc<Shared>, id: usize) -> Result<Final, Stri
     let pid = info_pid(&info).ok_or_else(|| format!("client {id}: INFO: {info}"))?;
     let got = command(&mut c, &["CLIENT", "GETNAME"]).await?;
     let got = String::from_utf8_lossy(got.as_bytes().unwrap_or_default()).into_owned();
-    let stream = c.into_inner();
-    let now_local = stream.local_addr().map_err(|e| e.to_string())?;
-    if now_local != local {
-        return Err(format!(
-            "client {id}: local address {local} became {now_local}"
-        ));
-    }
-    Ok(Final {
-        last,
-        batches,
-        pid,
-        name: got,
-    })
+    Ok((
+        Final {
+            last,
+            batches,
+            pid,
+            name: got,
+        },
+        c.into_inner(),
+    ))
 }
 
 /// Reads every key with MGET on a fresh connection.
-async fn read_counters(addr: SocketAddr, keys: &[String]) -> Vec<Option<i64>> {
-    let (mut c, _) = connect(addr).await.unwrap();
+async fn read_counters(target: &Target, keys: &[String]) -> Vec<Option<i64>> {
+    match target {
+        Target::Tcp(addr) => mget(&mut connect(*addr).await.unwrap().0, keys).await,
+        Target::Unix(path) => mget(&mut connect_unix(path).await.unwrap(), keys).await,
+    }
+}
+
+async fn mget<S>(c: &mut RespClient<S>, keys: &[String]) -> Vec<Option<i64>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut args = vec!["MGET"];
     args.extend(keys.iter().map(String::as_str));
-    match command(&mut c, &args).await.unwrap() {
+    match command(c, &args).await.unwrap() {
         Reply::Array(Some(values)) => values
             .iter()
             .map(|v| {
@@ -279,17 +339,29 @@ async fn persistent_connections_survive_twenty_stateful_upgrades() {
     let kv = kv_server_bin().unwrap();
     let baton = start_kv(TestDir::new("kv-migrate").unwrap(), &kv).await;
     let addr = baton.tcp_addr("kv").await.unwrap();
+    persistent_clients_across_upgrades(&baton, Target::Tcp(addr), CLIENTS, UPGRADES, BURSTS).await;
+}
+
+/// Test 1 for a given listener: `client_count` persistent connections pipelining INCRs across
+/// `upgrades` stateful upgrades, then `bursts` bursts of two back-to-back upgrades.
+async fn persistent_clients_across_upgrades(
+    baton: &Baton,
+    target: Target,
+    client_count: usize,
+    upgrades: usize,
+    bursts: usize,
+) {
     let mut pid = baton.status().await.unwrap().pid.unwrap();
     let mut all_pids = vec![pid];
 
     let shared = Arc::new(Shared {
-        addr,
+        target: target.clone(),
         stop: AtomicBool::new(false),
         probe: AtomicU64::new(0),
-        slots: (0..CLIENTS).map(|_| Slot::default()).collect(),
+        slots: (0..client_count).map(|_| Slot::default()).collect(),
         failure: Mutex::new(None),
     });
-    let clients: Vec<JoinHandle<Result<Final, String>>> = (0..CLIENTS)
+    let clients: Vec<JoinHandle<Result<Final, String>>> = (0..client_count)
         .map(|id| {
             let shared = Arc::clone(&shared);
             tokio::spawn(async move {
@@ -317,11 +389,11 @@ async fn persistent_connections_survive_twenty_stateful_upgrades() {
     })
     .await;
 
-    let mut figures = Vec::with_capacity(UPGRADES);
-    for i in 1..=UPGRADES + BURSTS {
-        let burst = i > UPGRADES;
+    let mut figures = Vec::with_capacity(upgrades);
+    for i in 1..=upgrades + bursts {
+        let burst = i > upgrades;
         let what = if burst {
-            format!("burst {} (two back-to-back upgrades)", i - UPGRADES)
+            format!("burst {} (two back-to-back upgrades)", i - upgrades)
         } else {
             format!("upgrade {i}")
         };
@@ -331,7 +403,7 @@ async fn persistent_connections_survive_twenty_stateful_upgrades() {
             // promotion, while the connections are still on their way.
             baton.upgrade().await.unwrap();
         }
-        let report = upgrade_promoted(&baton, &what).await;
+        let report = upgrade_promoted(baton, &what).await;
         let new_pid = report.pid.unwrap();
         if burst {
             let status = baton.status().await.unwrap();
@@ -376,7 +448,7 @@ async fn persistent_connections_survive_twenty_stateful_upgrades() {
         let status = baton.status().await.unwrap();
         assert_eq!(
             migrated_into(&status, report.generation),
-            Some(CLIENTS as u64),
+            Some(client_count as u64),
             "{what}: {:?}",
             status.last_upgrade
         );
@@ -386,7 +458,7 @@ async fn persistent_connections_survive_twenty_stateful_upgrades() {
     }
 
     shared.stop.store(true, Ordering::Relaxed);
-    let mut finals = Vec::with_capacity(CLIENTS);
+    let mut finals = Vec::with_capacity(client_count);
     for (id, c) in clients.into_iter().enumerate() {
         let f = tokio::time::timeout(CLIENT_WAIT, c)
             .await
@@ -402,8 +474,8 @@ async fn persistent_connections_survive_twenty_stateful_upgrades() {
     }
 
     // No acknowledged write was lost, and nothing ran that was not acknowledged.
-    let keys: Vec<String> = (0..CLIENTS).map(|id| format!("mig:{id}")).collect();
-    let stored = read_counters(addr, &keys).await;
+    let keys: Vec<String> = (0..client_count).map(|id| format!("mig:{id}")).collect();
+    let stored = read_counters(&target, &keys).await;
     for (id, (f, got)) in finals.iter().zip(&stored).enumerate() {
         assert_eq!(
             *got,
@@ -434,11 +506,42 @@ async fn persistent_connections_survive_twenty_stateful_upgrades() {
     let max_gap = gaps.iter().copied().fold(0.0, f64::max);
     let mean_gap = gaps.iter().sum::<f64>() / gaps.len().max(1) as f64;
     println!(
-        "{CLIENTS} connections, {UPGRADES} stateful upgrades + {BURSTS} bursts of 2: {incrs} INCRs acknowledged in \
-         {batches} batches; accept gap mean {mean_gap:.2} ms, max {max_gap:.2} ms; \
+        "{target:?}: {client_count} connections, {upgrades} stateful upgrades + {bursts} \
+         bursts of 2: {incrs} INCRs acknowledged in {batches} batches; accept gap mean {mean_gap:.2} ms, max {max_gap:.2} ms; \
          upgrade durations {:?} ms",
         figures.iter().map(|r| r.duration_ms).collect::<Vec<_>>()
     );
+}
+
+/// Test 1 over a Unix socket: `baton run --listen kv=unix:PATH`, and kv-server without any
+/// `--listen-fallback` (its default is a TCP address), so it must serve the inherited listener
+/// as the Unix socket it is. 50 persistent Unix connections pipeline INCRs across 10 stateful
+/// upgrades and 2 bursts of back-to-back upgrades: no connection is closed or reset, every
+/// reply is right, INFO's process_id changes on each connection with every upgrade, every
+/// connection is reported in `migrated_connections`, and the counters end at the last
+/// acknowledged values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_unix_connections_survive_ten_stateful_upgrades() {
+    let _serial = exclusive().await;
+    let kv = kv_server_bin().unwrap();
+    let dir = TestDir::new("kv-migrate-unix").unwrap();
+    let path = dir.join("kv.sock");
+    let listen = format!("kv=unix:{}", path.display());
+    let baton = start_kv_on(dir, &kv, &listen).await;
+    assert_eq!(
+        baton.listener_addr("kv").await.unwrap(),
+        format!("unix:{}", path.display())
+    );
+    let serving = format!("listener=unix:{}", path.display());
+    assert!(
+        baton
+            .log()
+            .lines()
+            .any(|l| l.contains("kv-server starting") && l.contains(&serving)),
+        "kv-server must serve the inherited Unix listener:\n{}",
+        baton.log()
+    );
+    persistent_clients_across_upgrades(&baton, Target::Unix(path), 50, 10, 2).await;
 }
 
 /// Test 2: redis-benchmark (50 persistent connections per phase; it exits at the first
@@ -782,7 +885,7 @@ async fn candidate_without_migration_falls_back_to_closing() {
         finals.push(last);
     }
     let keys: Vec<String> = (0..CLIENTS).map(|id| format!("fallback:{id}")).collect();
-    let stored = read_counters(addr, &keys).await;
+    let stored = read_counters(&Target::Tcp(addr), &keys).await;
     for (id, (last, got)) in finals.iter().zip(&stored).enumerate() {
         assert_eq!(
             *got,

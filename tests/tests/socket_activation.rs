@@ -131,7 +131,9 @@ async fn inherited_listeners_are_matched_by_name() {
     let child = status["pid"].as_u64().unwrap();
     for body in [
         first.await.unwrap(),
-        tokio::task::spawn_blocking(move || get(port)).await.unwrap(),
+        tokio::task::spawn_blocking(move || get(port))
+            .await
+            .unwrap(),
     ] {
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");
         assert!(body.contains(&format!("pid={child}")), "{body}");

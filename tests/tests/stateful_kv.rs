@@ -85,6 +85,10 @@ const SCRIPTS: &[(&str, &str)] = &[
         "kv2-hang-during-snapshot",
         "--schema 2 --fault hang-during-snapshot",
     ),
+    (
+        "kv2-die-during-snapshot",
+        "--schema 2 --fault die-during-snapshot",
+    ),
 ];
 
 /// `<dir>/app` and the scripts it can point at.
@@ -706,11 +710,11 @@ const ABORT_WRITERS: usize = 4;
 /// Runs one abort path under writer load: the upgrade rolls back with a sensible reason, the
 /// old generation keeps serving (old and new connections) with every acknowledged write.
 ///
-/// Then, when the fault is on the candidate, a normal upgrade (app pointed back at `kv2`) must
-/// succeed and carry all data over. When the fault is on the old generation (it writes a bad
-/// snapshot or none at all), kv-server's `--fault` fires at every quiesce, so no upgrade out
-/// of that process can succeed: instead a second attempt must abort just as cleanly, which
-/// shows that resume leaves the old generation fully able to quiesce again.
+/// Then a normal upgrade (app pointed back at `kv2`) must succeed and carry every
+/// acknowledged write over. When the fault was on the old generation (it wrote a bad snapshot
+/// or none at all), that upgrade quiesces the very process that failed: kv-server's `--fault`
+/// fires once per process, so this shows that resume leaves the old generation fully able to
+/// quiesce and snapshot again, i.e. that an aborted upgrade is retried successfully.
 async fn abort_case(case: AbortCase) {
     let _serial = exclusive().await;
     let AbortCase {
@@ -727,10 +731,9 @@ async fn abort_case(case: AbortCase) {
 
     app.select(candidate);
     let old_side = old != "kv2";
-    let attempts = if old_side { 2 } else { 1 };
     let mut reasons = Vec::new();
-    for attempt in 1..=attempts {
-        let what = format!("{tag}: attempt {attempt}");
+    {
+        let what = format!("{tag}: the faulty upgrade");
         let started = Instant::now();
         let (last, message) = upgrade_rolled_back(&baton, &what).await;
         let took = started.elapsed();
@@ -752,22 +755,44 @@ async fn abort_case(case: AbortCase) {
         ));
     }
 
-    let mut promoted = None;
-    if !old_side {
-        app.select("kv2");
-        let report =
-            upgrade_promoted(&baton, &format!("{tag}: normal upgrade after the abort")).await;
-        let new_pid = report.pid.unwrap();
-        assert_eq!(serving_pid(addr).await, new_pid, "{tag}");
-        writers.wait_progress(STEPS_BETWEEN, tag).await;
-        promoted = Some(report);
+    // Switch the wrapper back to the plain build (for an old-side fault the candidate was
+    // `kv2` already; the old process's fault has fired and will not fire again).
+    app.select("kv2");
+    let report = upgrade_promoted(&baton, &format!("{tag}: normal upgrade after the abort")).await;
+    let new_pid = report.pid.unwrap();
+    assert!(
+        report.reason.is_none(),
+        "{tag}: a clean promotion has no reason: {report:?}"
+    );
+    assert!(
+        report.snapshot_bytes.is_some_and(|b| b > 0),
+        "{tag}: the state must travel in a snapshot: {report:?}"
+    );
+    let now = info(addr).await;
+    assert_eq!(now["process_id"], new_pid.to_string(), "{tag}: {now:?}");
+    assert_eq!(
+        now["kv_restored_from_schema"], "2",
+        "{tag}: the new generation must have restored the old one's state: {now:?}"
+    );
+    writers.wait_progress(STEPS_BETWEEN, tag).await;
+    if old_side {
+        // The fault fired exactly once, in the aborted upgrade: the retry sent a good snapshot.
+        let log = baton.log();
+        let fired = log
+            .lines()
+            .filter(|l| {
+                l.contains("fault: sending a damaged snapshot")
+                    || l.contains("fault hang-during-snapshot")
+            })
+            .count();
+        assert_eq!(fired, 1, "{tag}: old-side fault fired {fired} times");
     }
 
     let logs = writers.stop().await;
     assert_clean(&logs, tag);
     let keys = verify_writes(addr, &logs, 0, tag).await;
     println!(
-        "{tag}: reasons {reasons:?}; {}; {keys} keys verified; then: {promoted:?}",
+        "{tag}: reasons {reasons:?}; {}; {keys} keys verified; then: {report:?}",
         totals(&logs)
     );
 }
@@ -836,6 +861,229 @@ async fn abort_old_generation_hangs_while_snapshotting() {
         reason_has: &["snapshot"],
     })
     .await;
+}
+
+/// What one writer of [`old_generation_dying_during_snapshot_loses_state_and_says_so`] saw.
+#[derive(Debug, Default)]
+struct LossyLog {
+    /// Every INCR reply, in order.
+    replies: Vec<i64>,
+    /// Connections that broke (EOF or reset) with a command in flight.
+    broken: u64,
+}
+
+/// INCRs `c{id}` one at a time until `stop`, reconnecting whenever the connection breaks
+/// (the dying old generation closes or resets it). A timeout or an error reply is fatal.
+async fn lossy_writer(
+    id: usize,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    progress: Arc<AtomicU64>,
+) -> Result<LossyLog, String> {
+    let counter = format!("c{id}");
+    let mut log = LossyLog::default();
+    let mut conn: Option<RespClient<TcpStream>> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let c = match &mut conn {
+            Some(c) => c,
+            None => {
+                let c = tokio::time::timeout(CMD_TIMEOUT, RespClient::connect(addr))
+                    .await
+                    .map_err(|_| format!("writer {id}: connect timed out"))?
+                    .map_err(|e| format!("writer {id}: connect: {e}"))?;
+                conn.insert(c)
+            }
+        };
+        match tokio::time::timeout(CMD_TIMEOUT, c.command(&["INCR", &counter])).await {
+            Err(_) => {
+                return Err(format!(
+                    "writer {id}: INCR: no reply within {CMD_TIMEOUT:?}"
+                ))
+            }
+            Ok(Ok(Reply::Integer(v))) => {
+                log.replies.push(v);
+                progress.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Ok(other)) => return Err(format!("writer {id}: INCR answered {other}")),
+            Ok(Err(_)) => {
+                log.broken += 1;
+                conn = None;
+            }
+        }
+    }
+    Ok(log)
+}
+
+/// 2f. The old generation dies (SIGABRT) after it quiesced and before it sent its snapshot.
+///
+/// This is the reported-loss path, the one case where acknowledged writes do not survive: the
+/// only copy of the keyspace died with the process. baton cannot prevent that; what it must do
+/// is never let it pass silently. The candidate is started with `fresh` ("STATE LOST: ..."),
+/// promoted, and the loss is reported in `last_upgrade.reason`, in `baton status` and in
+/// baton's log. The new generation serves, with an empty keyspace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_generation_dying_during_snapshot_loses_state_and_says_so() {
+    const WRITERS: usize = ABORT_WRITERS;
+    let _serial = exclusive().await;
+    let tag = "kv-die-snapshot";
+    let (baton, app, addr) = start(tag, "kv2-die-during-snapshot", &[]).await;
+    let before = baton.status().await.unwrap();
+    let old_pid = before.pid.unwrap();
+    let mut c = connect(addr).await;
+    assert!(command(&mut c, &["SET", "marker", "acknowledged"])
+        .await
+        .is_ok());
+    drop(c);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress: Vec<Arc<AtomicU64>> = (0..WRITERS).map(|_| Arc::default()).collect();
+    let tasks: Vec<JoinHandle<Result<LossyLog, String>>> = (0..WRITERS)
+        .map(|id| {
+            tokio::spawn(lossy_writer(
+                id,
+                addr,
+                Arc::clone(&stop),
+                Arc::clone(&progress[id]),
+            ))
+        })
+        .collect();
+    let wait_progress = |more: u64, what: &'static str| {
+        let from: Vec<u64> = progress.iter().map(|p| p.load(Ordering::Relaxed)).collect();
+        let progress = &progress;
+        let tasks = &tasks;
+        async move {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                assert!(
+                    !tasks.iter().any(JoinHandle::is_finished),
+                    "{what}: a writer stopped early"
+                );
+                if progress
+                    .iter()
+                    .zip(&from)
+                    .all(|(p, f)| p.load(Ordering::Relaxed) >= f + more)
+                {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: writers made no progress"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    wait_progress(20, "before the upgrade").await;
+
+    // The candidate is a plain build; the old generation's fault fires at this quiesce.
+    app.select("kv2");
+    let out = baton
+        .cli(&["upgrade", "--wait"], Duration::from_secs(60))
+        .await
+        .unwrap();
+    let status = baton.status().await.unwrap();
+    let report = status
+        .last_upgrade
+        .clone()
+        .unwrap_or_else(|| panic!("no last_upgrade: {status:?}; CLI: {out:?}"));
+    assert_eq!(
+        report.result,
+        UpgradeResult::Promoted,
+        "{report:?}; CLI: {out:?}"
+    );
+    // Promoted, but `upgrade --wait` (what `systemctl reload` runs) must not report
+    // plain success: exit 3 and the loss on stderr.
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(out.stderr.contains("STATE LOST"), "{out:?}");
+    assert!(out.stdout.contains("promoted generation"), "{out:?}");
+    let why = reason(&report);
+    assert!(
+        why.contains("STATE LOST"),
+        "the loss must be reported in last_upgrade.reason: {report:?}"
+    );
+    let new_pid = report.pid.expect("promoted pid");
+    assert_ne!(new_pid, old_pid);
+    assert_eq!(report.generation, before.generation + 1, "{report:?}");
+    wait_pid_gone(old_pid, WAIT).await.unwrap();
+    let settled = baton.wait_settled(WAIT).await.unwrap();
+    assert_eq!(generation_pids(&settled), vec![new_pid]);
+
+    // Reported by `baton status` (text) and in baton's log, not only in the JSON.
+    let text = baton
+        .cli(&["status"], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(text.status.success(), "{text:?}");
+    assert!(
+        text.stdout.contains("STATE LOST"),
+        "`baton status` must show the loss:\n{}",
+        text.stdout
+    );
+    let log = baton.log();
+    assert!(
+        log.lines().any(|l| l.contains("STATE LOST")),
+        "baton must log the loss"
+    );
+
+    // The new generation serves, from an empty keyspace: nothing was restored, the marker is
+    // gone, and the writers' counters start again from 1.
+    let now = info(addr).await;
+    assert_eq!(now["process_id"], new_pid.to_string(), "{now:?}");
+    assert_eq!(now["kv_restored_from_schema"], "none", "{now:?}");
+    let mut c = connect(addr).await;
+    assert_eq!(
+        command(&mut c, &["GET", "marker"]).await,
+        Reply::Bulk(None),
+        "the old keyspace cannot have survived"
+    );
+    wait_progress(20, "after the upgrade").await;
+    stop.store(true, Ordering::Relaxed);
+    let mut logs = Vec::new();
+    for (id, t) in tasks.into_iter().enumerate() {
+        let log = tokio::time::timeout(CMD_TIMEOUT * 2, t)
+            .await
+            .unwrap_or_else(|_| panic!("writer {id} did not stop"))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{e}"));
+        logs.push(log);
+    }
+    let mut lost = Vec::new();
+    for (id, log) in logs.iter().enumerate() {
+        // 1..=k from the old generation, then 1..=m from the new one: exactly one loss, and
+        // nothing of the old state leaked into the new generation.
+        let restart = log
+            .replies
+            .iter()
+            .skip(1)
+            .position(|&v| v == 1)
+            .map(|i| i + 1)
+            .unwrap_or_else(|| panic!("writer {id}: its counter never restarted: {log:?}"));
+        let (old, new) = log.replies.split_at(restart);
+        lost.push(old.len());
+        let expect = |n: usize| (1..=n as i64).collect::<Vec<_>>();
+        assert_eq!(old, expect(old.len()), "writer {id}: old generation");
+        assert_eq!(new, expect(new.len()), "writer {id}: new generation");
+        assert!(
+            log.broken >= 1,
+            "writer {id}: its connection to the dead process broke"
+        );
+        let got = command(&mut c, &["GET", &format!("c{id}")]).await;
+        let want = new.len().to_string();
+        assert_eq!(got.as_bytes(), Some(want.as_bytes()), "writer {id}");
+    }
+    assert_eq!(
+        command(&mut c, &["DBSIZE"]).await,
+        Reply::Integer(WRITERS as i64),
+        "only the counters written since the loss"
+    );
+    println!(
+        "{tag}: reason {why:?}; CLI: {:?}; acknowledged INCRs lost per writer: {:?}; \
+         broken connections: {:?}; crashes counted: {}",
+        out.stdout.trim(),
+        lost,
+        logs.iter().map(|l| l.broken).collect::<Vec<_>>(),
+        settled.crashes,
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use baton_child::{Baton, DrainCause, Env, Migrator, StateEvent, StateHandle};
+use baton_child::{Baton, DrainCause, Env, ListenerKind, Migrator, StateEvent, StateHandle};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::db::Db;
 use crate::fault::{self, Fault};
-use crate::server::{ConnHook, ConnToken, HandOver, HandOverFuture, Listener, Server};
+use crate::server::{Client, ConnHook, ConnToken, HandOver, HandOverFuture, Listener, Server};
 use crate::state::{self, Schema, StateOf};
 use crate::Options;
 
@@ -201,9 +201,15 @@ fn handle_state_event<M: SchemaMarker>(
         StateEvent::Quiesce => {
             let started = Instant::now();
             server.quiesce();
-            if fault::is(Fault::HangDuringSnapshot) {
+            if fault::fire(Fault::HangDuringSnapshot) {
                 tracing::error!("fault hang-during-snapshot: quiesced, never sending the snapshot");
                 return;
+            }
+            if fault::fire(Fault::DieDuringSnapshot) {
+                // Quiesced, so commands are held back unanswered; the keyspace dies with the
+                // process. baton must report the loss ("STATE LOST"), not hide it.
+                tracing::error!("fault die-during-snapshot: aborting before sending the snapshot");
+                std::process::abort();
             }
             let live = KvState::<M>::new(Inner::Live(Arc::clone(server)));
             // Serialising a large keyspace takes a while; let the runtime move this worker's
@@ -243,16 +249,15 @@ fn send_snapshot<M: SchemaMarker>(
     state: &StateHandle<KvState<M>>,
     live: &KvState<M>,
 ) -> Result<(), baton_child::Error> {
-    if fault::is(Fault::CorruptSnapshot) || fault::is(Fault::TruncateSnapshot) {
+    if let Some(damage) = fault::snapshot_damage() {
         // The same layout the SDK writes, so the fault damages a realistic snapshot.
         let mut good = format!(r#"{{"version":{},"state":"#, state.version()).into_bytes();
         serde_json::to_writer(&mut good, live)
             .map_err(|e| baton_child::Error::Snapshot(e.to_string()))?;
         good.push(b'}');
-        if let Some(bad) = fault::corrupt_snapshot(good) {
-            tracing::error!(bytes = bad.len(), "fault: sending a damaged snapshot");
-            return state.send_raw_snapshot(&bad);
-        }
+        let bad = damage(good);
+        tracing::error!(bytes = bad.len(), "fault: sending a damaged snapshot");
+        return state.send_raw_snapshot(&bad);
     }
     state.send_snapshot(live)
 }
@@ -263,28 +268,41 @@ struct MigratorHandOver(Migrator);
 impl HandOver for MigratorHandOver {
     fn hand_over(
         &self,
-        stream: tokio::net::TcpStream,
+        stream: Client,
         buffered: Vec<u8>,
         meta: serde_json::Value,
     ) -> HandOverFuture<'_> {
         Box::pin(async move {
-            self.0
-                .hand_over_tcp(stream, LISTENER, &buffered, meta)
-                .await
-                .map_err(|e| e.to_string())
+            match stream {
+                Client::Tcp(s) => self.0.hand_over_tcp(s, LISTENER, &buffered, meta).await,
+                Client::Unix(s) => self.0.hand_over_unix(s, LISTENER, &buffered, meta).await,
+            }
+            .map_err(|e| e.to_string())
         })
     }
 }
 
+/// The `kv` listener as the supervisor (or systemd) passed it, TCP or Unix; standalone, the
+/// `--listen-fallback` address, whose kind then decides.
 fn take_listener(baton: &mut Baton, fallback: &str) -> anyhow::Result<Listener> {
-    if let Some(path) = fallback.strip_prefix("unix:") {
-        let l = baton
-            .unix_listener(LISTENER, path)
-            .with_context(|| format!("listener {LISTENER:?}"))?;
-        return Ok(Listener::Unix(l));
-    }
-    let incoming = baton
-        .tcp_incoming(LISTENER, fallback)
-        .with_context(|| format!("listener {LISTENER:?}"))?;
-    Ok(Listener::Tcp(incoming))
+    let unix_fallback = fallback.strip_prefix("unix:");
+    let unix = match baton.inherited_kind(LISTENER) {
+        Some(ListenerKind::Unix) => true,
+        Some(ListenerKind::Tcp) => false,
+        Some(other) => anyhow::bail!(
+            "listener {LISTENER:?}: the inherited socket is {other:?}, not a TCP or Unix stream \
+             listener"
+        ),
+        None => unix_fallback.is_some(),
+    };
+    // When the listener is inherited the SDK never binds the fallback, so a fallback of the
+    // other kind is only a placeholder there.
+    let listener = if unix {
+        baton
+            .unix_incoming(LISTENER, unix_fallback.unwrap_or(fallback))
+            .map(Listener::Unix)
+    } else {
+        baton.tcp_incoming(LISTENER, fallback).map(Listener::Tcp)
+    };
+    listener.with_context(|| format!("listener {LISTENER:?}"))
 }

@@ -1,7 +1,13 @@
 //! Test-only fault injection (`--fault KIND`, hidden from `--help`): each fault takes a real
 //! code path of the stateful upgrade and breaks it the way a buggy release would, so the
 //! end-to-end tests can check that baton rolls back and the old generation keeps its data.
+//!
+//! A fault fires once per process, the first time its code path runs. An old generation whose
+//! snapshot fault made an upgrade abort therefore resumes as a healthy process: the next
+//! upgrade out of it succeeds, like retrying after a transient failure. (Firing at every
+//! quiesce would make such a process impossible to upgrade, ever.)
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 /// One injected failure.
@@ -18,11 +24,17 @@ pub enum Fault {
     /// Old generation: quiesce but never send the snapshot (baton's snapshot timeout must
     /// fire; on resume it serves again).
     HangDuringSnapshot,
+    /// Old generation: quiesce, then abort the process before sending the snapshot. The
+    /// state is lost; baton starts the candidate empty and reports "STATE LOST".
+    DieDuringSnapshot,
 }
 
 /// Set once in `main`, read where the fault fires. A global because one of those places is a
 /// serde `Deserialize` impl, which cannot be handed the options.
 static ACTIVE: OnceLock<Fault> = OnceLock::new();
+
+/// Set when the armed fault has fired: it never fires again in this process.
+static FIRED: AtomicBool = AtomicBool::new(false);
 
 /// Arms `fault` (if any) for the rest of the process.
 pub fn arm(fault: Option<Fault>) {
@@ -33,19 +45,20 @@ pub fn arm(fault: Option<Fault>) {
     }
 }
 
-/// Whether `fault` is armed.
-pub fn is(fault: Fault) -> bool {
-    ACTIVE.get() == Some(&fault)
+/// Whether `fault` is armed and has not fired yet; if so, it counts as fired from now on.
+/// Call it where the fault would take effect, once per pass through that code path.
+pub fn fire(fault: Fault) -> bool {
+    ACTIVE.get() == Some(&fault) && !FIRED.swap(true, Ordering::AcqRel)
 }
 
 /// Candidate side, called once the snapshot has arrived and is being read (before the SDK
 /// answers `restored`).
 pub fn on_restore() {
-    if is(Fault::CrashDuringRestore) {
+    if fire(Fault::CrashDuringRestore) {
         tracing::error!("fault crash-during-restore: aborting");
         std::process::abort();
     }
-    if is(Fault::HangDuringRestore) {
+    if fire(Fault::HangDuringRestore) {
         tracing::error!("fault hang-during-restore: never answering restored");
         // Blocks this thread for good (restore runs on the main task). baton SIGKILLs the
         // candidate when its restore timeout fires; the SDK's tasks run on the runtime's
@@ -56,14 +69,16 @@ pub fn on_restore() {
     }
 }
 
-/// Old-generation side: turns a well-formed snapshot into the armed corruption, or returns
-/// `None` when no snapshot corruption is armed.
-pub fn corrupt_snapshot(good: Vec<u8>) -> Option<Vec<u8>> {
-    if is(Fault::CorruptSnapshot) {
-        return Some(scramble(good));
+/// A way to damage a well-formed snapshot.
+pub type Damage = fn(Vec<u8>) -> Vec<u8>;
+
+/// Old-generation side, at a quiesce: the armed snapshot damage if it fires now, else `None`.
+pub fn snapshot_damage() -> Option<Damage> {
+    if fire(Fault::CorruptSnapshot) {
+        return Some(scramble);
     }
-    if is(Fault::TruncateSnapshot) {
-        return Some(halve(good));
+    if fire(Fault::TruncateSnapshot) {
+        return Some(halve);
     }
     None
 }
@@ -89,8 +104,9 @@ mod tests {
 
     #[test]
     fn corruptions_are_never_valid_json() {
-        // Nothing is armed in unit tests: snapshots pass through untouched.
-        assert_eq!(corrupt_snapshot(b"{}".to_vec()), None);
+        // Nothing is armed in unit tests: snapshots pass through untouched, and nothing fires.
+        assert!(snapshot_damage().is_none());
+        assert!(!fire(Fault::DieDuringSnapshot));
         for sample in [
             &br#"{"version":2,"state":{"entries":[],"stats":{}}}"#[..],
             br#"{"version":1,"state":{"entries":{"a":"b"}}}"#,

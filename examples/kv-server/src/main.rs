@@ -1,7 +1,7 @@
 //! `kv-server`: an in-memory key-value server speaking the Redis protocol (RESP2), built to
-//! run under baton. It serves the listener named `kv` (or binds `--listen-fallback`
-//! standalone), drains at command boundaries, and hands its keyspace to the next version in
-//! a stateful upgrade (see `state.rs` for the snapshot schemas).
+//! run under baton. It serves the listener named `kv`, TCP or Unix (or binds
+//! `--listen-fallback` standalone), drains at command boundaries, and hands its keyspace to
+//! the next version in a stateful upgrade (see `state.rs` for the snapshot schemas).
 
 mod baton_glue;
 mod cmd;
@@ -22,8 +22,8 @@ use crate::state::Schema;
 #[derive(Debug, Parser)]
 #[command(name = "kv-server", version, about)]
 pub struct Options {
-    /// Address to bind when baton does not pass a listener named `kv`:
-    /// HOST:PORT or unix:PATH.
+    /// Address to bind when no listener named `kv` is inherited (standalone): HOST:PORT or
+    /// unix:PATH. An inherited `kv` listener is served as whatever kind it is.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6379")]
     listen_fallback: String,
 

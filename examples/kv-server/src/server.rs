@@ -7,11 +7,11 @@
 //! exactly the commands that ran, and those never run again in this process. Replies of
 //! commands that ran are always written before a connection closes.
 //!
-//! Connection migration: when the successor adopts connections, each TCP connection is handed
-//! over at a command boundary: every command that ran here has its reply fully written (into
-//! the kernel's send buffer, which goes with the socket), and the bytes read but not run (a
-//! partial command, or commands held back by a quiesce) travel with the fd, so the successor
-//! runs them next, exactly once. Bytes the client sent that were never read stay in the
+//! Connection migration: when the successor adopts connections, each connection (TCP or Unix)
+//! is handed over at a command boundary: every command that ran here has its reply fully
+//! written (into the kernel's send buffer, which goes with the socket), and the bytes read but
+//! not run (a partial command, or commands held back by a quiesce) travel with the fd, so the
+//! successor runs them next, exactly once. Bytes the client sent that were never read stay in the
 //! socket's receive queue, which also goes with the fd.
 
 use std::future::Future;
@@ -21,10 +21,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use baton_child::{Accepted, TcpIncoming};
+use baton_child::{Accepted, TcpIncoming, UnixIncoming};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::watch;
 
 use crate::cmd::{self, After, Info, Session};
@@ -53,8 +53,8 @@ pub enum Mode {
     Paused,
     /// Draining: not accepting; each connection closes at its next command boundary.
     Closing,
-    /// Draining into a successor that adopts connections: not accepting; each TCP connection
-    /// is handed over at its next command boundary (Unix ones close as in `Closing`).
+    /// Draining into a successor that adopts connections: not accepting; each connection is
+    /// handed over at its next command boundary.
     Migrating,
 }
 
@@ -64,8 +64,8 @@ pub enum Mode {
 pub enum Listener {
     /// TCP: fresh connections merged with those the previous generation hands over.
     Tcp(TcpIncoming),
-    /// Unix stream socket (no migration: the SDK adopts TCP connections only).
-    Unix(UnixListener),
+    /// Unix stream socket: the same, for Unix connections.
+    Unix(UnixIncoming),
 }
 
 impl Listener {
@@ -77,14 +77,45 @@ impl Listener {
                 Some(Err(e)) => format!("tcp (unknown address: {e})"),
                 None => "tcp (stopped)".to_owned(),
             },
-            Listener::Unix(l) => match l.local_addr() {
-                Ok(a) => match a.as_pathname() {
+            Listener::Unix(incoming) => match incoming.listener().map(|l| l.local_addr()) {
+                Some(Ok(a)) => match a.as_pathname() {
                     Some(p) => format!("unix:{}", p.display()),
                     None => "unix:(unnamed)".to_owned(),
                 },
-                Err(e) => format!("unix (unknown address: {e})"),
+                Some(Err(e)) => format!("unix (unknown address: {e})"),
+                None => "unix (stopped)".to_owned(),
             },
         }
+    }
+
+    /// A connection the previous generation handed over that has arrived and not been taken
+    /// yet; never a fresh one from the listener.
+    fn try_accept_adopted(&mut self) -> Option<Conn> {
+        match self {
+            Listener::Tcp(incoming) => incoming.try_accept_adopted().map(Conn::from_tcp),
+            Listener::Unix(incoming) => incoming.try_accept_adopted().map(Conn::from_unix),
+        }
+    }
+}
+
+/// A client connection of either kind, as it is handed over.
+#[derive(Debug)]
+pub enum Client {
+    /// From the TCP listener.
+    Tcp(TcpStream),
+    /// From the Unix listener.
+    Unix(UnixStream),
+}
+
+impl From<TcpStream> for Client {
+    fn from(s: TcpStream) -> Self {
+        Client::Tcp(s)
+    }
+}
+
+impl From<UnixStream> for Client {
+    fn from(s: UnixStream) -> Self {
+        Client::Unix(s)
     }
 }
 
@@ -96,13 +127,13 @@ pub type ConnHook = Box<dyn Fn() -> Option<ConnToken> + Send + Sync>;
 /// The future of one [`HandOver::hand_over`].
 pub type HandOverFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 
-/// Hands a live TCP connection to the next generation: the SDK's migrator under baton.
+/// Hands a live connection to the next generation: the SDK's migrator under baton.
 pub trait HandOver: Send + Sync {
     /// Sends `stream` with the bytes read from it but not run, and the session metadata.
     /// Resolves once this process may forget the connection (its fd copy is closed).
     fn hand_over(
         &self,
-        stream: TcpStream,
+        stream: Client,
         buffered: Vec<u8>,
         meta: serde_json::Value,
     ) -> HandOverFuture<'_>;
@@ -219,7 +250,7 @@ impl Server {
         self.mode.send_replace(Mode::Closing);
     }
 
-    /// Drain into a successor that adopts connections: stop accepting and hand every TCP
+    /// Drain into a successor that adopts connections: stop accepting and hand every
     /// connection over at its next command boundary. After a quiesce (stateful commit) the
     /// keyspace stays frozen, so held-back commands travel with their connection and run in
     /// the successor, against the state it restored. Returns false (and closes instead) when
@@ -285,9 +316,7 @@ impl Server {
                 },
             }
         }
-        if *mode.borrow() == Mode::Migrating {
-            self.take_queued(&mut listener).await;
-        }
+        self.take_queued(&mut listener);
         drop(listener);
         tracing::info!(%addr, connections = self.connections(), "stopped accepting");
         let mut conns = self.conns.subscribe();
@@ -303,38 +332,20 @@ impl Server {
 
     /// Takes the connections the predecessor handed over that the accept loop has not picked
     /// up yet (they queue while this process is paused for a snapshot, e.g. when two upgrades
-    /// run back to back), so that they are handed on instead of dropped with the listener.
+    /// run back to back), so that they end like every other connection, handed on (migrating)
+    /// or closed at a command boundary (closing), instead of being dropped with the listener,
+    /// which would reset them if the client had sent anything unread.
     ///
     /// Complete: baton relays a hand-over only to the active generation, on the same control
     /// stream as (and so before) the drain or commit that ends it, and the SDK queues adopted
     /// connections before it reports the drain. The queue is therefore final by now.
     ///
-    /// Only when migrating: the SDK's `accept` also takes fresh connections from the shared
-    /// kernel queue (there is no adopted-only accept). Handed on, such a connection merely
-    /// takes a detour; closed (plain drain) it would be a client's brand-new connection closed
-    /// for nothing, which is worse than what it avoids.
-    async fn take_queued(self: &Arc<Self>, listener: &mut Listener) {
-        let Listener::Tcp(incoming) = listener else {
-            return;
-        };
+    /// Adopted connections only: fresh ones stay in the shared kernel queue for the successor.
+    fn take_queued(self: &Arc<Self>, listener: &mut Listener) {
         let mut taken = 0u64;
-        loop {
-            // A fresh connection from the kernel queue is handed over like any other.
-            let next = tokio::select! {
-                biased;
-                accepted = incoming.accept() => accepted,
-                () = std::future::ready(()) => break,
-            };
-            match next {
-                Ok(accepted) => {
-                    taken += 1;
-                    self.spawn_connection(Conn::from_accepted(accepted));
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "accept while draining");
-                    break;
-                }
-            }
+        while let Some(conn) = listener.try_accept_adopted() {
+            taken += 1;
+            self.spawn_connection(conn);
         }
         if taken > 0 {
             tracing::info!(
@@ -352,48 +363,33 @@ impl Server {
             _token: self.conn_hook.as_ref().and_then(|hook| hook()),
         };
         let mode = self.mode.subscribe();
-        match conn {
-            Conn::Tcp {
-                stream,
-                buffered,
-                session,
-            } => {
-                if session.is_some() {
-                    self.adopted.fetch_add(1, Ordering::Relaxed);
-                }
-                tokio::spawn(serve_tcp(
-                    guard,
-                    stream,
-                    buffered,
-                    session.unwrap_or_default(),
-                    mode,
-                ));
-            }
-            Conn::Unix(mut stream) => {
-                tokio::spawn(async move {
-                    let buf = BytesMut::with_capacity(READ_BUF);
-                    let session = Session::default();
-                    // Unix connections cannot be handed over: `Migrating` closes them.
-                    serve_connection(&guard.server, &mut stream, buf, session, mode, false).await;
-                });
-            }
+        let Conn {
+            stream,
+            buffered,
+            session,
+        } = conn;
+        if session.is_some() {
+            self.adopted.fetch_add(1, Ordering::Relaxed);
         }
+        let session = session.unwrap_or_default();
+        match stream {
+            Client::Tcp(s) => tokio::spawn(serve_client(guard, s, buffered, session, mode)),
+            Client::Unix(s) => tokio::spawn(serve_client(guard, s, buffered, session, mode)),
+        };
     }
 }
 
-enum Conn {
-    Tcp {
-        stream: TcpStream,
-        /// Read by the previous generation but not run (empty for a fresh connection).
-        buffered: Vec<u8>,
-        /// `Some` for an adopted connection.
-        session: Option<Session>,
-    },
-    Unix(UnixStream),
+/// An accepted or adopted connection, before its task starts.
+struct Conn {
+    stream: Client,
+    /// Read by the previous generation but not run (empty for a fresh connection).
+    buffered: Vec<u8>,
+    /// `Some` for an adopted connection.
+    session: Option<Session>,
 }
 
 impl Conn {
-    fn from_accepted(accepted: Accepted) -> Conn {
+    fn from_tcp(accepted: Accepted<TcpStream>) -> Conn {
         let session = accepted.adopted.as_ref().map(Session::from_meta);
         let (stream, buffered) = accepted.stream.into_parts();
         // Replies are flushed once per batch, so Nagle only adds latency. (An adopted socket
@@ -401,8 +397,18 @@ impl Conn {
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY");
         }
-        Conn::Tcp {
-            stream,
+        Conn {
+            stream: Client::Tcp(stream),
+            buffered,
+            session,
+        }
+    }
+
+    fn from_unix(accepted: Accepted<UnixStream>) -> Conn {
+        let session = accepted.adopted.as_ref().map(Session::from_meta);
+        let (stream, buffered) = accepted.stream.into_parts();
+        Conn {
+            stream: Client::Unix(stream),
             buffered,
             session,
         }
@@ -411,8 +417,8 @@ impl Conn {
 
 async fn accept(listener: &mut Listener) -> io::Result<Conn> {
     match listener {
-        Listener::Tcp(incoming) => Ok(Conn::from_accepted(incoming.accept().await?)),
-        Listener::Unix(l) => Ok(Conn::Unix(l.accept().await?.0)),
+        Listener::Tcp(incoming) => Ok(Conn::from_tcp(incoming.accept().await?)),
+        Listener::Unix(incoming) => Ok(Conn::from_unix(incoming.accept().await?)),
     }
 }
 
@@ -513,15 +519,17 @@ fn run_batch(
     Batch::Ran { close, more }
 }
 
-/// Serves a TCP connection; hands it over when [`serve_connection`] stops at a boundary for
-/// migration.
-async fn serve_tcp(
+/// Serves a client connection; hands it over when [`serve_connection`] stops at a boundary
+/// for migration.
+async fn serve_client<S>(
     guard: ConnGuard,
-    mut stream: TcpStream,
+    mut stream: S,
     buffered: Vec<u8>,
     session: Session,
     mode: watch::Receiver<Mode>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Into<Client>,
+{
     let server = &guard.server;
     let mut buf = BytesMut::with_capacity(READ_BUF.max(buffered.len()));
     buf.extend_from_slice(&buffered);
@@ -537,7 +545,7 @@ async fn serve_tcp(
     };
     let buffered = rest.len();
     match hand_over
-        .hand_over(stream, rest.to_vec(), session.to_meta())
+        .hand_over(stream.into(), rest.to_vec(), session.to_meta())
         .await
     {
         Ok(()) => {
@@ -880,12 +888,12 @@ mod tests {
 
     /// Plays the supervisor's relay: what the old server hands over is queued here, and the
     /// test gives it to the new server the way its accept loop would.
-    struct Relay(tokio::sync::mpsc::UnboundedSender<(TcpStream, Vec<u8>, serde_json::Value)>);
+    struct Relay(tokio::sync::mpsc::UnboundedSender<(Client, Vec<u8>, serde_json::Value)>);
 
     impl HandOver for Relay {
         fn hand_over(
             &self,
-            stream: TcpStream,
+            stream: Client,
             buffered: Vec<u8>,
             meta: serde_json::Value,
         ) -> HandOverFuture<'_> {
@@ -894,7 +902,7 @@ mod tests {
         }
     }
 
-    type Relayed = tokio::sync::mpsc::UnboundedReceiver<(TcpStream, Vec<u8>, serde_json::Value)>;
+    type Relayed = tokio::sync::mpsc::UnboundedReceiver<(Client, Vec<u8>, serde_json::Value)>;
 
     fn relay() -> (Arc<dyn HandOver>, Relayed) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -907,11 +915,17 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let accepted = Accepted {
-            stream: baton_child::PrefixedStream::new(buffered.clone(), stream),
-            adopted: Some(meta.clone()),
+        let conn = match stream {
+            Client::Tcp(stream) => Conn::from_tcp(Accepted {
+                stream: baton_child::PrefixedStream::new(buffered.clone(), stream),
+                adopted: Some(meta.clone()),
+            }),
+            Client::Unix(stream) => Conn::from_unix(Accepted {
+                stream: baton_child::PrefixedStream::new(buffered.clone(), stream),
+                adopted: Some(meta.clone()),
+            }),
         };
-        to.spawn_connection(Conn::from_accepted(accepted));
+        to.spawn_connection(conn);
         (buffered, meta)
     }
 
@@ -1019,10 +1033,83 @@ mod tests {
         assert!(server.lock().db.is_empty());
     }
 
+    /// The Unix listener goes through the same path: a connection on it is handed over at a
+    /// command boundary with its unread bytes and session, and the successor serves it.
+    #[tokio::test]
+    async fn unix_connections_migrate_like_tcp_ones() {
+        let dir = std::env::temp_dir().join(format!("kv-server-unix-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kv.sock");
+        let mut baton = baton_child::Baton::builder()
+            .handle_signals(false)
+            .start(baton_child::Env::standalone())
+            .unwrap();
+        let listener = Listener::Unix(baton.unix_incoming("kv", &path).unwrap());
+        assert_eq!(listener.describe(), format!("unix:{}", path.display()));
+
+        let (hand_over, mut relayed) = relay();
+        let old = Server::new(Schema::V2, 1, None, Some(hand_over));
+        let new = Server::new(Schema::V2, 2, None, None);
+        let task = tokio::spawn({
+            let old = Arc::clone(&old);
+            async move { old.run(listener).await }
+        });
+        let mut c = BufReader::new(UnixStream::connect(&path).await.unwrap());
+        c.get_mut()
+            .write_all(b"CLIENT SETNAME u1\r\nINCR n\r\nINCR")
+            .await
+            .unwrap();
+        let mut got = String::new();
+        for _ in 0..2 {
+            tokio::time::timeout(T, c.read_line(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(got, "+OK\r\n:1\r\n");
+
+        assert!(old.migrate());
+        let (stream, buffered, meta) = tokio::time::timeout(T, relayed.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(stream, Client::Unix(_)), "{stream:?}");
+        assert_eq!(buffered, b"INCR", "the unread half travels");
+        assert_eq!(meta, serde_json::json!({"name": "u1", "db": 0}));
+        tokio::time::timeout(T, task).await.unwrap().unwrap();
+        assert_eq!(old.handed_over(), 1);
+
+        let Client::Unix(stream) = stream else {
+            unreachable!()
+        };
+        new.install(old.with_db(|db| db.clone()), 2);
+        new.spawn_connection(Conn::from_unix(Accepted {
+            stream: baton_child::PrefixedStream::new(buffered, stream),
+            adopted: Some(meta),
+        }));
+        c.get_mut()
+            .write_all(b" n\r\nCLIENT GETNAME\r\n")
+            .await
+            .unwrap();
+        let mut got = String::new();
+        for _ in 0..3 {
+            tokio::time::timeout(T, c.read_line(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(got, ":2\r\n$2\r\nu1\r\n", "same connection, new server");
+        assert_eq!(new.lock().db.get(b"n"), Some(&b"2"[..]));
+        new.close();
+        drop(c);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn without_migration_support_migrating_closes_at_a_boundary() {
-        // A Unix connection (or a server without a hand-over) cannot migrate: it closes as
-        // in a plain drain, after finishing the partial command.
+        // A server without a hand-over cannot migrate: it closes as in a plain drain, after
+        // finishing the partial command.
         let server = Server::new(Schema::V2, 1, None, None);
         assert!(!server.migrate(), "falls back to closing");
         assert_eq!(*server.mode.borrow(), Mode::Closing);

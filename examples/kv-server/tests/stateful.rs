@@ -90,6 +90,28 @@ impl Control {
         }
     }
 
+    /// Every message until the child closes the socket (it exited).
+    fn until_eof(&mut self) -> Vec<Value> {
+        let mut msgs = Vec::new();
+        loop {
+            while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                msgs.push(serde_json::from_slice(&line).expect("a JSON line"));
+            }
+            let mut chunk = [0u8; 4096];
+            let mut fds = [0 as RawFd; 4];
+            let (n, nfds) = self
+                .sock
+                .recv_with_fd(&mut chunk, &mut fds)
+                .expect("control socket read");
+            if n == 0 {
+                return msgs;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+            self.fds.extend(&fds[..nfds]);
+        }
+    }
+
     fn send(&self, msg: Value, fds: &[RawFd]) {
         let mut line = serde_json::to_vec(&msg).unwrap();
         line.push(b'\n');
@@ -107,34 +129,70 @@ struct Generation {
     ctl: Control,
     notify: UnixDatagram,
     log: mpsc::Receiver<String>,
+    /// The TCP address it accepts on (`None` for a Unix listener).
     addr: Option<SocketAddr>,
+    /// What it logged as its listening address (`HOST:PORT` or `unix:PATH`).
+    listen: String,
 }
 
 impl Generation {
     /// Spawns kv-server with a control socket at fd 3 and a notify socket, and reads its
     /// hello (which must announce `state`) and its `prepared`.
     fn spawn(dir: &TempDir, generation: u64, schema: u32) -> Generation {
+        Generation::spawn_with(dir, generation, schema, &[], None)
+    }
+
+    /// [`spawn`](Self::spawn) with extra arguments and, optionally, an inherited listener
+    /// named `kv` (at fd 3 with `LISTEN_FDS`; the control socket then goes to fd 4). Either
+    /// way `--listen-fallback` is a TCP address.
+    fn spawn_with(
+        dir: &TempDir,
+        generation: u64,
+        schema: u32,
+        extra: &[&str],
+        inherited: Option<OwnedFd>,
+    ) -> Generation {
         let notify_path = dir.0.join(format!("notify-{generation}"));
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         notify.set_read_timeout(Some(T)).unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
         ours.set_read_timeout(Some(T)).unwrap();
-        // The child's end goes in as stdin and the shell dups it to fd 3 (without
-        // close-on-exec) before exec, which puts it where BATON_CONTROL_FD says.
-        let mut child = Command::new("sh")
-            .args(["-c", "exec \"$0\" \"$@\" 3<&0"])
+        let mut cmd = Command::new("sh");
+        match inherited {
+            None => {
+                // The child's end goes in as stdin and the shell dups it to fd 3 (without
+                // close-on-exec) before exec, which puts it where BATON_CONTROL_FD says.
+                cmd.args(["-c", "exec \"$0\" \"$@\" 3<&0"])
+                    .env("BATON_CONTROL_FD", "3")
+                    .env_remove("LISTEN_FDS")
+                    .env_remove("LISTEN_PID")
+                    .env_remove("LISTEN_FDNAMES")
+                    .stdin(Stdio::from(OwnedFd::from(theirs)))
+                    .stdout(Stdio::null());
+            }
+            Some(listener) => {
+                // The listener comes in as stdin, the control socket as stdout; the shell
+                // moves them to fds 3 and 4. `exec` keeps the pid, so LISTEN_PID is `$$`.
+                cmd.args([
+                    "-c",
+                    "LISTEN_PID=$$; export LISTEN_PID; \
+                     exec \"$0\" \"$@\" 3<&0 4>&1 0</dev/null 1>/dev/null",
+                ])
+                .env("BATON_CONTROL_FD", "4")
+                .env("LISTEN_FDS", "1")
+                .env("LISTEN_FDNAMES", "kv")
+                .stdin(Stdio::from(listener))
+                .stdout(Stdio::from(OwnedFd::from(theirs)));
+            }
+        }
+        let mut child = cmd
             .arg(env!("CARGO_BIN_EXE_kv-server"))
             .args(["--listen-fallback", "127.0.0.1:0", "--schema"])
             .arg(schema.to_string())
+            .args(extra)
             .env("RUST_LOG", "info")
-            .env("BATON_CONTROL_FD", "3")
             .env("BATON_GENERATION", generation.to_string())
             .env("NOTIFY_SOCKET", &notify_path)
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDNAMES")
-            .stdin(Stdio::from(OwnedFd::from(theirs)))
-            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn kv-server");
@@ -157,6 +215,7 @@ impl Generation {
             notify,
             log,
             addr: None,
+            listen: String::new(),
         };
         let (hello, _) = g.ctl.expect("hello");
         assert_eq!(hello["protocol"], 1);
@@ -192,7 +251,8 @@ impl Generation {
             .nth(1)
             .and_then(|rest| rest.split_whitespace().next())
             .expect("address in log line");
-        self.addr = Some(addr.parse().unwrap());
+        self.addr = addr.parse().ok();
+        self.listen = addr.to_owned();
     }
 
     fn wait_log(&mut self, needle: &str) -> String {
@@ -455,4 +515,161 @@ fn schema_1_refuses_to_snapshot_binary_data_and_keeps_serving() {
     // Nothing is lost and it serves on, even before the supervisor's resume arrives.
     assert_eq!(c.cmd(&["DBSIZE"]), ":1\r\n");
     assert_eq!(c.cmd(&["SET", "after", "1"]), "+OK\r\n");
+}
+
+/// Under baton with `--listen kv=unix:PATH`, kv-server serves the inherited Unix listener
+/// although `--listen-fallback` names a TCP address: the inherited socket's kind wins, and
+/// the flag only matters standalone.
+#[test]
+fn an_inherited_unix_listener_is_served_whatever_the_fallback() {
+    let dir = TempDir::new();
+    let path = dir.0.join("kv.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let mut g = Generation::spawn_with(&dir, 1, 2, &[], Some(OwnedFd::from(listener)));
+    g.ctl.send(json!({"type": "fresh", "reason": "test"}), &[]);
+    g.wait_ready();
+    assert_eq!(g.listen, format!("unix:{}", path.display()));
+    assert_eq!(g.addr, None, "nothing was bound on TCP");
+    let s = UnixStream::connect(&path).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    w.write_all(b"SET k v\r\nGET k\r\n").unwrap();
+    let mut got = String::new();
+    for _ in 0..3 {
+        r.read_line(&mut got).unwrap();
+    }
+    assert_eq!(got, "+OK\r\n$1\r\nv\r\n");
+}
+
+/// A TCP connection pair: the client's end, and the server's end to pass as an adopted fd.
+fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (server, _) = l.accept().unwrap();
+    client.set_read_timeout(Some(T)).unwrap();
+    (client, server)
+}
+
+/// A connection handed over by the previous generation that arrives while this one is
+/// quiesced waits in the SDK's queue (the accept loop is paused). On commit it must end like
+/// every other connection: closed at a command boundary when the successor does not adopt
+/// (an orderly FIN, not a reset, although unread bytes wait in its receive queue; the
+/// held-back command does not run), handed on when it does (same socket, same unread bytes).
+#[test]
+fn queued_adopted_connections_are_closed_cleanly_or_handed_on() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for migrate in [false, true] {
+        let dir = TempDir::new();
+        let mut g = Generation::spawn(&dir, 1, 2);
+        g.ctl.send(json!({"type": "fresh", "reason": "test"}), &[]);
+        g.wait_ready();
+        g.quiesce();
+
+        let (mut client, server_end) = tcp_pair();
+        // Unread by anybody: a plain close of the server's end would reset the connection.
+        client.write_all(b"PING\r\n").unwrap();
+        let held = b"INCR n\r\n";
+        g.ctl.send(
+            json!({"type": "adopt", "fds": 1, "listener": "kv",
+                   "buffered": b64.encode(held), "meta": {"name": "q1", "db": 0}}),
+            &[std::os::fd::AsRawFd::as_raw_fd(&server_end)],
+        );
+        drop(server_end);
+        g.ctl.send(
+            json!({"type": "commit", "deadline_ms": 10000, "migrate": migrate}),
+            &[],
+        );
+        g.wait_log("took queued connections while draining");
+        if migrate {
+            let (msg, fds) = g.ctl.expect("migrate");
+            assert_eq!(msg["listener"], "kv");
+            assert_eq!(msg["buffered"], b64.encode(held), "held back, not run");
+            assert_eq!(msg["meta"]["name"], "q1");
+            // The same connection, with the unread bytes still in it (already there, so the
+            // blocking recv returns at once).
+            use nix::sys::socket::{recv, send, MsgFlags};
+            let mut unread = [0u8; 6];
+            let n = recv(fds[0], &mut unread, MsgFlags::MSG_WAITALL).unwrap();
+            assert_eq!(&unread[..n], b"PING\r\n");
+            send(fds[0], b"+hi\r\n", MsgFlags::MSG_NOSIGNAL).unwrap();
+            let mut hi = [0u8; 5];
+            client.read_exact(&mut hi).unwrap();
+            assert_eq!(&hi, b"+hi\r\n");
+        } else {
+            let mut buf = [0u8; 64];
+            match client.read(&mut buf) {
+                Ok(0) => {}
+                other => panic!("expected an orderly close without a reply, got {other:?}"),
+            }
+        }
+        drop(client);
+        let status = g.wait_exit();
+        assert!(status.success(), "migrate {migrate}: exit {status}");
+    }
+}
+
+/// Old-generation snapshot faults fire once per process: after the damaged (or missing)
+/// snapshot and a resume, the next quiesce sends a good snapshot holding every write.
+#[test]
+fn old_generation_faults_fire_once_per_process() {
+    for fault in [
+        "corrupt-snapshot",
+        "truncate-snapshot",
+        "hang-during-snapshot",
+    ] {
+        let dir = TempDir::new();
+        let mut g = Generation::spawn_with(&dir, 1, 2, &["--fault", fault], None);
+        g.ctl.send(json!({"type": "fresh", "reason": "test"}), &[]);
+        g.wait_ready();
+        let mut c = g.connect();
+        assert_eq!(c.cmd(&["SET", "k", "v"]), "+OK\r\n");
+
+        g.ctl.send(json!({"type": "quiesce"}), &[]);
+        if fault == "hang-during-snapshot" {
+            g.wait_log("fault hang-during-snapshot");
+        } else {
+            let (msg, fds) = g.ctl.expect("snapshot");
+            let bytes = std::fs::read(format!("/proc/self/fd/{}", fds[0])).unwrap();
+            assert_eq!(bytes.len() as u64, msg["size"].as_u64().unwrap());
+            assert!(
+                serde_json::from_slice::<Value>(&bytes).is_err(),
+                "{fault}: the first snapshot must be damaged"
+            );
+        }
+        g.ctl
+            .send(json!({"type": "resume", "reason": "aborted"}), &[]);
+        assert_eq!(c.cmd(&["SET", "k2", "v2"]), "+OK\r\n", "{fault}");
+
+        let (_, _, snapshot) = g.quiesce();
+        let mut keys: Vec<&str> = snapshot["state"]["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["k"].as_str().unwrap())
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["k", "k2"], "{fault}: {snapshot}");
+    }
+}
+
+/// `--fault die-during-snapshot`: the old generation quiesces and aborts before it sends a
+/// snapshot. baton then reports the state as lost (tested end to end in `tests/`).
+#[test]
+fn die_during_snapshot_aborts_before_sending_it() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = TempDir::new();
+    let mut g = Generation::spawn_with(&dir, 1, 2, &["--fault", "die-during-snapshot"], None);
+    g.ctl.send(json!({"type": "fresh", "reason": "test"}), &[]);
+    g.wait_ready();
+    assert_eq!(g.connect().cmd(&["SET", "k", "v"]), "+OK\r\n");
+    g.ctl.send(json!({"type": "quiesce"}), &[]);
+    let msgs = g.ctl.until_eof();
+    assert!(
+        msgs.iter().all(|m| m["type"] == "connections"),
+        "nothing but connection counts before the end: {msgs:?}"
+    );
+    let status = g.wait_exit();
+    assert_eq!(status.signal(), Some(6), "SIGABRT: {status}");
 }
