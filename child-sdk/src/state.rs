@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::control::ControlTx;
@@ -56,19 +56,6 @@ pub(crate) enum StateMsg {
 struct SnapshotOut<'a, T> {
     version: u32,
     state: &'a T,
-}
-
-/// The state part (the version is read separately, see
-/// [`SnapshotVersion`]).
-#[derive(Deserialize)]
-struct SnapshotIn<S> {
-    state: S,
-}
-
-/// Reads only the version (serde skips the rest).
-#[derive(Deserialize)]
-struct SnapshotVersion {
-    version: u32,
 }
 
 /// Takes part in stateful upgrades for state of type `T`, schema version
@@ -398,21 +385,99 @@ where
         let hint = if e.is_eof() { " (truncated?)" } else { "" };
         format!("snapshot is not valid JSON{hint}: {e}")
     };
-    let found = serde_json::from_slice::<SnapshotVersion>(bytes)
-        .map_err(corrupt)?
-        .version;
-    if found == version {
-        let snap: SnapshotIn<T> = serde_json::from_slice(bytes).map_err(|e| {
-            format!("snapshot of version {found} does not match this program's state type: {e}")
-        })?;
-        return Ok((snap.state, found));
-    }
-    let snap: SnapshotIn<serde_json::Value> = serde_json::from_slice(bytes).map_err(corrupt)?;
-    tracing::info!(from = found, to = version, "migrating the snapshot");
-    let state = migrate(found, snap.state).map_err(|e| {
-        format!("snapshot version {found} refused by this program (version {version}): {e}")
+    // One pass: `version` comes first (as `send_snapshot` writes it), so `state` is
+    // decoded straight into `T` when the versions match, or into a `Value` for `migrate`.
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let decoded = serde::de::DeserializeSeed::deserialize(
+        Envelope::<T> {
+            ours: version,
+            _t: PhantomData,
+        },
+        &mut de,
+    )
+    .and_then(|d| de.end().map(|()| d))
+    .map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            format!("snapshot does not match this program's state type (version {version}): {e}")
+        }
+        _ => corrupt(e),
     })?;
-    Ok((state, found))
+    match decoded {
+        Decoded::Current(state) => Ok((state, version)),
+        Decoded::Other(found, value) => {
+            tracing::info!(from = found, to = version, "migrating the snapshot");
+            let state = migrate(found, value).map_err(|e| {
+                format!("snapshot version {found} refused by this program (version {version}): {e}")
+            })?;
+            Ok((state, found))
+        }
+    }
+}
+
+/// What one pass over `{"version": V, "state": ...}` produced.
+enum Decoded<T> {
+    /// The program's own version, decoded into its type.
+    Current(T),
+    /// Another version, as JSON, for the migration hook.
+    Other(u32, serde_json::Value),
+}
+
+/// Decodes the snapshot envelope in a single pass (see [`Decoded`]).
+struct Envelope<T> {
+    ours: u32,
+    _t: PhantomData<T>,
+}
+
+impl<'de, T: DeserializeOwned> serde::de::DeserializeSeed<'de> for Envelope<T> {
+    type Value = Decoded<T>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Decoded<T>, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, T: DeserializeOwned> serde::de::Visitor<'de> for Envelope<T> {
+    type Value = Decoded<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a snapshot object {\"version\": N, \"state\": ...}")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Decoded<T>, A::Error> {
+        use serde::de::Error as _;
+        let mut version: Option<u32> = None;
+        let mut out: Option<Decoded<T>> = None;
+        // `state` before `version` (another writer): keep it as JSON until we know.
+        let mut early: Option<serde_json::Value> = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "version" => version = Some(map.next_value()?),
+                "state" => match version {
+                    Some(v) if v == self.ours => out = Some(Decoded::Current(map.next_value()?)),
+                    Some(v) => out = Some(Decoded::Other(v, map.next_value()?)),
+                    None => early = Some(map.next_value()?),
+                },
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        let version = version.ok_or_else(|| A::Error::missing_field("version"))?;
+        match (out, early) {
+            (Some(d), _) => Ok(d),
+            (None, Some(v)) if version == self.ours => T::deserialize(v)
+                .map(Decoded::Current)
+                .map_err(A::Error::custom),
+            (None, Some(v)) => Ok(Decoded::Other(version, v)),
+            (None, None) => Err(A::Error::missing_field("state")),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -476,6 +541,42 @@ mod tests {
         let (fd, size) = write_snapshot(9, &old).unwrap();
         let err = read_snapshot::<Db, _>(&fd, size, 2, no_migration).unwrap_err();
         assert!(err.contains("version 9 refused"), "{err}");
+    }
+
+    #[test]
+    fn envelope_fields_in_any_order_and_unknown_ones_ignored() {
+        let cases: [(&[u8], u32); 3] = [
+            (br#"{"state":{"a":1},"version":2}"#, 2),
+            (
+                br#"{"note":"x","version":2,"state":{"a":1},"more":[1,2]}"#,
+                2,
+            ),
+            (br#"{"state":[["a",1]],"version":1}"#, 1),
+        ];
+        for (text, found) in cases {
+            let fd = memfd_with(text, true);
+            let (db, from): (Db, u32) = read_snapshot(&fd, text.len() as u64, 2, |v, value| {
+                assert_eq!(v, 1);
+                serde_json::from_value::<Vec<(String, u64)>>(value)
+                    .map(|p| p.into_iter().collect())
+                    .map_err(|e| e.to_string())
+            })
+            .unwrap();
+            assert_eq!(from, found);
+            assert_eq!(db.get("a"), Some(&1));
+        }
+        for (text, want) in [
+            (&br#"{"state":{"a":1}}"#[..], "missing field `version`"),
+            (&br#"{"version":2}"#[..], "missing field `state`"),
+            (
+                &br#"{"version":2,"state":{"a":1}} trailing"#[..],
+                "trailing",
+            ),
+        ] {
+            let fd = memfd_with(text, true);
+            let err = read_snapshot::<Db, _>(&fd, text.len() as u64, 2, no_migration).unwrap_err();
+            assert!(err.contains(want), "expected {want:?} in {err:?}");
+        }
     }
 
     #[test]
