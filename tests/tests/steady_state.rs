@@ -9,9 +9,13 @@ use baton_tests::harness::{exclusive, fixture, hello_http_bin, python3, wait_pid
 
 /// One HTTP/1.1 request on a fresh connection; the body on 200.
 fn get(addr: SocketAddr) -> std::io::Result<String> {
+    get_path(addr, "/")
+}
+
+fn get_path(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     if !out.starts_with("HTTP/1.1 200") {
@@ -129,4 +133,35 @@ async fn a_listener_shut_down_by_a_child_is_rearmed() {
     };
     assert!(body.contains(&format!("pid={pid}")), "{body}");
     assert!(baton.log().contains("re-armed"), "{}", baton.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_drain_when_baton_is_sigkilled() {
+    // PR_SET_PDEATHSIG: a SIGKILLed baton makes its children drain (stop signal), so an
+    // in-flight request still completes and no orphan keeps serving.
+    let _serial = exclusive().await;
+    let hello = hello_http_bin().unwrap();
+    let baton = Baton::start(["--listen", "http=127.0.0.1:0"], [hello.as_os_str()])
+        .await
+        .unwrap();
+    let addr = baton.tcp_addr("http").await.unwrap();
+    let child = baton.status().await.unwrap().pid.unwrap();
+    let inflight = tokio::task::spawn_blocking(move || get_path(addr, "/sleep?ms=1500"));
+    baton
+        .wait_for("the request in flight", Duration::from_secs(10), |s| {
+            s.generations
+                .iter()
+                .any(|g| g.connections.unwrap_or(0) >= 1)
+        })
+        .await
+        .unwrap();
+    baton.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+    let body = inflight
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("in-flight request cut by baton's death: {e}"));
+    assert!(body.contains(&format!("pid={child}")), "{body}");
+    wait_pid_gone(child, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("child outlived baton: {e}\n{}", baton.log()));
 }
