@@ -233,6 +233,38 @@ impl DirectApp {
         Ok(Self { child, pid })
     }
 
+    /// Starts `program args...` socket-activated, without baton: `listener` as fd 3 with
+    /// `LISTEN_FDS=1`, `LISTEN_FDNAMES=http` and `LISTEN_PID` = its own pid (a shell sets it
+    /// and execs the program, which keeps the pid). This is what systemd does for a
+    /// service with a `.socket` unit.
+    pub fn spawn_activated(
+        program: &Path,
+        listener: &std::net::TcpListener,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        use std::os::fd::AsFd;
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(r#"export LISTEN_PID=$$; exec "$0" "$@""#)
+            .arg(program)
+            .args(args)
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDNAMES", "http")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        sys::pass_as_fd3(&mut cmd, listener.as_fd());
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {} (socket-activated)", program.display()))?;
+        let pid = child
+            .id()
+            .context("spawned child has no pid (already reaped?)")?;
+        Ok(Self { child, pid })
+    }
+
     /// Its pid.
     pub fn pid(&self) -> u32 {
         self.pid

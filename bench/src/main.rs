@@ -55,12 +55,12 @@ struct Args {
     /// HTTP load: connection-per-request clients.
     #[arg(long, default_value_t = 8)]
     fresh: usize,
-    /// overhead: measured window per run [quick: 2s, full: 5s].
+    /// overhead: measured window per run [quick: 2s, full: 4s].
     #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
     overhead_duration: Option<Duration>,
-    /// overhead: interleaved (direct, baton) pairs [quick: 3, full: 10].
+    /// overhead: rounds of interleaved runs (direct, socket-activated, baton) [quick: 3, full: 15].
     #[arg(long, value_name = "N")]
-    overhead_pairs: Option<usize>,
+    overhead_rounds: Option<usize>,
     /// stateful: state size in MiB (repeatable) [quick: 10 100, full: 10 100 1000].
     #[arg(long = "state-mb", value_name = "MB")]
     state_mb: Vec<u64>,
@@ -212,12 +212,12 @@ async fn run(scenario: Scenario, a: &Args, bins: &Bins, nofile: u64) -> Vec<Row>
             overhead::run(
                 bins,
                 &overhead::Opts {
-                    pairs: a.overhead_pairs.unwrap_or(if q { 3 } else { 10 }),
+                    rounds: a.overhead_rounds.unwrap_or(if q { 3 } else { 15 }),
                     warmup: Duration::from_millis(if q { 500 } else { 1000 }),
                     duration: a.overhead_duration.unwrap_or(Duration::from_secs(if q {
                         2
                     } else {
-                        5
+                        4
                     })),
                     load,
                 },

@@ -98,12 +98,15 @@ async fn run_size(bins: &Bins, opts: &Opts, mb: u64) -> anyhow::Result<Row> {
     row.set_ms("serde_ms", serde_ms)
         .set_ms("serde_serialise_ms", serde.serialise_ms)
         .set_ms("serde_parse_ms", serde.parse_ms);
-    let ratio = if serde_ms > 0.0 { gap / serde_ms } else { 0.0 };
-    row.set(
-        "transport_overhead_ratio",
-        (ratio * 1000.0).round() / 1000.0,
-    )
-    .target("transport_overhead_ratio", Target::Le(1.3));
+    let ratio = |gap: f64| {
+        let r = if serde_ms > 0.0 { gap / serde_ms } else { 0.0 };
+        (r * 1000.0).round() / 1000.0
+    };
+    let gap_p50 = row.get_f64("accept_gap_ms_p50").unwrap_or(0.0);
+    row.set("transport_overhead_ratio", ratio(gap))
+        .target("transport_overhead_ratio", Target::Le(1.3))
+        // The target holds the worst upgrade; the typical one is worth knowing too.
+        .set("transport_overhead_ratio_p50", ratio(gap_p50));
     Ok(row)
 }
 
@@ -190,6 +193,9 @@ async fn measure(
             mb,
             upgrade = i,
             accept_gap_ms = report.accept_gap_ms,
+            snapshot_ms = report.snapshot_ms,
+            restore_ms = report.restore_ms,
+            duration_ms = report.duration_ms,
             "stateful upgrade verified"
         );
     }

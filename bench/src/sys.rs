@@ -46,3 +46,51 @@ pub fn own_cpu() -> io::Result<std::time::Duration> {
         u64::try_from(total_us).unwrap_or(0),
     ))
 }
+
+/// Makes `listener` fd 3 in the child `cmd` spawns, the systemd socket-activation layout
+/// (`LISTEN_FDS=1`). The caller keeps `listener` open until the child is spawned.
+pub fn pass_as_fd3(cmd: &mut tokio::process::Command, listener: std::os::fd::BorrowedFd<'_>) {
+    use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd};
+
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+
+    const TARGET: i32 = 3;
+    let raw = listener.as_raw_fd();
+    let hook = move || -> io::Result<()> {
+        if raw == TARGET {
+            // Already in place: only the close-on-exec flag must go.
+            // SAFETY: fd 3 is open in the child (it is the listener, inherited through fork).
+            let fd = unsafe { BorrowedFd::borrow_raw(TARGET) };
+            fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(io::Error::from)?;
+        } else {
+            // SAFETY: `raw` is open in the child (inherited through fork; the parent keeps
+            // it open until spawn returns). dup2 onto 3 replaces whatever the child had at
+            // 3 (a close-on-exec copy of the parent's runtime fds), and the new fd 3 is
+            // not close-on-exec. The returned OwnedFd is turned back into a raw fd so
+            // nothing closes fd 3 before exec.
+            let fd = unsafe {
+                nix::unistd::dup2_raw(BorrowedFd::borrow_raw(raw), TARGET)
+                    .map_err(io::Error::from)?
+            };
+            let _ = fd.into_raw_fd();
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs between fork and exec and only calls async-signal-safe
+    // functions (fcntl, dup2); it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// Calls `listen(2)` again on a listening socket to set its backlog to
+/// `net.core.somaxconn`, as baton and systemd do (std binds with a backlog of 128).
+pub fn listen_somaxconn(listener: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use nix::sys::socket::{listen, Backlog};
+    let max: i32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096);
+    let backlog = Backlog::new(max).map_err(io::Error::from)?;
+    listen(&listener, backlog).map_err(io::Error::from)
+}
