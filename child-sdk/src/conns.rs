@@ -1,10 +1,11 @@
 //! Live connection tracking, reported to the supervisor as
 //! `{"type":"connections","active":N}`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::control::ControlTx;
 use crate::protocol::ChildMsg;
@@ -30,7 +31,16 @@ const REPORT_INTERVAL: Duration = Duration::from_millis(100);
 /// ```
 #[derive(Debug, Clone)]
 pub struct Connections {
-    tx: Arc<watch::Sender<u64>>,
+    inner: Arc<Inner>,
+}
+
+/// A plain atomic: counting a connection in or out is one `fetch_add`, with no lock and
+/// no wake-up on the accept path. The reporter samples it on a timer instead.
+#[derive(Debug, Default)]
+struct Inner {
+    active: AtomicU64,
+    /// Woken when the count drops to zero (for `wait_idle`).
+    idle: Notify,
 }
 
 impl Default for Connections {
@@ -45,37 +55,45 @@ impl Connections {
     /// one).
     pub fn new() -> Self {
         Connections {
-            tx: Arc::new(watch::Sender::new(0)),
+            inner: Arc::new(Inner::default()),
         }
     }
 
     /// Counts one connection until the returned guard is dropped.
     pub fn track(&self) -> ConnGuard {
-        self.tx.send_modify(|n| *n += 1);
+        self.inner.active.fetch_add(1, Ordering::Relaxed);
         ConnGuard {
-            tx: Arc::clone(&self.tx),
+            inner: Arc::clone(&self.inner),
         }
     }
 
     /// Connections open now.
     pub fn active(&self) -> u64 {
-        *self.tx.borrow()
+        self.inner.active.load(Ordering::Relaxed)
     }
 
     /// Resolves when no connection is open (at once if none is). Cancel-safe.
     pub async fn wait_idle(&self) {
-        let mut rx = self.tx.subscribe();
-        // The sender lives in `self`, so this cannot fail.
-        let _ = rx.wait_for(|n| *n == 0).await;
+        loop {
+            // Register before checking, so a drop to zero in between is not missed.
+            let notified = self.inner.idle.notified();
+            if self.active() == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Sends the count to the supervisor whenever it changes, coalesced.
     pub(crate) fn spawn_reporter(&self, control: ControlTx) {
-        let mut rx = self.tx.subscribe();
+        let inner = Arc::clone(&self.inner);
         tokio::spawn(async move {
             let mut last = None;
+            let mut tick = tokio::time::interval(REPORT_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let n = *rx.borrow_and_update();
+                tick.tick().await;
+                let n = inner.active.load(Ordering::Relaxed);
                 if last != Some(n) {
                     if control
                         .send(&ChildMsg::Connections { active: n }, None)
@@ -84,13 +102,6 @@ impl Connections {
                         return;
                     }
                     last = Some(n);
-                    tokio::time::sleep(REPORT_INTERVAL).await;
-                    // Changes during the sleep mark the value as changed,
-                    // so the next round sends the latest count.
-                    continue;
-                }
-                if rx.changed().await.is_err() {
-                    return;
                 }
             }
         });
@@ -101,12 +112,14 @@ impl Connections {
 #[derive(Debug)]
 #[must_use = "the connection is uncounted as soon as the guard is dropped"]
 pub struct ConnGuard {
-    tx: Arc<watch::Sender<u64>>,
+    inner: Arc<Inner>,
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.tx.send_modify(|n| *n = n.saturating_sub(1));
+        if self.inner.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.inner.idle.notify_waiters();
+        }
     }
 }
 
