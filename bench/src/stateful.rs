@@ -97,7 +97,15 @@ async fn run_size(bins: &Bins, opts: &Opts, mb: u64) -> anyhow::Result<Row> {
     let gap = row.get_f64("accept_gap_ms_max").unwrap_or(0.0);
     row.set_ms("serde_ms", serde_ms)
         .set_ms("serde_serialise_ms", serde.serialise_ms)
-        .set_ms("serde_parse_ms", serde.parse_ms);
+        .set_ms("serde_parse_ms", serde.parse_ms)
+        .set(
+            "serde_ms_runs",
+            serde
+                .runs_ms
+                .iter()
+                .map(|ms| serde_json::Value::from(crate::report::round3(*ms)))
+                .collect::<Vec<_>>(),
+        );
     let ratio = |gap: f64| {
         let r = if serde_ms > 0.0 { gap / serde_ms } else { 0.0 };
         (r * 1000.0).round() / 1000.0
@@ -405,6 +413,9 @@ struct Baseline {
     serialise_ms: f64,
     /// JSON bytes to a rebuilt map.
     parse_ms: f64,
+    /// Every run's total, in order: the first one runs on memory the allocator has not
+    /// used yet, as a freshly started candidate does.
+    runs_ms: Vec<f64>,
 }
 
 /// Serialise + parse + rebuild of the same keyspace in this process (median of `runs`):
@@ -461,6 +472,7 @@ fn serde_baseline(keys: u64, runs: usize) -> anyhow::Result<Baseline> {
         drop(json);
     }
     Ok(Baseline {
+        runs_ms: totals.clone(),
         total_ms: median(&totals),
         serialise_ms: median(&sers),
         parse_ms: median(&des),

@@ -64,10 +64,11 @@ pub fn pass_as_fd3(cmd: &mut tokio::process::Command, listener: std::os::fd::Bor
             fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(io::Error::from)?;
         } else {
             // SAFETY: `raw` is open in the child (inherited through fork; the parent keeps
-            // it open until spawn returns). dup2 onto 3 replaces whatever the child had at
-            // 3 (a close-on-exec copy of the parent's runtime fds), and the new fd 3 is
-            // not close-on-exec. The returned OwnedFd is turned back into a raw fd so
-            // nothing closes fd 3 before exec.
+            // it open until spawn returns). dup2 onto 3 replaces the child's copy of
+            // whatever the parent holds at 3: a close-on-exec fd its runtime opened at
+            // start-up (std's per-spawn error pipe is created later and numbered higher).
+            // The new fd 3 is not close-on-exec. The returned OwnedFd is turned back into
+            // a raw fd so that nothing closes fd 3 before exec.
             let fd = unsafe {
                 nix::unistd::dup2_raw(BorrowedFd::borrow_raw(raw), TARGET)
                     .map_err(io::Error::from)?
