@@ -399,11 +399,16 @@ fn deferred_ready(m: &mut Machine, d: &mut Driver, gen: GenId) {
         return;
     };
     if std::mem::take(&mut h.ready_deferred) {
-        let now = Instant::now();
-        d.ready_received = Some(now);
-        m.on_ready(d, now, gen);
-        d.ready_received = None;
+        ready(m, d, gen);
     }
+}
+
+/// Hands READY to the machine, timing baton's own share of the promotion.
+fn ready(m: &mut Machine, d: &mut Driver, gen: GenId) {
+    let now = Instant::now();
+    d.ready_received = Some(now);
+    m.on_ready(d, now, gen);
+    d.ready_received = None;
 }
 
 fn on_notify(m: &mut Machine, d: &mut Driver, pid: u32, text: &str) {
@@ -431,10 +436,7 @@ fn on_notify(m: &mut Machine, d: &mut Driver, pid: u32, text: &str) {
                         continue;
                     }
                 }
-                let now = Instant::now();
-                d.ready_received = Some(now);
-                m.on_ready(d, now, gen);
-                d.ready_received = None;
+                ready(m, d, gen);
             }
             "STATUS" => {
                 if let Some(h) = d.handles.get_mut(&gen) {

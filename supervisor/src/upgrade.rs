@@ -155,6 +155,25 @@ struct Upgrade {
     state_lost: Option<String>,
 }
 
+impl Upgrade {
+    /// The outcome of this upgrade, with the timings gathered so far.
+    fn report(&self, result: UpgradeResult, reason: Option<String>, now: Instant) -> UpgradeReport {
+        UpgradeReport {
+            result,
+            reason,
+            duration_ms: ms(now - self.started),
+            generation: self.candidate,
+            pid: self.pid,
+            accept_gap_ms: self.quiesced_at.map(|t| ms_f(now - t)),
+            snapshot_bytes: self.snapshot_bytes,
+            snapshot_ms: self.snapshot_ms,
+            restore_ms: self.restore_ms,
+            migrated_connections: 0,
+            supervisor_ms: None,
+        }
+    }
+}
+
 /// The supervisor's generations and its upgrade in progress.
 pub struct Machine {
     s: Settings,
@@ -302,7 +321,7 @@ impl Machine {
     ) {
         if self.stopping {
             if let Some(w) = waiter {
-                let mut report = self.report_for_refusal("baton is stopping", now);
+                let mut report = self.report_for_refusal("baton is stopping");
                 host.finished(&mut report, vec![w]);
             }
             return;
@@ -316,7 +335,7 @@ impl Machine {
         self.begin(host, now, Why::Upgrade, waiters);
     }
 
-    fn report_for_refusal(&self, reason: &str, _now: Instant) -> UpgradeReport {
+    fn report_for_refusal(&self, reason: &str) -> UpgradeReport {
         UpgradeReport {
             result: UpgradeResult::RolledBack,
             reason: Some(reason.to_string()),
@@ -655,7 +674,7 @@ impl Machine {
             }
         }
         if let Some(w) = self.queued.take() {
-            let mut report = self.report_for_refusal("baton is stopping", now);
+            let mut report = self.report_for_refusal("baton is stopping");
             host.finished(&mut report, w);
         }
         let ids: Vec<GenId> = self.gens.keys().copied().collect();
@@ -763,22 +782,10 @@ impl Machine {
                     .get(&o)
                     .is_some_and(|g| g.phase != Phase::Draining)
             {
-                self.retire_with(host, now, o, migrate);
+                self.retire(host, now, o, migrate);
             }
         }
-        let report = UpgradeReport {
-            result: UpgradeResult::Promoted,
-            reason: u.state_lost.clone(),
-            duration_ms: ms(now - u.started),
-            generation: id,
-            pid: u.pid,
-            accept_gap_ms: u.quiesced_at.map(|t| ms_f(now - t)),
-            snapshot_bytes: u.snapshot_bytes,
-            snapshot_ms: u.snapshot_ms,
-            restore_ms: u.restore_ms,
-            migrated_connections: 0,
-            supervisor_ms: None,
-        };
+        let report = u.report(UpgradeResult::Promoted, u.state_lost.clone(), now);
         tracing::info!(
             generation = id,
             pid = u.pid.unwrap_or(0),
@@ -822,19 +829,7 @@ impl Machine {
                 );
             }
         }
-        let report = UpgradeReport {
-            result: UpgradeResult::RolledBack,
-            reason: Some(reason),
-            duration_ms: ms(now - u.started),
-            generation: id,
-            pid: u.pid,
-            accept_gap_ms: u.quiesced_at.map(|t| ms_f(now - t)),
-            snapshot_bytes: u.snapshot_bytes,
-            snapshot_ms: u.snapshot_ms,
-            restore_ms: u.restore_ms,
-            migrated_connections: 0,
-            supervisor_ms: None,
-        };
+        let report = u.report(UpgradeResult::RolledBack, Some(reason), now);
         if u.why != Why::Upgrade {
             self.consecutive_crashes += 1;
         }
@@ -882,12 +877,8 @@ impl Machine {
         }
     }
 
-    fn retire(&mut self, host: &mut impl Host, now: Instant, id: GenId, migrate: bool) {
-        self.retire_with(host, now, id, migrate);
-    }
-
     /// Tells a generation to drain (or commit, if it was quiesced) and arms its SIGKILL.
-    fn retire_with(&mut self, host: &mut impl Host, now: Instant, id: GenId, migrate: bool) {
+    fn retire(&mut self, host: &mut impl Host, now: Instant, id: GenId, migrate: bool) {
         let deadline_ms = ms(self.s.drain_timeout);
         let Some(g) = self.gens.get_mut(&id) else {
             return;
