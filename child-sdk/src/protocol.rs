@@ -311,4 +311,12 @@ pub struct Status {
     pub listeners: Vec<ListenerStatus>,
     /// baton's resident memory in KiB.
     pub rss_kb: u64,
+    /// How generations are contained: `cgroup`, or `process group` with the reason
+    /// cgroups are not used.
+    #[serde(default)]
+    pub containment: String,
+    /// Processes that outlived their generation's main process (a `setsid()`
+    /// grandchild, say) and were killed with its cgroup.
+    #[serde(default)]
+    pub strays_killed: u64,
 }

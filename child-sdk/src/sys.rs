@@ -4,7 +4,7 @@
 //! small, checked functions here.
 
 use std::io;
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
@@ -15,8 +15,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::sys::socket::{
-    getpeername, getsockname, getsockopt, recvmsg, sendmsg, sockopt, AddressFamily, ControlMessage,
-    ControlMessageOwned, MsgFlags, SockType, SockaddrLike, SockaddrStorage, UnixAddr,
+    getpeername, getsockname, getsockopt, sendmsg, sockopt, AddressFamily, ControlMessage,
+    MsgFlags, SockType, SockaddrLike, SockaddrStorage,
 };
 use nix::sys::stat::{fstat, SFlag};
 use std::num::NonZeroUsize;
@@ -125,52 +125,119 @@ pub(crate) fn has_peer(fd: BorrowedFd<'_>) -> io::Result<bool> {
     }
 }
 
-/// One `recvmsg` on a Unix stream socket: reads into `buf` and appends the
-/// received fds to `fds`.
+/// What one `recvmsg` brought: bytes, fds and the sender's credentials.
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes read into the buffer (0: end of stream, for a stream socket).
+    pub bytes: usize,
+    /// Every fd that arrived, owned: dropping them closes them.
+    pub fds: Vec<OwnedFd>,
+    /// The sender's pid, when `SO_PASSCRED` is on and the kernel attached it.
+    pub pid: Option<i32>,
+    /// The sender attached more fds than `max_fds`: the kernel installed
+    /// those that fit (they are in `fds`) and discarded the rest.
+    pub fds_truncated: bool,
+}
+
+/// One `recvmsg` with room for `max_fds` fds (and credentials).
 ///
-/// Received fds are close-on-exec from the start (`MSG_CMSG_CLOEXEC`), so a
-/// concurrent `fork`+`exec` elsewhere in the app cannot leak them. Returns the
-/// number of bytes read; 0 means end of stream. The socket should be
-/// non-blocking (`WouldBlock` is returned as is).
+/// Every fd the kernel installed is wrapped in an `OwnedFd` before anything
+/// can fail, including on `MSG_CTRUNC`, so no path leaks one. Received fds
+/// are close-on-exec from the start (`MSG_CMSG_CLOEXEC`), so a concurrent
+/// `fork`+`exec` cannot leak them either. Non-blocking (`MSG_DONTWAIT`):
+/// `WouldBlock` is returned as is.
+///
+/// # Errors
+///
+/// The OS error of `recvmsg`.
+pub fn recv_msg(fd: BorrowedFd<'_>, buf: &mut [u8], max_fds: usize) -> io::Result<Received> {
+    let fd_bytes = max_fds * std::mem::size_of::<RawFd>();
+    // SAFETY: CMSG_SPACE only computes a size from its argument.
+    let space = unsafe {
+        nix::libc::CMSG_SPACE(fd_bytes as u32) as usize
+            + nix::libc::CMSG_SPACE(std::mem::size_of::<nix::libc::ucred>() as u32) as usize
+    };
+    // u64 elements: the control buffer must be aligned for `cmsghdr`.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = nix::libc::iovec {
+        iov_base: buf.as_mut_ptr().cast::<c_void>(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty one.
+    let mut msg: nix::libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast::<c_void>();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg points at one iovec over `buf` and at `control`, both alive and
+    // at least as long as the lengths given.
+    let n = unsafe {
+        nix::libc::recvmsg(
+            fd.as_raw_fd(),
+            &mut msg,
+            nix::libc::MSG_CMSG_CLOEXEC | nix::libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Received {
+        bytes: n as usize,
+        fds: Vec::new(),
+        pid: None,
+        fds_truncated: msg.msg_flags & nix::libc::MSG_CTRUNC != 0,
+    };
+    // SAFETY: the kernel filled `control` up to msg_controllen with well-formed
+    // headers (on truncation it shortens cmsg_len to what it wrote), and
+    // CMSG_FIRSTHDR/CMSG_NXTHDR never step past msg_controllen.
+    unsafe {
+        let mut c = nix::libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let data = nix::libc::CMSG_DATA(c);
+            let len =
+                ((*c).cmsg_len as usize).saturating_sub(data.offset_from(c.cast::<u8>()) as usize);
+            if (*c).cmsg_level == nix::libc::SOL_SOCKET {
+                if (*c).cmsg_type == nix::libc::SCM_RIGHTS {
+                    for i in 0..len / std::mem::size_of::<RawFd>() {
+                        let raw = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                        // SAFETY: the kernel just installed this fd for us; nothing else
+                        // knows its number, so this is its only owner.
+                        out.fds.push(OwnedFd::from_raw_fd(raw));
+                    }
+                } else if (*c).cmsg_type == nix::libc::SCM_CREDENTIALS
+                    && len >= std::mem::size_of::<nix::libc::ucred>()
+                {
+                    let cred = std::ptr::read_unaligned(data.cast::<nix::libc::ucred>());
+                    out.pid = Some(cred.pid);
+                }
+            }
+            c = nix::libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads from a Unix stream socket into `buf`, appending the fds that came
+/// along to `fds`. Returns the number of bytes read; 0 means end of stream.
+/// The socket should be non-blocking (`WouldBlock` is returned as is).
+///
+/// A read that brought more fds than [`MAX_FDS_PER_READ`] is a protocol
+/// violation: the fds that did arrive are closed and an error returned.
 pub(crate) fn recv_with_fds(
     fd: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
 ) -> io::Result<usize> {
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_READ]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<UnixAddr>(
-        fd.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(errno)?;
-    let bytes = msg.bytes;
-    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-    let cmsgs = msg.cmsgs().map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("control message truncated ({e}): peer sent too many fds at once"),
-        )
-    })?;
-    for c in cmsgs {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            for r in raw {
-                // SAFETY: the kernel just installed this fd in our table as
-                // part of this recvmsg; nothing else knows its number yet,
-                // so we are its only owner.
-                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
-            }
-        }
-    }
-    if truncated {
+    let r = recv_msg(fd, buf, MAX_FDS_PER_READ)?;
+    if r.fds_truncated {
+        // `r.fds` is dropped here: every fd that arrived is closed.
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            "control message truncated: peer sent too many fds at once",
+            format!("peer sent more than {MAX_FDS_PER_READ} fds at once; they were closed"),
         ));
     }
-    Ok(bytes)
+    fds.extend(r.fds);
+    Ok(r.bytes)
 }
 
 /// One `sendmsg` on a Unix stream socket with `fds` attached as

@@ -24,9 +24,16 @@ use tokio::net::UnixStream;
 
 use crate::sys;
 
+#[doc(hidden)]
+pub use crate::sys::{recv_msg, Received};
+
 /// Longest accepted line. Larger data (snapshots) travels in fds, never
 /// inline, so this only guards against a broken peer.
 pub const MAX_LINE: usize = 1 << 20;
+
+/// Most fds that may wait for the rest of their line. Every protocol message
+/// carries at most one, so a peer over this is broken or hostile.
+pub const MAX_QUEUED_FDS: usize = 64;
 
 /// Bytes read per `recvmsg`.
 const READ_CHUNK: usize = 64 * 1024;
@@ -53,6 +60,10 @@ pub enum WireError {
         /// Why it was rejected.
         reason: String,
     },
+    /// More than [`MAX_QUEUED_FDS`] fds arrived for lines not yet complete.
+    /// They are closed, and the stream cannot be trusted any more.
+    #[error("peer sent more than {MAX_QUEUED_FDS} fds ahead of their messages")]
+    TooManyFds,
     /// A message announced more fds than were received with it: the peer
     /// broke the protocol and the stream cannot be trusted any more.
     #[error("message announces {wanted} fds but only {queued} were received")]
@@ -144,7 +155,17 @@ impl LineDecoder {
             let Some(nl) = self.buf.iter().position(|b| *b == b'\n') else {
                 if self.buf.len() > MAX_LINE {
                     self.buf.clear();
+                    self.fds.clear();
                     return Err(WireError::LineTooLong);
+                }
+                if self.buf.is_empty() {
+                    // Fds travel with the first byte of their line, so with no partial
+                    // line buffered, nothing can claim these any more: close them now
+                    // (a message that announces no fds but carries some, say).
+                    self.fds.clear();
+                } else if self.fds.len() > MAX_QUEUED_FDS {
+                    self.fds.clear();
+                    return Err(WireError::TooManyFds);
                 }
                 return Ok(None);
             };
@@ -324,6 +345,30 @@ mod tests {
         let mut v = Vec::new();
         f.read_to_end(&mut v).unwrap();
         v
+    }
+
+    #[test]
+    fn decoder_closes_fds_no_line_claims() {
+        let mut d = LineDecoder::new();
+        // A message that announces no fds but carries three.
+        d.push(
+            b"{\"type\":\"connections\",\"active\":1}\n",
+            [memfile(b"a"), memfile(b"b"), memfile(b"c")],
+        );
+        let f = d.next_frame().unwrap().unwrap();
+        assert!(f.fds.is_empty());
+        assert!(d.next_frame().unwrap().is_none());
+        assert_eq!(d.queued_fds(), 0, "orphaned fds must be closed at once");
+    }
+
+    #[test]
+    fn decoder_refuses_fds_piling_up_behind_a_partial_line() {
+        let mut d = LineDecoder::new();
+        for _ in 0..=MAX_QUEUED_FDS {
+            d.push(b"{", [memfile(b"x")]);
+        }
+        assert!(matches!(d.next_frame(), Err(WireError::TooManyFds)));
+        assert_eq!(d.queued_fds(), 0);
     }
 
     #[test]

@@ -51,7 +51,7 @@ pub enum Command {
 /// Where the control socket is.
 #[derive(Debug, Args)]
 pub struct ControlArg {
-    /// Control socket [default: $BATON_CONTROL, else $XDG_RUNTIME_DIR/baton.sock, else /tmp/baton-UID/baton.sock].
+    /// Control socket [default: $BATON_CONTROL, else $XDG_RUNTIME_DIR/baton.sock, else /run/baton/baton.sock for root, else /tmp/baton-UID/baton.sock].
     #[arg(long, value_name = "PATH", env = "BATON_CONTROL")]
     pub control: Option<PathBuf>,
 }
@@ -90,6 +90,9 @@ pub struct RunArgs {
     /// Stateful: the candidate must restore the snapshot within DUR [default: 60s].
     #[arg(long, value_name = "DUR")]
     pub restore_timeout: Option<String>,
+    /// Members of GROUP (name or gid) may use the control socket too (mode 0660).
+    #[arg(long, value_name = "GROUP")]
+    pub control_group: Option<String>,
     /// TOML file with the same settings (keys like `ready_timeout`, `listen = [...]`, `command = [...]`).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,

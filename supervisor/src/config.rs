@@ -32,6 +32,7 @@ struct File {
     snapshot_timeout: Option<String>,
     restore_timeout: Option<String>,
     control: Option<PathBuf>,
+    control_group: Option<String>,
     command: Option<Vec<String>>,
 }
 
@@ -60,18 +61,30 @@ pub struct RunConfig {
     pub restore_timeout: Duration,
     /// Control socket path.
     pub control: PathBuf,
+    /// Group (gid) whose members may use the control socket too.
+    pub control_group: Option<u32>,
     /// PROGRAM.
     pub program: OsString,
     /// Its arguments.
     pub args: Vec<OsString>,
 }
 
+/// The longest duration any setting takes: a year. Longer ones are typos, and
+/// `Instant` arithmetic on them could overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn duration(what: &str, v: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(v).map_err(|e| {
+    let d = humantime::parse_duration(v).map_err(|e| {
         ConfigError(format!(
             "invalid {what} '{v}': {e} (expected e.g. 500ms, 30s, 2m)"
         ))
-    })
+    })?;
+    if d > MAX_DURATION {
+        return Err(ConfigError(format!(
+            "invalid {what} '{v}': longer than the maximum of 365 days"
+        )));
+    }
+    Ok(d)
 }
 
 fn signal(what: &str, v: &str) -> Result<Signal, ConfigError> {
@@ -215,6 +228,18 @@ impl RunConfig {
                 "no PROGRAM given: usage: baton run [OPTIONS] -- PROGRAM [ARGS...]".into(),
             ));
         }
+        let control_group = match pick(
+            a.control_group.clone(),
+            f.control_group.clone(),
+            "control-group",
+            "control_group",
+        ) {
+            Some((v, what)) => Some(
+                crate::sys::group_id(&v)
+                    .map_err(|e| ConfigError(format!("invalid {what}: {e}")))?,
+            ),
+            None => None,
+        };
         let program = command.remove(0);
         crate::spawn::resolve_program(&program).map_err(ConfigError)?;
         Ok(RunConfig {
@@ -254,6 +279,7 @@ impl RunConfig {
                 .clone()
                 .or(f.control.clone())
                 .unwrap_or_else(crate::control::default_path),
+            control_group,
             program,
             args: command,
         })
@@ -264,6 +290,26 @@ impl RunConfig {
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn huge_durations_are_refused_for_every_flag() {
+        for flag in [
+            "--ready-timeout",
+            "--drain-timeout",
+            "--snapshot-timeout",
+            "--restore-timeout",
+        ] {
+            let e = parse(&[flag, "300000000000y", "--", "true"])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(flag) && e.contains("365 days"), "{e}");
+        }
+        let e = parse(&["--ready", "delay=300000000000y", "--", "true"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--ready"), "{e}");
+        assert!(parse(&["--drain-timeout", "365days", "--", "true"]).is_ok());
+    }
 
     fn parse(args: &[&str]) -> Result<RunConfig, ConfigError> {
         let mut v = vec!["baton", "run"];

@@ -1,7 +1,10 @@
 //! The control socket: `baton status|upgrade|stop` talk to a running baton here.
 //!
-//! Unix stream, mode 0600, peer uid checked with `SO_PEERCRED`; one JSON request
-//! line in, one JSON reply line out (types in `baton_child::protocol`).
+//! Unix stream, mode 0600 (0660 with `--control-group`), peer checked with
+//! `SO_PEERCRED`/`SO_PEERGROUPS`; one JSON request line in, one JSON reply line out
+//! (types in `baton_child::protocol`). At most [`MAX_CLIENTS`] connections are served
+//! at once, at most [`MAX_IDLE`] of them before their request (the oldest is evicted),
+//! and one that has not sent its request within [`REQUEST_TIMEOUT`] is closed.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -13,7 +16,17 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::access;
 use crate::sys;
+
+/// Control connections open at once (most are `upgrade --wait`s); more are
+/// closed at accept.
+pub const MAX_CLIENTS: usize = 1024;
+/// Connections that have not sent their request yet; a new one over this evicts
+/// the oldest, so idle connections can never lock an operator out.
+pub const MAX_IDLE: usize = 32;
+/// A client must send its request line within this.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A request from a client, with the way to answer it.
 pub struct Incoming {
@@ -27,29 +40,29 @@ pub struct Incoming {
 pub struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
+    group: Option<u32>,
 }
 
-/// The default control socket path.
+/// The default control socket path: `$XDG_RUNTIME_DIR/baton.sock`, else
+/// `/run/baton/baton.sock` for root, else `/tmp/baton-$UID/baton.sock`.
 pub fn default_path() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("baton.sock"),
+        _ if sys::getuid() == 0 => PathBuf::from("/run/baton/baton.sock"),
         _ => PathBuf::from(format!("/tmp/baton-{}/baton.sock", sys::getuid())),
     }
 }
 
 impl ControlServer {
-    /// Binds at `path` (creating its directory 0700 if missing). A leftover socket
-    /// nobody answers on is replaced; a live one is an error.
+    /// Binds at `path` (creating its directory 0700 if missing, and refusing one
+    /// another user controls). A leftover socket nobody answers on is replaced; a
+    /// live one is an error. With `group`, members of that group may connect too.
     ///
     /// # Errors
-    /// The path is in use by a running baton, is not a socket, or cannot be bound.
-    pub fn bind(path: &Path) -> io::Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.exists() {
-                std::fs::create_dir_all(dir)?;
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-            }
-        }
+    /// The directory is unsafe, the path is in use by a running baton, is not a
+    /// socket, or cannot be bound.
+    pub fn bind(path: &Path, group: Option<u32>) -> io::Result<Self> {
+        access::prepare_dir(path, group)?;
         match sys::path_is_socket(path)? {
             Some(true) => {
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -77,35 +90,66 @@ impl ControlServer {
         let listener = UnixListener::bind(path).map_err(|e| {
             io::Error::new(e.kind(), format!("control socket {}: {e}", path.display()))
         })?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let mode = if group.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        if let Some(gid) = group {
+            sys::chown_group(path, gid)?;
+        }
         Ok(ControlServer {
             listener,
             path: path.to_path_buf(),
+            group,
         })
     }
 
     /// Accepts clients forever, passing their requests to `tx`.
     pub async fn serve(&self, tx: mpsc::Sender<Incoming>) {
-        let me = sys::getuid();
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+        // Eviction handles of the connections still waiting for their request line;
+        // a handle whose receiver is gone belongs to one that has moved on.
+        let mut idle: std::collections::VecDeque<oneshot::Sender<()>> = Default::default();
+        let mut backoff = Duration::from_millis(10);
         loop {
             let (stream, _) = match self.listener.accept().await {
-                Ok(s) => s,
+                Ok(s) => {
+                    backoff = Duration::from_millis(10);
+                    s
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "control accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // EMFILE and friends: wait, doubling up to a second, and say so
+                    // once per wait rather than in a tight loop.
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "control accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             };
-            let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
-            if uid != me && uid != 0 {
-                tracing::warn!(uid, "control connection from another user refused");
+            let (uid, gids) = sys::peer_ids(&stream);
+            if !access::peer_allowed(uid, &gids, self.group) {
+                tracing::warn!(uid, "control connection from a user not allowed; closed");
                 continue;
             }
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(
+                    max = MAX_CLIENTS,
+                    "too many control connections; closing a new one"
+                );
+                continue;
+            };
+            idle.retain(|h| !h.is_closed());
+            if idle.len() >= MAX_IDLE {
+                if let Some(oldest) = idle.pop_front() {
+                    let _ = oldest.send(());
+                }
+            }
+            let (evict, evicted) = oneshot::channel();
+            idle.push_back(evict);
             let tx = tx.clone();
             tokio::spawn(async move {
-                if let Err(e) = handle(stream, tx).await {
+                if let Err(e) = handle(stream, tx, evicted).await {
                     tracing::debug!(error = %e, "control client");
                 }
+                drop(slot);
             });
         }
     }
@@ -117,11 +161,24 @@ impl Drop for ControlServer {
     }
 }
 
-async fn handle(stream: UnixStream, tx: mpsc::Sender<Incoming>) -> io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    tx: mpsc::Sender<Incoming>,
+    mut evicted: oneshot::Receiver<()>,
+) -> io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let mut r = tokio::io::BufReader::new(r).take_lines_limit();
-    r.read_line(&mut line).await?;
+    tokio::select! {
+        read = tokio::time::timeout(REQUEST_TIMEOUT, r.read_line(&mut line)) => match read {
+            Ok(read) => read?,
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "no request in time")),
+        },
+        _ = &mut evicted => {
+            return Err(io::Error::other("evicted: too many idle control connections"));
+        }
+    };
+    drop(evicted);
     let reply = match serde_json::from_str::<ControlRequest>(&line) {
         Err(e) => ControlReply::Error {
             message: format!("bad request: {e}"),
@@ -167,6 +224,9 @@ pub enum ClientError {
         /// OS error.
         err: io::Error,
     },
+    /// The socket or its directory could be another user's.
+    #[error("{0}")]
+    Unsafe(String),
     /// Connection broke or the reply was not understood.
     #[error("control socket {path}: {why}")]
     Protocol {
@@ -190,6 +250,7 @@ pub fn request(
         path: path.to_path_buf(),
         why,
     };
+    access::check_client(path).map_err(|e| ClientError::Unsafe(e.to_string()))?;
     let mut s =
         std::os::unix::net::UnixStream::connect(path).map_err(|err| ClientError::Connect {
             path: path.to_path_buf(),

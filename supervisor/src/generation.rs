@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use baton_child::protocol::{ChildMsg, SupervisorMsg};
 use baton_child::wire::{self, FrameReader};
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::upgrade::GenId;
 
@@ -28,6 +28,8 @@ pub enum GenEvent {
         msg: ChildMsg,
         /// Its fds, already close-on-exec.
         fds: Vec<OwnedFd>,
+        /// The relay slots those fds hold; pass it on with them (see [`RELAY_SLOTS`]).
+        slots: Option<OwnedSemaphorePermit>,
     },
     /// The control channel sent something that is not protocol.
     BadMessage {
@@ -38,10 +40,16 @@ pub enum GenEvent {
     },
 }
 
+/// Fds from children that baton may hold at once, waiting to be relayed. A child
+/// that sends more waits (its control channel is not read) until some are written
+/// out, so no child can pin baton's fd table or grow its queues without bound.
+pub const RELAY_SLOTS: usize = 256;
+
 /// An outgoing control message.
 pub struct Outgoing {
     msg: SupervisorMsg,
     fds: Vec<OwnedFd>,
+    _slots: Option<OwnedSemaphorePermit>,
 }
 
 /// A running generation as the driver holds it.
@@ -70,13 +78,14 @@ impl GenHandle {
         pid: u32,
         control: OwnedFd,
         events: mpsc::UnboundedSender<GenEvent>,
+        slots: Arc<Semaphore>,
     ) -> std::io::Result<Self> {
         let std_stream = std::os::unix::net::UnixStream::from(control);
         std_stream.set_nonblocking(true)?;
         let stream = Arc::new(UnixStream::from_std(std_stream)?);
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(wait_exit(gen, child, events.clone()));
-        tokio::spawn(read_loop(gen, stream.clone(), events));
+        tokio::spawn(read_loop(gen, stream.clone(), events, slots));
         tokio::spawn(write_loop(gen, stream.clone(), rx));
         let started_at = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -104,7 +113,22 @@ impl GenHandle {
 
     /// Queues a message (with fds) for the child.
     pub fn send(&self, msg: SupervisorMsg, fds: Vec<OwnedFd>) {
-        let _ = self.tx.send(Outgoing { msg, fds });
+        self.relay(msg, fds, None);
+    }
+
+    /// Queues a message whose fds came from another child; `slots` are released
+    /// once they are written out.
+    pub fn relay(
+        &self,
+        msg: SupervisorMsg,
+        fds: Vec<OwnedFd>,
+        slots: Option<OwnedSemaphorePermit>,
+    ) {
+        let _ = self.tx.send(Outgoing {
+            msg,
+            fds,
+            _slots: slots,
+        });
     }
 }
 
@@ -135,17 +159,35 @@ pub fn describe(st: std::process::ExitStatus) -> String {
 
 /// Reads protocol messages with the SDK's framing (`baton_child::wire`), so both ends
 /// pair fds with lines the same way.
-async fn read_loop(gen: GenId, stream: Arc<UnixStream>, events: mpsc::UnboundedSender<GenEvent>) {
+async fn read_loop(
+    gen: GenId,
+    stream: Arc<UnixStream>,
+    events: mpsc::UnboundedSender<GenEvent>,
+    slots: Arc<Semaphore>,
+) {
     let mut reader = FrameReader::new();
     loop {
         let ev = match reader.next(&stream).await {
             Ok(None) => return,
             Ok(Some(frame)) => match frame.parse::<ChildMsg>() {
-                Ok(msg) => GenEvent::Message {
-                    gen,
-                    msg,
-                    fds: frame.fds,
-                },
+                Ok(msg) => {
+                    let permit = if frame.fds.is_empty() {
+                        None
+                    } else {
+                        // Back-pressure: wait for room before reading on.
+                        let n = u32::try_from(frame.fds.len().min(RELAY_SLOTS)).unwrap_or(1);
+                        match slots.clone().acquire_many_owned(n).await {
+                            Ok(p) => Some(p),
+                            Err(_) => return,
+                        }
+                    };
+                    GenEvent::Message {
+                        gen,
+                        msg,
+                        fds: frame.fds,
+                        slots: permit,
+                    }
+                }
                 Err(e) => GenEvent::BadMessage {
                     gen,
                     why: format!("unknown message '{}': {e}", frame.kind()),

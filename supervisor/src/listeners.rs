@@ -146,6 +146,22 @@ pub struct Listener {
     /// Came from systemd (socket unit or fd store) rather than bound by baton.
     pub inherited: bool,
     fd: OwnedFd,
+    /// A Unix socket file baton created, with its (dev, inode): removed on drop if
+    /// it is still that file, so a failed start or a stop leaves nothing behind.
+    bound_file: Option<(PathBuf, (u64, u64))>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some((path, id)) = &self.bound_file {
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(m) = std::fs::symlink_metadata(path) {
+                if (m.dev(), m.ino()) == *id {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+    }
 }
 
 impl Listener {
@@ -223,22 +239,31 @@ fn bind_one(spec: &ListenSpec, opts: BindOptions) -> Result<Listener, ListenErro
                 addr: ListenAddr::Tcp(addr),
                 inherited: false,
                 fd,
+                bound_file: None,
             })
         }
         ListenAddr::Unix(path) => {
             remove_stale_unix(&spec.name, path)?;
             let fd = sys::bind_unix(path, opts.backlog).map_err(bind_err)?;
+            let id = {
+                use std::os::unix::fs::MetadataExt;
+                std::fs::symlink_metadata(path)
+                    .map(|m| (m.dev(), m.ino()))
+                    .map_err(bind_err)?
+            };
+            let listener = Listener {
+                name: spec.name.clone(),
+                addr: spec.addr.clone(),
+                inherited: false,
+                fd,
+                bound_file: Some((path.clone(), id)),
+            };
             if let Some(mode) = opts.unix_mode {
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
                     .map_err(bind_err)?;
             }
-            Ok(Listener {
-                name: spec.name.clone(),
-                addr: spec.addr.clone(),
-                inherited: false,
-                fd,
-            })
+            Ok(listener)
         }
     }
 }
@@ -337,6 +362,7 @@ fn inherit_from_env() -> Result<Vec<Listener>, ListenError> {
             addr,
             inherited: true,
             fd,
+            bound_file: None,
         });
     }
     // So that nothing we exec later mistakes these for its own.

@@ -1,5 +1,7 @@
 //! `baton`: zero-downtime binary upgrades for native services.
 
+mod access;
+mod cgroup;
 mod cli;
 mod config;
 mod control;
@@ -122,6 +124,7 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 fn client(f: impl FnOnce() -> anyhow::Result<ExitCode>) -> ExitCode {
+    sys::default_sigpipe();
     match f() {
         Ok(c) => c,
         Err(e) => {
@@ -170,6 +173,14 @@ fn print_status(s: &Status) {
         "supervisor: pid {}, rss {} KiB, crashes {}",
         s.supervisor_pid, s.rss_kb, s.crashes
     );
+    if !s.containment.is_empty() {
+        let strays = if s.strays_killed > 0 {
+            format!(", {} stray processes killed", s.strays_killed)
+        } else {
+            String::new()
+        };
+        println!("containment: {}{strays}", s.containment);
+    }
     if s.upgrading {
         println!(
             "upgrade: in progress{}",

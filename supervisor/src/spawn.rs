@@ -99,7 +99,12 @@ fn check_executable(p: &Path) -> Result<(), String> {
 ///
 /// # Errors
 /// PROGRAM cannot be found, or `execve` failed (reported through std's error pipe).
-pub fn spawn(cfg: &SpawnConfig, listeners: &[Listener], gen: u64) -> io::Result<Spawned> {
+pub fn spawn(
+    cfg: &SpawnConfig,
+    listeners: &[Listener],
+    gen: u64,
+    cgroup: Option<&crate::cgroup::GenCgroup>,
+) -> io::Result<Spawned> {
     let path = resolve_program(&cfg.program).map_err(io::Error::other)?;
     let (ours, theirs) = sys::stream_socketpair()?;
     let n = listeners.len();
@@ -123,7 +128,15 @@ pub fn spawn(cfg: &SpawnConfig, listeners: &[Listener], gen: u64) -> io::Result<
     fds.push(theirs.as_fd());
     let mut argv: Vec<&OsStr> = vec![cfg.program.as_os_str()];
     argv.extend(cfg.args.iter().map(OsString::as_os_str));
-    let plan = sys::ExecPlan::new(&path, &argv, &env, n > 0, &fds, cfg.death_signal)?;
+    let plan = sys::ExecPlan::new(
+        &path,
+        &argv,
+        &env,
+        n > 0,
+        &fds,
+        cfg.death_signal,
+        cgroup.map(|c| c.procs_fd().as_fd()),
+    )?;
     let mut cmd = tokio::process::Command::new(&path);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::inherit())

@@ -11,8 +11,10 @@ use baton_child::protocol::{
 use futures_util::StreamExt;
 use nix::sys::signal::Signal;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::cgroup::{Cgroups, GenCgroup};
 use crate::config::RunConfig;
 use crate::control::{ControlServer, Incoming};
 use crate::generation::{GenEvent, GenHandle};
@@ -47,15 +49,90 @@ struct Driver {
     last_spawn: Duration,
     /// When the READY being handled was received.
     ready_received: Option<Instant>,
+    /// Notify senders recently found outside every generation, so that a flood
+    /// from one is dropped without walking `/proc` again.
+    strangers: HashMap<u32, Instant>,
+    /// Bounds the fds held for relaying between generations.
+    relay_slots: Arc<Semaphore>,
+    /// Where generation cgroups go, or why there are none.
+    cgroups: Result<Cgroups, String>,
+    /// Each running generation's cgroup.
+    gen_cgroups: HashMap<GenId, GenCgroup>,
+    /// Cgroups of exited generations, removed once empty.
+    dead_cgroups: Vec<GenCgroup>,
+    /// Processes killed because they outlived their generation.
+    strays_killed: u64,
 }
+
+impl Driver {
+    /// Kills whatever is left of an exited generation and removes its cgroup.
+    fn reap_cgroup(&mut self, gen: GenId) {
+        let Some(cg) = self.gen_cgroups.remove(&gen) else {
+            return;
+        };
+        let strays = cg.pids();
+        if !strays.is_empty() {
+            tracing::warn!(
+                generation = gen,
+                pids = ?strays,
+                "processes outlived their generation (setsid?); killing its cgroup"
+            );
+            self.strays_killed += strays.len() as u64;
+            cg.kill();
+        }
+        if !cg.remove() {
+            self.dead_cgroups.push(cg);
+        }
+    }
+
+    /// Retries removing the cgroups of exited generations.
+    fn sweep_cgroups(&mut self) {
+        self.dead_cgroups.retain(|cg| {
+            if !cg.pids().is_empty() {
+                cg.kill();
+            }
+            !cg.remove()
+        });
+    }
+}
+
+/// How long a notify sender found outside every generation stays known as such.
+const STRANGER_TTL: Duration = Duration::from_secs(1);
+/// Bound on [`Driver::strangers`].
+const MAX_STRANGERS: usize = 256;
 
 impl Host for Driver {
     fn spawn(&mut self, gen: GenId) -> Result<u32, String> {
         let t = Instant::now();
-        let s = spawn::spawn(&self.spawn_cfg, &self.listeners, gen).map_err(|e| e.to_string())?;
+        let cg = match &self.cgroups {
+            Ok(c) => match c.create(gen) {
+                Ok(cg) => Some(cg),
+                Err(e) => {
+                    tracing::warn!(generation = gen, error = %e, "cannot create the generation's cgroup; containing it by process group only");
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        let s = spawn::spawn(&self.spawn_cfg, &self.listeners, gen, cg.as_ref()).map_err(|e| {
+            if let Some(cg) = &cg {
+                cg.remove();
+            }
+            e.to_string()
+        })?;
+        if let Some(cg) = cg {
+            self.gen_cgroups.insert(gen, cg);
+        }
         self.last_spawn = t.elapsed();
-        let h = GenHandle::start(gen, s.child, s.pid, s.control, self.events.clone())
-            .map_err(|e| e.to_string())?;
+        let h = GenHandle::start(
+            gen,
+            s.child,
+            s.pid,
+            s.control,
+            self.events.clone(),
+            self.relay_slots.clone(),
+        )
+        .map_err(|e| e.to_string())?;
         self.handles.insert(gen, h);
         Ok(s.pid)
     }
@@ -64,7 +141,12 @@ impl Host for Driver {
         let r = match how {
             Kill::Stop => sys::kill(pid, self.stop_signal),
             // The whole process group: nothing of a killed generation lingers.
-            Kill::Now => sys::kill_group(pid).and_then(|()| sys::kill(pid, Signal::SIGKILL)),
+            Kill::Now => {
+                if let Some(cg) = self.gen_cgroups.get(&gen) {
+                    cg.kill();
+                }
+                sys::kill_group(pid).and_then(|()| sys::kill(pid, Signal::SIGKILL))
+            }
         };
         if let Err(e) = r {
             tracing::warn!(generation = gen, pid, error = %e, "kill failed");
@@ -154,6 +236,11 @@ fn status(m: &Machine, d: &Driver) -> Status {
             })
             .collect(),
         rss_kb: rss_kb(),
+        containment: match &d.cgroups {
+            Ok(_) => "cgroup".into(),
+            Err(why) => format!("process group ({why})"),
+        },
+        strays_killed: d.strays_killed,
     }
 }
 
@@ -168,7 +255,8 @@ pub async fn run(
 ) -> Result<i32, RunError> {
     let mut signals =
         signal_hook_tokio::Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(RunError::Signals)?;
-    let control = ControlServer::bind(&cfg.control).map_err(|e| RunError::Setup(e.to_string()))?;
+    let control = ControlServer::bind(&cfg.control, cfg.control_group)
+        .map_err(|e| RunError::Setup(e.to_string()))?;
     let mut notify_path = cfg.control.clone().into_os_string();
     notify_path.push(".notify");
     let notify_in = NotifyIn::bind(&PathBuf::from(notify_path))
@@ -215,7 +303,17 @@ pub async fn run(
         exit: None,
         last_spawn: Duration::ZERO,
         ready_received: None,
+        strangers: HashMap::new(),
+        relay_slots: Arc::new(Semaphore::new(crate::generation::RELAY_SLOTS)),
+        cgroups: Cgroups::detect(),
+        gen_cgroups: HashMap::new(),
+        dead_cgroups: Vec::new(),
+        strays_killed: 0,
     };
+    match &d.cgroups {
+        Ok(_) => tracing::info!("each generation runs in its own cgroup"),
+        Err(why) => tracing::info!(why, "generations are contained by process group only"),
+    }
     let mut m = Machine::new(settings);
     let serve = control.serve(ctl_tx);
     tokio::pin!(serve);
@@ -235,8 +333,9 @@ pub async fn run(
                 None => std::future::pending().await,
             }
         };
+        // Not `biased`: tokio picks a random branch first, so a flood on one source
+        // (notify datagrams anyone may send) cannot starve the others.
         tokio::select! {
-            biased;
             Some(sig) = signals.next() => match sig {
                 SIGHUP => {
                     tracing::info!("SIGHUP: upgrade requested");
@@ -259,6 +358,7 @@ pub async fn run(
                     d.sd.send("WATCHDOG=1");
                 }
                 rearm_listeners(&d.listeners, cfg.backlog);
+                d.sweep_cgroups();
             }
             () = &mut serve => {}
         }
@@ -269,6 +369,18 @@ pub async fn run(
         tracing::warn!(generation = gen, pid = g.pid, "killing leftover generation");
         let _ = sys::kill_group(g.pid);
         let _ = sys::kill(g.pid, Signal::SIGKILL);
+    }
+    for (_, cg) in d.gen_cgroups.drain() {
+        cg.kill();
+        d.dead_cgroups.push(cg);
+    }
+    // Killed processes leave their cgroup within moments; wait a little for that.
+    for _ in 0..50 {
+        d.sweep_cgroups();
+        if d.dead_cgroups.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     if code == 0 {
         tracing::info!("stopped");
@@ -303,13 +415,19 @@ fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
     match ev {
         GenEvent::Exited { gen, how } => {
             d.handles.remove(&gen);
+            d.reap_cgroup(gen);
             m.on_exit(d, now, gen, &how);
         }
         GenEvent::BadMessage { gen, why } => {
             tracing::warn!(generation = gen, why, "bad control message");
             deferred_ready(m, d, gen);
         }
-        GenEvent::Message { gen, msg, mut fds } => {
+        GenEvent::Message {
+            gen,
+            msg,
+            mut fds,
+            slots,
+        } => {
             let pid = d.handles.get(&gen).map(|h| h.pid).unwrap_or(0);
             tracing::debug!(generation = gen, pid, ?msg, "control message");
             match msg {
@@ -368,7 +486,7 @@ fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                         .and_then(|a| d.handles.get(&a));
                     match target {
                         Some(h) => {
-                            h.send(
+                            h.relay(
                                 SupervisorMsg::Adopt {
                                     fds: 1,
                                     listener,
@@ -376,6 +494,7 @@ fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                                     meta,
                                 },
                                 vec![fd],
+                                slots,
                             );
                             m.note_migrated(1);
                         }
@@ -411,12 +530,39 @@ fn ready(m: &mut Machine, d: &mut Driver, gen: GenId) {
     d.ready_received = None;
 }
 
-fn on_notify(m: &mut Machine, d: &mut Driver, pid: u32, text: &str) {
-    let Some(owner) = notify::owning_pid(pid, |p| m.gen_by_pid(p).is_some()) else {
+/// The generation process `pid` belongs to (itself or an ancestor), remembering
+/// strangers for a while so that a flood from one costs a map lookup each.
+fn notify_owner(m: &Machine, d: &mut Driver, pid: u32) -> Option<u32> {
+    if m.gen_by_pid(pid).is_some() {
+        return Some(pid);
+    }
+    let now = Instant::now();
+    if d.strangers
+        .get(&pid)
+        .is_some_and(|t| now.duration_since(*t) < STRANGER_TTL)
+    {
+        return None;
+    }
+    let owner = notify::owning_pid(pid, |p| m.gen_by_pid(p).is_some());
+    if owner.is_none() {
+        if d.strangers.len() >= MAX_STRANGERS {
+            d.strangers
+                .retain(|_, t| now.duration_since(*t) < STRANGER_TTL);
+            if d.strangers.len() >= MAX_STRANGERS {
+                d.strangers.clear();
+            }
+        }
+        d.strangers.insert(pid, now);
         tracing::debug!(
             pid,
             "notify message from a process outside every generation; ignored"
         );
+    }
+    owner
+}
+
+fn on_notify(m: &mut Machine, d: &mut Driver, pid: u32, text: &str) {
+    let Some(owner) = notify_owner(m, d, pid) else {
         return;
     };
     let Some(gen) = m.gen_by_pid(owner) else {

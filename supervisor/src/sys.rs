@@ -3,7 +3,7 @@
 use std::ffi::CString;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -190,6 +190,7 @@ pub fn bind_notify_socket(path: &Path) -> io::Result<OwnedFd> {
     )?;
     bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
     setsockopt(&fd, sockopt::PassCred, &true)?;
+    refuse_fds(fd.as_fd())?;
     // Children may run as another user; only root and the owner could connect to
     // a 0600 socket, so open it up: senders are checked by pid, not by mode.
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
@@ -197,32 +198,39 @@ pub fn bind_notify_socket(path: &Path) -> io::Result<OwnedFd> {
 }
 
 /// Receives one sd_notify datagram: the sender's pid (from `SCM_CREDENTIALS`, 0 if
-/// absent) and the payload. Any fds sent along are closed.
+/// absent) and the payload length. Fds never belong on this socket: any that came
+/// along (a kernel without `SO_PASSRIGHTS`) are closed, truncated or not.
 pub fn recv_notify(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(i32, usize)> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    let mut iov = [io::IoSliceMut::new(buf)];
-    let mut cmsg = nix::cmsg_space!(libc::ucred, [RawFd; 16]);
-    let msg = recvmsg::<()>(
-        fd.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-    )?;
-    let mut pid = 0;
-    for c in msg.cmsgs()? {
-        match c {
-            ControlMessageOwned::ScmCredentials(cred) => pid = cred.pid(),
-            ControlMessageOwned::ScmRights(fds) => {
-                for raw in fds {
-                    // SAFETY: SCM_RIGHTS just installed this fd in our table and nothing
-                    // else knows about it; wrapping it closes it on drop.
-                    drop(unsafe { OwnedFd::from_raw_fd(raw) });
-                }
-            }
-            _ => {}
-        }
+    let r = baton_child::wire::recv_msg(fd, buf, 0)?;
+    // `r.fds` drops here, closing every fd that arrived.
+    Ok((r.pid.unwrap_or(0), r.bytes))
+}
+
+/// `SO_PASSRIGHTS` (Linux 6.16+, asm-generic value; not in the libc crate yet).
+const SO_PASSRIGHTS: libc::c_int = 83;
+
+/// Makes the kernel refuse `SCM_RIGHTS` sent to this socket (`sendmsg` fails with
+/// `EPERM`), so no sender can make baton install an fd. Older kernels lack the
+/// option: `Ok(false)`, and received fds are closed instead.
+pub fn refuse_fds(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let off: libc::c_int = 0;
+    // SAFETY: setsockopt reads one c_int from the pointer, which points at `off`.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PASSRIGHTS,
+            (&off as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
     }
-    Ok((pid, msg.bytes))
+    match io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::ENOPROTOOPT) => Ok(false),
+        e => Err(e),
+    }
 }
 
 /// Sends one sd_notify datagram to `addr` (a path, or `@name` for abstract), with
@@ -258,6 +266,70 @@ pub fn pending_bytes(fd: BorrowedFd<'_>) -> usize {
     } else {
         usize::try_from(n).unwrap_or(0)
     }
+}
+
+/// Sets the group of `path` (owner unchanged).
+pub fn chown_group(path: &Path, gid: u32) -> io::Result<()> {
+    nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))?;
+    Ok(())
+}
+
+/// Looks up a group by name or number.
+///
+/// # Errors
+/// A message naming the group when it does not exist.
+pub fn group_id(name: &str) -> Result<u32, String> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(n);
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(format!("no such group '{name}'")),
+        Err(e) => Err(format!("cannot look up group '{name}': {e}")),
+    }
+}
+
+/// `SO_PEERGROUPS` (Linux 4.13+), not in the libc crate.
+const SO_PEERGROUPS: libc::c_int = 59;
+
+/// A connected peer's uid and groups (primary and supplementary). Unknown: uid
+/// `u32::MAX` and no groups, which no check accepts.
+pub fn peer_ids(stream: &tokio::net::UnixStream) -> (u32, Vec<u32>) {
+    let Ok(cred) = stream.peer_cred() else {
+        return (u32::MAX, Vec::new());
+    };
+    let mut gids = vec![cred.gid()];
+    let mut buf = [0 as libc::gid_t; 256];
+    let mut len = std::mem::size_of_val(&buf) as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `buf` and updates `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERGROUPS,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r == 0 {
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        gids.extend(buf.iter().take(n).copied());
+    }
+    (cred.uid(), gids)
+}
+
+/// Restores the default SIGPIPE action (Rust ignores it), so that a client command
+/// whose reader went away (`baton status | head -3`) ends quietly as `ls` would,
+/// instead of panicking in `println!`.
+pub fn default_sigpipe() {
+    // SAFETY: SIG_DFL installs no handler code; called at start-up of client commands,
+    // before any thread is spawned.
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    };
 }
 
 /// The real uid of this process.
@@ -304,6 +376,8 @@ pub struct ExecPlan {
     death_signal: libc::c_int,
     /// Highest fd number to close when `close_range` is missing.
     max_fd: RawFd,
+    /// The generation's `cgroup.procs`, which the child joins before anything else.
+    cgroup_procs: Option<RawFd>,
 }
 
 // SAFETY: the raw pointers point into heap buffers owned by this same struct
@@ -314,6 +388,9 @@ unsafe impl Send for ExecPlan {}
 unsafe impl Sync for ExecPlan {}
 
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+
+/// `CLOSE_RANGE_CLOEXEC` (Linux 5.11+): mark the range close-on-exec, don't close it.
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 
 impl ExecPlan {
     /// Prepares an exec of `path` with `argv` and `env` (entries `KEY=VALUE`, without
@@ -328,6 +405,7 @@ impl ExecPlan {
         with_listen_pid: bool,
         fds: &[BorrowedFd<'_>],
         death_signal: nix::sys::signal::Signal,
+        cgroup_procs: Option<BorrowedFd<'_>>,
     ) -> io::Result<Self> {
         let nul = |_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in argument");
         let path = CString::new(path.as_os_str().as_bytes()).map_err(nul)?;
@@ -363,6 +441,7 @@ impl ExecPlan {
             max_fd: nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
                 .map(|(soft, _)| soft.min(65536) as RawFd)
                 .unwrap_or(4096),
+            cgroup_procs: cgroup_procs.map(|f| f.as_raw_fd()),
         })
     }
 
@@ -372,6 +451,15 @@ impl ExecPlan {
     /// Only async-signal-safe calls are made: `fcntl`, `dup2`, `prctl`, `getppid`,
     /// `getpid`, `execve`, plus writes into memory allocated before `fork`.
     pub fn exec_in_child(&mut self) -> io::Result<()> {
+        if let Some(fd) = self.cgroup_procs {
+            // First, before the fd layout can reuse this fd's number: join the
+            // generation's cgroup ("0" = the writing process), so that everything it
+            // ever starts is in it.
+            // SAFETY: write is async-signal-safe; the buffer is a static byte string.
+            if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         let n = self.fds.len() as RawFd;
         let first = nix::libc::STDERR_FILENO + 1;
         // Move every source above the target range first, so that laying out fd 3..
@@ -394,20 +482,22 @@ impl ExecPlan {
         }
         // Anything baton inherited without CLOEXEC (a pipe from its own parent, say)
         // must not reach the child either: it gets exactly stdio, listeners and control.
+        // Mark the rest close-on-exec rather than closing it: std's exec-error pipe is
+        // among them, and it must stay open until execve, to report e.g. ENOEXEC.
         // SAFETY: close_range is a plain syscall on integers, async-signal-safe.
         if unsafe {
             libc::syscall(
                 libc::SYS_close_range,
                 (first + n) as libc::c_uint,
                 libc::c_uint::MAX,
-                0 as libc::c_uint,
+                CLOSE_RANGE_CLOEXEC,
             )
         } < 0
         {
-            // Kernels before 5.9: close what the fd limit allows, one by one.
+            // Kernels before 5.11: one by one, up to the fd limit.
             for fd in (first + n)..self.max_fd {
-                // SAFETY: close is async-signal-safe; EBADF for unused numbers is fine.
-                unsafe { libc::close(fd) };
+                // SAFETY: fcntl is async-signal-safe; EBADF for unused numbers is fine.
+                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
             }
         }
         // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and takes plain integers.
@@ -472,7 +562,6 @@ fn write_decimal(buf: &mut [u8], mut v: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
 
     #[test]
     fn decimal_digits() {

@@ -194,6 +194,17 @@ pub struct Machine {
 /// A generation active this long resets the crash back-off.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 
+/// `now + d`, saturating instead of panicking when `d` is absurdly large (config
+/// caps durations, but the machine must never panic on time arithmetic).
+fn later(now: Instant, mut d: Duration) -> Instant {
+    loop {
+        if let Some(t) = now.checked_add(d) {
+            return t;
+        }
+        d /= 2;
+    }
+}
+
 fn ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
@@ -379,8 +390,8 @@ impl Machine {
             Ok(pid) => {
                 tracing::info!(generation = id, pid, "spawned");
                 let (ready_at, ready_by) = match self.s.ready {
-                    ReadyMode::Notify => (None, Some(now + self.s.ready_timeout)),
-                    ReadyMode::Delay(d) => (Some(now + d), None),
+                    ReadyMode::Notify => (None, Some(later(now, self.s.ready_timeout))),
+                    ReadyMode::Delay(d) => (Some(later(now, d)), None),
                 };
                 self.gens.insert(
                     id,
@@ -460,7 +471,7 @@ impl Machine {
         match (self.s.stateful, old) {
             (true, Some(old)) => {
                 u.stage = Stage::Snapshotting;
-                u.stage_deadline = Some(now + self.s.snapshot_timeout);
+                u.stage_deadline = Some(later(now, self.s.snapshot_timeout));
                 u.quiesced = Some(old);
                 u.quiesced_at = Some(now);
                 if let Some(g) = self.gens.get_mut(&old) {
@@ -504,7 +515,7 @@ impl Machine {
         match host.pass_snapshot(from, to) {
             Ok(()) => {
                 u.stage = Stage::Restoring;
-                u.stage_deadline = Some(now + self.s.restore_timeout);
+                u.stage_deadline = Some(later(now, self.s.restore_timeout));
                 u.restore_sent_at = Some(now);
             }
             Err(e) => self.fail(host, now, format!("cannot pass the snapshot: {e}")),
@@ -546,7 +557,7 @@ impl Machine {
         // The ready timeout restarts: restoring a large state is not a hang.
         if let Some(g) = self.gens.get_mut(&gen) {
             if g.ready_by.is_some() {
-                g.ready_by = Some(now + self.s.ready_timeout);
+                g.ready_by = Some(later(now, self.s.ready_timeout));
             }
         }
         if u.ready_early {
@@ -657,7 +668,7 @@ impl Machine {
             (self.s.backoff_min * 2u32.saturating_pow(exp)).min(self.s.backoff_max)
         };
         tracing::info!(delay_ms = ms(delay), "replacing the active generation");
-        self.restart_at = Some(now + delay);
+        self.restart_at = Some(later(now, delay));
     }
 
     /// Drain every generation and exit once all are gone.
@@ -888,7 +899,7 @@ impl Machine {
         g.ready_by = None;
         g.ready_at = None;
         if g.kill_at.is_none() {
-            g.kill_at = Some(now + self.s.drain_timeout);
+            g.kill_at = Some(later(now, self.s.drain_timeout));
         }
         let pid = g.pid;
         tracing::info!(generation = id, pid, "draining");
@@ -911,6 +922,21 @@ impl Machine {
         } else {
             host.kill(id, pid, Kill::Stop);
         }
+    }
+}
+
+#[cfg(test)]
+mod later_tests {
+    use super::*;
+
+    #[test]
+    fn later_saturates_instead_of_panicking() {
+        let now = Instant::now();
+        assert_eq!(
+            later(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        assert!(later(now, Duration::MAX) > now);
     }
 }
 

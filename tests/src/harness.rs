@@ -674,6 +674,16 @@ pub fn pid_alive(pid: u32) -> bool {
     matches!(proc_stat(pid), Some((state, _)) if state != 'Z' && state != 'X')
 }
 
+/// SIGKILLs a process on drop: for processes that escape baton's tree (a `setsid`
+/// grandchild reparented to init), which [`Baton`]'s drop cannot find.
+pub struct KillOnDrop(pub u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = sys::signal(self.0, Signal::SIGKILL);
+    }
+}
+
 /// Waits (bounded) until `pid` has exited; returns how long that took.
 pub async fn wait_pid_gone(pid: u32, timeout: Duration) -> Result<Duration> {
     let started = Instant::now();

@@ -2,6 +2,7 @@
 //! that runs the real `baton` binary around the example apps.
 
 pub mod harness;
+pub mod http;
 pub mod load;
 pub mod resp;
 mod sys;

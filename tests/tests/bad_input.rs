@@ -82,6 +82,32 @@ async fn malformed_duration() {
     .await;
 }
 
+/// Issue 14, defect 3: an absurd duration is a usage error, not a panic later.
+#[tokio::test]
+async fn huge_durations() {
+    for flag in ["--drain-timeout", "--ready-timeout", "--restore-timeout"] {
+        expect_usage_error(
+            &["--listen", "http=127.0.0.1:0", flag, "300000000000y"],
+            &[&hello()],
+            flag,
+        )
+        .await;
+    }
+    let dir = TestDir::new("huge-duration").unwrap();
+    let cfg = dir.join("baton.toml");
+    fs::write(
+        &cfg,
+        "listen = [\"http=127.0.0.1:0\"]\ndrain_timeout = \"300000000000y\"\n",
+    )
+    .unwrap();
+    expect_usage_error(
+        &["--config", &cfg.to_string_lossy()],
+        &[&hello()],
+        "drain_timeout",
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn port_in_use() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();

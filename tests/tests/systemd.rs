@@ -351,15 +351,30 @@ struct Fixture {
 
 impl Fixture {
     /// Writes the unit dir for `layout`; `app_args` go to hello-http via the wrapper.
-    fn new(test: &'static str, tools: Tools, layout: Layout, app_args: &[&str]) -> Fixture {
-        // Not under /tmp: the shipped hello-http.service has PrivateTmp=yes, so it would
-        // not see the wrapper script there.
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("systemd-{test}-{}", std::process::id()));
+    fn new(test: &'static str, mut tools: Tools, layout: Layout, app_args: &[&str]) -> Fixture {
+        // Not under /tmp or /var/tmp: the shipped hello-http.service has PrivateTmp=yes,
+        // so it would not see the wrapper script or the binaries there. A checkout under
+        // /tmp has its target dir there too: then use /var/lib, and copy the binaries
+        // next to the wrapper either way.
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let base = if base.starts_with("/tmp") || base.starts_with("/var/tmp") {
+            PathBuf::from("/var/lib/baton-tests")
+        } else {
+            base.to_path_buf()
+        };
+        let dir = base.join(format!("systemd-{test}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let units = dir.join("units");
         fs::create_dir_all(dir.join("bin")).expect("mkdir bin");
         fs::create_dir_all(&units).expect("mkdir units");
+        for bin in [&mut tools.baton, &mut tools.hello] {
+            let copy = dir.join("bin").join(format!(
+                "real-{}",
+                bin.file_name().expect("binary name").to_string_lossy()
+            ));
+            fs::copy(&*bin, &copy).expect("copy a binary next to the units");
+            *bin = copy;
+        }
         let wrapper = dir.join("bin").join("hello-http");
         let log = dir.join("unit.log");
         let baton = tools.baton.to_str().expect("utf-8 path").to_owned();

@@ -1,0 +1,554 @@
+//! Issue 14: the holes an adversarial probe found, each against the real binary. Every
+//! test here failed before its fix.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use baton_child::protocol::Phase;
+use baton_tests::harness::{
+    baton_cli, exclusive, fixture, hello_http_bin, pid_alive, proc_fds, python3, wait_pid_gone,
+    write_script, Baton, KillOnDrop, TestDir, UpgradeOutcome,
+};
+use baton_tests::http;
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+
+const BOUND: Duration = Duration::from_secs(10);
+
+/// baton's open fds: a normal baton holds about 20.
+fn fd_count(pid: u32) -> usize {
+    proc_fds(pid).unwrap().len()
+}
+
+fn notify_path(b: &Baton) -> PathBuf {
+    let mut p = b.control().as_os_str().to_owned();
+    p.push(".notify");
+    PathBuf::from(p)
+}
+
+async fn hello_baton() -> Baton {
+    Baton::start(
+        ["--listen", "http=127.0.0.1:0", "--drain-timeout", "5s"],
+        [hello_http_bin().unwrap()],
+    )
+    .await
+    .unwrap()
+}
+
+/// Defect 1: datagrams with 200 fds each, to the world-writable notify socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_socket_fd_flood_leaks_nothing() {
+    let _serial = exclusive().await;
+    let baton = hello_baton().await;
+    let before = fd_count(baton.pid());
+    let sock = UnixDatagram::unbound().unwrap();
+    let to = UnixAddr::new(&notify_path(&baton)).unwrap();
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let fds = [null.as_raw_fd(); 200];
+    let (mut sent, mut refused) = (0, 0);
+    for _ in 0..500 {
+        let iov = [std::io::IoSlice::new(b"STATUS=flood")];
+        match sendmsg(
+            sock.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            Some(&to),
+        ) {
+            Ok(_) => sent += 1,
+            // SO_PASSRIGHTS off (Linux 6.16+): the kernel refuses fds for baton.
+            Err(nix::errno::Errno::EPERM) => refused += 1,
+            // The receive queue is full: baton is behind; let it catch up.
+            Err(nix::errno::Errno::EAGAIN) => {
+                baton.status().await.unwrap();
+            }
+            Err(e) => panic!("sendmsg: {e}"),
+        }
+    }
+    println!("sent {sent}, refused by the kernel {refused}");
+    // status is answered after every datagram before it has been read.
+    baton.status().await.unwrap();
+    let after = fd_count(baton.pid());
+    assert!(
+        after <= before + 2,
+        "baton's fds went from {before} to {after}"
+    );
+    match baton.upgrade_wait().await.unwrap() {
+        UpgradeOutcome::Promoted(_) => {}
+        UpgradeOutcome::RolledBack { message } => panic!("upgrade after flood: {message}"),
+    }
+}
+
+/// Defects 1 and 4: a child attaches fds to messages that carry none, then sends more
+/// at once than baton reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_control_fd_flood_leaks_nothing() {
+    let _serial = exclusive().await;
+    let python = python3().await.unwrap();
+    let script = fixture("fd_flood_child.py");
+    let baton = Baton::start(
+        ["--listen", "http=127.0.0.1:0", "--drain-timeout", "5s"],
+        [python.as_os_str(), script.as_os_str(), "1900".as_ref()],
+    )
+    .await
+    .unwrap();
+    // The last plain message says 7: by then baton has read every flooding one.
+    let s = baton
+        .wait_for("the child's last connection count", BOUND, |s| {
+            s.generations.iter().any(|g| g.connections == Some(7))
+        })
+        .await
+        .unwrap();
+    let after = fd_count(baton.pid());
+    assert!(
+        after < 40,
+        "baton holds {after} fds after 19,000 were attached to fd-less messages: {s:?}"
+    );
+
+    // 200 fds in one message: more than one read takes. Those that arrived are closed.
+    let dir = TestDir::new("fd-overflow").unwrap();
+    let prog = dir.join("app");
+    write_script(
+        &prog,
+        &format!(
+            "#!/bin/sh\nexec {} {} 0 overflow\n",
+            python.display(),
+            script.display()
+        ),
+    )
+    .unwrap();
+    drop(baton);
+    let baton = Baton::start_in(
+        dir,
+        ["--listen", "http=127.0.0.1:0", "--drain-timeout", "5s"],
+        [prog.as_os_str()],
+    )
+    .await
+    .unwrap();
+    baton
+        .wait_for("the child's connection count", BOUND, |s| {
+            s.generations.iter().any(|g| g.connections == Some(7))
+        })
+        .await
+        .unwrap();
+    // The overflowing message ends the control channel; READY still promotes it.
+    baton.wait_active(BOUND).await.unwrap();
+    let after = fd_count(baton.pid());
+    assert!(after < 40, "baton holds {after} fds after a 200-fd message");
+}
+
+/// A directory another user can write to, as the probe pre-created it.
+fn hostile_dir(root: &TestDir) -> PathBuf {
+    let d = root.join("hostile");
+    std::fs::create_dir(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
+    if nix::unistd::getuid().is_root() {
+        // Owned by somebody else too, when we can arrange it.
+        let _ = nix::unistd::chown(&d, Some(nix::unistd::Uid::from_raw(65534)), None);
+    }
+    d
+}
+
+/// Defect 2: a control directory another user controls is refused, by `baton run`
+/// and by the client commands, and the client never talks to a socket planted there.
+#[tokio::test]
+async fn hijackable_control_dir_is_refused() {
+    let root = TestDir::new("hijack").unwrap();
+    let dir = hostile_dir(&root);
+    let control = dir.join("baton.sock");
+    let out = baton_cli(
+        [
+            "run".as_ref(),
+            "--control".as_ref(),
+            control.as_os_str(),
+            "--listen".as_ref(),
+            "http=127.0.0.1:0".as_ref(),
+            "--".as_ref(),
+            hello_http_bin().unwrap().as_os_str(),
+        ],
+        BOUND,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
+    assert!(
+        out.stderr.contains("refusing") && out.stderr.contains("hostile"),
+        "{out:?}"
+    );
+    assert!(!control.exists());
+
+    // A forged baton listening there: `upgrade --wait` must refuse before connecting.
+    let forged = std::os::unix::net::UnixListener::bind(&control).unwrap();
+    forged.set_nonblocking(true).unwrap();
+    for args in [&["upgrade", "--wait"][..], &["status"][..], &["stop"][..]] {
+        let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        all.push("--control".as_ref());
+        all.push(control.as_os_str());
+        let out = baton_cli(all, BOUND).await.unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        assert!(out.stderr.contains("refusing"), "{args:?}: {out:?}");
+        assert!(
+            matches!(forged.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "{args:?} connected to the forged socket"
+        );
+    }
+
+    // The default location, via XDG_RUNTIME_DIR, is checked the same way.
+    let out = tokio::process::Command::new(baton_tests::harness::baton_bin().unwrap())
+        .args(["status"])
+        .env("XDG_RUNTIME_DIR", &dir)
+        .env_remove("BATON_CONTROL")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("refusing"), "{stderr}");
+}
+
+/// Defect 5: two processes flooding READY=1 do not starve the control socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_flood_does_not_starve_control() {
+    let _serial = exclusive().await;
+    let baton = hello_baton().await;
+    let path = notify_path(&baton);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooders: Vec<_> = (0..2)
+        .map(|_| {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let s = UnixDatagram::unbound().unwrap();
+                s.set_nonblocking(true).unwrap();
+                let mut n = 0u64;
+                let started = Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && started.elapsed() < Duration::from_secs(60)
+                {
+                    if s.send_to(b"READY=1", &path).is_ok() {
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    // Each status call is bounded by the harness (10 s); before the fix they timed out.
+    for _ in 0..10 {
+        baton.status().await.unwrap();
+    }
+    match baton.upgrade_wait().await.unwrap() {
+        UpgradeOutcome::Promoted(_) => {}
+        UpgradeOutcome::RolledBack { message } => panic!("upgrade under flood: {message}"),
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent: u64 = flooders.into_iter().map(|t| t.join().unwrap()).sum();
+    println!("flooders sent {sent} datagrams");
+    assert!(
+        sent > 1000,
+        "the flood was too weak to prove anything: {sent}"
+    );
+}
+
+/// Defect 6: idle control connections are capped and timed out; baton keeps
+/// answering and its fds stay bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_control_connections_are_bounded() {
+    let _serial = exclusive().await;
+    let baton = hello_baton().await;
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        match UnixStream::connect(baton.control()) {
+            Ok(s) => idle.push(s),
+            // The backlog is full: baton closes the excess as it accepts.
+            Err(_) => break,
+        }
+    }
+    baton.status().await.unwrap();
+    let fds = fd_count(baton.pid());
+    assert!(
+        fds < 200,
+        "baton holds {fds} fds with {} idle clients",
+        idle.len()
+    );
+    // An idle connection is closed by baton (request timeout 5 s), not kept forever.
+    let mut first = idle.remove(0);
+    first
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let n = first.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "an idle control connection got data instead of EOF");
+    drop(idle);
+    baton.status().await.unwrap();
+}
+
+/// Defect 7: a grandchild that calls setsid() and keeps the listener dies with its
+/// generation (cgroup containment), and never serves after retirement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setsid_grandchild_is_killed_with_its_generation() {
+    let _serial = exclusive().await;
+    let python = python3().await.unwrap();
+    let dir = TestDir::new("setsid").unwrap();
+    let pidfile = dir.join("grandchild.pid");
+    let app = dir.join("app");
+    write_script(
+        &app,
+        &format!(
+            "#!/bin/sh\nexec {} {} {}\n",
+            python.display(),
+            fixture("setsid_grandchild.py").display(),
+            pidfile.display()
+        ),
+    )
+    .unwrap();
+    let current = dir.join("current");
+    std::os::unix::fs::symlink(&app, &current).unwrap();
+    let baton = Baton::start_in(
+        dir,
+        ["--listen", "http=127.0.0.1:0", "--drain-timeout", "3s"],
+        [current.as_os_str()],
+    )
+    .await
+    .unwrap();
+    let status = baton.status().await.unwrap();
+    let grandchild: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _reap = KillOnDrop(grandchild);
+    if status.containment != "cgroup" {
+        eprintln!(
+            "skipping: generations are not in cgroups here ({}); baton says so in status",
+            status.containment
+        );
+        assert!(status.containment.starts_with("process group"));
+        return;
+    }
+    // Upgrade to hello-http; the python generation retires.
+    baton_tests::harness::replace_symlink(&current, &hello_http_bin().unwrap()).unwrap();
+    match baton.upgrade_wait().await.unwrap() {
+        UpgradeOutcome::Promoted(_) => {}
+        UpgradeOutcome::RolledBack { message } => panic!("upgrade: {message}"),
+    }
+    let settled = baton.wait_settled(BOUND).await.unwrap();
+    wait_pid_gone(grandchild, BOUND)
+        .await
+        .unwrap_or_else(|e| panic!("the setsid grandchild outlived its generation: {e}"));
+    assert!(settled.strays_killed >= 1 || !pid_alive(grandchild));
+    let addr = baton.tcp_addr("http").await.unwrap();
+    for _ in 0..10 {
+        let r = http::get(addr, "/", BOUND).unwrap();
+        assert!(!r.body.contains("stale"), "stale code served: {}", r.body);
+    }
+}
+
+/// Defect 8: a script without a shebang is an exec format error, not an abort.
+#[tokio::test]
+async fn script_without_shebang_reports_exec_format_error() {
+    let _serial = exclusive().await;
+    let dir = TestDir::new("noshebang").unwrap();
+    let current = dir.join("current");
+    let script = dir.join("script");
+    write_script(&script, "echo no shebang here\n").unwrap();
+    std::os::unix::fs::symlink(hello_http_bin().unwrap(), &current).unwrap();
+    let baton = Baton::start_in(dir, ["--listen", "http=127.0.0.1:0"], [current.as_os_str()])
+        .await
+        .unwrap();
+    baton_tests::harness::replace_symlink(&current, &script).unwrap();
+    match baton.upgrade_wait().await.unwrap() {
+        UpgradeOutcome::RolledBack { message } => {
+            assert!(
+                message.to_lowercase().contains("exec format error"),
+                "{message}"
+            );
+            assert!(!message.contains("SIGABRT"), "{message}");
+        }
+        UpgradeOutcome::Promoted(r) => panic!("a script without shebang was promoted: {r:?}"),
+    }
+    assert!(
+        !baton.log().contains("fatal runtime error"),
+        "{}",
+        baton.log()
+    );
+}
+
+/// Defect 8: `baton status | head -1` ends quietly.
+#[tokio::test]
+async fn status_into_a_closed_pipe_does_not_panic() {
+    let baton = hello_baton().await;
+    let mut child = std::process::Command::new(baton_tests::harness::baton_bin().unwrap())
+        .args(["status", "--control"])
+        .arg(baton.control())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the reading end before baton writes anything.
+    drop(child.stdout.take());
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let _ = child.wait().unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// Defect 8: a start that fails on the second listener leaves no socket file of the first.
+#[tokio::test]
+async fn failed_start_leaves_no_unix_socket_file() {
+    let dir = TestDir::new("leftover").unwrap();
+    let sock = dir.join("a.sock");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = baton_cli(
+        [
+            "run".to_owned(),
+            "--control".to_owned(),
+            dir.join("b.sock").display().to_string(),
+            "--listen".to_owned(),
+            format!("a=unix:{}", sock.display()),
+            "--listen".to_owned(),
+            format!("b=127.0.0.1:{port}"),
+            "--".to_owned(),
+            hello_http_bin().unwrap().display().to_string(),
+        ],
+        BOUND,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(!sock.exists(), "{} was left behind", sock.display());
+}
+
+/// Defect 8: hello-http answers bytes that are not UTF-8 with 400, under baton.
+#[tokio::test]
+async fn hello_http_answers_invalid_utf8_with_400() {
+    let baton = hello_baton().await;
+    let addr = baton.tcp_addr("http").await.unwrap();
+    for req in [
+        &b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &b"\xc3\x28\xff\xfe\r\n\r\n"[..],
+        &b"GET / HTTP/1.1\r\nX\xff: y\r\n\r\n"[..],
+    ] {
+        let r = http::exchange(addr, req, BOUND).unwrap();
+        assert_eq!(
+            r.status,
+            400,
+            "{:?} -> {:?}",
+            req,
+            String::from_utf8_lossy(&r.raw)
+        );
+    }
+}
+
+/// Access model: READY=1 from a process outside every generation does not promote a
+/// pending candidate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_from_an_unrelated_process_is_ignored() {
+    let _serial = exclusive().await;
+    let dir = TestDir::new("foreign-ready").unwrap();
+    let current = dir.join("current");
+    let never_ready = dir.join("never-ready");
+    write_script(&never_ready, "#!/bin/sh\nexec sleep 60\n").unwrap();
+    std::os::unix::fs::symlink(hello_http_bin().unwrap(), &current).unwrap();
+    let baton = Baton::start_in(
+        dir,
+        [
+            "--listen",
+            "http=127.0.0.1:0",
+            "--ready-timeout",
+            "3s",
+            "--drain-timeout",
+            "5s",
+        ],
+        [current.as_os_str()],
+    )
+    .await
+    .unwrap();
+    let old = baton.status().await.unwrap().pid.unwrap();
+    baton_tests::harness::replace_symlink(&current, &never_ready).unwrap();
+    baton.upgrade().await.unwrap();
+    baton
+        .wait_for("a pending candidate", BOUND, |s| {
+            s.generations.iter().any(|g| g.phase == Phase::Starting)
+        })
+        .await
+        .unwrap();
+    let path = notify_path(&baton);
+    let s = UnixDatagram::unbound().unwrap();
+    for _ in 0..50 {
+        s.send_to(b"READY=1", &path).unwrap();
+    }
+    let after = baton
+        .wait_for("the candidate's verdict", BOUND, |s| {
+            !s.upgrading && s.last_upgrade.is_some()
+        })
+        .await
+        .unwrap();
+    let last = after.last_upgrade.unwrap();
+    assert_eq!(
+        last.result,
+        baton_child::protocol::UpgradeResult::RolledBack,
+        "{last:?}"
+    );
+    assert_eq!(after.pid, Some(old));
+}
+
+/// Access model: `--control-group` lets a group of operators in, and nobody else. Runs
+/// the client as the real unprivileged user `nobody`, with and without the group.
+#[tokio::test]
+async fn control_group_admits_its_members_only() {
+    if !nix::unistd::getuid().is_root() || baton_tests::harness::which("setpriv").is_none() {
+        eprintln!("SKIP control_group_admits_its_members_only: needs root and setpriv");
+        return;
+    }
+    const GID: &str = "4242";
+    let dir = TestDir::new("control-group").unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A copy `nobody` can execute, wherever the checkout is.
+    let client = dir.join("baton-client");
+    std::fs::copy(baton_tests::harness::baton_bin().unwrap(), &client).unwrap();
+    let baton = Baton::start_in(
+        dir,
+        ["--listen", "http=127.0.0.1:0", "--control-group", GID],
+        [hello_http_bin().unwrap()],
+    )
+    .await
+    .unwrap();
+    let as_nobody = |groups: &str| {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid", "65534", "--regid", "65534"]);
+        if groups.is_empty() {
+            c.arg("--clear-groups");
+        } else {
+            c.args(["--groups", groups]);
+        }
+        c.arg(&client)
+            .args(["status", "--control"])
+            .arg(baton.control())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let member = as_nobody(GID);
+    assert!(
+        member.status.success(),
+        "a member of the control group was refused: {}",
+        String::from_utf8_lossy(&member.stderr)
+    );
+    assert!(String::from_utf8_lossy(&member.stdout).contains("active: generation 1"));
+    let outsider = as_nobody("");
+    assert!(!outsider.status.success(), "an outsider got in");
+    let err = String::from_utf8_lossy(&outsider.stderr);
+    assert!(err.contains("ermission denied"), "{err}");
+}
