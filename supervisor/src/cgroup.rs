@@ -43,6 +43,7 @@ impl Cgroups {
         std::fs::create_dir(&probe)
             .map_err(|e| format!("cannot create a cgroup in {}: {e}", base.display()))?;
         let _ = std::fs::remove_dir(&probe);
+        sweep_stale(&base);
         Ok(Cgroups { base })
     }
 
@@ -65,6 +66,29 @@ impl Cgroups {
             .open(dir.join("cgroup.procs"))?
             .into();
         Ok(GenCgroup { dir, procs })
+    }
+}
+
+/// Removes the empty cgroups left by batons that died without cleaning up (SIGKILL):
+/// `baton-<pid>-…` whose pid no longer exists. One still in use is not empty, and
+/// `rmdir` refuses it.
+fn sweep_stale(base: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("baton-"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir(e.path());
+        }
     }
 }
 

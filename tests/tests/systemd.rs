@@ -1132,6 +1132,10 @@ fn reload_under_load_keeps_main_pid_and_serves_every_request() {
     let mut gen = first.generation;
     let mut pid = first.pid.unwrap_or_else(|| fx.fail("no active pid"));
     let mut pids = vec![pid];
+    // The shipped unit delegates its cgroup: each generation gets one of its own.
+    fx.check(first.containment == "cgroup", || {
+        format!("containment under Delegate=yes: {:?}", first.containment)
+    });
 
     let load = Load::start(&fx, fx.addr());
     for i in 1..=5 {
