@@ -15,79 +15,14 @@ use crate::sys;
 
 const STICKY: u32 = 0o1000;
 
-/// A directory or socket another user could control, in one line.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Unsafe(String);
-
-impl From<Unsafe> for io::Error {
-    fn from(e: Unsafe) -> Self {
-        io::Error::new(io::ErrorKind::PermissionDenied, e.0)
-    }
-}
-
-fn trusted_owner(uid: u32, me: u32) -> bool {
-    uid == me || uid == 0
-}
-
-/// Checks one directory's owner and mode.
-fn check_dir_meta(dir: &Path, m: &std::fs::Metadata, me: u32) -> Result<(), Unsafe> {
-    if !trusted_owner(m.uid(), me) {
-        return Err(Unsafe(format!(
-            "refusing {}: it is owned by uid {}, not by uid {me} or root (another user could replace baton's sockets there)",
-            dir.display(),
-            m.uid()
-        )));
-    }
-    let mode = m.mode();
-    if mode & 0o022 != 0 && mode & STICKY == 0 {
-        return Err(Unsafe(format!(
-            "refusing {}: mode {:04o} lets other users replace baton's sockets there (chmod go-w, or add the sticky bit)",
-            dir.display(),
-            mode & 0o7777
-        )));
-    }
-    Ok(())
-}
-
-/// Checks `dir` (which must exist) and every directory above it.
-///
-/// # Errors
-/// [`Unsafe`] naming the first directory or symlink another user controls, or an I/O
-/// error reading them.
-pub fn check_dir(dir: &Path) -> Result<(), CheckError> {
-    let me = sys::getuid();
-    // Symlinks on the way, as written: each must belong to us or root.
-    let mut walked = PathBuf::new();
-    for c in dir.components() {
-        walked.push(c);
-        if matches!(c, Component::Normal(_)) {
-            let m = std::fs::symlink_metadata(&walked).map_err(|e| CheckError::io(&walked, e))?;
-            if m.file_type().is_symlink() && !trusted_owner(m.uid(), me) {
-                return Err(CheckError::Unsafe(Unsafe(format!(
-                    "refusing {}: it is a symlink owned by uid {}",
-                    walked.display(),
-                    m.uid()
-                ))));
-            }
-        }
-    }
-    let real = std::fs::canonicalize(dir).map_err(|e| CheckError::io(dir, e))?;
-    for d in real.ancestors() {
-        let m = std::fs::metadata(d).map_err(|e| CheckError::io(d, e))?;
-        check_dir_meta(d, &m, me)?;
-    }
-    Ok(())
-}
-
-/// A failed check: unsafe, or unreadable.
+/// A failed check: the path could be another user's, or could not be inspected.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
-    /// Another user could control the path.
-    #[error(transparent)]
-    Unsafe(#[from] Unsafe),
+    /// Another user could control the path (one line, naming it).
+    #[error("{0}")]
+    Unsafe(String),
     /// The path could not be inspected.
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", path.display())]
     Io {
         /// What was inspected.
         path: PathBuf,
@@ -107,13 +42,70 @@ impl CheckError {
 
 impl From<CheckError> for io::Error {
     fn from(e: CheckError) -> Self {
-        match e {
-            CheckError::Unsafe(u) => u.into(),
-            CheckError::Io { path, source } => {
-                io::Error::new(source.kind(), format!("{}: {source}", path.display()))
+        let kind = match &e {
+            CheckError::Unsafe(_) => io::ErrorKind::PermissionDenied,
+            CheckError::Io { source, .. } => source.kind(),
+        };
+        io::Error::new(kind, e.to_string())
+    }
+}
+
+fn trusted_owner(uid: u32, me: u32) -> bool {
+    uid == me || uid == 0
+}
+
+/// Checks one directory's owner and mode.
+fn check_dir_meta(dir: &Path, m: &std::fs::Metadata, me: u32) -> Result<(), CheckError> {
+    if !trusted_owner(m.uid(), me) {
+        return Err(CheckError::Unsafe(format!(
+            "refusing {}: it is owned by uid {}, not by uid {me} or root (another user could replace baton's sockets there)",
+            dir.display(),
+            m.uid()
+        )));
+    }
+    let mode = m.mode();
+    if mode & 0o022 != 0 && mode & STICKY == 0 {
+        return Err(CheckError::Unsafe(format!(
+            "refusing {}: mode {:04o} lets other users replace baton's sockets there (chmod go-w, or add the sticky bit)",
+            dir.display(),
+            mode & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// Checks `dir` (which must exist) and every directory above it; returns `dir`'s
+/// metadata.
+///
+/// # Errors
+/// [`CheckError::Unsafe`] naming the first directory or symlink another user
+/// controls, or an I/O error reading them.
+pub fn check_dir(dir: &Path) -> Result<std::fs::Metadata, CheckError> {
+    let me = sys::getuid();
+    // Symlinks on the way, as written: each must belong to us or root.
+    let mut walked = PathBuf::new();
+    for c in dir.components() {
+        walked.push(c);
+        if matches!(c, Component::Normal(_)) {
+            let m = std::fs::symlink_metadata(&walked).map_err(|e| CheckError::io(&walked, e))?;
+            if m.file_type().is_symlink() && !trusted_owner(m.uid(), me) {
+                return Err(CheckError::Unsafe(format!(
+                    "refusing {}: it is a symlink owned by uid {}",
+                    walked.display(),
+                    m.uid()
+                )));
             }
         }
     }
+    let real = std::fs::canonicalize(dir).map_err(|e| CheckError::io(dir, e))?;
+    let mut own = None;
+    for d in real.ancestors() {
+        let m = std::fs::metadata(d).map_err(|e| CheckError::io(d, e))?;
+        check_dir_meta(d, &m, me)?;
+        own.get_or_insert(m);
+    }
+    // `ancestors()` yields `real` itself first, so `own` is set.
+    own.ok_or_else(|| CheckError::io(dir, io::ErrorKind::NotFound.into()))
 }
 
 /// The directory a socket path lives in (`.` for a bare file name).
@@ -157,19 +149,15 @@ pub fn prepare_dir(socket: &Path, group: Option<u32>) -> io::Result<()> {
 /// # Errors
 /// [`CheckError`] when another user could have put the socket there.
 pub fn check_client(socket: &Path) -> Result<(), CheckError> {
-    let dir = parent_of(socket);
-    check_dir(dir)?;
+    let dir_owner = check_dir(parent_of(socket))?.uid();
     let me = sys::getuid();
-    let dir_owner = std::fs::metadata(dir)
-        .map_err(|e| CheckError::io(dir, e))?
-        .uid();
     match std::fs::symlink_metadata(socket) {
         Ok(m) if !trusted_owner(m.uid(), me) && m.uid() != dir_owner => {
-            Err(CheckError::Unsafe(Unsafe(format!(
+            Err(CheckError::Unsafe(format!(
                 "refusing {}: it is owned by uid {}, not by uid {me}, root or the directory's owner",
                 socket.display(),
                 m.uid()
-            ))))
+            )))
         }
         // A missing socket is for `connect` to report.
         _ => Ok(()),

@@ -5,16 +5,22 @@
 //! `Delegate=yes`, or as root. Otherwise generations are contained by process group
 //! only, and status says so.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 use crate::sys;
 
-/// Where generation cgroups are created: baton's own cgroup.
-#[derive(Debug, Clone)]
-pub struct Cgroups {
-    base: PathBuf,
+/// How generations are contained: the cgroups of the running ones, those of exited
+/// ones still being emptied, and how many stray processes were killed.
+#[derive(Debug)]
+pub struct Containment {
+    /// baton's own cgroup, below which generation cgroups go, or why there is none.
+    base: Result<PathBuf, String>,
+    live: HashMap<u64, GenCgroup>,
+    dead: Vec<GenCgroup>,
+    strays_killed: u64,
 }
 
 /// The cgroup v2 directory of this process, from `/proc/self/cgroup` and the
@@ -34,38 +40,119 @@ fn own_cgroup_dir() -> Option<PathBuf> {
     Some(mount.join(rel.trim_start_matches('/')))
 }
 
-impl Cgroups {
-    /// Finds baton's own cgroup and checks that a sub-cgroup can be created there.
-    /// `None` (with the reason) when generations cannot be put in cgroups.
-    pub fn detect() -> Result<Self, String> {
-        let base = own_cgroup_dir().ok_or("no cgroup v2 hierarchy")?;
-        let probe = base.join(format!("baton-{}-probe", std::process::id()));
-        std::fs::create_dir(&probe)
-            .map_err(|e| format!("cannot create a cgroup in {}: {e}", base.display()))?;
-        let _ = std::fs::remove_dir(&probe);
-        sweep_stale(&base);
-        Ok(Cgroups { base })
+/// baton's own cgroup, if a sub-cgroup can be created there; else why not.
+fn usable_base() -> Result<PathBuf, String> {
+    let base = own_cgroup_dir().ok_or("no cgroup v2 hierarchy")?;
+    let probe = base.join(format!("baton-{}-probe", std::process::id()));
+    std::fs::create_dir(&probe)
+        .map_err(|e| format!("cannot create a cgroup in {}: {e}", base.display()))?;
+    let _ = std::fs::remove_dir(&probe);
+    sweep_stale(&base);
+    Ok(base)
+}
+
+impl Containment {
+    /// Finds out whether generations can get cgroups of their own, and says so in
+    /// the log.
+    pub fn detect() -> Self {
+        let base = usable_base();
+        match &base {
+            Ok(_) => tracing::info!("each generation runs in its own cgroup"),
+            Err(why) => tracing::info!(why, "generations are contained by process group only"),
+        }
+        Containment {
+            base,
+            live: HashMap::new(),
+            dead: Vec::new(),
+            strays_killed: 0,
+        }
     }
 
-    /// Creates generation `gen`'s cgroup.
-    ///
-    /// # Errors
-    /// The directory cannot be created or its `cgroup.procs` opened.
-    pub fn create(&self, gen: u64) -> io::Result<GenCgroup> {
-        let dir = self
-            .base
-            .join(format!("baton-{}-gen-{gen}", std::process::id()));
-        match std::fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
+    /// Creates generation `gen`'s cgroup, for its spawn to join; `None` when
+    /// generations are not contained by cgroup, or this one could not be created.
+    pub fn prepare(&mut self, gen: u64) -> Option<&GenCgroup> {
+        let base = self.base.as_ref().ok()?;
+        match GenCgroup::create(base, gen) {
+            Ok(cg) => Some(self.live.entry(gen).or_insert(cg)),
+            Err(e) => {
+                tracing::warn!(generation = gen, error = %e, "cannot create the generation's cgroup; containing it by process group only");
+                None
+            }
         }
-        // std opens close-on-exec: the fd reaches the child's pre-exec hook only.
-        let procs = std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.join("cgroup.procs"))?
-            .into();
-        Ok(GenCgroup { dir, procs })
+    }
+
+    /// Generation `gen` never started: drops its (empty) cgroup.
+    pub fn spawn_failed(&mut self, gen: u64) {
+        if let Some(cg) = self.live.remove(&gen) {
+            cg.remove();
+        }
+    }
+
+    /// SIGKILLs everything in generation `gen`'s cgroup.
+    pub fn kill(&self, gen: u64) {
+        if let Some(cg) = self.live.get(&gen) {
+            cg.kill();
+        }
+    }
+
+    /// Generation `gen`'s main process exited: kills whatever it left behind and
+    /// removes its cgroup (later, if processes are still leaving it).
+    pub fn reap(&mut self, gen: u64) {
+        let Some(cg) = self.live.remove(&gen) else {
+            return;
+        };
+        let strays = cg.pids();
+        if !strays.is_empty() {
+            tracing::warn!(
+                generation = gen,
+                pids = ?strays,
+                "processes outlived their generation (setsid?); killing its cgroup"
+            );
+            self.strays_killed += strays.len() as u64;
+            cg.kill();
+        }
+        if !cg.remove() {
+            self.dead.push(cg);
+        }
+    }
+
+    /// Retries removing the cgroups of exited generations.
+    pub fn sweep(&mut self) {
+        self.dead.retain(|cg| {
+            if !cg.pids().is_empty() {
+                cg.kill();
+            }
+            !cg.remove()
+        });
+    }
+
+    /// baton is exiting: kills every generation's cgroup and waits a little (at most
+    /// half a second) for them to empty, so that none is left behind.
+    pub async fn shutdown(&mut self) {
+        for (_, cg) in self.live.drain() {
+            cg.kill();
+            self.dead.push(cg);
+        }
+        for _ in 0..50 {
+            self.sweep();
+            if self.dead.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// For status: `cgroup`, or `process group (<why>)`.
+    pub fn describe(&self) -> String {
+        match &self.base {
+            Ok(_) => "cgroup".into(),
+            Err(why) => format!("process group ({why})"),
+        }
+    }
+
+    /// Processes killed because they outlived their generation.
+    pub fn strays_killed(&self) -> u64 {
+        self.strays_killed
     }
 }
 
@@ -101,6 +188,22 @@ pub struct GenCgroup {
 }
 
 impl GenCgroup {
+    /// Creates generation `gen`'s cgroup below `base`.
+    fn create(base: &std::path::Path, gen: u64) -> io::Result<Self> {
+        let dir = base.join(format!("baton-{}-gen-{gen}", std::process::id()));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        // std opens close-on-exec: the fd reaches the child's pre-exec hook only.
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("cgroup.procs"))?
+            .into();
+        Ok(GenCgroup { dir, procs })
+    }
+
     /// The `cgroup.procs` fd the child joins through.
     pub fn procs_fd(&self) -> &OwnedFd {
         &self.procs

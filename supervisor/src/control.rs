@@ -225,8 +225,8 @@ pub enum ClientError {
         err: io::Error,
     },
     /// The socket or its directory could be another user's.
-    #[error("{0}")]
-    Unsafe(String),
+    #[error(transparent)]
+    Unsafe(#[from] access::CheckError),
     /// Connection broke or the reply was not understood.
     #[error("control socket {path}: {why}")]
     Protocol {
@@ -250,7 +250,7 @@ pub fn request(
         path: path.to_path_buf(),
         why,
     };
-    access::check_client(path).map_err(|e| ClientError::Unsafe(e.to_string()))?;
+    access::check_client(path)?;
     let mut s =
         std::os::unix::net::UnixStream::connect(path).map_err(|err| ClientError::Connect {
             path: path.to_path_buf(),

@@ -14,7 +14,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::cgroup::{Cgroups, GenCgroup};
+use crate::cgroup::Containment;
 use crate::config::RunConfig;
 use crate::control::{ControlServer, Incoming};
 use crate::generation::{GenEvent, GenHandle};
@@ -54,46 +54,8 @@ struct Driver {
     strangers: HashMap<u32, Instant>,
     /// Bounds the fds held for relaying between generations.
     relay_slots: Arc<Semaphore>,
-    /// Where generation cgroups go, or why there are none.
-    cgroups: Result<Cgroups, String>,
-    /// Each running generation's cgroup.
-    gen_cgroups: HashMap<GenId, GenCgroup>,
-    /// Cgroups of exited generations, removed once empty.
-    dead_cgroups: Vec<GenCgroup>,
-    /// Processes killed because they outlived their generation.
-    strays_killed: u64,
-}
-
-impl Driver {
-    /// Kills whatever is left of an exited generation and removes its cgroup.
-    fn reap_cgroup(&mut self, gen: GenId) {
-        let Some(cg) = self.gen_cgroups.remove(&gen) else {
-            return;
-        };
-        let strays = cg.pids();
-        if !strays.is_empty() {
-            tracing::warn!(
-                generation = gen,
-                pids = ?strays,
-                "processes outlived their generation (setsid?); killing its cgroup"
-            );
-            self.strays_killed += strays.len() as u64;
-            cg.kill();
-        }
-        if !cg.remove() {
-            self.dead_cgroups.push(cg);
-        }
-    }
-
-    /// Retries removing the cgroups of exited generations.
-    fn sweep_cgroups(&mut self) {
-        self.dead_cgroups.retain(|cg| {
-            if !cg.pids().is_empty() {
-                cg.kill();
-            }
-            !cg.remove()
-        });
-    }
+    /// Generation cgroups.
+    containment: Containment,
 }
 
 /// How long a notify sender found outside every generation stays known as such.
@@ -104,25 +66,14 @@ const MAX_STRANGERS: usize = 256;
 impl Host for Driver {
     fn spawn(&mut self, gen: GenId) -> Result<u32, String> {
         let t = Instant::now();
-        let cg = match &self.cgroups {
-            Ok(c) => match c.create(gen) {
-                Ok(cg) => Some(cg),
-                Err(e) => {
-                    tracing::warn!(generation = gen, error = %e, "cannot create the generation's cgroup; containing it by process group only");
-                    None
-                }
-            },
-            Err(_) => None,
-        };
-        let s = spawn::spawn(&self.spawn_cfg, &self.listeners, gen, cg.as_ref()).map_err(|e| {
-            if let Some(cg) = &cg {
-                cg.remove();
+        let cg = self.containment.prepare(gen);
+        let s = match spawn::spawn(&self.spawn_cfg, &self.listeners, gen, cg) {
+            Ok(s) => s,
+            Err(e) => {
+                self.containment.spawn_failed(gen);
+                return Err(e.to_string());
             }
-            e.to_string()
-        })?;
-        if let Some(cg) = cg {
-            self.gen_cgroups.insert(gen, cg);
-        }
+        };
         self.last_spawn = t.elapsed();
         let h = GenHandle::start(
             gen,
@@ -142,9 +93,7 @@ impl Host for Driver {
             Kill::Stop => sys::kill(pid, self.stop_signal),
             // The whole process group: nothing of a killed generation lingers.
             Kill::Now => {
-                if let Some(cg) = self.gen_cgroups.get(&gen) {
-                    cg.kill();
-                }
+                self.containment.kill(gen);
                 sys::kill_group(pid).and_then(|()| sys::kill(pid, Signal::SIGKILL))
             }
         };
@@ -236,11 +185,8 @@ fn status(m: &Machine, d: &Driver) -> Status {
             })
             .collect(),
         rss_kb: rss_kb(),
-        containment: match &d.cgroups {
-            Ok(_) => "cgroup".into(),
-            Err(why) => format!("process group ({why})"),
-        },
-        strays_killed: d.strays_killed,
+        containment: d.containment.describe(),
+        strays_killed: d.containment.strays_killed(),
     }
 }
 
@@ -305,15 +251,8 @@ pub async fn run(
         ready_received: None,
         strangers: HashMap::new(),
         relay_slots: Arc::new(Semaphore::new(crate::generation::RELAY_SLOTS)),
-        cgroups: Cgroups::detect(),
-        gen_cgroups: HashMap::new(),
-        dead_cgroups: Vec::new(),
-        strays_killed: 0,
+        containment: Containment::detect(),
     };
-    match &d.cgroups {
-        Ok(_) => tracing::info!("each generation runs in its own cgroup"),
-        Err(why) => tracing::info!(why, "generations are contained by process group only"),
-    }
     let mut m = Machine::new(settings);
     let serve = control.serve(ctl_tx);
     tokio::pin!(serve);
@@ -358,7 +297,7 @@ pub async fn run(
                     d.sd.send("WATCHDOG=1");
                 }
                 rearm_listeners(&d.listeners, cfg.backlog);
-                d.sweep_cgroups();
+                d.containment.sweep();
             }
             () = &mut serve => {}
         }
@@ -370,18 +309,7 @@ pub async fn run(
         let _ = sys::kill_group(g.pid);
         let _ = sys::kill(g.pid, Signal::SIGKILL);
     }
-    for (_, cg) in d.gen_cgroups.drain() {
-        cg.kill();
-        d.dead_cgroups.push(cg);
-    }
-    // Killed processes leave their cgroup within moments; wait a little for that.
-    for _ in 0..50 {
-        d.sweep_cgroups();
-        if d.dead_cgroups.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    d.containment.shutdown().await;
     if code == 0 {
         tracing::info!("stopped");
     } else {
@@ -415,7 +343,7 @@ fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
     match ev {
         GenEvent::Exited { gen, how } => {
             d.handles.remove(&gen);
-            d.reap_cgroup(gen);
+            d.containment.reap(gen);
             m.on_exit(d, now, gen, &how);
         }
         GenEvent::BadMessage { gen, why } => {

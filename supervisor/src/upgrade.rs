@@ -926,7 +926,7 @@ impl Machine {
 }
 
 #[cfg(test)]
-mod later_tests {
+mod tests {
     use super::*;
 
     #[test]
@@ -938,11 +938,6 @@ mod later_tests {
         );
         assert!(later(now, Duration::MAX) > now);
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     #[derive(Debug, Clone, PartialEq)]
     enum Call {

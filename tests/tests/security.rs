@@ -110,22 +110,15 @@ async fn child_control_fd_flood_leaks_nothing() {
     );
 
     // 200 fds in one message: more than one read takes. Those that arrived are closed.
-    let dir = TestDir::new("fd-overflow").unwrap();
-    let prog = dir.join("app");
-    write_script(
-        &prog,
-        &format!(
-            "#!/bin/sh\nexec {} {} 0 overflow\n",
-            python.display(),
-            script.display()
-        ),
-    )
-    .unwrap();
     drop(baton);
-    let baton = Baton::start_in(
-        dir,
+    let baton = Baton::start(
         ["--listen", "http=127.0.0.1:0", "--drain-timeout", "5s"],
-        [prog.as_os_str()],
+        [
+            python.as_os_str(),
+            script.as_os_str(),
+            "0".as_ref(),
+            "overflow".as_ref(),
+        ],
     )
     .await
     .unwrap();
