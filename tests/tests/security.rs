@@ -545,3 +545,45 @@ async fn control_group_admits_its_members_only() {
     let err = String::from_utf8_lossy(&outsider.stderr);
     assert!(err.contains("ermission denied"), "{err}");
 }
+
+/// Defect 6: a lone control connection that never sends its request is closed by
+/// baton after the request timeout (5 s), not kept forever.
+#[tokio::test]
+async fn silent_control_connection_times_out() {
+    let baton = hello_baton().await;
+    let mut silent = UnixStream::connect(baton.control()).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = silent.read(&mut buf).unwrap_or_else(|e| {
+        panic!(
+            "baton kept a silent connection open for {:?}: {e}",
+            started.elapsed()
+        )
+    });
+    assert_eq!(n, 0, "a silent control connection got data instead of EOF");
+    baton.status().await.unwrap();
+}
+
+/// Defect 8's twin at a clean stop: the unix socket file baton bound is removed.
+#[tokio::test]
+async fn stop_removes_the_unix_socket_file_baton_bound() {
+    let dir = TestDir::new("unix-stop").unwrap();
+    let sock = dir.join("app.sock");
+    let mut baton = Baton::start_in(
+        dir,
+        [
+            "--listen=http=127.0.0.1:0".to_owned(),
+            format!("--listen=extra=unix:{}", sock.display()),
+        ],
+        [hello_http_bin().unwrap()],
+    )
+    .await
+    .unwrap();
+    assert!(sock.exists());
+    baton.stop_cli().await.unwrap();
+    baton.wait_exit(BOUND).await.unwrap();
+    assert!(!sock.exists(), "{} was left behind", sock.display());
+}
