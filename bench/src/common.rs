@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use baton_child::protocol::{ControlReply, ControlRequest, Status, UpgradeReport};
+use baton_protocol::{ControlReply, ControlRequest, Status, UpgradeReport};
 use baton_tests::harness::{pid_alive, Baton};
 use baton_tests::load::{find_pid, LoadHandle, LoadOpts, LoadSnapshot};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use baton_child::protocol::UpgradeResult;
+use baton_protocol::UpgradeResult;
 use baton_tests::harness::Baton;
 use baton_tests::resp::{Reply, RespClient};
 use clap::ValueEnum;

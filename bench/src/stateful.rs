@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use baton_child::protocol::{UpgradeReport, UpgradeResult};
+use baton_protocol::{UpgradeReport, UpgradeResult};
 use baton_tests::harness::Baton;
 use baton_tests::resp::{Reply, RespClient};
 use serde::{Deserialize, Serialize};

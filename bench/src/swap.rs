@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use baton_child::protocol::UpgradeResult;
+use baton_protocol::UpgradeResult;
 use baton_tests::harness::Baton;
 use baton_tests::load::{LoadGen, LoadOpts, LoadReport};
 

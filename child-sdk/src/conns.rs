@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::control::ControlTx;
-use crate::protocol::ChildMsg;
+use baton_protocol::ChildMsg;
 
 /// Reports are coalesced: at most one per this interval, and the final count
 /// is always sent.

@@ -11,9 +11,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::drain::{DrainCause, DrainInfo, DrainTrigger};
 use crate::error::{Error, Result};
 use crate::migrate::{self, AdoptRoutes, AdoptedConn};
-use crate::protocol::{ChildMsg, SupervisorMsg};
 use crate::state::{StateEvent, StateMsg};
-use crate::wire::{self, Frame, FrameReader};
+use baton_protocol::wire::{self, Frame, FrameReader};
+use baton_protocol::{ChildMsg, SupervisorMsg};
 
 /// One queued outgoing line and the fd that travels with it.
 #[derive(Debug)]
@@ -166,7 +166,7 @@ impl Dispatch {
 /// adopts connections) from the features `hello` announced.
 pub(crate) fn start(fd: OwnedFd, hello: &ChildMsg, dispatch: Dispatch) -> Result<ControlTx> {
     let line = wire::encode(hello).map_err(|e| Error::Protocol(e.to_string()))?;
-    crate::sys::write_all_blocking(fd.as_fd(), &line)
+    baton_protocol::wire::write_line_blocking(fd.as_fd(), &line)
         .map_err(|e| Error::io("control socket: sending hello", e))?;
     let std = std::os::unix::net::UnixStream::from(fd);
     // Our end of the per-generation socketpair: no other process shares this
@@ -223,7 +223,7 @@ async fn reader(stream: Arc<UnixStream>, dispatch: Dispatch) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::PROTOCOL_VERSION;
+    use baton_protocol::PROTOCOL_VERSION;
     use std::time::Duration;
 
     #[tokio::test]
@@ -281,7 +281,7 @@ mod tests {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         let hello = ChildMsg::Hello {
             protocol: PROTOCOL_VERSION,
-            features: vec![crate::protocol::Feature::Adopt],
+            features: vec![baton_protocol::Feature::Adopt],
         };
         let dispatch = Dispatch {
             drain: DrainTrigger::new(),

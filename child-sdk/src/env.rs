@@ -5,11 +5,11 @@
 use std::os::fd::{OwnedFd, RawFd};
 
 use crate::error::{Error, Result};
-use crate::protocol::{
+use crate::sys;
+use baton_protocol::{
     ENV_CONTROL_FD, ENV_GENERATION, ENV_LISTEN_FDNAMES, ENV_LISTEN_FDS, ENV_LISTEN_PID,
     ENV_NOTIFY_SOCKET, LISTEN_FDS_START,
 };
-use crate::sys;
 
 /// More inherited listeners than this is certainly a broken environment.
 const MAX_LISTEN_FDS: usize = 4096;

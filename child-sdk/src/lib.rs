@@ -39,12 +39,10 @@ mod error;
 mod listeners;
 mod migrate;
 mod notify;
-pub mod protocol;
 mod state;
 mod sys;
 #[cfg(test)]
 mod testutil;
-pub mod wire;
 
 pub use crate::baton::{Baton, Builder};
 pub use crate::conns::{ConnGuard, Connections};

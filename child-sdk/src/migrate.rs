@@ -18,8 +18,8 @@ use tokio::sync::mpsc;
 
 use crate::control::ControlTx;
 use crate::error::{Error, Result};
-use crate::protocol::ChildMsg;
 use crate::sys;
+use baton_protocol::ChildMsg;
 
 /// A live connection handed over by the previous generation.
 #[derive(Debug)]
@@ -529,10 +529,10 @@ incoming! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Feature, SupervisorMsg};
     use crate::testutil::{child, recv, send, BOUND};
-    use crate::wire::FrameReader;
     use crate::Baton;
+    use baton_protocol::wire::FrameReader;
+    use baton_protocol::{Feature, SupervisorMsg};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A live TCP connection goes from one SDK child to another through a

@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 
 use crate::control::ControlTx;
 use crate::error::{Error, Result};
-use crate::protocol::ChildMsg;
 use crate::sys;
+use baton_protocol::ChildMsg;
 
 /// What the old generation is asked to do during a stateful upgrade.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -484,10 +484,10 @@ impl<'de, T: DeserializeOwned> serde::de::Visitor<'de> for Envelope<T> {
 mod tests {
     use super::*;
     use crate::env::Env;
-    use crate::protocol::SupervisorMsg;
     use crate::testutil::{self, recv, send, BOUND};
-    use crate::wire::FrameReader;
     use crate::{Baton, DrainCause};
+    use baton_protocol::wire::FrameReader;
+    use baton_protocol::SupervisorMsg;
     use std::collections::BTreeMap;
     use std::io::Write;
     use std::time::Duration;
@@ -624,7 +624,7 @@ mod tests {
                 hello,
                 ChildMsg::Hello {
                     protocol: 1,
-                    features: vec![crate::protocol::Feature::State]
+                    features: vec![baton_protocol::Feature::State]
                 }
             );
         }

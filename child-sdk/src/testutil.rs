@@ -7,9 +7,9 @@ use std::time::Duration;
 use tokio::net::UnixStream;
 
 use crate::env::Env;
-use crate::protocol::{ChildMsg, SupervisorMsg};
-use crate::wire::{self, FrameReader};
 use crate::{Baton, Builder};
+use baton_protocol::wire::{self, FrameReader};
+use baton_protocol::{ChildMsg, SupervisorMsg};
 
 pub(crate) const BOUND: Duration = Duration::from_secs(10);
 

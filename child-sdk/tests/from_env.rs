@@ -7,8 +7,8 @@ use std::os::fd::IntoRawFd;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::time::Duration;
 
-use baton_child::protocol::{ChildMsg, PROTOCOL_VERSION};
 use baton_child::{Baton, DrainCause, Env};
+use baton_protocol::{ChildMsg, PROTOCOL_VERSION};
 
 const BOUND: Duration = Duration::from_secs(10);
 

@@ -2,7 +2,7 @@
 //!
 //! Unix stream, mode 0600 (0660 with `--control-group`), peer checked with
 //! `SO_PEERCRED`/`SO_PEERGROUPS`; one JSON request line in, one JSON reply line out
-//! (types in `baton_child::protocol`). At most [`MAX_CLIENTS`] connections are served
+//! (types in `baton_protocol`). At most [`MAX_CLIENTS`] connections are served
 //! at once, at most [`MAX_IDLE`] of them before their request (the oldest is evicted),
 //! and one that has not sent its request within [`REQUEST_TIMEOUT`] is closed.
 
@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use baton_child::protocol::{ControlReply, ControlRequest};
+use baton_protocol::{ControlReply, ControlRequest};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};

@@ -4,8 +4,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use baton_child::protocol::{ChildMsg, SupervisorMsg};
-use baton_child::wire::{self, FrameReader};
+use baton_protocol::wire::{self, FrameReader};
+use baton_protocol::{ChildMsg, SupervisorMsg};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
@@ -157,7 +157,7 @@ pub fn describe(st: std::process::ExitStatus) -> String {
     }
 }
 
-/// Reads protocol messages with the SDK's framing (`baton_child::wire`), so both ends
+/// Reads protocol messages with the SDK's framing (`baton_protocol::wire`), so both ends
 /// pair fds with lines the same way.
 async fn read_loop(
     gen: GenId,

@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use baton_child::protocol::{ControlReply, ControlRequest, Status, UpgradeResult};
+use baton_protocol::{ControlReply, ControlRequest, Status, UpgradeResult};
 use clap::Parser;
 
 use crate::cli::{Cli, Command, RunArgs};

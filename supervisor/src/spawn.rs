@@ -7,7 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use baton_child::protocol::{
+use baton_protocol::{
     ENV_CONTROL_FD, ENV_GENERATION, ENV_LISTEN_FDNAMES, ENV_LISTEN_FDS, ENV_LISTEN_PID,
     ENV_NOTIFY_SOCKET, LISTEN_FDS_START,
 };

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use baton_child::protocol::{
+use baton_protocol::{
     ChildMsg, ControlReply, ControlRequest, GenerationStatus, ListenerStatus, Status,
     SupervisorMsg, UpgradeReport, PROTOCOL_VERSION,
 };

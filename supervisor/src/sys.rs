@@ -201,7 +201,7 @@ pub fn bind_notify_socket(path: &Path) -> io::Result<OwnedFd> {
 /// absent) and the payload length. Fds never belong on this socket: any that came
 /// along (a kernel without `SO_PASSRIGHTS`) are closed, truncated or not.
 pub fn recv_notify(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(i32, usize)> {
-    let r = baton_child::wire::recv_msg(fd, buf, 0)?;
+    let r = baton_protocol::wire::recv_msg(fd, buf, 0)?;
     // `r.fds` drops here, closing every fd that arrived.
     Ok((r.pid.unwrap_or(0), r.bytes))
 }

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use baton_child::protocol::{Feature, Phase, SupervisorMsg, UpgradeReport, UpgradeResult};
+use baton_protocol::{Feature, Phase, SupervisorMsg, UpgradeReport, UpgradeResult};
 
 /// A generation number (1, 2, 3, ...).
 pub type GenId = u64;

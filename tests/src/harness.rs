@@ -20,7 +20,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use baton_child::protocol::{ControlReply, Phase, Status, UpgradeReport};
+use baton_protocol::{ControlReply, Phase, Status, UpgradeReport};
 pub use nix::sys::signal::Signal;
 
 use crate::sys;

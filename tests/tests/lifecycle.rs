@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use baton_child::protocol::{Phase, UpgradeResult};
+use baton_protocol::{Phase, UpgradeResult};
 use baton_tests::harness::{
     descendants, exclusive, generation_pids, hello_http_bin, pid_alive, wait_pid_gone, Baton,
     Signal, UpgradeOutcome,

@@ -14,7 +14,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use baton_child::protocol::{Status, UpgradeReport, UpgradeResult};
+use baton_protocol::{Status, UpgradeReport, UpgradeResult};
 use baton_tests::harness::{
     exclusive, fixture, generation_pids, hello_http_bin, python3, replace_symlink, wait_pid_gone,
     write_script, Baton, TestDir, UpgradeOutcome,

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use baton_child::protocol::{Status, UpgradeReport, UpgradeResult};
+use baton_protocol::{Status, UpgradeReport, UpgradeResult};
 use baton_tests::harness::{
     exclusive, generation_pids, kv_server_bin, replace_symlink, wait_pid_gone, which, write_script,
     Baton, TestDir, UpgradeOutcome,

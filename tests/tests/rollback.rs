@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use baton_child::protocol::{UpgradeReport, UpgradeResult};
+use baton_protocol::{UpgradeReport, UpgradeResult};
 use baton_tests::harness::{
     exclusive, generation_pids, hello_http_bin, pid_alive, replace_symlink, wait_pid_gone,
     write_script, Baton, TestDir, UpgradeOutcome,

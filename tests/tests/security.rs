@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use baton_child::protocol::Phase;
+use baton_protocol::Phase;
 use baton_tests::harness::{
     baton_cli, exclusive, fixture, hello_http_bin, pid_alive, proc_fds, python3, wait_pid_gone,
     write_script, Baton, KillOnDrop, TestDir, UpgradeOutcome,
@@ -491,7 +491,7 @@ async fn ready_from_an_unrelated_process_is_ignored() {
     let last = after.last_upgrade.unwrap();
     assert_eq!(
         last.result,
-        baton_child::protocol::UpgradeResult::RolledBack,
+        baton_protocol::UpgradeResult::RolledBack,
         "{last:?}"
     );
     assert_eq!(after.pid, Some(old));

@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use baton_child::protocol::{Status, UpgradeReport, UpgradeResult};
+use baton_protocol::{Status, UpgradeReport, UpgradeResult};
 use baton_tests::harness::{
     exclusive, generation_pids, kv_server_bin, pid_alive, proc_rss_kb, replace_symlink,
     wait_pid_gone, which, write_script, Baton, TestDir, UpgradeOutcome,

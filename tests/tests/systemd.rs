@@ -25,7 +25,7 @@ use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use baton_child::protocol::{Status, UpgradeResult};
+use baton_protocol::{Status, UpgradeResult};
 use baton_tests::harness;
 use baton_tests::load::{LoadGen, LoadHandle, LoadOpts, LoadReport};
 

@@ -14,8 +14,8 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::process::Command;
 use std::sync::mpsc;
 
-use baton_child::protocol::{ChildMsg, Feature, SupervisorMsg};
-use baton_child::wire::{encode, write_line, FrameReader};
+use baton_protocol::wire::{encode, write_line, FrameReader};
+use baton_protocol::{ChildMsg, Feature, SupervisorMsg};
 use common::{Conn, Server, BOUND};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use std::os::fd::AsFd;

@@ -10,8 +10,8 @@
 //! framed correctly (their `fds` are popped and dropped), so a newer peer
 //! cannot desynchronise an older one.
 //!
-//! This module is transport-level and shared: the supervisor may use it for
-//! its end of the socket too.
+//! Both ends use it: the SDKs for the child's end, the supervisor for its
+//! end of every generation's socket.
 
 use std::collections::VecDeque;
 use std::io;
@@ -24,7 +24,6 @@ use tokio::net::UnixStream;
 
 use crate::sys;
 
-#[doc(hidden)]
 pub use crate::sys::{recv_msg, Received};
 
 /// Longest accepted line. Larger data (snapshots) travels in fds, never
@@ -256,6 +255,18 @@ pub async fn write_line(
     Ok(())
 }
 
+/// Writes one encoded line without a runtime (no fds), waiting at most a
+/// second at a time for room. For the first line on a fresh socket (the
+/// child's `hello`), which must be on the socket before the child can say
+/// READY.
+///
+/// # Errors
+///
+/// The I/O error, or `TimedOut` if the socket stays full.
+pub fn write_line_blocking(fd: BorrowedFd<'_>, line: &[u8]) -> io::Result<()> {
+    sys::write_all_blocking(fd, line)
+}
+
 /// Reads [`Frame`]s from a Unix stream socket.
 #[derive(Debug)]
 pub struct FrameReader {
@@ -319,7 +330,7 @@ impl FrameReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{ChildMsg, SupervisorMsg};
+    use crate::child::{ChildMsg, SupervisorMsg};
     use std::io::{Read, Seek, Write};
 
     fn memfile(content: &[u8]) -> OwnedFd {

@@ -1,0 +1,159 @@
+//! baton's own control socket: what `baton status`, `baton upgrade` and
+//! `baton stop` send, and what they get back (one JSON line each way).
+
+use serde::{Deserialize, Serialize};
+
+/// A request on the supervisor's control socket (`baton status|upgrade|stop`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum ControlRequest {
+    /// Report [`Status`].
+    Status,
+    /// Start an upgrade. With `wait`, the reply comes once it is promoted or
+    /// rolled back; otherwise at once.
+    Upgrade {
+        /// Wait for the outcome.
+        #[serde(default)]
+        wait: bool,
+    },
+    /// Drain every generation and exit.
+    Stop,
+}
+
+/// A reply on the control socket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum ControlReply {
+    /// Answer to [`ControlRequest::Status`].
+    Status(Status),
+    /// An upgrade was queued (no `wait`).
+    Queued,
+    /// Outcome of an upgrade that was waited for.
+    Upgrade(UpgradeReport),
+    /// Stop accepted; baton is draining.
+    Stopping,
+    /// The request could not be served.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// The phase of one generation, as shown in status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Spawned, not yet ready (a candidate, or the first generation).
+    Starting,
+    /// Stateful candidate that said prepared, waiting for or restoring state.
+    Restoring,
+    /// Accepting new connections.
+    Active,
+    /// Stateful old generation, quiesced, waiting for commit or abort.
+    Quiesced,
+    /// No longer accepting; finishing or handing over connections.
+    Draining,
+}
+
+/// One generation in [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationStatus {
+    /// Generation number.
+    pub generation: u64,
+    /// Process id.
+    pub pid: u32,
+    /// Current phase.
+    pub phase: Phase,
+    /// Unix time in milliseconds when it was spawned.
+    pub started_at: u64,
+    /// Live connections, when the child reports them (SDK children).
+    pub connections: Option<u64>,
+}
+
+/// How an upgrade ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpgradeResult {
+    /// The candidate became active.
+    Promoted,
+    /// The candidate failed; the old generation carries on.
+    RolledBack,
+}
+
+/// The outcome and timings of one upgrade.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpgradeReport {
+    /// Promoted or rolled back.
+    pub result: UpgradeResult,
+    /// Why it rolled back (or `None` when promoted).
+    pub reason: Option<String>,
+    /// From the upgrade request to promotion or rollback.
+    pub duration_ms: u64,
+    /// The candidate's generation number.
+    pub generation: u64,
+    /// The candidate's pid, if it was spawned.
+    pub pid: Option<u32>,
+    /// Stateful only: old generation stopped accepting until the candidate accepts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_gap_ms: Option<f64>,
+    /// Stateful only: snapshot size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_bytes: Option<u64>,
+    /// Stateful only: quiesce to snapshot received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_ms: Option<f64>,
+    /// Stateful only: snapshot handed to the candidate until restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_ms: Option<f64>,
+    /// Connections handed over from the old generation(s) to this one.
+    #[serde(default)]
+    pub migrated_connections: u64,
+    /// baton's own share of the upgrade, in ms: spawning the candidate (fork + exec)
+    /// plus the time from its READY to the old generation being told to drain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor_ms: Option<f64>,
+}
+
+/// One listener in [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    /// The listener's name (`LISTEN_FDNAMES`).
+    pub name: String,
+    /// `HOST:PORT` or `unix:PATH`.
+    pub addr: String,
+    /// Whether it came from systemd (socket activation or the fd store).
+    pub inherited: bool,
+}
+
+/// What `baton status --json` prints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// baton's own pid.
+    pub supervisor_pid: u32,
+    /// The active generation number (0 before the first is ready).
+    pub generation: u64,
+    /// The active generation's pid, if any.
+    pub pid: Option<u32>,
+    /// Every running generation, oldest first.
+    pub generations: Vec<GenerationStatus>,
+    /// The last finished upgrade.
+    pub last_upgrade: Option<UpgradeReport>,
+    /// Whether an upgrade is running now.
+    pub upgrading: bool,
+    /// Upgrade requests waiting behind the running one (0 or 1: they coalesce).
+    pub queued_upgrades: u32,
+    /// Unexpected exits of the active generation so far.
+    pub crashes: u64,
+    /// The listeners baton holds.
+    pub listeners: Vec<ListenerStatus>,
+    /// baton's resident memory in KiB.
+    pub rss_kb: u64,
+    /// How generations are contained: `cgroup`, or `process group` with the reason
+    /// cgroups are not used.
+    #[serde(default)]
+    pub containment: String,
+    /// Processes that outlived their generation's main process (a `setsid()`
+    /// grandchild, say) and were killed with its cgroup.
+    #[serde(default)]
+    pub strays_killed: u64,
+}

@@ -1,0 +1,28 @@
+//! `baton-protocol`: the wire protocol of the baton supervisor, defined once.
+//!
+//! - [`child`]: the child contract (environment variables, and the messages
+//!   on each child's control socket);
+//! - [`control`]: baton's own control socket (`baton status|upgrade|stop`);
+//! - [`wire`]: the framing both use (one JSON object per line, fds as
+//!   `SCM_RIGHTS`), with every received fd owned on every path.
+//!
+//! The supervisor, the SDK, the tests and the bench depend on this crate;
+//! other languages implement the same JSON from `PROTOCOL.md`.
+//!
+//! ```
+//! use baton_protocol::{ChildMsg, Feature, PROTOCOL_VERSION};
+//!
+//! let hello = ChildMsg::Hello { protocol: PROTOCOL_VERSION, features: vec![Feature::Adopt] };
+//! let line = baton_protocol::wire::encode(&hello)?;
+//! assert_eq!(line, b"{\"type\":\"hello\",\"protocol\":1,\"features\":[\"adopt\"]}\n");
+//! # Ok::<(), serde_json::Error>(())
+//! ```
+#![deny(missing_docs)]
+
+pub mod child;
+pub mod control;
+mod sys;
+pub mod wire;
+
+pub use crate::child::*;
+pub use crate::control::*;
