@@ -1,6 +1,7 @@
 //! Every raw process/resource system call of the bench, in one place.
 //!
-//! Nothing here is `unsafe`: nix wraps each call safely.
+//! The only `unsafe` is in [`pass_as_fd3`]: the `pre_exec` hook and the raw fds it
+//! borrows between fork and exec, each with its `SAFETY:` note.
 
 use std::io;
 

@@ -1,28 +1,29 @@
 //! [`Baton`], the SDK's entry point, and its [`Builder`].
 
-use std::fmt;
-use std::net::ToSocketAddrs;
+use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
 
+use baton_protocol::{ChildMsg, Feature, PROTOCOL_VERSION};
+use tokio::sync::mpsc;
+
+use crate::adopt::AdoptRoutes;
 use crate::conns::{ConnGuard, Connections};
-use crate::control::{self, ControlTx, Dispatch};
-use crate::drain::{self, Drain, DrainTrigger};
+use crate::dispatch::{self, Dispatch, StateMsg};
+use crate::drain::{self, Drain, DrainInfo, DrainTrigger};
 use crate::env::Env;
 use crate::error::{Error, Result};
-use crate::listeners::{ListenerKind, Listeners};
-use crate::migrate::{AdoptRoutes, Migrator, TcpIncoming, UnixIncoming};
+use crate::events::Event;
+use crate::incoming::Incoming;
+use crate::listeners::Listeners;
 use crate::notify::Notifier;
-use crate::state::{StateHandle, StateMsg};
-use baton_protocol::{ChildMsg, Feature, PROTOCOL_VERSION};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-use tokio::sync::mpsc;
+use crate::send::ControlTx;
 
 /// Configures a [`Baton`] before it says hello to the supervisor.
 #[derive(Debug, Clone)]
 pub struct Builder {
-    features: Vec<Feature>,
+    adopt: bool,
+    state_version: Option<u32>,
     signals: bool,
     exit_on_second_signal: bool,
 }
@@ -30,7 +31,8 @@ pub struct Builder {
 impl Default for Builder {
     fn default() -> Self {
         Builder {
-            features: Vec::new(),
+            adopt: false,
+            state_version: None,
             signals: true,
             exit_on_second_signal: true,
         }
@@ -38,23 +40,20 @@ impl Default for Builder {
 }
 
 impl Builder {
-    /// Announces the `state` feature: this program takes part in stateful
-    /// upgrades (`baton run --state`) through [`Baton::state`]. A stateful
-    /// candidate must call [`StateHandle::restore`] before it becomes ready.
-    pub fn stateful(mut self) -> Self {
-        if !self.features.contains(&Feature::State) {
-            self.features.push(Feature::State);
-        }
+    /// Announces the `state` feature with this program's schema `version`:
+    /// it takes part in stateful upgrades (`baton run --state`). A stateful
+    /// candidate calls [`Baton::restore`] before it becomes ready, and the
+    /// old generation answers [`Event::Quiesce`] with [`Baton::snapshot`].
+    pub fn stateful(mut self, version: u32) -> Self {
+        self.state_version = Some(version);
         self
     }
 
     /// Announces the `adopt` feature: connections the previous generation
-    /// hands over arrive through [`Baton::tcp_incoming`] or
-    /// [`Baton::unix_incoming`], next to fresh accepts.
+    /// hands over arrive through [`Baton::incoming`], next to fresh
+    /// accepts.
     pub fn adopt(mut self) -> Self {
-        if !self.features.contains(&Feature::Adopt) {
-            self.features.push(Feature::Adopt);
-        }
+        self.adopt = true;
         self
     }
 
@@ -73,26 +72,42 @@ impl Builder {
         self
     }
 
-    /// [`Env::take`] followed by [`start`](Self::start). See [`Env::take`]
-    /// about changing the environment while other threads run.
-    ///
-    /// # Errors
-    ///
-    /// As [`Env::take`] and [`start`](Self::start).
-    pub fn from_env(self) -> Result<Baton> {
-        let env = Env::take()?;
-        self.start(env)
+    fn features(&self) -> Vec<Feature> {
+        let mut f = Vec::new();
+        if self.state_version.is_some() {
+            f.push(Feature::State);
+        }
+        if self.adopt {
+            f.push(Feature::Adopt);
+        }
+        f
     }
 
-    /// Starts the SDK on an environment taken earlier: says hello on the
-    /// control socket (if any), spawns the control reader, the connection
-    /// reporter and the signal handler.
+    /// Starts the SDK on an environment from [`Env::take`] (or
+    /// [`Env::standalone`]): says hello on the control socket (if any) and
+    /// spawns the control reader, the connection reporter and the signal
+    /// handler.
     ///
     /// # Errors
     ///
     /// [`Error::NoRuntime`] outside a tokio runtime; [`Error::Notify`] for an
     /// unusable `NOTIFY_SOCKET` address; [`Error::Io`] if the control socket
     /// or the signal handlers cannot be set up.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// fn main() -> Result<(), Box<dyn std::error::Error>> {
+    ///     // SAFETY: no other thread exists yet.
+    ///     let env = unsafe { baton_child::Env::take() }?;
+    ///     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    ///     rt.block_on(async {
+    ///         let baton = baton_child::Baton::builder().adopt().start(env)?;
+    ///         println!("generation {}", baton.generation());
+    ///         Ok(())
+    ///     })
+    /// }
+    /// ```
     pub fn start(self, env: Env) -> Result<Baton> {
         tokio::runtime::Handle::try_current().map_err(|e| Error::NoRuntime(e.to_string()))?;
         let Env {
@@ -105,20 +120,17 @@ impl Builder {
         let trigger = DrainTrigger::new();
         let drain = trigger.drain();
         let conns = Connections::new();
-        let stateful = self.features.contains(&Feature::State);
-        let adopt = self
-            .features
-            .contains(&Feature::Adopt)
-            .then(AdoptRoutes::default);
+        // Adoption needs a supervisor to relay connections.
+        let adopt = (self.adopt && control.is_some()).then(AdoptRoutes::default);
         let mut state_rx = None;
         let control = match control {
             None => None,
             Some(fd) => {
                 let hello = ChildMsg::Hello {
                     protocol: PROTOCOL_VERSION,
-                    features: self.features.clone(),
+                    features: self.features(),
                 };
-                let state_tx = stateful.then(|| {
+                let state_tx = self.state_version.map(|_| {
                     let (tx, rx) = mpsc::unbounded_channel();
                     state_rx = Some(rx);
                     tx
@@ -128,7 +140,7 @@ impl Builder {
                     state: state_tx,
                     adopt: adopt.clone(),
                 };
-                let tx = control::start(fd, &hello, dispatch)?;
+                let tx = dispatch::start(fd, &hello, dispatch)?;
                 conns.spawn_reporter(tx.clone());
                 Some(tx)
             }
@@ -145,58 +157,81 @@ impl Builder {
             "baton-child started"
         );
         Ok(Baton {
-            generation,
-            listeners: Listeners::new(listeners),
-            notify,
-            control,
-            drain,
-            conns,
-            stateful,
-            state_rx,
-            state_taken: false,
-            adopt,
+            inner: Arc::new(Inner {
+                generation,
+                listeners: Mutex::new(Listeners::new(listeners)),
+                notify,
+                control,
+                drain,
+                conns,
+                state_version: self.state_version,
+                state: tokio::sync::Mutex::new(StateRx {
+                    rx: state_rx,
+                    pending: VecDeque::new(),
+                    restored: false,
+                    drain_told: false,
+                }),
+                adopt,
+            }),
         })
     }
 }
 
-/// The running SDK: inherited listeners, readiness, drain and connection
-/// reporting. Works without baton too (standalone mode): listeners fall back
-/// to binding, readiness is a no-op, drain comes from SIGTERM / SIGINT.
+/// The running SDK: inherited listeners, readiness, drain, connection
+/// counts, and (when announced) state hand-over and connection migration.
+///
+/// Cheap to clone: every clone is the same SDK, so pass one to each
+/// connection task. Works without baton too (standalone): listeners bind
+/// their fallbacks, readiness is a no-op, drain comes from SIGTERM / SIGINT.
 ///
 /// # Example
 ///
 /// ```no_run
-/// # async fn f() -> Result<(), baton_child::Error> {
-/// let mut baton = baton_child::Baton::from_env()?;
-/// let listener = baton.tcp_listener("http", "127.0.0.1:8080")?;
+/// # async fn f(env: baton_child::Env) -> Result<(), baton_child::Error> {
+/// let baton = baton_child::Baton::builder().start(env)?;
+/// let mut incoming = baton.incoming("http", "127.0.0.1:8080")?;
 /// baton.ready()?;
-/// let drain = baton.drain();
 /// loop {
 ///     tokio::select! {
-///         _ = drain.wait() => break,
-///         conn = listener.accept() => {
-///             let Ok((stream, _)) = conn else { continue };
-///             let guard = baton.track_connection();
+///         _ = baton.wait_drain() => break,
+///         conn = incoming.accept() => {
+///             let Ok(stream) = conn else { continue };
+///             let guard = baton.track();
 ///             tokio::spawn(async move { let _guard = guard; drop(stream); });
 ///         }
 ///     }
 /// }
-/// drop(listener); // stop accepting; the supervisor keeps the socket open
-/// baton.connections().wait_idle().await;
+/// incoming.stop(); // stop accepting; the supervisor keeps the socket open
+/// baton.idle().await;
 /// # Ok(()) }
 /// ```
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Baton {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
     generation: Option<u64>,
-    listeners: Listeners,
+    listeners: Mutex<Listeners>,
     notify: Option<Notifier>,
-    control: Option<ControlTx>,
+    pub(crate) control: Option<ControlTx>,
     drain: Drain,
     conns: Connections,
-    stateful: bool,
-    state_rx: Option<mpsc::UnboundedReceiver<StateMsg>>,
-    state_taken: bool,
+    pub(crate) state_version: Option<u32>,
+    pub(crate) state: tokio::sync::Mutex<StateRx>,
     adopt: Option<AdoptRoutes>,
+}
+
+/// The stateful side's queue, and what has been handed to the app.
+#[derive(Debug)]
+pub(crate) struct StateRx {
+    pub(crate) rx: Option<mpsc::UnboundedReceiver<StateMsg>>,
+    /// Events that arrived while `restore` waited.
+    pub(crate) pending: VecDeque<Event>,
+    pub(crate) restored: bool,
+    /// Whether `next_event` returned the drain already.
+    pub(crate) drain_told: bool,
 }
 
 impl Baton {
@@ -205,128 +240,68 @@ impl Baton {
         Builder::default()
     }
 
-    /// `Baton::builder().from_env()`: takes the environment and starts.
-    ///
-    /// # Errors
-    ///
-    /// See [`Builder::from_env`].
-    pub fn from_env() -> Result<Baton> {
-        Builder::default().from_env()
-    }
-
     /// The generation number baton gave this process (0 standalone).
     pub fn generation(&self) -> u64 {
-        self.generation.unwrap_or(0)
+        self.inner.generation.unwrap_or(0)
     }
 
     /// Whether this process runs under baton.
     pub fn is_supervised(&self) -> bool {
-        self.generation.is_some()
+        self.inner.generation.is_some()
     }
 
-    /// Whether a control socket to the supervisor is open (drain messages
-    /// and connection reports flow over it).
-    pub fn has_control(&self) -> bool {
-        self.control.is_some()
-    }
-
-    /// Names of the inherited listeners, in fd order (taken ones included).
-    pub fn listener_names(&self) -> impl Iterator<Item = &str> {
-        self.listeners.names()
-    }
-
-    /// The kind of the inherited listener called `name` that the next
-    /// `*_listener` / `*_incoming` call for `name` would take; `None` when
-    /// none of that name is left (not inherited, or taken). Lets an app serve
-    /// a listener as whatever the operator configured (`--listen
-    /// kv=127.0.0.1:6379` or `--listen kv=unix:/run/kv.sock`) and use its
-    /// own fallback only when standalone.
+    /// The stream listener called `name`, TCP or Unix, whichever the
+    /// operator configured (`--listen http=127.0.0.1:8080` or `--listen
+    /// http=unix:/run/app.sock`), merged with the connections the previous
+    /// generation hands over on it (when [`Builder::adopt`] was announced).
     ///
-    /// # Example
-    ///
-    /// ```no_run
-    /// # async fn f(baton: &mut baton_child::Baton) -> Result<(), baton_child::Error> {
-    /// use baton_child::ListenerKind;
-    /// match baton.inherited_kind("kv") {
-    ///     Some(ListenerKind::Unix) => {
-    ///         let unix = baton.unix_incoming("kv", "/run/kv.sock")?;
-    ///         # drop(unix);
-    ///     }
-    ///     _ => {
-    ///         // TCP, or standalone: the fallback is TCP.
-    ///         let tcp = baton.tcp_incoming("kv", "127.0.0.1:6379")?;
-    ///         # drop(tcp);
-    ///     }
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub fn inherited_kind(&self, name: &str) -> Option<ListenerKind> {
-        self.listeners.kind(name)
-    }
-
-    /// The TCP listener called `name`: the inherited one, or else `fallback`
-    /// freshly bound (with `SO_REUSEADDR`).
-    ///
-    /// An inherited socket is checked (a listening TCP stream socket) and
-    /// never has its file-status flags cleared: they are shared with the
+    /// When no listener of that name is inherited, `fallback` is bound:
+    /// `unix:PATH` for a Unix socket (a stale socket file is replaced, a
+    /// live one is an error), anything else as `HOST:PORT`. An inherited
+    /// socket is checked (a listening TCP or Unix stream socket) and never
+    /// has its file-status flags cleared: they are shared with the
     /// supervisor and the other generations.
     ///
     /// # Errors
     ///
     /// [`Error::ListenerTaken`] on a second call for the same name,
-    /// [`Error::InheritedFd`] if the inherited fd is not a listening TCP
-    /// socket, [`Error::Bind`] if the fallback cannot be bound,
+    /// [`Error::InheritedFd`] if the inherited fd is not a listening TCP or
+    /// Unix stream socket, [`Error::Bind`] if the fallback cannot be bound,
     /// [`Error::Io`] if tokio cannot register it.
     ///
     /// # Example
     ///
     /// ```no_run
-    /// # async fn f(baton: &mut baton_child::Baton) -> Result<(), baton_child::Error> {
-    /// let listener = baton.tcp_listener("http", "127.0.0.1:8080")?;
-    /// println!("listening on {:?}", listener.local_addr());
+    /// # async fn f(baton: baton_child::Baton) -> Result<(), baton_child::Error> {
+    /// let web = baton.incoming("http", "127.0.0.1:8080")?;
+    /// let admin = baton.incoming("admin", "unix:/run/myapp/admin.sock")?;
+    /// println!("serving {:?} and {:?}", web.local_addr(), admin.local_addr());
     /// # Ok(()) }
     /// ```
-    pub fn tcp_listener<A>(&mut self, name: &str, fallback: A) -> Result<tokio::net::TcpListener>
-    where
-        A: ToSocketAddrs + fmt::Display,
-    {
-        let std = self.listeners.tcp(name, fallback)?;
-        tokio::net::TcpListener::from_std(std)
-            .map_err(|e| Error::io(format!("listener {name:?}: registering with tokio"), e))
-    }
-
-    /// The Unix stream listener called `name`: the inherited one, or else a
-    /// new socket at `fallback` (a stale socket file is replaced).
-    ///
-    /// # Errors
-    ///
-    /// As [`tcp_listener`](Self::tcp_listener).
-    ///
-    /// # Example
-    ///
-    /// ```no_run
-    /// # async fn f(baton: &mut baton_child::Baton) -> Result<(), baton_child::Error> {
-    /// let admin = baton.unix_listener("admin", "/run/myapp/admin.sock")?;
-    /// # Ok(()) }
-    /// ```
-    pub fn unix_listener(
-        &mut self,
-        name: &str,
-        fallback: impl AsRef<Path>,
-    ) -> Result<tokio::net::UnixListener> {
-        let std = self.listeners.unix(name, fallback.as_ref())?;
-        tokio::net::UnixListener::from_std(std)
-            .map_err(|e| Error::io(format!("listener {name:?}: registering with tokio"), e))
+    pub fn incoming(&self, name: &str, fallback: &str) -> Result<Incoming> {
+        let listening = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .listen(name, fallback)?;
+        let adopted = self.inner.adopt.as_ref().and_then(|r| r.take(name));
+        Incoming::new(name, listening, adopted)
     }
 
     /// The raw inherited listener called `name`, unchecked, for socket kinds
-    /// the typed helpers do not cover. `Ok(None)` if not inherited.
+    /// [`incoming`](Self::incoming) does not cover. `Ok(None)` if none of
+    /// that name is inherited.
     ///
     /// # Errors
     ///
     /// [`Error::ListenerTaken`] if it was taken already.
-    pub fn take_listener_fd(&mut self, name: &str) -> Result<Option<OwnedFd>> {
-        self.listeners.take(name)
+    pub fn take_listener_fd(&self, name: &str) -> Result<Option<OwnedFd>> {
+        self.inner
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take(name)
     }
 
     /// Tells the supervisor this process is ready (`READY=1` to
@@ -347,128 +322,38 @@ impl Baton {
     ///
     /// [`Error::Notify`] if the datagram cannot be sent.
     pub fn notify(&self, state: &str) -> Result<()> {
-        match &self.notify {
+        match &self.inner.notify {
             Some(n) => n.send(state),
             None => Ok(()),
         }
     }
 
-    /// A handle that resolves when draining starts.
-    pub fn drain(&self) -> Drain {
-        self.drain.clone()
+    /// Resolves when draining starts (at once if it has): the supervisor
+    /// said `drain` or `commit`, or SIGTERM / SIGINT arrived. Cancel-safe.
+    pub async fn wait_drain(&self) -> DrainInfo {
+        self.inner.drain.wait().await
     }
 
-    /// The live-connection tracker (reported to the supervisor).
-    pub fn connections(&self) -> Connections {
-        self.conns.clone()
+    /// The drain request, once draining has started.
+    pub fn draining(&self) -> Option<DrainInfo> {
+        self.inner.drain.get()
     }
 
-    /// Counts one connection until the guard is dropped. The count goes to
-    /// the supervisor as `{"type":"connections"}`, coalesced to at most ten
-    /// reports a second, the last one always sent.
-    pub fn track_connection(&self) -> ConnGuard {
-        self.conns.track()
+    /// Counts one live connection until the guard is dropped. The count
+    /// goes to the supervisor as `{"type":"connections"}`, coalesced to at
+    /// most ten reports a second, the last one always sent.
+    pub fn track(&self) -> ConnGuard {
+        self.inner.conns.track()
     }
 
-    /// The handle for stateful upgrades of state `T` at schema `version`.
-    /// Requires [`Builder::stateful`]. Standalone it works too: there is
-    /// nothing to restore and no event ever comes.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Feature`] if `state` was not announced or the handle was
-    /// already taken.
-    pub fn state<T>(&mut self, version: u32) -> Result<StateHandle<T>>
-    where
-        T: Serialize + DeserializeOwned,
-    {
-        if !self.stateful {
-            return Err(Error::Feature {
-                feature: "state",
-                reason: "not announced: use Baton::builder().stateful()",
-            });
-        }
-        if self.state_taken {
-            return Err(Error::Feature {
-                feature: "state",
-                reason: "the state handle was already taken",
-            });
-        }
-        self.state_taken = true;
-        Ok(StateHandle::new(
-            version,
-            self.control.clone(),
-            self.state_rx.take(),
-        ))
+    /// Live connections now (those [`track`](Self::track)ed).
+    pub fn connections(&self) -> u64 {
+        self.inner.conns.active()
     }
 
-    /// Hands live connections to the next generation when a drain says
-    /// `migrate` (see [`Migrator`]).
-    pub fn migrator(&self) -> Migrator {
-        Migrator::new(self.control.clone())
-    }
-
-    /// The TCP listener called `name` (as [`tcp_listener`](Self::tcp_listener))
-    /// merged with the connections the previous generation hands over on
-    /// that listener, if [`Builder::adopt`] was announced.
-    ///
-    /// # Errors
-    ///
-    /// As [`tcp_listener`](Self::tcp_listener).
-    ///
-    /// # Example
-    ///
-    /// ```no_run
-    /// # async fn f() -> Result<(), baton_child::Error> {
-    /// let mut baton = baton_child::Baton::builder().adopt().from_env()?;
-    /// let mut incoming = baton.tcp_incoming("http", "127.0.0.1:8080")?;
-    /// baton.ready()?;
-    /// while let Ok(conn) = incoming.accept().await {
-    ///     // conn.stream yields the bytes the previous generation had read
-    ///     // first; conn.adopted carries its metadata.
-    ///     # drop(conn);
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub fn tcp_incoming<A>(&mut self, name: &str, fallback: A) -> Result<TcpIncoming>
-    where
-        A: ToSocketAddrs + fmt::Display,
-    {
-        let listener = self.tcp_listener(name, fallback)?;
-        let adopted = self.adopt.as_ref().and_then(|r| r.take(name));
-        Ok(TcpIncoming::new(name, listener, adopted))
-    }
-
-    /// The Unix stream listener called `name` (as
-    /// [`unix_listener`](Self::unix_listener)) merged with the connections
-    /// the previous generation hands over on that listener, if
-    /// [`Builder::adopt`] was announced.
-    ///
-    /// # Errors
-    ///
-    /// As [`unix_listener`](Self::unix_listener).
-    ///
-    /// # Example
-    ///
-    /// ```no_run
-    /// # async fn f() -> Result<(), baton_child::Error> {
-    /// let mut baton = baton_child::Baton::builder().adopt().from_env()?;
-    /// let mut incoming = baton.unix_incoming("kv", "/run/kv/kv.sock")?;
-    /// baton.ready()?;
-    /// while let Ok(conn) = incoming.accept().await {
-    ///     // As with TCP: conn.stream yields the bytes the previous
-    ///     // generation had read first; conn.adopted carries its metadata.
-    ///     # drop(conn);
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub fn unix_incoming(
-        &mut self,
-        name: &str,
-        fallback: impl AsRef<Path>,
-    ) -> Result<UnixIncoming> {
-        let listener = self.unix_listener(name, fallback)?;
-        let adopted = self.adopt.as_ref().and_then(|r| r.take(name));
-        Ok(UnixIncoming::new(name, listener, adopted))
+    /// Resolves when no tracked connection is left (at once if none is).
+    /// Cancel-safe.
+    pub async fn idle(&self) {
+        self.inner.conns.wait_idle().await;
     }
 }

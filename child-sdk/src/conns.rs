@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::control::ControlTx;
+use crate::send::ControlTx;
 use baton_protocol::ChildMsg;
 
 /// Reports are coalesced: at most one per this interval, and the final count
@@ -15,22 +15,8 @@ use baton_protocol::ChildMsg;
 const REPORT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Counts live connections. Cloneable; every clone shares the count.
-///
-/// # Example
-///
-/// ```no_run
-/// # async fn f(baton: &baton_child::Baton, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-/// let (stream, _) = listener.accept().await?;
-/// let guard = baton.track_connection();
-/// tokio::spawn(async move {
-///     let _guard = guard; // counted until the task ends
-///     drop(stream);
-/// });
-/// baton.connections().wait_idle().await;
-/// # Ok(()) }
-/// ```
 #[derive(Debug, Clone)]
-pub struct Connections {
+pub(crate) struct Connections {
     inner: Arc<Inner>,
 }
 
@@ -43,24 +29,17 @@ struct Inner {
     idle: Notify,
 }
 
-impl Default for Connections {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Connections {
-    /// A tracker at zero that reports nowhere (see
-    /// [`Baton::connections`](crate::Baton::connections) for the reporting
-    /// one).
-    pub fn new() -> Self {
+    /// A tracker at zero that reports nowhere until
+    /// [`spawn_reporter`](Self::spawn_reporter).
+    pub(crate) fn new() -> Self {
         Connections {
             inner: Arc::new(Inner::default()),
         }
     }
 
     /// Counts one connection until the returned guard is dropped.
-    pub fn track(&self) -> ConnGuard {
+    pub(crate) fn track(&self) -> ConnGuard {
         self.inner.active.fetch_add(1, Ordering::Relaxed);
         ConnGuard {
             inner: Arc::clone(&self.inner),
@@ -68,12 +47,12 @@ impl Connections {
     }
 
     /// Connections open now.
-    pub fn active(&self) -> u64 {
+    pub(crate) fn active(&self) -> u64 {
         self.inner.active.load(Ordering::Relaxed)
     }
 
     /// Resolves when no connection is open (at once if none is). Cancel-safe.
-    pub async fn wait_idle(&self) {
+    pub(crate) async fn wait_idle(&self) {
         loop {
             // Register before checking, so a drop to zero in between is not missed.
             let notified = self.inner.idle.notified();

@@ -48,25 +48,15 @@ impl DrainInfo {
 }
 
 /// A cloneable handle that resolves when draining starts.
-///
-/// # Example
-///
-/// ```no_run
-/// # async fn f(baton: &baton_child::Baton) {
-/// let drain = baton.drain();
-/// let info = drain.wait().await;
-/// println!("draining, deadline {:?}, migrate {}", info.deadline, info.migrate);
-/// # }
-/// ```
 #[derive(Debug, Clone)]
-pub struct Drain {
+pub(crate) struct Drain {
     rx: watch::Receiver<Option<DrainInfo>>,
 }
 
 impl Drain {
     /// Waits until draining starts (returns at once if it already has).
     /// Cancel-safe.
-    pub async fn wait(&self) -> DrainInfo {
+    pub(crate) async fn wait(&self) -> DrainInfo {
         let mut rx = self.rx.clone();
         let res = rx.wait_for(Option::is_some).await.map(|g| *g);
         match res {
@@ -78,13 +68,8 @@ impl Drain {
     }
 
     /// The drain request, if draining has started.
-    pub fn get(&self) -> Option<DrainInfo> {
+    pub(crate) fn get(&self) -> Option<DrainInfo> {
         *self.rx.borrow()
-    }
-
-    /// Whether draining has started.
-    pub fn is_draining(&self) -> bool {
-        self.rx.borrow().is_some()
     }
 }
 
@@ -184,7 +169,7 @@ mod tests {
     async fn first_request_wins_but_deadline_only_moves_earlier() {
         let t = DrainTrigger::new();
         let d = t.drain();
-        assert!(!d.is_draining());
+        assert!(d.get().is_none());
         let now = Instant::now();
         t.trigger(info(
             Some(now + Duration::from_secs(10)),

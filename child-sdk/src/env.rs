@@ -158,9 +158,8 @@ fn parse_listeners(get: &impl Fn(&str) -> Option<String>, own_pid: u32) -> Resul
 /// What this process inherited from its supervisor (or from systemd socket
 /// activation), with the fds owned and close-on-exec.
 ///
-/// Get one with [`Env::take`] and hand it to
-/// [`Builder::start`](crate::Builder::start), or let
-/// [`Baton::from_env`](crate::Baton::from_env) do both.
+/// Get one with [`Env::take`] (or [`Env::standalone`]) and hand it to
+/// [`Builder::start`](crate::Builder::start).
 #[derive(Debug)]
 pub struct Env {
     pub(crate) generation: Option<u64>,
@@ -176,16 +175,15 @@ impl Env {
     /// from the environment, as `sd_listen_fds(1)` does, so that programs the
     /// application runs do not inherit them.
     ///
-    /// Call it once, early in `main`, **before any other thread exists**
-    /// (in particular before building a multi-threaded tokio runtime):
-    /// changing the environment while another thread reads it is undefined
-    /// behaviour in glibc (`std::env::remove_var` is `unsafe` in edition 2024
-    /// for this reason). [`Baton::from_env`](crate::Baton::from_env) calls this
-    /// from inside the runtime, which is fine as long as no thread of the
-    /// application reads the environment at the same time (tokio's own
-    /// threads do not).
-    ///
     /// A second call finds nothing and returns an empty environment.
+    ///
+    /// # Safety
+    ///
+    /// It changes the process environment, so no other thread may read or
+    /// write the environment while it runs (glibc's `setenv`/`getenv` are
+    /// not thread-safe; `std::env::remove_var` is `unsafe` in edition 2024
+    /// for this reason). Call it early in `main`, before building a
+    /// multi-threaded runtime or spawning threads.
     ///
     /// # Errors
     ///
@@ -198,7 +196,8 @@ impl Env {
     ///
     /// ```no_run
     /// fn main() -> Result<(), Box<dyn std::error::Error>> {
-    ///     let env = baton_child::Env::take()?; // still single-threaded here
+    ///     // SAFETY: still single-threaded here.
+    ///     let env = unsafe { baton_child::Env::take() }?;
     ///     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     ///     rt.block_on(async {
     ///         let baton = baton_child::Baton::builder().start(env)?;
@@ -207,7 +206,7 @@ impl Env {
     ///     })
     /// }
     /// ```
-    pub fn take() -> Result<Env> {
+    pub unsafe fn take() -> Result<Env> {
         let mut values: Vec<(&'static str, String)> = Vec::new();
         let mut first_err = None;
         for var in TAKEN_VARS.into_iter().chain([ENV_GENERATION]) {
@@ -220,9 +219,8 @@ impl Env {
             }
         }
         for var in TAKEN_VARS {
-            // See the doc comment: sound only while no other thread touches
-            // the environment.
-            std::env::remove_var(var);
+            // The caller promised no other thread touches the environment.
+            sys::remove_env(var);
         }
         if let Some(e) = first_err {
             return Err(e);

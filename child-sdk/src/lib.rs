@@ -1,54 +1,86 @@
 //! `baton-child`: the child-side SDK for the baton supervisor.
 //!
-//! An application linked with this crate takes its listening sockets from
-//! baton (or from systemd socket activation) by name, tells baton when it is
-//! ready, learns when to drain, and reports its live connections. Without a
-//! supervisor everything still works: listeners fall back to binding, drain
-//! comes from SIGTERM / SIGINT.
+//! An app linked with this crate takes its listening sockets from baton (or
+//! from systemd socket activation) by name, tells baton when it is ready,
+//! learns when to drain, and reports its live connections. When it asks, it
+//! also hands its state and its live connections to the next generation.
+//! Without a supervisor everything still works: listeners bind their
+//! fallbacks and drain comes from SIGTERM / SIGINT.
 //!
 //! ```no_run
-//! # async fn f() -> Result<(), baton_child::Error> {
-//! let mut baton = baton_child::Baton::from_env()?;
-//! let listener = baton.tcp_listener("http", "127.0.0.1:8080")?;
+//! # async fn f(env: baton_child::Env) -> Result<(), baton_child::Error> {
+//! use baton_child::{Baton, Event};
+//!
+//! // 1. start, announcing what this app supports
+//! let baton = Baton::builder().adopt().stateful(1).start(env)?;
+//! // 2. one listener call for TCP and Unix; the fallback is used outside baton
+//! let mut incoming = baton.incoming("kv", "127.0.0.1:6379")?;
+//! // 3. state, typed at the call, migrated or rejected by the app
+//! let db: Vec<String> = baton
+//!     .restore(|version, _json| Err(format!("no migration from {version}")))
+//!     .await?
+//!     .unwrap_or_default();
+//! // 4. ready
 //! baton.ready()?;
-//! let info = baton.drain().wait().await;
-//! drop(listener);
-//! # let _ = info; Ok(()) }
+//! loop {
+//!     tokio::select! {
+//!         stream = incoming.accept() => {
+//!             let Ok(stream) = stream else { continue }; // fresh or adopted
+//!             let guard = baton.track();
+//!             tokio::spawn(async move { let _guard = guard; drop(stream); });
+//!         }
+//!         event = baton.next_event() => match event {
+//!             Event::Quiesce => baton.snapshot(&db)?,
+//!             Event::Resume { .. } => {}
+//!             Event::Drain(_) => break,
+//!             _ => {}
+//!         },
+//!     }
+//! }
+//! // 5. hand live connections over at a request boundary with
+//! //    `baton.hand_over(stream, already_read, &meta)`, or close them
+//! incoming.stop();
+//! baton.idle().await;
+//! # Ok(()) }
 //! ```
 //!
-//! Beyond that, announced with the [`Builder`]:
+//! `baton_child::testing` (feature `testing`) has a fake supervisor for an
+//! app's own tests.
 //!
-//! - stateful upgrades ([`Builder::stateful`], [`Baton::state`],
-//!   [`StateHandle`]): a versioned snapshot in a sealed memfd, restored (and
-//!   migrated from older schema versions) by the next generation;
-//! - connection migration ([`Builder::adopt`], [`Baton::tcp_incoming`],
-//!   [`Baton::unix_incoming`], [`Baton::migrator`]): live TCP and Unix
-//!   stream connections move to the next generation at a request boundary,
-//!   with the bytes already read.
-//!
-//! The wire protocol is in [`protocol`] (types) and [`wire`] (framing), and
-//! is described for other languages in `PROTOCOL.md`.
+//! The wire protocol is in the `baton-protocol` crate, and described for
+//! other languages in `PROTOCOL.md`.
 #![deny(missing_docs)]
 
+mod adopt;
 mod baton;
+mod codec;
 mod conns;
-mod control;
+mod dispatch;
 mod drain;
 mod env;
 mod error;
+mod events;
+mod handover;
+mod incoming;
 mod listeners;
-mod migrate;
 mod notify;
+mod send;
 mod state;
+mod stream;
 mod sys;
-#[cfg(test)]
-mod testutil;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+/// The README's SDK example, compiled as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
 
 pub use crate::baton::{Baton, Builder};
-pub use crate::conns::{ConnGuard, Connections};
-pub use crate::drain::{Drain, DrainCause, DrainInfo};
+pub use crate::conns::ConnGuard;
+pub use crate::drain::{DrainCause, DrainInfo};
 pub use crate::env::Env;
 pub use crate::error::{Error, Result};
-pub use crate::listeners::ListenerKind;
-pub use crate::migrate::{Accepted, Migrator, PrefixedStream, TcpIncoming, UnixIncoming};
-pub use crate::state::{StateEvent, StateHandle};
+pub use crate::events::Event;
+pub use crate::incoming::Incoming;
+pub use crate::stream::Stream;

@@ -1,8 +1,6 @@
 //! Inherited listeners by name, with a fallback bind when not inherited.
 
-use std::fmt;
 use std::io;
-use std::net::ToSocketAddrs;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
@@ -17,29 +15,11 @@ pub(crate) struct Listeners {
     entries: Vec<(String, Option<OwnedFd>)>,
 }
 
-/// What kind of socket an inherited listener is (see
-/// [`Baton::inherited_kind`](crate::Baton::inherited_kind)).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ListenerKind {
-    /// A TCP stream socket (IPv4 or IPv6): take it with
-    /// [`Baton::tcp_incoming`](crate::Baton::tcp_incoming) or
-    /// [`Baton::tcp_listener`](crate::Baton::tcp_listener).
-    Tcp,
-    /// A Unix stream socket: take it with
-    /// [`Baton::unix_incoming`](crate::Baton::unix_incoming) or
-    /// [`Baton::unix_listener`](crate::Baton::unix_listener).
-    Unix,
-    /// Anything else (a datagram socket, a FIFO, ...): only
-    /// [`Baton::take_listener_fd`](crate::Baton::take_listener_fd) takes it.
-    Other,
-}
-
-/// The socket a caller wants.
-#[derive(Debug, Clone, Copy)]
-enum Want {
-    Tcp,
-    Unix,
+/// A listening socket, ready for tokio (non-blocking).
+#[derive(Debug)]
+pub(crate) enum Listening {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
 }
 
 impl Listeners {
@@ -51,27 +31,6 @@ impl Listeners {
 
     pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|(n, _)| n.as_str())
-    }
-
-    /// The kind of the listener [`take`](Self::take) would return for
-    /// `name`; `None` when there is none left of that name.
-    pub(crate) fn kind(&self, name: &str) -> Option<ListenerKind> {
-        let fd = self
-            .entries
-            .iter()
-            .filter(|(n, _)| n == name)
-            .find_map(|(_, fd)| fd.as_ref())?;
-        // Not a socket at all (or unreadable): `Other`; taking it reports why.
-        let Ok(info) = sys::socket_info(fd.as_fd()) else {
-            return Some(ListenerKind::Other);
-        };
-        Some(match (info.ty, info.family) {
-            (SockType::Stream, Some(AddressFamily::Inet | AddressFamily::Inet6)) => {
-                ListenerKind::Tcp
-            }
-            (SockType::Stream, Some(AddressFamily::Unix)) => ListenerKind::Unix,
-            _ => ListenerKind::Other,
-        })
     }
 
     /// Takes the first untaken inherited listener called `name`.
@@ -95,62 +54,50 @@ impl Listeners {
         }
     }
 
-    /// A TCP listener: the inherited one called `name`, else `fallback`
-    /// freshly bound. The result is non-blocking, ready for tokio.
-    pub(crate) fn tcp<A>(&mut self, name: &str, fallback: A) -> Result<std::net::TcpListener>
-    where
-        A: ToSocketAddrs + fmt::Display,
-    {
+    /// The stream listener called `name`: the inherited one, whatever its
+    /// kind (TCP or Unix), or else `fallback` freshly bound: `unix:PATH`
+    /// for a Unix socket (a stale socket file is replaced), anything else
+    /// as `HOST:PORT` (with `SO_REUSEADDR`).
+    pub(crate) fn listen(&mut self, name: &str, fallback: &str) -> Result<Listening> {
         if let Some(fd) = self.take(name)? {
-            let fd = check_inherited(name, fd, Want::Tcp)?;
-            tracing::debug!(name, "using inherited TCP listener");
-            return Ok(std::net::TcpListener::from(fd));
+            let l = check_inherited(name, fd)?;
+            match l {
+                Listening::Tcp(_) => tracing::debug!(name, "using inherited TCP listener"),
+                Listening::Unix(_) => tracing::debug!(name, "using inherited Unix listener"),
+            }
+            return Ok(l);
         }
-        self.warn_fallback(name, &fallback);
+        self.warn_fallback(name, fallback);
         let bind_err = |source: io::Error| Error::Bind {
             name: name.to_owned(),
-            addr: fallback.to_string(),
+            addr: fallback.to_owned(),
             source,
         };
+        if let Some(path) = fallback.strip_prefix("unix:") {
+            let path = Path::new(path);
+            remove_stale_socket(path).map_err(bind_err)?;
+            let l = std::os::unix::net::UnixListener::bind(path).map_err(bind_err)?;
+            l.set_nonblocking(true).map_err(bind_err)?;
+            return Ok(Listening::Unix(l));
+        }
         // std sets SO_REUSEADDR on Unix, so a restart does not trip over
         // TIME_WAIT.
-        let l = std::net::TcpListener::bind(&fallback).map_err(bind_err)?;
+        let l = std::net::TcpListener::bind(fallback).map_err(bind_err)?;
         l.set_nonblocking(true).map_err(bind_err)?;
-        Ok(l)
+        Ok(Listening::Tcp(l))
     }
 
-    /// A Unix stream listener: the inherited one called `name`, else a new
-    /// socket at `fallback` (a stale socket file left by a dead process is
-    /// replaced; a live one is an error).
-    pub(crate) fn unix(
-        &mut self,
-        name: &str,
-        fallback: &Path,
-    ) -> Result<std::os::unix::net::UnixListener> {
-        if let Some(fd) = self.take(name)? {
-            let fd = check_inherited(name, fd, Want::Unix)?;
-            tracing::debug!(name, "using inherited Unix listener");
-            return Ok(std::os::unix::net::UnixListener::from(fd));
-        }
-        self.warn_fallback(name, &fallback.display());
-        let bind_err = |source: io::Error| Error::Bind {
-            name: name.to_owned(),
-            addr: fallback.display().to_string(),
-            source,
-        };
-        remove_stale_socket(fallback).map_err(bind_err)?;
-        let l = std::os::unix::net::UnixListener::bind(fallback).map_err(bind_err)?;
-        l.set_nonblocking(true).map_err(bind_err)?;
-        Ok(l)
-    }
-
-    fn warn_fallback(&self, name: &str, fallback: &dyn fmt::Display) {
+    fn warn_fallback(&self, name: &str, fallback: &str) {
         if self.entries.is_empty() {
-            tracing::debug!(name, %fallback, "no inherited listeners: binding the fallback");
+            tracing::debug!(
+                name,
+                fallback,
+                "no inherited listeners: binding the fallback"
+            );
         } else {
             tracing::warn!(
                 name,
-                %fallback,
+                fallback,
                 inherited = ?self.names().collect::<Vec<_>>(),
                 "no inherited listener of this name: binding the fallback"
             );
@@ -158,9 +105,9 @@ impl Listeners {
     }
 }
 
-/// Checks an inherited fd is a listening stream socket of the right family,
-/// and non-blocking.
-fn check_inherited(name: &str, fd: OwnedFd, want: Want) -> Result<OwnedFd> {
+/// Checks an inherited fd is a listening TCP or Unix stream socket, and
+/// makes it non-blocking.
+fn check_inherited(name: &str, fd: OwnedFd) -> Result<Listening> {
     use std::os::fd::AsRawFd;
     let fail = |reason: String| Error::InheritedFd {
         fd: fd.as_raw_fd(),
@@ -168,16 +115,14 @@ fn check_inherited(name: &str, fd: OwnedFd, want: Want) -> Result<OwnedFd> {
         reason,
     };
     let info = sys::socket_info(fd.as_fd()).map_err(|e| fail(e.to_string()))?;
-    let family_ok = match want {
-        Want::Tcp => matches!(
-            info.family,
-            Some(AddressFamily::Inet | AddressFamily::Inet6)
-        ),
-        Want::Unix => info.family == Some(AddressFamily::Unix),
+    let unix = match info.family {
+        Some(AddressFamily::Inet | AddressFamily::Inet6) => false,
+        Some(AddressFamily::Unix) => true,
+        _ => return Err(fail(format!("not a TCP or Unix socket: {info:?}"))),
     };
-    if !family_ok || info.ty != SockType::Stream || !info.listening {
+    if info.ty != SockType::Stream || !info.listening {
         return Err(fail(format!(
-            "expected a listening {want:?} stream socket, found {:?} {:?}{}",
+            "expected a listening stream socket, found {:?} {:?}{}",
             info.family,
             info.ty,
             if info.listening {
@@ -195,7 +140,11 @@ fn check_inherited(name: &str, fd: OwnedFd, want: Want) -> Result<OwnedFd> {
         // holders that poll.
         tracing::info!(name, "inherited listener was blocking: set O_NONBLOCK");
     }
-    Ok(fd)
+    Ok(if unix {
+        Listening::Unix(fd.into())
+    } else {
+        Listening::Tcp(fd.into())
+    })
 }
 
 fn remove_stale_socket(path: &Path) -> io::Result<()> {
@@ -232,68 +181,62 @@ mod tests {
         d
     }
 
+    fn as_tcp(l: Result<Listening>) -> std::net::TcpListener {
+        match l {
+            Ok(Listening::Tcp(l)) => l,
+            other => panic!("expected TCP, got {other:?}"),
+        }
+    }
+
     #[test]
-    fn inherited_listener_is_taken_by_name_once() {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = tcp.local_addr().unwrap();
-        let mut ls = Listeners::new(vec![("http".to_owned(), OwnedFd::from(tcp))]);
-        let l = ls.tcp("http", "127.0.0.1:1").unwrap();
+    fn inherited_listener_is_taken_by_name_once_whatever_the_fallback() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut ls = Listeners::new(vec![("http".to_owned(), OwnedFd::from(l))]);
+        // The inherited kind wins over the fallback's.
+        let l = as_tcp(ls.listen("http", "unix:/nonexistent/x.sock"));
         assert_eq!(l.local_addr().unwrap(), addr);
         assert!(matches!(
-            ls.tcp("http", "127.0.0.1:0"),
+            ls.listen("http", "127.0.0.1:0"),
             Err(Error::ListenerTaken(n)) if n == "http"
         ));
     }
 
     #[test]
-    fn inherited_listener_of_the_wrong_kind_is_rejected() {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut ls = Listeners::new(vec![("admin".to_owned(), OwnedFd::from(tcp))]);
+    fn inherited_non_listeners_are_rejected() {
         let dir = tmpdir("kind");
-        assert!(matches!(
-            ls.unix("admin", &dir.join("s")),
-            Err(Error::InheritedFd { .. })
-        ));
-
-        // A connected stream is not a listener.
+        // A connected stream is not a listener; neither is UDP or a file.
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut ls = Listeners::new(vec![("admin".to_owned(), OwnedFd::from(a))]);
-        assert!(matches!(
-            ls.unix("admin", &dir.join("s")),
-            Err(Error::InheritedFd { .. })
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn kind_of_an_inherited_listener_by_name() {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let dir = tmpdir("kindof");
-        let unix = std::os::unix::net::UnixListener::bind(dir.join("s")).unwrap();
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let file = std::fs::File::open("/dev/null").unwrap();
         let mut ls = Listeners::new(vec![
-            ("web".to_owned(), OwnedFd::from(tcp)),
-            ("kv".to_owned(), OwnedFd::from(unix)),
-            ("dns".to_owned(), OwnedFd::from(udp)),
-            ("odd".to_owned(), OwnedFd::from(file)),
+            ("a".to_owned(), OwnedFd::from(a)),
+            ("b".to_owned(), OwnedFd::from(udp)),
+            ("c".to_owned(), OwnedFd::from(file)),
         ]);
-        assert_eq!(ls.kind("web"), Some(ListenerKind::Tcp));
-        assert_eq!(ls.kind("kv"), Some(ListenerKind::Unix));
-        assert_eq!(ls.kind("dns"), Some(ListenerKind::Other));
-        assert_eq!(ls.kind("odd"), Some(ListenerKind::Other));
-        assert_eq!(ls.kind("nope"), None);
-        // Once taken, there is nothing left to describe.
-        ls.unix("kv", &dir.join("unused")).unwrap();
-        assert_eq!(ls.kind("kv"), None);
+        for name in ["a", "b", "c"] {
+            assert!(
+                matches!(
+                    ls.listen(name, "127.0.0.1:0"),
+                    Err(Error::InheritedFd { .. })
+                ),
+                "{name}"
+            );
+        }
+        let unix = std::os::unix::net::UnixListener::bind(dir.join("s")).unwrap();
+        let mut ls = Listeners::new(vec![("kv".to_owned(), OwnedFd::from(unix))]);
+        assert!(matches!(
+            ls.listen("kv", "127.0.0.1:0"),
+            Ok(Listening::Unix(_))
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn blocking_inherited_listener_is_made_nonblocking() {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut ls = Listeners::new(vec![("http".to_owned(), OwnedFd::from(tcp))]);
-        let l = ls.tcp("http", "127.0.0.1:0").unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut ls = Listeners::new(vec![("http".to_owned(), OwnedFd::from(l))]);
+        let l = as_tcp(ls.listen("http", "127.0.0.1:0"));
         // A blocking accept would hang here; non-blocking says WouldBlock.
         let e = l.accept().unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
@@ -302,17 +245,23 @@ mod tests {
     #[test]
     fn fallbacks_are_bound_when_not_inherited() {
         let mut ls = Listeners::new(Vec::new());
-        let l = ls.tcp("http", "127.0.0.1:0").unwrap();
+        let l = as_tcp(ls.listen("http", "127.0.0.1:0"));
         assert!(l.local_addr().unwrap().port() != 0);
+        assert!(matches!(
+            ls.listen("x", "not an address"),
+            Err(Error::Bind { .. })
+        ));
 
         let dir = tmpdir("fallback");
         let path = dir.join("admin.sock");
+        let fallback = format!("unix:{}", path.display());
         // A stale socket file (nobody listening) is replaced.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
-        let u = ls.unix("admin", &path).unwrap();
+        let u = ls.listen("admin", &fallback).unwrap();
+        assert!(matches!(u, Listening::Unix(_)));
         // A live one is not.
         assert!(matches!(
-            Listeners::new(Vec::new()).unix("admin", &path),
+            Listeners::new(Vec::new()).listen("admin", &fallback),
             Err(Error::Bind { .. })
         ));
         drop(u);
@@ -320,7 +269,7 @@ mod tests {
         let file = dir.join("file");
         std::fs::write(&file, b"x").unwrap();
         assert!(matches!(
-            Listeners::new(Vec::new()).unix("admin", &file),
+            Listeners::new(Vec::new()).listen("admin", &format!("unix:{}", file.display())),
             Err(Error::Bind { .. })
         ));
         let _ = std::fs::remove_dir_all(&dir);

@@ -118,6 +118,45 @@ pub(crate) fn has_peer(fd: BorrowedFd<'_>) -> io::Result<bool> {
     }
 }
 
+/// Removes `var` from the environment.
+///
+/// # Safety
+///
+/// No other thread may read or write the environment meanwhile.
+pub(crate) unsafe fn remove_env(var: &str) {
+    // SAFETY: passed on to the caller (see above); `remove_var` is not
+    // `unsafe` in edition 2021 but has the same requirement.
+    #[allow(unused_unsafe)]
+    unsafe {
+        std::env::remove_var(var)
+    };
+}
+
+/// Makes `cmd`'s child inherit `fd` as fd number `target` (without
+/// close-on-exec). `fd` stays open in this process until `cmd` is dropped.
+#[cfg(any(test, feature = "testing"))]
+pub(crate) fn pass_fd_as(cmd: &mut std::process::Command, fd: OwnedFd, target: RawFd) {
+    use std::os::unix::process::CommandExt;
+    let raw = fd.as_raw_fd();
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe calls (dup2, fcntl); `fd` lives in the closure, so
+    // its number is valid until the Command is dropped.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep = &fd;
+            if raw == target {
+                // dup2 onto itself keeps FD_CLOEXEC: clear it instead.
+                if nix::libc::fcntl(raw, nix::libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if nix::libc::dup2(raw, target) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Creates an anonymous, sealable memory file (close-on-exec).
 pub(crate) fn memfd(name: &str) -> io::Result<OwnedFd> {
     memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).map_err(errno)

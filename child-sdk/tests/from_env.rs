@@ -60,7 +60,8 @@ fn from_env_takes_the_contract_and_talks_to_the_supervisor() {
     std::env::set_var("LISTEN_FDNAMES", "http");
     std::env::set_var("LISTEN_PID", "1");
 
-    let env = Env::take().unwrap();
+    // SAFETY: this test binary runs one test, on this thread, before any runtime.
+    let env = unsafe { Env::take() }.unwrap();
     for var in [
         "BATON_CONTROL_FD",
         "NOTIFY_SOCKET",
@@ -76,7 +77,8 @@ fn from_env_takes_the_contract_and_talks_to_the_supervisor() {
     assert!(env.is_supervised());
     assert_eq!(env.listener_names().count(), 0);
     // A second take finds nothing (the generation is informational and stays).
-    let again = Env::take().unwrap();
+    // SAFETY: as above.
+    let again = unsafe { Env::take() }.unwrap();
     assert_eq!(again.generation(), 4);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -85,9 +87,9 @@ fn from_env_takes_the_contract_and_talks_to_the_supervisor() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let mut baton = Baton::builder().start(env).unwrap();
+        let baton = Baton::builder().start(env).unwrap();
         assert_eq!(baton.generation(), 4);
-        assert!(baton.is_supervised() && baton.has_control());
+        assert!(baton.is_supervised());
 
         let mut sup = BufReader::new(supervisor_end.try_clone().unwrap());
         let mut sup_w = supervisor_end;
@@ -105,8 +107,12 @@ fn from_env_takes_the_contract_and_talks_to_the_supervisor() {
         );
 
         // Not inherited: the fallback is bound.
-        let l = baton.tcp_listener("http", "127.0.0.1:0").unwrap();
-        assert!(l.local_addr().unwrap().port() != 0);
+        let l = baton.incoming("http", "127.0.0.1:0").unwrap();
+        assert!(
+            !l.local_addr().unwrap().ends_with(":0"),
+            "{:?}",
+            l.local_addr()
+        );
 
         baton.ready().unwrap();
         let mut buf = [0u8; 64];
@@ -128,26 +134,27 @@ fn from_env_takes_the_contract_and_talks_to_the_supervisor() {
             .await
             .unwrap()
             .unwrap();
-        let g1 = baton.track_connection();
-        let g2 = baton.connections().track();
+        let g1 = baton.track();
+        let g2 = baton.clone().track();
         let sup = tokio::time::timeout(BOUND, read_until(sup, 2))
             .await
             .unwrap()
             .unwrap();
         drop(g1);
-        assert_eq!(baton.connections().active(), 1);
+        assert_eq!(baton.connections(), 1);
         drop(g2);
         let _sup = tokio::time::timeout(BOUND, read_until(sup, 0))
             .await
             .unwrap()
             .unwrap();
 
-        let drain = baton.drain();
-        assert!(!drain.is_draining());
+        assert!(baton.draining().is_none());
         sup_w
             .write_all(b"{\"type\":\"drain\",\"deadline_ms\":2500,\"migrate\":false}\n")
             .unwrap();
-        let info = tokio::time::timeout(BOUND, drain.wait()).await.unwrap();
+        let info = tokio::time::timeout(BOUND, baton.wait_drain())
+            .await
+            .unwrap();
         assert_eq!(info.cause, DrainCause::Supervisor);
         assert!(!info.migrate);
         assert!(info.deadline.is_some());

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use baton_child::{Accepted, Baton, ConnGuard, Drain, Env, Migrator, TcpIncoming};
+use baton_child::{Baton, ConnGuard, Env, Stream};
 use bytes::Bytes;
 use clap::Parser;
 use http_body_util::Full;
@@ -85,7 +85,8 @@ fn main() -> anyhow::Result<()> {
         .init();
     // Still single-threaded: taking the environment (which removes the
     // contract variables) cannot race with another thread reading it.
-    let env = Env::take().context("reading the baton environment")?;
+    // SAFETY: no other thread exists yet.
+    let env = unsafe { Env::take() }.context("reading the baton environment")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -101,25 +102,20 @@ const LISTENER: &str = "http";
 #[derive(Debug)]
 struct App {
     body: Bytes,
-    drain: Drain,
+    baton: Baton,
     ignore_drain: bool,
-    migrator: Migrator,
 }
 
 async fn run(args: Args, env: Env) -> anyhow::Result<()> {
-    let mut baton = Baton::builder()
+    let baton = Baton::builder()
         .adopt()
         .exit_on_second_signal(!args.ignore_drain)
         .start(env)
         .context("starting baton-child")?;
     let mut incoming = baton
-        .tcp_incoming(LISTENER, args.listen_fallback.as_str())
+        .incoming(LISTENER, &args.listen_fallback)
         .context("taking the http listener")?;
-    let addr = incoming
-        .listener()
-        .context("listener")?
-        .local_addr()
-        .context("listener address")?;
+    let addr = incoming.local_addr().context("listener address")?;
     tracing::info!(
         %addr,
         generation = baton.generation(),
@@ -141,9 +137,8 @@ async fn run(args: Args, env: Env) -> anyhow::Result<()> {
             baton.generation(),
             args.label
         )),
-        drain: baton.drain(),
+        baton: baton.clone(),
         ignore_drain: args.ignore_drain,
-        migrator: baton.migrator(),
     });
 
     if args.ignore_drain {
@@ -153,34 +148,32 @@ async fn run(args: Args, env: Env) -> anyhow::Result<()> {
         }
     }
 
-    let drain = baton.drain();
     let info = loop {
         tokio::select! {
             biased;
-            info = drain.wait() => break info,
+            info = baton.wait_drain() => break info,
             () = accept_one(&mut incoming, &baton, &app) => {}
         }
     };
     // Stop accepting. Only our fd closes: the socket itself stays open in
     // the supervisor, and the next generation accepts from the same queue.
     incoming.stop();
-    let conns = baton.connections();
     let deadline = info.deadline_or(args.drain_timeout);
     let close_at = deadline
         .checked_sub(DEADLINE_MARGIN)
         .unwrap_or(deadline)
         .max(Instant::now());
     tracing::info!(
-        active = conns.active(),
+        active = baton.connections(),
         deadline_in_ms = deadline
             .saturating_duration_since(Instant::now())
             .as_millis(),
         "draining: stopped accepting"
     );
-    match tokio::time::timeout_at(close_at.into(), conns.wait_idle()).await {
+    match tokio::time::timeout_at(close_at.into(), baton.idle()).await {
         Ok(()) => tracing::info!("drained: all connections done, exiting"),
         Err(_) => tracing::info!(
-            remaining = conns.active(),
+            remaining = baton.connections(),
             "drain deadline: closing the remaining connections, exiting"
         ),
     }
@@ -189,10 +182,10 @@ async fn run(args: Args, env: Env) -> anyhow::Result<()> {
 
 /// Accepts one connection (fresh or adopted) and spawns its task.
 /// Cancel-safe, so it can race the drain in `select!`.
-async fn accept_one(incoming: &mut TcpIncoming, baton: &Baton, app: &Arc<App>) {
+async fn accept_one(incoming: &mut baton_child::Incoming, baton: &Baton, app: &Arc<App>) {
     match incoming.accept().await {
         Ok(conn) => {
-            let guard = baton.track_connection();
+            let guard = baton.track();
             tokio::spawn(serve_connection(conn, Arc::clone(app), guard));
         }
         Err(e) => {
@@ -222,19 +215,18 @@ impl Drop for InFlight {
     }
 }
 
-async fn serve_connection(conn: Accepted, app: Arc<App>, guard: ConnGuard) {
+async fn serve_connection(conn: Stream, app: Arc<App>, guard: ConnGuard) {
     let _guard = guard;
-    if let Err(e) = conn.stream.get_ref().set_nodelay(true) {
+    if let Some(Err(e)) = conn.tcp().map(|s| s.set_nodelay(true)) {
         tracing::debug!(error = %e, "TCP_NODELAY");
     }
     // Requests served on this TCP connection, across generations.
     let served = conn
-        .adopted
-        .as_ref()
+        .adopted()
         .and_then(|m| m.get("requests"))
         .and_then(serde_json::Value::as_u64)
         .unwrap_or(0);
-    if conn.adopted.is_some() {
+    if conn.adopted().is_some() {
         tracing::debug!(served, "serving an adopted connection");
     }
     let served = Arc::new(AtomicU64::new(served));
@@ -256,7 +248,7 @@ async fn serve_connection(conn: Accepted, app: Arc<App>, guard: ConnGuard) {
     };
     let mut http = http1::Builder::new()
         .keep_alive(true)
-        .serve_connection(TokioIo::new(conn.stream), service);
+        .serve_connection(TokioIo::new(conn), service);
 
     let mut busy_rx = busy.subscribe();
     let mut handing_over = false;
@@ -283,15 +275,14 @@ async fn serve_connection(conn: Accepted, app: Arc<App>, guard: ConnGuard) {
         return;
     }
     let parts = http.into_parts();
-    let (tcp, mut buffered) = parts.io.into_inner().into_parts();
-    buffered.extend_from_slice(&parts.read_buf);
     let meta = serde_json::json!({ "requests": served.load(Ordering::Relaxed) });
+    let buffered = parts.read_buf.len();
     match app
-        .migrator
-        .hand_over_tcp(tcp, LISTENER, &buffered, meta)
+        .baton
+        .hand_over(parts.io.into_inner(), &parts.read_buf, &meta)
         .await
     {
-        Ok(()) => tracing::debug!(buffered = buffered.len(), "connection handed over"),
+        Ok(()) => tracing::debug!(buffered, "connection handed over"),
         Err(e) => tracing::warn!(error = %e, "hand-over failed; connection closed"),
     }
 }
@@ -299,10 +290,10 @@ async fn serve_connection(conn: Accepted, app: Arc<App>, guard: ConnGuard) {
 /// Resolves when this connection should be handed over: the drain asked for
 /// migration and no request is in flight on it.
 async fn hand_over_point(app: &App, busy: &mut watch::Receiver<usize>) {
-    if app.ignore_drain || !app.migrator.is_available() {
+    if app.ignore_drain || !app.baton.is_supervised() {
         return std::future::pending().await;
     }
-    if !app.drain.wait().await.migrate {
+    if !app.baton.wait_drain().await.migrate {
         return std::future::pending().await;
     }
     // The sender lives as long as the connection's service.
@@ -330,8 +321,8 @@ impl App {
         // a request that started before the drain still gets the close.
         // With migration the connection lives on in the next generation.
         if !self.ignore_drain {
-            if let Some(info) = self.drain.get() {
-                if !(info.migrate && self.migrator.is_available()) {
+            if let Some(info) = self.baton.draining() {
+                if !(info.migrate && self.baton.is_supervised()) {
                     resp.headers_mut()
                         .insert(CONNECTION, HeaderValue::from_static("close"));
                 }

@@ -4,35 +4,23 @@
 //! the new one as `adopt`. Clients keep their TCP connections and are
 //! answered by the new process.
 //!
-//! One test in this file: the control fds are passed by clearing their
-//! close-on-exec flag, which must not leak into processes other tests spawn.
+//! The supervisor's side is `baton_child::testing::FakeSupervisor`.
 
 mod common;
 
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream as StdUnixStream;
 use std::process::Command;
 use std::sync::mpsc;
 
-use baton_protocol::wire::{encode, write_line, FrameReader};
-use baton_protocol::{ChildMsg, Feature, SupervisorMsg};
+use baton_child::testing::FakeSupervisor;
+use baton_protocol::Feature;
 use common::{Conn, Server, BOUND};
-use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-use std::os::fd::AsFd;
-use tokio::net::UnixStream;
 
-/// Spawns hello-http as generation `generation` with a control socket; the
-/// returned socket is the supervisor's end.
-fn spawn_generation(generation: u64, label: &str) -> (Server, StdUnixStream) {
-    let (sup, child) = StdUnixStream::pair().unwrap();
-    fcntl(&child, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+/// Spawns hello-http as generation `generation` under `sup`.
+fn spawn_generation(sup: &mut FakeSupervisor, label: &str) -> Server {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hello-http"));
-    cmd.args(["--listen-fallback", "127.0.0.1:0", "--label", label])
-        .env("BATON_GENERATION", generation.to_string())
-        .env("BATON_CONTROL_FD", child.as_raw_fd().to_string());
-    let server = Server::spawn(&mut cmd);
-    drop(child);
-    (server, sup)
+    cmd.args(["--listen-fallback", "127.0.0.1:0", "--label", label]);
+    sup.command(&mut cmd).unwrap();
+    Server::spawn(&mut cmd)
 }
 
 enum Relayed {
@@ -43,70 +31,30 @@ enum Relayed {
 
 /// The fake supervisor: checks both hellos, waits for `go`, drains the old
 /// generation with migration and relays its connections to the new one.
-fn relay(
-    old: StdUnixStream,
-    new: StdUnixStream,
+async fn relay(
+    mut old: FakeSupervisor,
+    mut new: FakeSupervisor,
     go: mpsc::Receiver<()>,
     out: mpsc::Sender<Relayed>,
 ) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    for sup in [&mut old, &mut new] {
+        assert_eq!(sup.hello().await.unwrap(), vec![Feature::Adopt]);
+    }
+    out.send(Relayed::Hellos).unwrap();
+    // Blocking is fine: nothing else runs on this runtime meanwhile.
+    go.recv_timeout(BOUND).unwrap();
+    old.drain(std::time::Duration::from_secs(10), true)
+        .await
         .unwrap();
-    rt.block_on(async move {
-        old.set_nonblocking(true).unwrap();
-        new.set_nonblocking(true).unwrap();
-        let old = UnixStream::from_std(old).unwrap();
-        let new = UnixStream::from_std(new).unwrap();
-        let (mut old_r, mut new_r) = (FrameReader::new(), FrameReader::new());
-        for (r, s) in [(&mut old_r, &old), (&mut new_r, &new)] {
-            let f = r.next(s).await.unwrap().expect("hello");
-            assert_eq!(
-                f.parse::<ChildMsg>().unwrap(),
-                ChildMsg::Hello {
-                    protocol: 1,
-                    features: vec![Feature::Adopt]
-                }
-            );
-        }
-        out.send(Relayed::Hellos).unwrap();
-        // Blocking is fine: nothing else runs on this runtime meanwhile.
-        go.recv_timeout(BOUND).unwrap();
-        let drain = encode(&SupervisorMsg::Drain {
-            deadline_ms: 10_000,
-            migrate: true,
-        })
-        .unwrap();
-        write_line(&old, &drain, &[]).await.unwrap();
-        loop {
-            let Some(mut f) = old_r.next(&old).await.unwrap() else {
-                out.send(Relayed::OldClosed).unwrap();
-                return;
-            };
-            match f.parse::<ChildMsg>().unwrap() {
-                ChildMsg::Migrate {
-                    fds: 1,
-                    listener,
-                    buffered,
-                    meta,
-                } => {
-                    let fd = f.fds.pop().expect("migrate carries an fd");
-                    let n = buffered.len();
-                    let adopt = encode(&SupervisorMsg::Adopt {
-                        fds: 1,
-                        listener,
-                        buffered,
-                        meta,
-                    })
-                    .unwrap();
-                    write_line(&new, &adopt, &[fd.as_fd()]).await.unwrap();
-                    out.send(Relayed::Migrated { buffered: n }).unwrap();
-                }
-                ChildMsg::Connections { .. } => {}
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-    });
+    loop {
+        let Ok(m) = old.migrated().await else {
+            out.send(Relayed::OldClosed).unwrap();
+            return;
+        };
+        let buffered = m.buffered.len();
+        new.adopt(m).await.unwrap();
+        out.send(Relayed::Migrated { buffered }).unwrap();
+    }
 }
 
 fn pid_in(body: &str) -> u32 {
@@ -118,13 +66,21 @@ fn pid_in(body: &str) -> u32 {
 
 #[test]
 fn drain_with_migrate_moves_live_connections_to_the_next_generation() {
-    let (mut old, old_sup) = spawn_generation(1, "old");
-    let (mut new, new_sup) = spawn_generation(2, "new");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _enter = rt.enter();
+    let mut old_sup = FakeSupervisor::new(1).unwrap();
+    let mut new_sup = FakeSupervisor::new(2).unwrap();
+    let mut old = spawn_generation(&mut old_sup, "old");
+    let mut new = spawn_generation(&mut new_sup, "new");
     let old_addr = old.wait_listening();
     new.wait_listening();
     let (go_tx, go_rx) = mpsc::channel();
     let (out_tx, relayed) = mpsc::channel();
-    let relay = std::thread::spawn(move || relay(old_sup, new_sup, go_rx, out_tx));
+    drop(_enter);
+    let relay = std::thread::spawn(move || rt.block_on(relay(old_sup, new_sup, go_rx, out_tx)));
     assert!(matches!(
         relayed.recv_timeout(BOUND).unwrap(),
         Relayed::Hellos
@@ -156,7 +112,7 @@ fn drain_with_migrate_moves_live_connections_to_the_next_generation() {
     while migrated < 3 {
         match relayed.recv_timeout(BOUND).unwrap() {
             Relayed::Migrated { buffered } => {
-                eprintln!("migrated a connection with {buffered} base64 bytes buffered");
+                eprintln!("migrated a connection with {buffered} bytes buffered");
                 migrated += 1;
             }
             Relayed::Hellos => unreachable!(),

@@ -21,10 +21,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use baton_child::{Accepted, TcpIncoming, UnixIncoming};
+use baton_child::{Incoming, Stream};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
+
 use tokio::sync::watch;
 
 use crate::cmd::{self, After, Info, Session};
@@ -58,66 +58,29 @@ pub enum Mode {
     Migrating,
 }
 
-/// A listener the server accepts on. The fd is shared with the supervisor and other
-/// generations, so it is never shut down or switched to blocking: it is only dropped.
+/// The listener the server accepts on (TCP or Unix, fresh and adopted connections). The fd
+/// is shared with the supervisor and other generations, so it is never shut down or switched
+/// to blocking: it is only dropped.
 #[derive(Debug)]
-pub enum Listener {
-    /// TCP: fresh connections merged with those the previous generation hands over.
-    Tcp(TcpIncoming),
-    /// Unix stream socket: the same, for Unix connections.
-    Unix(UnixIncoming),
-}
+pub struct Listener(pub Incoming);
 
 impl Listener {
     /// `HOST:PORT` or `unix:PATH`, for logs.
     pub fn describe(&self) -> String {
-        match self {
-            Listener::Tcp(incoming) => match incoming.listener().map(|l| l.local_addr()) {
-                Some(Ok(a)) => a.to_string(),
-                Some(Err(e)) => format!("tcp (unknown address: {e})"),
-                None => "tcp (stopped)".to_owned(),
-            },
-            Listener::Unix(incoming) => match incoming.listener().map(|l| l.local_addr()) {
-                Some(Ok(a)) => match a.as_pathname() {
-                    Some(p) => format!("unix:{}", p.display()),
-                    None => "unix:(unnamed)".to_owned(),
-                },
-                Some(Err(e)) => format!("unix (unknown address: {e})"),
-                None => "unix (stopped)".to_owned(),
-            },
-        }
+        self.0
+            .local_addr()
+            .unwrap_or_else(|| "(stopped)".to_owned())
     }
 
     /// A connection the previous generation handed over that has arrived and not been taken
     /// yet; never a fresh one from the listener.
     fn try_accept_adopted(&mut self) -> Option<Conn> {
-        match self {
-            Listener::Tcp(incoming) => incoming.try_accept_adopted().map(Conn::from_tcp),
-            Listener::Unix(incoming) => incoming.try_accept_adopted().map(Conn::from_unix),
-        }
+        self.0.try_accept_adopted().map(Conn::from_stream)
     }
 }
 
 /// A client connection of either kind, as it is handed over.
-#[derive(Debug)]
-pub enum Client {
-    /// From the TCP listener.
-    Tcp(TcpStream),
-    /// From the Unix listener.
-    Unix(UnixStream),
-}
-
-impl From<TcpStream> for Client {
-    fn from(s: TcpStream) -> Self {
-        Client::Tcp(s)
-    }
-}
-
-impl From<UnixStream> for Client {
-    fn from(s: UnixStream) -> Self {
-        Client::Unix(s)
-    }
-}
+pub type Client = Stream;
 
 /// Something that lives as long as one client connection (the SDK's connection counter).
 pub type ConnToken = Box<dyn Send + Sync>;
@@ -372,10 +335,7 @@ impl Server {
             self.adopted.fetch_add(1, Ordering::Relaxed);
         }
         let session = session.unwrap_or_default();
-        match stream {
-            Client::Tcp(s) => tokio::spawn(serve_client(guard, s, buffered, session, mode)),
-            Client::Unix(s) => tokio::spawn(serve_client(guard, s, buffered, session, mode)),
-        };
+        tokio::spawn(serve_client(guard, stream, buffered, session, mode));
     }
 }
 
@@ -389,37 +349,24 @@ struct Conn {
 }
 
 impl Conn {
-    fn from_tcp(accepted: Accepted<TcpStream>) -> Conn {
-        let session = accepted.adopted.as_ref().map(Session::from_meta);
-        let (stream, buffered) = accepted.stream.into_parts();
+    fn from_stream(stream: Stream) -> Conn {
+        let session = stream.adopted().map(Session::from_meta);
         // Replies are flushed once per batch, so Nagle only adds latency. (An adopted socket
         // already has it: socket options travel with the fd. Setting it again is harmless.)
-        if let Err(e) = stream.set_nodelay(true) {
+        if let Some(Err(e)) = stream.tcp().map(|s| s.set_nodelay(true)) {
             tracing::debug!(error = %e, "TCP_NODELAY");
         }
+        // An adopted stream reads the bytes the previous generation had read first.
         Conn {
-            stream: Client::Tcp(stream),
-            buffered,
-            session,
-        }
-    }
-
-    fn from_unix(accepted: Accepted<UnixStream>) -> Conn {
-        let session = accepted.adopted.as_ref().map(Session::from_meta);
-        let (stream, buffered) = accepted.stream.into_parts();
-        Conn {
-            stream: Client::Unix(stream),
-            buffered,
+            stream,
+            buffered: Vec::new(),
             session,
         }
     }
 }
 
 async fn accept(listener: &mut Listener) -> io::Result<Conn> {
-    match listener {
-        Listener::Tcp(incoming) => Ok(Conn::from_tcp(incoming.accept().await?)),
-        Listener::Unix(incoming) => Ok(Conn::from_unix(incoming.accept().await?)),
-    }
+    Ok(Conn::from_stream(listener.0.accept().await?))
 }
 
 async fn accept_error(e: io::Error) {
@@ -684,24 +631,24 @@ where
 mod tests {
     use super::*;
     use tokio::io::{AsyncBufReadExt, BufReader};
-    use tokio::net::TcpStream;
+    use tokio::net::{TcpStream, UnixStream};
 
     const T: Duration = Duration::from_secs(10);
 
     /// A TCP listener on a free port, through the SDK as in production (standalone here).
-    fn incoming() -> TcpIncoming {
-        let mut baton = baton_child::Baton::builder()
+    fn incoming() -> Incoming {
+        let baton = baton_child::Baton::builder()
             .handle_signals(false)
             .start(baton_child::Env::standalone())
             .unwrap();
-        baton.tcp_incoming("kv", "127.0.0.1:0").unwrap()
+        baton.incoming("kv", "127.0.0.1:0").unwrap()
     }
 
     async fn start(server: &Arc<Server>) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
         let incoming = incoming();
-        let addr = incoming.listener().unwrap().local_addr().unwrap();
+        let addr = incoming.local_addr().unwrap().parse().unwrap();
         let s = Arc::clone(server);
-        let task = tokio::spawn(async move { s.run(Listener::Tcp(incoming)).await });
+        let task = tokio::spawn(async move { s.run(Listener(incoming)).await });
         (addr, task)
     }
 
@@ -915,17 +862,11 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let conn = match stream {
-            Client::Tcp(stream) => Conn::from_tcp(Accepted {
-                stream: baton_child::PrefixedStream::new(buffered.clone(), stream),
-                adopted: Some(meta.clone()),
-            }),
-            Client::Unix(stream) => Conn::from_unix(Accepted {
-                stream: baton_child::PrefixedStream::new(buffered.clone(), stream),
-                adopted: Some(meta.clone()),
-            }),
-        };
-        to.spawn_connection(conn);
+        to.spawn_connection(Conn {
+            stream,
+            buffered: buffered.clone(),
+            session: Some(Session::from_meta(&meta)),
+        });
         (buffered, meta)
     }
 
@@ -1041,11 +982,12 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("kv.sock");
-        let mut baton = baton_child::Baton::builder()
+        let baton = baton_child::Baton::builder()
             .handle_signals(false)
             .start(baton_child::Env::standalone())
             .unwrap();
-        let listener = Listener::Unix(baton.unix_incoming("kv", &path).unwrap());
+        let fallback = format!("unix:{}", path.display());
+        let listener = Listener(baton.incoming("kv", &fallback).unwrap());
         assert_eq!(listener.describe(), format!("unix:{}", path.display()));
 
         let (hand_over, mut relayed) = relay();
@@ -1074,20 +1016,18 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert!(matches!(stream, Client::Unix(_)), "{stream:?}");
+        assert!(stream.unix().is_some(), "{stream:?}");
         assert_eq!(buffered, b"INCR", "the unread half travels");
         assert_eq!(meta, serde_json::json!({"name": "u1", "db": 0}));
         tokio::time::timeout(T, task).await.unwrap().unwrap();
         assert_eq!(old.handed_over(), 1);
 
-        let Client::Unix(stream) = stream else {
-            unreachable!()
-        };
         new.install(old.with_db(|db| db.clone()), 2);
-        new.spawn_connection(Conn::from_unix(Accepted {
-            stream: baton_child::PrefixedStream::new(buffered, stream),
-            adopted: Some(meta),
-        }));
+        new.spawn_connection(Conn {
+            stream,
+            buffered,
+            session: Some(Session::from_meta(&meta)),
+        });
         c.get_mut()
             .write_all(b" n\r\nCLIENT GETNAME\r\n")
             .await

@@ -1,61 +1,28 @@
-//! The control-socket client: a writer task that owns the sending side and a
-//! reader task that dispatches supervisor messages.
+//! The receiving half of the control socket: a reader task that routes
+//! each supervisor message to the drain trigger, the state queue or the
+//! adoption routes. [`start`] says hello and spawns both halves.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
-
-use crate::drain::{DrainCause, DrainInfo, DrainTrigger};
-use crate::error::{Error, Result};
-use crate::migrate::{self, AdoptRoutes, AdoptedConn};
-use crate::state::{StateEvent, StateMsg};
 use baton_protocol::wire::{self, Frame, FrameReader};
 use baton_protocol::{ChildMsg, SupervisorMsg};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
 
-/// One queued outgoing line and the fd that travels with it.
+use crate::adopt::{self, AdoptRoutes, AdoptedConn};
+use crate::drain::{DrainCause, DrainInfo, DrainTrigger};
+use crate::error::{Error, Result};
+use crate::send::ControlTx;
+
+/// What the reader forwards to the stateful side of [`Baton`](crate::Baton).
 #[derive(Debug)]
-struct Outgoing {
-    line: Vec<u8>,
-    fd: Option<OwnedFd>,
-    /// Told once the line is written (dropped unsent if writing fails).
-    written: Option<oneshot::Sender<()>>,
-}
-
-/// Sends messages to the supervisor. Cloneable; messages keep their order
-/// (one writer task).
-#[derive(Debug, Clone)]
-pub(crate) struct ControlTx {
-    tx: mpsc::UnboundedSender<Outgoing>,
-}
-
-impl ControlTx {
-    /// Queues `msg`, with `fd` attached when the message carries one.
-    pub(crate) fn send(&self, msg: &ChildMsg, fd: Option<OwnedFd>) -> Result<()> {
-        self.queue(msg, fd, None)
-    }
-
-    /// Like [`send`](Self::send), but resolves once the message is written
-    /// to the socket (so the process may exit right after).
-    pub(crate) async fn send_and_wait(&self, msg: &ChildMsg, fd: Option<OwnedFd>) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.queue(msg, fd, Some(tx))?;
-        rx.await.map_err(|_| Error::ControlClosed)
-    }
-
-    fn queue(
-        &self,
-        msg: &ChildMsg,
-        fd: Option<OwnedFd>,
-        written: Option<oneshot::Sender<()>>,
-    ) -> Result<()> {
-        let line = wire::encode(msg).map_err(|e| Error::Protocol(e.to_string()))?;
-        self.tx
-            .send(Outgoing { line, fd, written })
-            .map_err(|_| Error::ControlClosed)
-    }
+pub(crate) enum StateMsg {
+    Restore { fd: OwnedFd, size: u64 },
+    Fresh { reason: String },
+    Quiesce,
+    Resume { reason: String },
 }
 
 /// Where the reader delivers what the supervisor says.
@@ -91,21 +58,16 @@ impl Dispatch {
                     started: now,
                 });
             }
-            SupervisorMsg::Quiesce => self.to_state(StateMsg::Event(StateEvent::Quiesce)),
-            SupervisorMsg::Resume { reason } => {
-                self.to_state(StateMsg::Event(StateEvent::Resume { reason }));
-            }
+            SupervisorMsg::Quiesce => self.to_state(StateMsg::Quiesce),
+            SupervisorMsg::Resume { reason } => self.to_state(StateMsg::Resume { reason }),
             SupervisorMsg::Commit {
                 deadline_ms,
                 migrate,
             } => {
+                // Commit reaches the app once: as a drain with cause Commit.
                 let now = Instant::now();
-                let deadline = now + Duration::from_millis(deadline_ms);
-                self.to_state(StateMsg::Event(StateEvent::Commit { deadline, migrate }));
-                // Commit ends this generation like a drain does, so generic
-                // drain handling works for stateful apps too.
                 self.drain.trigger(DrainInfo {
-                    deadline: Some(deadline),
+                    deadline: Some(now + Duration::from_millis(deadline_ms)),
                     migrate,
                     cause: DrainCause::Commit,
                     started: now,
@@ -132,7 +94,7 @@ impl Dispatch {
                     tracing::error!("adopt must carry exactly one fd; ignored");
                     return;
                 };
-                match migrate::decode_buffered(&buffered) {
+                match adopt::decode_buffered(&buffered) {
                     Ok(buffered) => routes.deliver(&listener, AdoptedConn { fd, buffered, meta }),
                     Err(e) => {
                         tracing::error!(listener, error = %e, "bad adopt message; connection closed")
@@ -176,26 +138,9 @@ pub(crate) fn start(fd: OwnedFd, hello: &ChildMsg, dispatch: Dispatch) -> Result
     let stream = Arc::new(
         UnixStream::from_std(std).map_err(|e| Error::io("control socket: registering", e))?,
     );
-    let (tx, rx) = mpsc::unbounded_channel();
-    let control = ControlTx { tx };
-    tokio::spawn(writer(Arc::clone(&stream), rx));
+    let control = ControlTx::spawn(Arc::clone(&stream));
     tokio::spawn(reader(stream, dispatch));
     Ok(control)
-}
-
-async fn writer(stream: Arc<UnixStream>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
-    while let Some(out) = rx.recv().await {
-        let fds: Vec<_> = out.fd.iter().map(AsFd::as_fd).collect();
-        if let Err(e) = wire::write_line(&stream, &out.line, &fds).await {
-            // Closing the receiver makes later sends fail with ControlClosed.
-            tracing::warn!(error = %e, "control socket write failed; no more reports to the supervisor");
-            return;
-        }
-        if let Some(done) = out.written {
-            // The waiter may have given up; nothing to do then.
-            let _ = done.send(());
-        }
-    }
 }
 
 async fn reader(stream: Arc<UnixStream>, dispatch: Dispatch) {
