@@ -44,6 +44,8 @@
 //! # Ok(()) }
 //! ```
 //!
+//! For hyper and axum apps, `baton_child::hyper::serve` (feature `hyper`)
+//! does the whole drain and hand-over dance in one call.
 //! `baton_child::testing` (feature `testing`) has a fake supervisor for an
 //! app's own tests.
 //!
@@ -61,6 +63,8 @@ mod env;
 mod error;
 mod events;
 mod handover;
+#[cfg(feature = "hyper")]
+pub mod hyper;
 mod incoming;
 mod listeners;
 mod notify;

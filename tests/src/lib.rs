@@ -6,3 +6,4 @@ pub mod http;
 pub mod load;
 pub mod resp;
 mod sys;
+pub mod upgrade;

@@ -14,12 +14,13 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use baton_protocol::{Status, UpgradeReport, UpgradeResult};
+use baton_protocol::Status;
 use baton_tests::harness::{
     exclusive, fixture, generation_pids, hello_http_bin, python3, replace_symlink, wait_pid_gone,
-    write_script, Baton, TestDir, UpgradeOutcome,
+    write_script, Baton, TestDir,
 };
 use baton_tests::load::{LoadGen, LoadOpts};
+use baton_tests::upgrade::{self, migrated_into, upgrade_promoted};
 
 const DRAIN_TIMEOUT: &str = "60s";
 /// How long an old generation may take to hand everything over (or finish) and exit. Far
@@ -28,39 +29,9 @@ const PROMPT_EXIT: Duration = Duration::from_secs(10);
 /// Bound on a single read or write on a raw test connection.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `baton upgrade --wait`, which must promote; also returns when it returned (the old
-/// generation was told to drain no later than that).
-async fn upgrade_promoted(baton: &Baton, what: &str) -> (UpgradeReport, Instant) {
-    match baton.upgrade_wait().await.unwrap() {
-        UpgradeOutcome::Promoted(r) => {
-            let at = Instant::now();
-            assert_eq!(r.result, UpgradeResult::Promoted, "{what}: {r:?}");
-            assert!(r.pid.is_some(), "{what}: promoted without a pid: {r:?}");
-            (r, at)
-        }
-        UpgradeOutcome::RolledBack { message } => panic!("{what}: rolled back: {message}"),
-    }
-}
-
-/// `last_upgrade.migrated_connections`, if `last_upgrade` is the upgrade to `generation`.
-fn migrated_into(status: &Status, generation: u64) -> Option<u64> {
-    status
-        .last_upgrade
-        .as_ref()
-        .filter(|l| l.generation == generation)
-        .map(|l| l.migrated_connections)
-}
-
 /// Waits until at least `n` connections have been handed over to `generation`.
 async fn wait_migrated(baton: &Baton, generation: u64, n: u64, what: &str) -> Status {
-    baton
-        .wait_for(
-            &format!("{what}: {n} connection(s) migrated into generation {generation}"),
-            PROMPT_EXIT,
-            |s| migrated_into(s, generation).is_some_and(|m| m >= n),
-        )
-        .await
-        .unwrap()
+    upgrade::wait_migrated(baton, generation, n, PROMPT_EXIT, what).await
 }
 
 /// Waits until the old generation `old_pid` has exited and only `new_pid` is left, at most

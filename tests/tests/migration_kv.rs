@@ -19,12 +19,12 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use baton_protocol::{Status, UpgradeReport, UpgradeResult};
 use baton_tests::harness::{
     exclusive, generation_pids, kv_server_bin, replace_symlink, wait_pid_gone, which, write_script,
-    Baton, TestDir, UpgradeOutcome,
+    Baton, TestDir,
 };
 use baton_tests::resp::{Reply, RespClient};
+use baton_tests::upgrade::{migrated_into, upgrade_promoted};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::task::JoinHandle;
@@ -60,27 +60,6 @@ async fn start_kv_on(dir: TestDir, program: &Path, listen: &str) -> Baton {
     )
     .await
     .unwrap()
-}
-
-/// `baton upgrade --wait`, which must promote.
-async fn upgrade_promoted(baton: &Baton, what: &str) -> UpgradeReport {
-    match baton.upgrade_wait().await.unwrap() {
-        UpgradeOutcome::Promoted(r) => {
-            assert_eq!(r.result, UpgradeResult::Promoted, "{what}: {r:?}");
-            assert!(r.pid.is_some(), "{what}: promoted without a pid: {r:?}");
-            r
-        }
-        UpgradeOutcome::RolledBack { message } => panic!("{what}: rolled back: {message}"),
-    }
-}
-
-/// `last_upgrade.migrated_connections`, if `last_upgrade` is the upgrade to `generation`.
-fn migrated_into(status: &Status, generation: u64) -> Option<u64> {
-    status
-        .last_upgrade
-        .as_ref()
-        .filter(|l| l.generation == generation)
-        .map(|l| l.migrated_connections)
 }
 
 /// The `field:value` of an INFO reply.
@@ -403,7 +382,7 @@ async fn persistent_clients_across_upgrades(
             // promotion, while the connections are still on their way.
             baton.upgrade().await.unwrap();
         }
-        let report = upgrade_promoted(baton, &what).await;
+        let report = upgrade_promoted(baton, &what).await.0;
         let new_pid = report.pid.unwrap();
         if burst {
             let status = baton.status().await.unwrap();
@@ -617,7 +596,7 @@ async fn redis_benchmark_across_ten_upgrades() {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        reports.push(upgrade_promoted(&baton, &format!("upgrade {i}")).await);
+        reports.push(upgrade_promoted(&baton, &format!("upgrade {i}")).await.0);
     }
     let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
         .await
@@ -838,7 +817,7 @@ async fn candidate_without_migration_falls_back_to_closing() {
     for (what, target, migrates) in steps {
         replace_symlink(&app, target).unwrap();
         let rc_before = reconnected();
-        let report = upgrade_promoted(&baton, what).await;
+        let report = upgrade_promoted(&baton, what).await.0;
         let new_pid = report.pid.unwrap();
         // The old generation is done with every connection well before its drain deadline.
         wait_pid_gone(old, PROMPT_EXIT)

@@ -193,11 +193,7 @@ async fn serving_pid(addr: SocketAddr) -> u32 {
 async fn upgrade_promoted(baton: &Baton, what: &str) -> UpgradeReport {
     let before = baton.status().await.unwrap();
     let old = before.pid.expect("an active generation before the upgrade");
-    let report = match baton.upgrade_wait().await.unwrap() {
-        UpgradeOutcome::Promoted(r) => r,
-        UpgradeOutcome::RolledBack { message } => panic!("{what}: rolled back: {message}"),
-    };
-    assert_eq!(report.result, UpgradeResult::Promoted, "{what}: {report:?}");
+    let (report, _) = baton_tests::upgrade::upgrade_promoted(baton, what).await;
     let new = report
         .pid
         .unwrap_or_else(|| panic!("{what}: no pid: {report:?}"));
