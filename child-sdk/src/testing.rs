@@ -205,14 +205,26 @@ impl FakeSupervisor {
     ///
     /// The child's end was given away already.
     pub fn command(&mut self, cmd: &mut std::process::Command) -> io::Result<()> {
-        let fd = self.take_child_end()?;
-        cmd.env("BATON_GENERATION", self.generation.to_string())
-            .env("NOTIFY_SOCKET", &self.notify_name)
-            .env("BATON_CONTROL_FD", "3")
-            .env_remove("LISTEN_FDS")
+        self.command_at(cmd, 3)?;
+        cmd.env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
             .env_remove("LISTEN_FDNAMES");
-        sys::pass_fd_as(cmd, fd, 3);
+        Ok(())
+    }
+
+    /// [`command`](Self::command) with the control socket at fd `fd`, for a
+    /// test that passes listeners at 3.. itself (and sets `LISTEN_FDS`,
+    /// `LISTEN_FDNAMES` and, from the child's own pid, `LISTEN_PID`).
+    ///
+    /// # Errors
+    ///
+    /// The child's end was given away already.
+    pub fn command_at(&mut self, cmd: &mut std::process::Command, fd: i32) -> io::Result<()> {
+        let end = self.take_child_end()?;
+        cmd.env("BATON_GENERATION", self.generation.to_string())
+            .env("NOTIFY_SOCKET", &self.notify_name)
+            .env("BATON_CONTROL_FD", fd.to_string());
+        sys::pass_fd_as(cmd, end, fd);
         Ok(())
     }
 

@@ -354,7 +354,7 @@ async fn idle_raw_connection_and_half_sent_request_migrate() {
     write_script(
         &app,
         &format!(
-            "#!/bin/sh\nRUST_LOG=info,hello_http=debug exec '{}' \"$@\"\n",
+            "#!/bin/sh\nRUST_LOG=info,hello_http=debug,baton_child=debug exec '{}' \"$@\"\n",
             hello.display()
         ),
     )

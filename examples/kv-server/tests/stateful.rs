@@ -1,24 +1,23 @@
-//! The real `kv-server` binary in stateful upgrades, with this test playing the supervisor's
-//! side of the control protocol (`PROTOCOL.md`): JSON lines on a Unix stream socket, the
-//! snapshot memfd passed with SCM_RIGHTS, readiness on a NOTIFY_SOCKET datagram socket.
+//! The real `kv-server` binary in stateful upgrades, with `baton_child::testing`'s
+//! `FakeSupervisor` playing the supervisor's side of the control protocol (`PROTOCOL.md`).
 //!
 //! What is under test is kv-server: it restores (and migrates or rejects) snapshots before it
 //! becomes ready, holds commands back while quiesced, resumes, and closes at command
 //! boundaries on commit. Handing the shared listener over is baton's job and is covered by
 //! the end-to-end tests in `tests/`; here each process binds its own port.
 
-use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{OwnedFd, RawFd};
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use sendfd::{RecvWithFd, SendWithFd};
+use baton_child::testing::{FakeSupervisor, Migrated, Restore, Snapshot};
+use baton_protocol::Feature;
 use serde_json::{json, Value};
 
 /// Bound on every wait in this file.
@@ -47,87 +46,12 @@ impl Drop for TempDir {
     }
 }
 
-/// The supervisor's end of one child's control socket.
-struct Control {
-    sock: UnixStream,
-    buf: Vec<u8>,
-    fds: VecDeque<RawFd>,
-}
-
-impl Control {
-    /// The next message, with the fds it carries.
-    fn recv(&mut self) -> (Value, Vec<RawFd>) {
-        loop {
-            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=pos).collect();
-                let msg: Value = serde_json::from_slice(&line).expect("a JSON line");
-                let n = msg["fds"].as_u64().unwrap_or(0) as usize;
-                assert!(self.fds.len() >= n, "{msg} announced {n} fds");
-                let fds = self.fds.drain(..n).collect();
-                return (msg, fds);
-            }
-            let mut chunk = [0u8; 4096];
-            let mut fds = [0 as RawFd; 4];
-            let (n, nfds) = self
-                .sock
-                .recv_with_fd(&mut chunk, &mut fds)
-                .expect("control socket read");
-            assert!(n > 0, "control socket closed by the child");
-            self.buf.extend_from_slice(&chunk[..n]);
-            self.fds.extend(&fds[..nfds]);
-        }
-    }
-
-    /// The next message that is not a connection-count report.
-    fn expect(&mut self, kind: &str) -> (Value, Vec<RawFd>) {
-        loop {
-            let (msg, fds) = self.recv();
-            if msg["type"] == "connections" {
-                continue;
-            }
-            assert_eq!(msg["type"], kind, "unexpected message {msg}");
-            return (msg, fds);
-        }
-    }
-
-    /// Every message until the child closes the socket (it exited).
-    fn until_eof(&mut self) -> Vec<Value> {
-        let mut msgs = Vec::new();
-        loop {
-            while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=pos).collect();
-                msgs.push(serde_json::from_slice(&line).expect("a JSON line"));
-            }
-            let mut chunk = [0u8; 4096];
-            let mut fds = [0 as RawFd; 4];
-            let (n, nfds) = self
-                .sock
-                .recv_with_fd(&mut chunk, &mut fds)
-                .expect("control socket read");
-            if n == 0 {
-                return msgs;
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-            self.fds.extend(&fds[..nfds]);
-        }
-    }
-
-    fn send(&self, msg: Value, fds: &[RawFd]) {
-        let mut line = serde_json::to_vec(&msg).unwrap();
-        line.push(b'\n');
-        let n = self
-            .sock
-            .send_with_fd(&line, fds)
-            .expect("control socket write");
-        assert_eq!(n, line.len(), "short control write");
-    }
-}
-
-/// One kv-server generation, killed on drop.
+/// One kv-server process under a `FakeSupervisor`, driven from a blocking test through a
+/// runtime of its own.
 struct Generation {
+    rt: tokio::runtime::Runtime,
+    sup: FakeSupervisor,
     child: Child,
-    ctl: Control,
-    notify: UnixDatagram,
     log: mpsc::Receiver<String>,
     /// The TCP address it accepts on (`None` for a Unix listener).
     addr: Option<SocketAddr>,
@@ -136,53 +60,46 @@ struct Generation {
 }
 
 impl Generation {
-    /// Spawns kv-server with a control socket at fd 3 and a notify socket, and reads its
-    /// hello (which must announce `state`) and its `prepared`.
-    fn spawn(dir: &TempDir, generation: u64, schema: u32) -> Generation {
-        Generation::spawn_with(dir, generation, schema, &[], None)
+    /// Spawns kv-server under a fake supervisor and reads its hello (which must announce
+    /// `state`).
+    fn spawn(generation: u64, schema: u32) -> Generation {
+        Generation::spawn_with(generation, schema, &[], None)
     }
 
     /// [`spawn`](Self::spawn) with extra arguments and, optionally, an inherited listener
     /// named `kv` (at fd 3 with `LISTEN_FDS`; the control socket then goes to fd 4). Either
     /// way `--listen-fallback` is a TCP address.
     fn spawn_with(
-        dir: &TempDir,
         generation: u64,
         schema: u32,
         extra: &[&str],
         inherited: Option<OwnedFd>,
     ) -> Generation {
-        let notify_path = dir.0.join(format!("notify-{generation}"));
-        let notify = UnixDatagram::bind(&notify_path).unwrap();
-        notify.set_read_timeout(Some(T)).unwrap();
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        ours.set_read_timeout(Some(T)).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut sup = {
+            let _enter = rt.enter();
+            FakeSupervisor::new(generation).unwrap()
+        };
         let mut cmd = Command::new("sh");
         match inherited {
             None => {
-                // The child's end goes in as stdin and the shell dups it to fd 3 (without
-                // close-on-exec) before exec, which puts it where BATON_CONTROL_FD says.
-                cmd.args(["-c", "exec \"$0\" \"$@\" 3<&0"])
-                    .env("BATON_CONTROL_FD", "3")
-                    .env_remove("LISTEN_FDS")
-                    .env_remove("LISTEN_PID")
-                    .env_remove("LISTEN_FDNAMES")
-                    .stdin(Stdio::from(OwnedFd::from(theirs)))
-                    .stdout(Stdio::null());
+                cmd.args(["-c", "exec \"$0\" \"$@\""]).stdin(Stdio::null());
+                sup.command(&mut cmd).unwrap();
             }
             Some(listener) => {
-                // The listener comes in as stdin, the control socket as stdout; the shell
-                // moves them to fds 3 and 4. `exec` keeps the pid, so LISTEN_PID is `$$`.
+                // The listener comes in as stdin and the shell moves it to fd 3. `exec`
+                // keeps the pid, so LISTEN_PID is `$$`.
                 cmd.args([
                     "-c",
-                    "LISTEN_PID=$$; export LISTEN_PID; \
-                     exec \"$0\" \"$@\" 3<&0 4>&1 0</dev/null 1>/dev/null",
+                    "LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\" 3<&0 0</dev/null",
                 ])
-                .env("BATON_CONTROL_FD", "4")
                 .env("LISTEN_FDS", "1")
                 .env("LISTEN_FDNAMES", "kv")
-                .stdin(Stdio::from(listener))
-                .stdout(Stdio::from(OwnedFd::from(theirs)));
+                .stdin(Stdio::from(listener));
+                sup.command_at(&mut cmd, 4).unwrap();
             }
         }
         let mut child = cmd
@@ -191,11 +108,13 @@ impl Generation {
             .arg(schema.to_string())
             .args(extra)
             .env("RUST_LOG", "info")
-            .env("BATON_GENERATION", generation.to_string())
-            .env("NOTIFY_SOCKET", &notify_path)
+            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn kv-server");
+        // The Command holds our copy of the child's control end: drop it now, so that the
+        // child's exit closes the socket.
+        drop(cmd);
         let stderr = child.stderr.take().unwrap();
         let (tx, log) = mpsc::channel();
         std::thread::spawn(move || {
@@ -205,46 +124,41 @@ impl Generation {
                 let _ = tx.send(line);
             }
         });
-        let mut g = Generation {
+        let features = rt.block_on(sup.hello()).unwrap();
+        assert!(features.contains(&Feature::State), "{features:?}");
+        Generation {
+            rt,
+            sup,
             child,
-            ctl: Control {
-                sock: ours,
-                buf: Vec::new(),
-                fds: VecDeque::new(),
-            },
-            notify,
             log,
             addr: None,
             listen: String::new(),
-        };
-        let (hello, _) = g.ctl.expect("hello");
-        assert_eq!(hello["protocol"], 1);
-        assert!(
-            hello["features"]
-                .as_array()
-                .unwrap()
-                .contains(&json!("state")),
-            "{hello}"
-        );
-        g.ctl.expect("prepared");
-        g
+        }
+    }
+
+    /// Answers the candidate's `prepared` with `fresh`.
+    fn fresh(&mut self) {
+        self.rt.block_on(self.sup.fresh()).unwrap();
+    }
+
+    /// Hands it `snapshot` and returns its answer.
+    fn restore(&mut self, snapshot: &Snapshot) -> Restore {
+        self.rt.block_on(self.sup.restore(snapshot)).unwrap()
+    }
+
+    fn resume(&mut self, reason: &str) {
+        self.rt.block_on(self.sup.resume(reason)).unwrap();
+    }
+
+    fn commit(&mut self, migrate: bool) {
+        self.rt
+            .block_on(self.sup.commit(Duration::from_secs(10), migrate))
+            .unwrap();
     }
 
     /// Waits for READY=1, then learns the port from the log.
     fn wait_ready(&mut self) {
-        let mut buf = [0u8; 512];
-        loop {
-            let n = self
-                .notify
-                .recv(&mut buf)
-                .expect("READY=1 within the bound");
-            if String::from_utf8_lossy(&buf[..n])
-                .lines()
-                .any(|l| l == "READY=1")
-            {
-                break;
-            }
-        }
+        self.rt.block_on(self.sup.ready()).unwrap();
         let line = self.wait_log("accepting addr=");
         let addr = line
             .split("accepting addr=")
@@ -287,18 +201,12 @@ impl Generation {
         }
     }
 
-    /// Sends quiesce and returns the snapshot's fd and its JSON.
-    fn quiesce(&mut self) -> (RawFd, u64, Value) {
-        self.ctl.send(json!({"type": "quiesce"}), &[]);
-        let (msg, fds) = self.ctl.expect("snapshot");
-        assert_eq!(fds.len(), 1);
-        let size = msg["size"].as_u64().unwrap();
-        // Read through /proc: the fd stays open to be passed on to the candidate.
-        let bytes = std::fs::read(format!("/proc/self/fd/{}", fds[0])).unwrap();
-        assert_eq!(bytes.len() as u64, size);
-        let snapshot: Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(snapshot["version"], msg["version"]);
-        (fds[0], size, snapshot)
+    /// Sends quiesce and returns the snapshot and its JSON.
+    fn quiesce(&mut self) -> (Snapshot, Value) {
+        let snap = self.rt.block_on(self.sup.quiesce()).unwrap();
+        let snapshot: Value = serde_json::from_slice(&snap.bytes().unwrap()).unwrap();
+        assert_eq!(snapshot["version"], snap.version);
+        (snap, snapshot)
     }
 }
 
@@ -381,10 +289,8 @@ fn assert_no_reply(c: &mut Client) {
 
 #[test]
 fn commit_hands_state_to_a_newer_schema() {
-    let dir = TempDir::new();
-    let mut old = Generation::spawn(&dir, 1, 1);
-    old.ctl
-        .send(json!({"type": "fresh", "reason": "first generation"}), &[]);
+    let mut old = Generation::spawn(1, 1);
+    old.fresh();
     old.wait_ready();
     let mut c = old.connect();
     assert_eq!(c.cmd(&["SET", "a", "1"]), "+OK\r\n");
@@ -393,7 +299,7 @@ fn commit_hands_state_to_a_newer_schema() {
         assert_eq!(c.cmd(&["INCR", "n"]), format!(":{i}\r\n"));
     }
 
-    let (fd, size, snapshot) = old.quiesce();
+    let (snap, snapshot) = old.quiesce();
     assert_eq!(
         snapshot,
         json!({"version": 1, "state": {"entries": {"a": "1", "text": "hello world", "n": "3"}}})
@@ -402,11 +308,8 @@ fn commit_hands_state_to_a_newer_schema() {
     c.send(&["SET", "late", "x"]);
     assert_no_reply(&mut c);
 
-    let mut new = Generation::spawn(&dir, 2, 2);
-    new.ctl
-        .send(json!({"type": "restore", "fds": 1, "size": size}), &[fd]);
-    let (restored, _) = new.ctl.expect("restored");
-    assert_eq!(restored["from_version"], 1);
+    let mut new = Generation::spawn(2, 2);
+    assert_eq!(new.restore(&snap), Restore::Restored { from_version: 1 });
     new.wait_ready();
     let mut c2 = new.connect();
     assert_eq!(c2.cmd(&["GET", "text"]), "$11\r\nhello world\r\n");
@@ -416,10 +319,7 @@ fn commit_hands_state_to_a_newer_schema() {
     assert_eq!(c2.info_field("kv_restored_from_schema"), "1");
     assert_eq!(c2.info_field("baton_generation"), "2");
 
-    old.ctl.send(
-        json!({"type": "commit", "deadline_ms": 10000, "migrate": false}),
-        &[],
-    );
+    old.commit(false);
     // The paused connection is closed without running the held-back command.
     c.expect_eof();
     drop(c);
@@ -429,13 +329,12 @@ fn commit_hands_state_to_a_newer_schema() {
 
 #[test]
 fn resume_after_abort_runs_held_back_commands() {
-    let dir = TempDir::new();
-    let mut g = Generation::spawn(&dir, 1, 2);
-    g.ctl.send(json!({"type": "fresh", "reason": "test"}), &[]);
+    let mut g = Generation::spawn(1, 2);
+    g.fresh();
     g.wait_ready();
     let mut c = g.connect();
     assert_eq!(c.cmd(&["SET", "k", "v"]), "+OK\r\n");
-    let (_, _, snapshot) = g.quiesce();
+    let (_, snapshot) = g.quiesce();
     assert_eq!(snapshot["version"], 2);
     assert_eq!(
         snapshot["state"]["entries"],
@@ -444,10 +343,7 @@ fn resume_after_abort_runs_held_back_commands() {
     c.send(&["SET", "k2", "v2"]);
     assert_no_reply(&mut c);
 
-    g.ctl.send(
-        json!({"type": "resume", "reason": "candidate crashed"}),
-        &[],
-    );
+    g.resume("candidate crashed");
     assert_eq!(
         c.reply(),
         "+OK\r\n",
@@ -461,30 +357,25 @@ fn resume_after_abort_runs_held_back_commands() {
 
 #[test]
 fn older_schema_rejects_a_newer_snapshot() {
-    let dir = TempDir::new();
-    let mut old = Generation::spawn(&dir, 1, 2);
-    old.ctl
-        .send(json!({"type": "fresh", "reason": "test"}), &[]);
+    let mut old = Generation::spawn(1, 2);
+    old.fresh();
     old.wait_ready();
     assert_eq!(old.connect().cmd(&["SET", "k", "v"]), "+OK\r\n");
-    let (fd, size, _) = old.quiesce();
+    let (snap, _) = old.quiesce();
 
-    let mut candidate = Generation::spawn(&dir, 2, 1);
-    candidate
-        .ctl
-        .send(json!({"type": "restore", "fds": 1, "size": size}), &[fd]);
-    let (rejected, _) = candidate.ctl.expect("rejected");
-    let reason = rejected["reason"].as_str().unwrap();
+    let mut candidate = Generation::spawn(2, 1);
+    let Restore::Rejected { reason } = candidate.restore(&snap) else {
+        panic!("the older schema must reject the snapshot");
+    };
     assert!(
         reason.contains("snapshot schema 2 is newer than this server's schema 1"),
         "{reason}"
     );
     // Like baton, stop the rejecting candidate; it exits with failure.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(candidate.child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    candidate
+        .rt
+        .block_on(candidate.sup.drain(Duration::from_secs(5), false))
+        .unwrap();
     let status = candidate.wait_exit();
     assert_eq!(
         status.code(),
@@ -493,25 +384,21 @@ fn older_schema_rejects_a_newer_snapshot() {
     );
 
     // The old generation resumes with its state intact.
-    old.ctl
-        .send(json!({"type": "resume", "reason": "rejected"}), &[]);
+    old.resume("rejected");
     assert_eq!(old.connect().cmd(&["GET", "k"]), "$1\r\nv\r\n");
 }
 
 #[test]
 fn schema_1_refuses_to_snapshot_binary_data_and_keeps_serving() {
-    let dir = TempDir::new();
-    let mut g = Generation::spawn(&dir, 1, 1);
-    g.ctl.send(json!({"type": "fresh", "reason": "test"}), &[]);
+    let mut g = Generation::spawn(1, 1);
+    g.fresh();
     g.wait_ready();
     let mut c = g.connect();
     c.w.write_all(b"*3\r\n$3\r\nSET\r\n$3\r\nbin\r\n$2\r\n\xff\xfe\r\n")
         .unwrap();
     assert_eq!(c.reply(), "+OK\r\n");
-    g.ctl.send(json!({"type": "quiesce"}), &[]);
-    let (failed, _) = g.ctl.expect("snapshot_failed");
-    let reason = failed["reason"].as_str().unwrap();
-    assert!(reason.contains("non-UTF-8"), "{reason}");
+    let failed = g.rt.block_on(g.sup.quiesce()).unwrap_err();
+    assert!(failed.to_string().contains("non-UTF-8"), "{failed}");
     // Nothing is lost and it serves on, even before the supervisor's resume arrives.
     assert_eq!(c.cmd(&["DBSIZE"]), ":1\r\n");
     assert_eq!(c.cmd(&["SET", "after", "1"]), "+OK\r\n");
@@ -525,8 +412,8 @@ fn an_inherited_unix_listener_is_served_whatever_the_fallback() {
     let dir = TempDir::new();
     let path = dir.0.join("kv.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let mut g = Generation::spawn_with(&dir, 1, 2, &[], Some(OwnedFd::from(listener)));
-    g.ctl.send(json!({"type": "fresh", "reason": "test"}), &[]);
+    let mut g = Generation::spawn_with(1, 2, &[], Some(OwnedFd::from(listener)));
+    g.fresh();
     g.wait_ready();
     assert_eq!(g.listen, format!("unix:{}", path.display()));
     assert_eq!(g.addr, None, "nothing was bound on TCP");
@@ -558,12 +445,9 @@ fn tcp_pair() -> (TcpStream, TcpStream) {
 /// held-back command does not run), handed on when it does (same socket, same unread bytes).
 #[test]
 fn queued_adopted_connections_are_closed_cleanly_or_handed_on() {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD;
     for migrate in [false, true] {
-        let dir = TempDir::new();
-        let mut g = Generation::spawn(&dir, 1, 2);
-        g.ctl.send(json!({"type": "fresh", "reason": "test"}), &[]);
+        let mut g = Generation::spawn(1, 2);
+        g.fresh();
         g.wait_ready();
         g.quiesce();
 
@@ -571,29 +455,27 @@ fn queued_adopted_connections_are_closed_cleanly_or_handed_on() {
         // Unread by anybody: a plain close of the server's end would reset the connection.
         client.write_all(b"PING\r\n").unwrap();
         let held = b"INCR n\r\n";
-        g.ctl.send(
-            json!({"type": "adopt", "fds": 1, "listener": "kv",
-                   "buffered": b64.encode(held), "meta": {"name": "q1", "db": 0}}),
-            &[std::os::fd::AsRawFd::as_raw_fd(&server_end)],
-        );
-        drop(server_end);
-        g.ctl.send(
-            json!({"type": "commit", "deadline_ms": 10000, "migrate": migrate}),
-            &[],
-        );
+        let conn = Migrated {
+            listener: "kv".into(),
+            buffered: held.to_vec(),
+            meta: json!({"name": "q1", "db": 0}),
+            fd: OwnedFd::from(server_end),
+        };
+        g.rt.block_on(g.sup.adopt(conn)).unwrap();
+        g.commit(migrate);
         g.wait_log("took queued connections while draining");
         if migrate {
-            let (msg, fds) = g.ctl.expect("migrate");
-            assert_eq!(msg["listener"], "kv");
-            assert_eq!(msg["buffered"], b64.encode(held), "held back, not run");
-            assert_eq!(msg["meta"]["name"], "q1");
-            // The same connection, with the unread bytes still in it (already there, so the
-            // blocking recv returns at once).
-            use nix::sys::socket::{recv, send, MsgFlags};
+            let m = g.rt.block_on(g.sup.migrated()).unwrap();
+            assert_eq!(m.listener, "kv");
+            assert_eq!(m.buffered, held, "held back, not run");
+            assert_eq!(m.meta["name"], "q1");
+            // The same connection, with the unread bytes still in it.
+            let mut same = TcpStream::from(m.fd);
+            same.set_read_timeout(Some(T)).unwrap();
             let mut unread = [0u8; 6];
-            let n = recv(fds[0], &mut unread, MsgFlags::MSG_WAITALL).unwrap();
-            assert_eq!(&unread[..n], b"PING\r\n");
-            send(fds[0], b"+hi\r\n", MsgFlags::MSG_NOSIGNAL).unwrap();
+            same.read_exact(&mut unread).unwrap();
+            assert_eq!(&unread, b"PING\r\n");
+            same.write_all(b"+hi\r\n").unwrap();
             let mut hi = [0u8; 5];
             client.read_exact(&mut hi).unwrap();
             assert_eq!(&hi, b"+hi\r\n");
@@ -619,30 +501,27 @@ fn old_generation_faults_fire_once_per_process() {
         "truncate-snapshot",
         "hang-during-snapshot",
     ] {
-        let dir = TempDir::new();
-        let mut g = Generation::spawn_with(&dir, 1, 2, &["--fault", fault], None);
-        g.ctl.send(json!({"type": "fresh", "reason": "test"}), &[]);
+        let mut g = Generation::spawn_with(1, 2, &["--fault", fault], None);
+        g.fresh();
         g.wait_ready();
         let mut c = g.connect();
         assert_eq!(c.cmd(&["SET", "k", "v"]), "+OK\r\n");
 
-        g.ctl.send(json!({"type": "quiesce"}), &[]);
+        g.rt.block_on(g.sup.quiesce_async()).unwrap();
         if fault == "hang-during-snapshot" {
             g.wait_log("fault hang-during-snapshot");
         } else {
-            let (msg, fds) = g.ctl.expect("snapshot");
-            let bytes = std::fs::read(format!("/proc/self/fd/{}", fds[0])).unwrap();
-            assert_eq!(bytes.len() as u64, msg["size"].as_u64().unwrap());
+            let snap = g.rt.block_on(g.sup.snapshot()).unwrap();
+            let bytes = snap.bytes().unwrap();
             assert!(
                 serde_json::from_slice::<Value>(&bytes).is_err(),
                 "{fault}: the first snapshot must be damaged"
             );
         }
-        g.ctl
-            .send(json!({"type": "resume", "reason": "aborted"}), &[]);
+        g.resume("aborted");
         assert_eq!(c.cmd(&["SET", "k2", "v2"]), "+OK\r\n", "{fault}");
 
-        let (_, _, snapshot) = g.quiesce();
+        let (_, snapshot) = g.quiesce();
         let mut keys: Vec<&str> = snapshot["state"]["entries"]
             .as_array()
             .unwrap()
@@ -659,16 +538,17 @@ fn old_generation_faults_fire_once_per_process() {
 #[test]
 fn die_during_snapshot_aborts_before_sending_it() {
     use std::os::unix::process::ExitStatusExt;
-    let dir = TempDir::new();
-    let mut g = Generation::spawn_with(&dir, 1, 2, &["--fault", "die-during-snapshot"], None);
-    g.ctl.send(json!({"type": "fresh", "reason": "test"}), &[]);
+    let mut g = Generation::spawn_with(1, 2, &["--fault", "die-during-snapshot"], None);
+    g.fresh();
     g.wait_ready();
     assert_eq!(g.connect().cmd(&["SET", "k", "v"]), "+OK\r\n");
-    g.ctl.send(json!({"type": "quiesce"}), &[]);
-    let msgs = g.ctl.until_eof();
+    g.rt.block_on(g.sup.quiesce_async()).unwrap();
+    // Nothing but connection counts before the end: the socket closes with the process.
+    let end = g.rt.block_on(g.sup.next_message());
     assert!(
-        msgs.iter().all(|m| m["type"] == "connections"),
-        "nothing but connection counts before the end: {msgs:?}"
+        matches!(&end, Err(e) if e.to_string().contains("closed")),
+        "expected the socket to close, got {:?}",
+        end.map(|(m, _)| m)
     );
     let status = g.wait_exit();
     assert_eq!(status.signal(), Some(6), "SIGABRT: {status}");
