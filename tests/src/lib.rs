@@ -6,4 +6,5 @@ pub mod http;
 pub mod load;
 pub mod resp;
 mod sys;
+pub mod systemd;
 pub mod upgrade;
