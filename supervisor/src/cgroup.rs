@@ -68,43 +68,43 @@ impl Containment {
         }
     }
 
-    /// Creates generation `gen`'s cgroup, for its spawn to join; `None` when
+    /// Creates generation `gen_id`'s cgroup, for its spawn to join; `None` when
     /// generations are not contained by cgroup, or this one could not be created.
-    pub fn prepare(&mut self, gen: u64) -> Option<&GenCgroup> {
+    pub fn prepare(&mut self, gen_id: u64) -> Option<&GenCgroup> {
         let base = self.base.as_ref().ok()?;
-        match GenCgroup::create(base, gen) {
-            Ok(cg) => Some(self.live.entry(gen).or_insert(cg)),
+        match GenCgroup::create(base, gen_id) {
+            Ok(cg) => Some(self.live.entry(gen_id).or_insert(cg)),
             Err(e) => {
-                tracing::warn!(generation = gen, error = %e, "cannot create the generation's cgroup; containing it by process group only");
+                tracing::warn!(generation = gen_id, error = %e, "cannot create the generation's cgroup; containing it by process group only");
                 None
             }
         }
     }
 
-    /// Generation `gen` never started: drops its (empty) cgroup.
-    pub fn spawn_failed(&mut self, gen: u64) {
-        if let Some(cg) = self.live.remove(&gen) {
+    /// Generation `gen_id` never started: drops its (empty) cgroup.
+    pub fn spawn_failed(&mut self, gen_id: u64) {
+        if let Some(cg) = self.live.remove(&gen_id) {
             cg.remove();
         }
     }
 
-    /// SIGKILLs everything in generation `gen`'s cgroup.
-    pub fn kill(&self, gen: u64) {
-        if let Some(cg) = self.live.get(&gen) {
+    /// SIGKILLs everything in generation `gen_id`'s cgroup.
+    pub fn kill(&self, gen_id: u64) {
+        if let Some(cg) = self.live.get(&gen_id) {
             cg.kill();
         }
     }
 
-    /// Generation `gen`'s main process exited: kills whatever it left behind and
+    /// Generation `gen_id`'s main process exited: kills whatever it left behind and
     /// removes its cgroup (later, if processes are still leaving it).
-    pub fn reap(&mut self, gen: u64) {
-        let Some(cg) = self.live.remove(&gen) else {
+    pub fn reap(&mut self, gen_id: u64) {
+        let Some(cg) = self.live.remove(&gen_id) else {
             return;
         };
         let strays = cg.pids();
         if !strays.is_empty() {
             tracing::warn!(
-                generation = gen,
+                generation = gen_id,
                 pids = ?strays,
                 "processes outlived their generation (setsid?); killing its cgroup"
             );
@@ -188,9 +188,9 @@ pub struct GenCgroup {
 }
 
 impl GenCgroup {
-    /// Creates generation `gen`'s cgroup below `base`.
-    fn create(base: &std::path::Path, gen: u64) -> io::Result<Self> {
-        let dir = base.join(format!("baton-{}-gen-{gen}", std::process::id()));
+    /// Creates generation `gen_id`'s cgroup below `base`.
+    fn create(base: &std::path::Path, gen_id: u64) -> io::Result<Self> {
+        let dir = base.join(format!("baton-{}-gen-{gen_id}", std::process::id()));
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}

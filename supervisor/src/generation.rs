@@ -16,14 +16,14 @@ pub enum GenEvent {
     /// The process exited; the text describes how.
     Exited {
         /// Generation.
-        gen: GenId,
+        gen_id: GenId,
         /// e.g. "exit status 3" or "signal 9 (SIGKILL)".
         how: String,
     },
     /// A control message, with any fds it carried.
     Message {
         /// Generation.
-        gen: GenId,
+        gen_id: GenId,
         /// The message.
         msg: ChildMsg,
         /// Its fds, already close-on-exec.
@@ -34,7 +34,7 @@ pub enum GenEvent {
     /// The control channel sent something that is not protocol.
     BadMessage {
         /// Generation.
-        gen: GenId,
+        gen_id: GenId,
         /// Why.
         why: String,
     },
@@ -73,7 +73,7 @@ pub struct GenHandle {
 impl GenHandle {
     /// Starts the tasks that watch `child` and run its control channel.
     pub fn start(
-        gen: GenId,
+        gen_id: GenId,
         child: tokio::process::Child,
         pid: u32,
         control: OwnedFd,
@@ -84,9 +84,9 @@ impl GenHandle {
         std_stream.set_nonblocking(true)?;
         let stream = Arc::new(UnixStream::from_std(std_stream)?);
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(wait_exit(gen, child, events.clone()));
-        tokio::spawn(read_loop(gen, stream.clone(), events, slots));
-        tokio::spawn(write_loop(gen, stream.clone(), rx));
+        tokio::spawn(wait_exit(gen_id, child, events.clone()));
+        tokio::spawn(read_loop(gen_id, stream.clone(), events, slots));
+        tokio::spawn(write_loop(gen_id, stream.clone(), rx));
         let started_at = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -133,7 +133,7 @@ impl GenHandle {
 }
 
 async fn wait_exit(
-    gen: GenId,
+    gen_id: GenId,
     mut child: tokio::process::Child,
     events: mpsc::UnboundedSender<GenEvent>,
 ) {
@@ -141,7 +141,7 @@ async fn wait_exit(
         Ok(st) => describe(st),
         Err(e) => format!("wait failed: {e}"),
     };
-    let _ = events.send(GenEvent::Exited { gen, how });
+    let _ = events.send(GenEvent::Exited { gen_id, how });
 }
 
 /// "exit status 3" / "signal 9 (SIGKILL)".
@@ -160,7 +160,7 @@ pub fn describe(st: std::process::ExitStatus) -> String {
 /// Reads protocol messages with the SDK's framing (`baton_protocol::wire`), so both ends
 /// pair fds with lines the same way.
 async fn read_loop(
-    gen: GenId,
+    gen_id: GenId,
     stream: Arc<UnixStream>,
     events: mpsc::UnboundedSender<GenEvent>,
     slots: Arc<Semaphore>,
@@ -182,21 +182,21 @@ async fn read_loop(
                         }
                     };
                     GenEvent::Message {
-                        gen,
+                        gen_id,
                         msg,
                         fds: frame.fds,
                         slots: permit,
                     }
                 }
                 Err(e) => GenEvent::BadMessage {
-                    gen,
+                    gen_id,
                     why: format!("unknown message '{}': {e}", frame.kind()),
                 },
             },
             Err(e) => {
                 let fatal = e.is_fatal();
                 let _ = events.send(GenEvent::BadMessage {
-                    gen,
+                    gen_id,
                     why: e.to_string(),
                 });
                 if fatal {
@@ -212,7 +212,7 @@ async fn read_loop(
 }
 
 async fn write_loop(
-    gen: GenId,
+    gen_id: GenId,
     stream: Arc<UnixStream>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) {
@@ -222,7 +222,7 @@ async fn write_loop(
         };
         let fds: Vec<BorrowedFd<'_>> = out.fds.iter().map(AsFd::as_fd).collect();
         if let Err(e) = wire::write_line(&stream, &line, &fds).await {
-            tracing::debug!(generation = gen, error = %e, "control write failed");
+            tracing::debug!(generation = gen_id, error = %e, "control write failed");
             return;
         }
         // `out.fds` drop here: the child holds its own copies now.

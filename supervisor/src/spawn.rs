@@ -95,14 +95,14 @@ fn check_executable(p: &Path) -> Result<(), String> {
     }
 }
 
-/// Spawns generation `gen` with the listeners at fds 3.. and its control socket after them.
+/// Spawns generation `gen_id` with the listeners at fds 3.. and its control socket after them.
 ///
 /// # Errors
 /// PROGRAM cannot be found, or `execve` failed (reported through std's error pipe).
 pub fn spawn(
     cfg: &SpawnConfig,
     listeners: &[Listener],
-    gen: u64,
+    gen_id: u64,
     cgroup: Option<&crate::cgroup::GenCgroup>,
 ) -> io::Result<Spawned> {
     let path = resolve_program(&cfg.program).map_err(io::Error::other)?;
@@ -122,7 +122,7 @@ pub fn spawn(
         set(ENV_LISTEN_FDNAMES, names.join(":").as_bytes());
     }
     set(ENV_NOTIFY_SOCKET, cfg.notify_path.as_os_str().as_bytes());
-    set(ENV_GENERATION, gen.to_string().as_bytes());
+    set(ENV_GENERATION, gen_id.to_string().as_bytes());
     set(ENV_CONTROL_FD, control_fd.to_string().as_bytes());
     let mut fds: Vec<_> = listeners.iter().map(|l| l.fd()).collect();
     fds.push(theirs.as_fd());

@@ -64,19 +64,19 @@ const STRANGER_TTL: Duration = Duration::from_secs(1);
 const MAX_STRANGERS: usize = 256;
 
 impl Host for Driver {
-    fn spawn(&mut self, gen: GenId) -> Result<u32, String> {
+    fn spawn(&mut self, gen_id: GenId) -> Result<u32, String> {
         let t = Instant::now();
-        let cg = self.containment.prepare(gen);
-        let s = match spawn::spawn(&self.spawn_cfg, &self.listeners, gen, cg) {
+        let cg = self.containment.prepare(gen_id);
+        let s = match spawn::spawn(&self.spawn_cfg, &self.listeners, gen_id, cg) {
             Ok(s) => s,
             Err(e) => {
-                self.containment.spawn_failed(gen);
+                self.containment.spawn_failed(gen_id);
                 return Err(e.to_string());
             }
         };
         self.last_spawn = t.elapsed();
         let h = GenHandle::start(
-            gen,
+            gen_id,
             s.child,
             s.pid,
             s.control,
@@ -84,26 +84,26 @@ impl Host for Driver {
             self.relay_slots.clone(),
         )
         .map_err(|e| e.to_string())?;
-        self.handles.insert(gen, h);
+        self.handles.insert(gen_id, h);
         Ok(s.pid)
     }
 
-    fn kill(&mut self, gen: GenId, pid: u32, how: Kill) {
+    fn kill(&mut self, gen_id: GenId, pid: u32, how: Kill) {
         let r = match how {
             Kill::Stop => sys::kill(pid, self.stop_signal),
             // The whole process group: nothing of a killed generation lingers.
             Kill::Now => {
-                self.containment.kill(gen);
+                self.containment.kill(gen_id);
                 sys::kill_group(pid).and_then(|()| sys::kill(pid, Signal::SIGKILL))
             }
         };
         if let Err(e) = r {
-            tracing::warn!(generation = gen, pid, error = %e, "kill failed");
+            tracing::warn!(generation = gen_id, pid, error = %e, "kill failed");
         }
     }
 
-    fn send(&mut self, gen: GenId, msg: SupervisorMsg) {
-        if let Some(h) = self.handles.get(&gen) {
+    fn send(&mut self, gen_id: GenId, msg: SupervisorMsg) {
+        if let Some(h) = self.handles.get(&gen_id) {
             h.send(msg, Vec::new());
         }
     }
@@ -160,7 +160,7 @@ fn status(m: &Machine, d: &Driver) -> Status {
     Status {
         supervisor_pid: std::process::id(),
         generation: active.unwrap_or(0),
-        pid: active.and_then(|a| m.gen(a)).map(|g| g.pid),
+        pid: active.and_then(|a| m.generation(a)).map(|g| g.pid),
         generations: m
             .gens()
             .map(|(id, g)| GenerationStatus {
@@ -304,8 +304,8 @@ pub async fn run(
     }
     let (code, reason) = d.exit.take().unwrap_or((1, String::new()));
     // Exiting with children left (the first generation failed): kill them.
-    for (gen, g) in m.gens() {
-        tracing::warn!(generation = gen, pid = g.pid, "killing leftover generation");
+    for (gen_id, g) in m.gens() {
+        tracing::warn!(generation = gen_id, pid = g.pid, "killing leftover generation");
         let _ = sys::kill_group(g.pid);
         let _ = sys::kill(g.pid, Signal::SIGKILL);
     }
@@ -341,66 +341,66 @@ fn rearm_listeners(listeners: &[Listener], backlog: i32) {
 fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
     let now = Instant::now();
     match ev {
-        GenEvent::Exited { gen, how } => {
-            d.handles.remove(&gen);
-            d.containment.reap(gen);
-            m.on_exit(d, now, gen, &how);
+        GenEvent::Exited { gen_id, how } => {
+            d.handles.remove(&gen_id);
+            d.containment.reap(gen_id);
+            m.on_exit(d, now, gen_id, &how);
         }
-        GenEvent::BadMessage { gen, why } => {
-            tracing::warn!(generation = gen, why, "bad control message");
-            deferred_ready(m, d, gen);
+        GenEvent::BadMessage { gen_id, why } => {
+            tracing::warn!(generation = gen_id, why, "bad control message");
+            deferred_ready(m, d, gen_id);
         }
         GenEvent::Message {
-            gen,
+            gen_id,
             msg,
             mut fds,
             slots,
         } => {
-            let pid = d.handles.get(&gen).map(|h| h.pid).unwrap_or(0);
-            tracing::debug!(generation = gen, pid, ?msg, "control message");
+            let pid = d.handles.get(&gen_id).map(|h| h.pid).unwrap_or(0);
+            tracing::debug!(generation = gen_id, pid, ?msg, "control message");
             match msg {
                 ChildMsg::Hello { protocol, features } => {
                     if protocol != PROTOCOL_VERSION {
                         tracing::warn!(
-                            generation = gen,
+                            generation = gen_id,
                             pid,
                             protocol,
                             "child speaks another protocol version; treating it as SDK-less"
                         );
                         return;
                     }
-                    m.on_hello(gen, features);
-                    deferred_ready(m, d, gen);
+                    m.on_hello(gen_id, features);
+                    deferred_ready(m, d, gen_id);
                 }
                 ChildMsg::Connections { active } => {
-                    if let Some(h) = d.handles.get_mut(&gen) {
+                    if let Some(h) = d.handles.get_mut(&gen_id) {
                         h.connections = Some(active);
                     }
                 }
-                ChildMsg::Prepared => m.on_prepared(d, now, gen),
+                ChildMsg::Prepared => m.on_prepared(d, now, gen_id),
                 ChildMsg::Snapshot { size, version, .. } => {
                     let Some(fd) = fds.pop() else { return };
-                    tracing::info!(generation = gen, pid, size, version, "snapshot received");
-                    if let Some(h) = d.handles.get_mut(&gen) {
+                    tracing::info!(generation = gen_id, pid, size, version, "snapshot received");
+                    if let Some(h) = d.handles.get_mut(&gen_id) {
                         h.snapshot = Some((fd, size));
                     }
-                    m.on_snapshot(d, now, gen, size);
+                    m.on_snapshot(d, now, gen_id, size);
                 }
-                ChildMsg::SnapshotFailed { reason } => m.on_snapshot_failed(d, now, gen, &reason),
+                ChildMsg::SnapshotFailed { reason } => m.on_snapshot_failed(d, now, gen_id, &reason),
                 ChildMsg::Restored {
                     from_version,
                     restore_ms,
                 } => {
                     tracing::info!(
-                        generation = gen,
+                        generation = gen_id,
                         pid,
                         from_version,
                         restore_ms,
                         "snapshot restored"
                     );
-                    m.on_restored(d, now, gen);
+                    m.on_restored(d, now, gen_id);
                 }
-                ChildMsg::Rejected { reason } => m.on_rejected(d, now, gen, &reason),
+                ChildMsg::Rejected { reason } => m.on_rejected(d, now, gen_id, &reason),
                 ChildMsg::Migrate {
                     listener,
                     buffered,
@@ -410,7 +410,7 @@ fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                     let Some(fd) = fds.pop() else { return };
                     let target = m
                         .active()
-                        .filter(|a| *a != gen)
+                        .filter(|a| *a != gen_id)
                         .and_then(|a| d.handles.get(&a));
                     match target {
                         Some(h) => {
@@ -428,7 +428,7 @@ fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                         }
                         None => {
                             tracing::error!(
-                                generation = gen,
+                                generation = gen_id,
                                 pid,
                                 "migrated connection has no active generation to go to; closing it"
                             );
@@ -441,20 +441,20 @@ fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
 }
 
 /// Acts on a READY that waited for the generation's hello.
-fn deferred_ready(m: &mut Machine, d: &mut Driver, gen: GenId) {
-    let Some(h) = d.handles.get_mut(&gen) else {
+fn deferred_ready(m: &mut Machine, d: &mut Driver, gen_id: GenId) {
+    let Some(h) = d.handles.get_mut(&gen_id) else {
         return;
     };
     if std::mem::take(&mut h.ready_deferred) {
-        ready(m, d, gen);
+        ready(m, d, gen_id);
     }
 }
 
 /// Hands READY to the machine, timing baton's own share of the promotion.
-fn ready(m: &mut Machine, d: &mut Driver, gen: GenId) {
+fn ready(m: &mut Machine, d: &mut Driver, gen_id: GenId) {
     let now = Instant::now();
     d.ready_received = Some(now);
-    m.on_ready(d, now, gen);
+    m.on_ready(d, now, gen_id);
     d.ready_received = None;
 }
 
@@ -493,32 +493,32 @@ fn on_notify(m: &mut Machine, d: &mut Driver, pid: u32, text: &str) {
     let Some(owner) = notify_owner(m, d, pid) else {
         return;
     };
-    let Some(gen) = m.gen_by_pid(owner) else {
+    let Some(gen_id) = m.gen_by_pid(owner) else {
         return;
     };
     for (k, v) in notify::parse(text) {
         match k {
             "READY" if v == "1" => {
-                tracing::info!(generation = gen, pid = owner, "READY");
+                tracing::info!(generation = gen_id, pid = owner, "READY");
                 // Promotion decides whether connections migrate, from the features the
                 // candidate's hello announced: never decide before reading that hello.
-                let no_hello = m.gen(gen).is_some_and(|g| g.features.is_none());
-                if let Some(h) = d.handles.get_mut(&gen) {
+                let no_hello = m.generation(gen_id).is_some_and(|g| g.features.is_none());
+                if let Some(h) = d.handles.get_mut(&gen_id) {
                     if no_hello && h.has_unread() {
-                        tracing::debug!(generation = gen, "READY before hello was read; deferring");
+                        tracing::debug!(generation = gen_id, "READY before hello was read; deferring");
                         h.ready_deferred = true;
                         continue;
                     }
                 }
-                ready(m, d, gen);
+                ready(m, d, gen_id);
             }
             "STATUS" => {
-                if let Some(h) = d.handles.get_mut(&gen) {
+                if let Some(h) = d.handles.get_mut(&gen_id) {
                     h.status_text = Some(v.to_string());
                 }
             }
             "STOPPING" | "WATCHDOG" | "ERRNO" | "RELOADING" | "MAINPID" | "MONOTONIC_USEC" => {}
-            _ => tracing::debug!(generation = gen, key = k, "ignored notify key"),
+            _ => tracing::debug!(generation = gen_id, key = k, "ignored notify key"),
         }
     }
 }

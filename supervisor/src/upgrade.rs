@@ -37,12 +37,12 @@ pub enum SdEvent {
 
 /// The world as the machine sees it.
 pub trait Host {
-    /// Starts generation `gen`, returning its pid or why it could not start.
-    fn spawn(&mut self, gen: GenId) -> Result<u32, String>;
-    /// Signals generation `gen` (pid `pid`).
-    fn kill(&mut self, gen: GenId, pid: u32, how: Kill);
+    /// Starts generation `gen_id`, returning its pid or why it could not start.
+    fn spawn(&mut self, gen_id: GenId) -> Result<u32, String>;
+    /// Signals generation `gen_id` (pid `pid`).
+    fn kill(&mut self, gen_id: GenId, pid: u32, how: Kill);
     /// Sends a control message to an SDK child.
-    fn send(&mut self, gen: GenId, msg: SupervisorMsg);
+    fn send(&mut self, gen_id: GenId, msg: SupervisorMsg);
     /// Hands the snapshot received from `from` to `to` (a `Restore` message with the
     /// fd). Returns an error if there is no snapshot to pass.
     fn pass_snapshot(&mut self, from: GenId, to: GenId) -> Result<(), String>;
@@ -238,7 +238,7 @@ impl Machine {
     }
 
     /// A generation, if running.
-    pub fn gen(&self, id: GenId) -> Option<&Gen> {
+    pub fn generation(&self, id: GenId) -> Option<&Gen> {
         self.gens.get(&id)
     }
 
@@ -415,21 +415,21 @@ impl Machine {
     }
 
     /// The child's SDK said hello.
-    pub fn on_hello(&mut self, gen: GenId, features: Vec<Feature>) {
-        if let Some(g) = self.gens.get_mut(&gen) {
+    pub fn on_hello(&mut self, gen_id: GenId, features: Vec<Feature>) {
+        if let Some(g) = self.gens.get_mut(&gen_id) {
             g.features = Some(features);
         }
     }
 
-    /// `READY=1` from generation `gen` (or its delay elapsed).
-    pub fn on_ready(&mut self, host: &mut impl Host, now: Instant, gen: GenId) {
+    /// `READY=1` from generation `gen_id` (or its delay elapsed).
+    pub fn on_ready(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId) {
         let Some(u) = self.upgrade.as_mut() else {
             return;
         };
-        if u.candidate != gen {
+        if u.candidate != gen_id {
             return;
         }
-        if let Some(g) = self.gens.get_mut(&gen) {
+        if let Some(g) = self.gens.get_mut(&gen_id) {
             g.ready_at = None;
         }
         match u.stage {
@@ -455,14 +455,14 @@ impl Machine {
     }
 
     /// Stateful candidate: initialised, waiting for state.
-    pub fn on_prepared(&mut self, host: &mut impl Host, now: Instant, gen: GenId) {
+    pub fn on_prepared(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId) {
         let Some(u) = self.upgrade.as_mut() else {
             return;
         };
-        if u.candidate != gen || u.stage != Stage::Starting {
+        if u.candidate != gen_id || u.stage != Stage::Starting {
             return;
         }
-        if let Some(g) = self.gens.get_mut(&gen) {
+        if let Some(g) = self.gens.get_mut(&gen_id) {
             g.phase = Phase::Restoring;
         }
         let old = self
@@ -491,7 +491,7 @@ impl Machine {
                     "no running generation holds state"
                 };
                 host.send(
-                    gen,
+                    gen_id,
                     SupervisorMsg::Fresh {
                         reason: reason.to_string(),
                     },
@@ -544,18 +544,18 @@ impl Machine {
     }
 
     /// Stateful candidate restored the snapshot.
-    pub fn on_restored(&mut self, host: &mut impl Host, now: Instant, gen: GenId) {
+    pub fn on_restored(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId) {
         let Some(u) = self.upgrade.as_mut() else {
             return;
         };
-        if u.candidate != gen || u.stage != Stage::Restoring {
+        if u.candidate != gen_id || u.stage != Stage::Restoring {
             return;
         }
         u.restore_ms = u.restore_sent_at.map(|t| ms_f(now - t));
         u.stage = Stage::Restored;
         u.stage_deadline = None;
         // The ready timeout restarts: restoring a large state is not a hang.
-        if let Some(g) = self.gens.get_mut(&gen) {
+        if let Some(g) = self.gens.get_mut(&gen_id) {
             if g.ready_by.is_some() {
                 g.ready_by = Some(later(now, self.s.ready_timeout));
             }
@@ -566,8 +566,8 @@ impl Machine {
     }
 
     /// Stateful candidate rejected the snapshot.
-    pub fn on_rejected(&mut self, host: &mut impl Host, now: Instant, gen: GenId, why: &str) {
-        if self.upgrade.as_ref().is_some_and(|u| u.candidate == gen) {
+    pub fn on_rejected(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId, why: &str) {
+        if self.upgrade.as_ref().is_some_and(|u| u.candidate == gen_id) {
             self.fail(host, now, format!("candidate rejected the snapshot: {why}"));
         }
     }
@@ -581,15 +581,15 @@ impl Machine {
         }
     }
 
-    /// Generation `gen` exited; `how` describes the status.
-    pub fn on_exit(&mut self, host: &mut impl Host, now: Instant, gen: GenId, how: &str) {
-        let Some(g) = self.gens.remove(&gen) else {
+    /// Generation `gen_id` exited; `how` describes the status.
+    pub fn on_exit(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId, how: &str) {
+        let Some(g) = self.gens.remove(&gen_id) else {
             return;
         };
-        let was_candidate = self.upgrade.as_ref().is_some_and(|u| u.candidate == gen);
+        let was_candidate = self.upgrade.as_ref().is_some_and(|u| u.candidate == gen_id);
         if was_candidate {
             tracing::warn!(
-                generation = gen,
+                generation = gen_id,
                 pid = g.pid,
                 status = how,
                 "candidate exited"
@@ -599,10 +599,10 @@ impl Machine {
                 now,
                 format!("candidate exited before it was ready ({how})"),
             );
-        } else if self.active == Some(gen) {
+        } else if self.active == Some(gen_id) {
             self.active = None;
             if self.stopping {
-                tracing::info!(generation = gen, pid = g.pid, status = how, "exited");
+                tracing::info!(generation = gen_id, pid = g.pid, status = how, "exited");
             } else {
                 self.crashes += 1;
                 // A generation that stayed up a while proves the build works: forget
@@ -612,7 +612,7 @@ impl Machine {
                 }
                 self.consecutive_crashes += 1;
                 tracing::error!(
-                    generation = gen,
+                    generation = gen_id,
                     pid = g.pid,
                     status = how,
                     crashes = self.crashes,
@@ -623,9 +623,9 @@ impl Machine {
                     Some(u) => {
                         if lost_state {
                             let why = format!(
-                                "STATE LOST: generation {gen} died ({how}) before handing over its state"
+                                "STATE LOST: generation {gen_id} died ({how}) before handing over its state"
                             );
-                            tracing::error!(generation = gen, "{why}");
+                            tracing::error!(generation = gen_id, "{why}");
                             u.state_lost = Some(why);
                             if u.stage == Stage::Snapshotting {
                                 // No snapshot is coming: the candidate starts empty.
@@ -648,7 +648,7 @@ impl Machine {
             }
         } else {
             tracing::info!(
-                generation = gen,
+                generation = gen_id,
                 pid = g.pid,
                 status = how,
                 "retired generation exited"
@@ -957,19 +957,19 @@ mod tests {
     }
 
     impl Host for Fake {
-        fn spawn(&mut self, gen: GenId) -> Result<u32, String> {
-            self.calls.push(Call::Spawn(gen));
+        fn spawn(&mut self, gen_id: GenId) -> Result<u32, String> {
+            self.calls.push(Call::Spawn(gen_id));
             if self.fail_spawn {
                 Err("No such file or directory".into())
             } else {
-                Ok(1000 + gen as u32)
+                Ok(1000 + gen_id as u32)
             }
         }
-        fn kill(&mut self, gen: GenId, _pid: u32, how: Kill) {
-            self.calls.push(Call::Kill(gen, how));
+        fn kill(&mut self, gen_id: GenId, _pid: u32, how: Kill) {
+            self.calls.push(Call::Kill(gen_id, how));
         }
-        fn send(&mut self, gen: GenId, msg: SupervisorMsg) {
-            self.calls.push(Call::Send(gen, msg));
+        fn send(&mut self, gen_id: GenId, msg: SupervisorMsg) {
+            self.calls.push(Call::Send(gen_id, msg));
         }
         fn pass_snapshot(&mut self, from: GenId, to: GenId) -> Result<(), String> {
             self.calls.push(Call::Pass(from, to));
@@ -1035,7 +1035,7 @@ mod tests {
         assert!(calls.contains(&Call::Kill(1, Kill::Stop)), "{calls:?}");
         assert!(calls.contains(&Call::Finished(UpgradeResult::Promoted, None, vec![7])));
         assert_eq!(m.active(), Some(2));
-        assert_eq!(m.gen(1).unwrap().phase, Phase::Draining);
+        assert_eq!(m.generation(1).unwrap().phase, Phase::Draining);
         // Killed exactly at its deadline, not before.
         let kill_at = t + Duration::from_millis(50) + Duration::from_secs(10);
         assert_eq!(m.next_deadline(), Some(kill_at));
@@ -1079,7 +1079,7 @@ mod tests {
             matches!(f[0], Call::Finished(UpgradeResult::RolledBack, Some(r), w) if r.contains("not ready within 5s") && w == &vec![1])
         );
         assert_eq!(m.active(), Some(1));
-        assert_eq!(m.gen(1).unwrap().phase, Phase::Active);
+        assert_eq!(m.generation(1).unwrap().phase, Phase::Active);
         assert!(!calls
             .iter()
             .any(|c| matches!(c, Call::Kill(1, _) | Call::Send(1, _))));
@@ -1138,8 +1138,8 @@ mod tests {
         assert!(calls.contains(&Call::Finished(UpgradeResult::Promoted, None, vec![2, 3])));
         assert_eq!(m.active(), Some(3));
         // Generations 1 and 2 drain at the same time, each with its own deadline.
-        assert_eq!(m.gen(1).unwrap().phase, Phase::Draining);
-        assert_eq!(m.gen(2).unwrap().phase, Phase::Draining);
+        assert_eq!(m.generation(1).unwrap().phase, Phase::Draining);
+        assert_eq!(m.generation(2).unwrap().phase, Phase::Draining);
         assert!(!calls.iter().any(|c| matches!(c, Call::Spawn(_))));
     }
 
@@ -1183,14 +1183,14 @@ mod tests {
         let (mut m, mut h, t) = running(settings());
         let mut now = t;
         let mut delays = Vec::new();
-        for gen in 1..=4 {
-            m.on_exit(&mut h, now, gen, "exit status 7");
+        for gen_id in 1..=4 {
+            m.on_exit(&mut h, now, gen_id, "exit status 7");
             let at = m.next_deadline().unwrap();
             delays.push(at - now);
             now = at;
             m.tick(&mut h, now);
-            m.on_ready(&mut h, now, gen + 1);
-            assert_eq!(m.active(), Some(gen + 1));
+            m.on_ready(&mut h, now, gen_id + 1);
+            assert_eq!(m.active(), Some(gen_id + 1));
         }
         assert_eq!(delays[0], Duration::ZERO);
         assert!(delays.windows(2).skip(1).all(|w| w[1] > w[0]), "{delays:?}");
@@ -1272,7 +1272,7 @@ mod tests {
         m.on_hello(2, vec![Feature::State]);
         m.on_prepared(&mut h, t, 2);
         assert!(h.take().contains(&Call::Send(1, SupervisorMsg::Quiesce)));
-        assert_eq!(m.gen(1).unwrap().phase, Phase::Quiesced);
+        assert_eq!(m.generation(1).unwrap().phase, Phase::Quiesced);
         let t1 = t + Duration::from_millis(20);
         m.on_snapshot(&mut h, t1, 1, 1234);
         assert!(h.take().contains(&Call::Pass(1, 2)));
@@ -1332,7 +1332,7 @@ mod tests {
                 );
             }
             assert_eq!(m.active(), Some(1), "{name}");
-            assert_eq!(m.gen(1).unwrap().phase, Phase::Active, "{name}");
+            assert_eq!(m.generation(1).unwrap().phase, Phase::Active, "{name}");
         }
     }
 

@@ -269,7 +269,7 @@ fn reload_under_load_keeps_main_pid_and_serves_every_request() {
     fx.ctl_ok(&["start", HELLO_SERVICE]);
     let main_pid = fx.main_pid();
     let first = fx.status();
-    let mut gen = first.generation;
+    let mut gen_id = first.generation;
     let mut pid = first.pid.unwrap_or_else(|| fx.fail("no active pid"));
     let mut pids = vec![pid];
     // The shipped unit delegates its cgroup: each generation gets one of its own.
@@ -300,7 +300,7 @@ fn reload_under_load_keeps_main_pid_and_serves_every_request() {
         let st = fx.status();
         let new_pid = st.pid.unwrap_or(0);
         fx.check(
-            st.generation > gen && new_pid != 0 && new_pid != pid,
+            st.generation > gen_id && new_pid != 0 && new_pid != pid,
             || format!("reload {i} (took {took:?}) did not promote a new generation: {st:?}"),
         );
         let promoted = st
@@ -310,13 +310,13 @@ fn reload_under_load_keeps_main_pid_and_serves_every_request() {
         fx.check(promoted, || {
             format!("reload {i}: last_upgrade {:?}", st.last_upgrade)
         });
-        gen = st.generation;
+        gen_id = st.generation;
         pid = new_pid;
         pids.push(pid);
         // baton sends STATUS= before answering `upgrade --wait`; allow systemd a moment
         // to have processed the datagram.
         fx.wait_prop("StatusText", SHORT, |t| {
-            mentions(t, "generation", gen) && mentions(t, "pid", u64::from(pid))
+            mentions(t, "generation", gen_id) && mentions(t, "pid", u64::from(pid))
         });
         load.progress(&fx, 20);
     }
@@ -638,12 +638,12 @@ fn reload_by_sighup_alternative() {
     let load = Load::start(&fx, fx.addr());
     for i in 1..=2u64 {
         fx.ctl_ok(&["reload", HELLO_SERVICE]);
-        let gen = before.generation + i;
+        let gen_id = before.generation + i;
         let text = fx.wait_prop("StatusText", LONG, |t| {
-            mentions(t, "generation", gen) && t.contains("promoted")
+            mentions(t, "generation", gen_id) && t.contains("promoted")
         });
         let st = fx.status();
-        fx.check(st.generation == gen, || format!("after {text:?}: {st:?}"));
+        fx.check(st.generation == gen_id, || format!("after {text:?}: {st:?}"));
         fx.wait_prop("ActiveState", SHORT, |s| s == "active");
         let m = fx.main_pid();
         fx.check(m == main_pid, || {
