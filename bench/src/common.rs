@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use baton_protocol::{ControlReply, ControlRequest, Status, UpgradeReport};
-use baton_tests::harness::{pid_alive, Baton};
-use baton_tests::load::{find_pid, LoadHandle, LoadOpts, LoadSnapshot};
+use baton_tests::harness::{Baton, pid_alive};
+use baton_tests::load::{LoadHandle, LoadOpts, LoadSnapshot, find_pid};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UnixStream};
 

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use baton_protocol::UpgradeResult;
 use baton_tests::harness::Baton;
 use baton_tests::resp::{Reply, RespClient};
@@ -14,9 +14,9 @@ use clap::ValueEnum;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use crate::common::{shutdown, wait_pid_gone, with_log, Control, HttpConn};
-use crate::report::{median, percentile, Row, Target, RSS_TARGET_KB};
 use crate::Bins;
+use crate::common::{Control, HttpConn, shutdown, wait_pid_gone, with_log};
+use crate::report::{RSS_TARGET_KB, Row, Target, median, percentile};
 
 /// Which app holds the connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

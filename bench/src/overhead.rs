@@ -11,9 +11,9 @@ use std::time::Duration;
 use baton_tests::harness::Baton;
 use baton_tests::load::{LoadGen, LoadOpts, LoadReport};
 
-use crate::common::{free_port, proc_cpu_secs, shutdown, with_log, Control, DirectApp};
-use crate::report::{median, Row, Target, RSS_TARGET_KB};
-use crate::{sys, Bins};
+use crate::common::{Control, DirectApp, free_port, proc_cpu_secs, shutdown, with_log};
+use crate::report::{RSS_TARGET_KB, Row, Target, median};
+use crate::{Bins, sys};
 
 /// Shape of the run.
 #[derive(Debug, Clone)]

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use baton_tests::harness::TestDir;
 use baton_tests::load::{LoadGen, LoadOpts};
 
-use crate::common::{free_port, wait_load, DirectApp};
-use crate::report::{percentile, Row};
-use crate::swap::load_extras;
 use crate::Bins;
+use crate::common::{DirectApp, free_port, wait_load};
+use crate::report::{Row, percentile};
+use crate::swap::load_extras;
 
 /// Shape of the run.
 #[derive(Debug, Clone)]

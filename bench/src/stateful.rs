@@ -3,19 +3,19 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use baton_protocol::{UpgradeReport, UpgradeResult};
 use baton_tests::harness::Baton;
 use baton_tests::resp::{Reply, RespClient};
 use serde::{Deserialize, Serialize};
 
-use crate::common::{shutdown, with_log, Control};
-use crate::report::{median, Row, Target, RSS_TARGET_KB};
 use crate::Bins;
+use crate::common::{Control, shutdown, with_log};
+use crate::report::{RSS_TARGET_KB, Row, Target, median};
 
 /// Shape of the run.
 #[derive(Debug, Clone)]
@@ -488,9 +488,11 @@ mod tests {
         assert_eq!(key(7).len(), KEY_LEN);
         assert_eq!(value(7).len(), VALUE_LEN);
         assert_ne!(value(7), value(8));
-        assert!(std::str::from_utf8(&value(3))
-            .unwrap()
-            .parse::<i64>()
-            .is_err());
+        assert!(
+            std::str::from_utf8(&value(3))
+                .unwrap()
+                .parse::<i64>()
+                .is_err()
+        );
     }
 }

@@ -7,9 +7,9 @@ use baton_protocol::UpgradeResult;
 use baton_tests::harness::Baton;
 use baton_tests::load::{LoadGen, LoadOpts, LoadReport};
 
-use crate::common::{shutdown, wait_load, with_log, Control};
-use crate::report::{percentile, Row, Target, RSS_TARGET_KB};
 use crate::Bins;
+use crate::common::{Control, shutdown, wait_load, with_log};
+use crate::report::{RSS_TARGET_KB, Row, Target, percentile};
 
 /// Shape of the run.
 #[derive(Debug, Clone)]

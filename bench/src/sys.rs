@@ -5,8 +5,8 @@
 
 use std::io;
 
-use nix::sys::resource::{getrlimit, setrlimit, Resource};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 /// Sends `sig` to `pid`. ESRCH (already gone) is `Ok(false)`.
@@ -36,7 +36,7 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 /// baton reaps its generations and the bench reaps baton, so after a scenario this covers
 /// the whole process tree the scenario ran.
 pub fn own_cpu() -> io::Result<std::time::Duration> {
-    use nix::sys::resource::{getrusage, UsageWho};
+    use nix::sys::resource::{UsageWho, getrusage};
     use nix::sys::time::TimeValLike;
     let mut total_us: i64 = 0;
     for who in [UsageWho::RUSAGE_SELF, UsageWho::RUSAGE_CHILDREN] {
@@ -53,7 +53,7 @@ pub fn own_cpu() -> io::Result<std::time::Duration> {
 pub fn pass_as_fd3(cmd: &mut tokio::process::Command, listener: std::os::fd::BorrowedFd<'_>) {
     use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd};
 
-    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 
     const TARGET: i32 = 3;
     let raw = listener.as_raw_fd();
@@ -88,7 +88,7 @@ pub fn pass_as_fd3(cmd: &mut tokio::process::Command, listener: std::os::fd::Bor
 /// Calls `listen(2)` again on a listening socket to set its backlog to
 /// `net.core.somaxconn`, as baton and systemd do (std binds with a backlog of 128).
 pub fn listen_somaxconn(listener: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
-    use nix::sys::socket::{listen, Backlog};
+    use nix::sys::socket::{Backlog, listen};
     let max: i32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .ok()
         .and_then(|s| s.trim().parse().ok())

@@ -7,8 +7,8 @@ use std::io::BufWriter;
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, OwnedFd};
 
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 use crate::sys;
@@ -205,9 +205,11 @@ mod tests {
         let db: Db = [("a".to_owned(), 1), ("b".to_owned(), 2)].into();
         let (fd, size) = write_snapshot(3, &db).unwrap();
         // Sealed: the receiver can trust it does not change.
-        assert!(sys::seals(fd.as_fd())
-            .unwrap()
-            .contains(sys::immutable_seals()));
+        assert!(
+            sys::seals(fd.as_fd())
+                .unwrap()
+                .contains(sys::immutable_seals())
+        );
         let (back, from): (Db, u32) = read_snapshot(&fd, size, 3, no_migration).unwrap();
         assert_eq!(back, db);
         assert_eq!(from, 3);

@@ -1,8 +1,8 @@
 //! Live connection tracking, reported to the supervisor as
 //! `{"type":"connections","active":N}`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;

@@ -87,7 +87,10 @@ impl Dispatch {
                 let Some(routes) = &self.adopt else {
                     // Only sent to children that announced `adopt`; the
                     // connection closes when the fd drops.
-                    tracing::warn!(listener, "adopt, but this child did not announce the adopt feature; connection closed");
+                    tracing::warn!(
+                        listener,
+                        "adopt, but this child did not announce the adopt feature; connection closed"
+                    );
                     return;
                 };
                 let (Some(fd), true) = (frame.fds.pop(), frame.fds.is_empty()) else {

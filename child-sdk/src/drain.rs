@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
@@ -108,7 +108,7 @@ impl DrainTrigger {
                 true
             }
             Some(cur) => match (cur.deadline, new.deadline) {
-                (old, Some(nd)) if old.map_or(true, |od| nd < od) => {
+                (old, Some(nd)) if old.is_none_or(|od| nd < od) => {
                     tracing::info!(cause = ?new.cause, "drain deadline brought forward");
                     cur.deadline = Some(nd);
                     true

@@ -62,7 +62,7 @@ pub(crate) fn parse(get: impl Fn(&str) -> Option<String>, own_pid: u32) -> Resul
             return Err(invalid(
                 ENV_NOTIFY_SOCKET,
                 format!("{s:?} is neither an absolute path nor @abstract"),
-            ))
+            ));
         }
     };
 
@@ -219,8 +219,8 @@ impl Env {
             }
         }
         for var in TAKEN_VARS {
-            // The caller promised no other thread touches the environment.
-            sys::remove_env(var);
+            // SAFETY: the caller promised no other thread touches the environment.
+            unsafe { sys::remove_env(var) };
         }
         if let Some(e) = first_err {
             return Err(e);

@@ -4,8 +4,8 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use baton_protocol::wire;
 use baton_protocol::ChildMsg;
+use baton_protocol::wire;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 

@@ -8,15 +8,15 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 use nix::fcntl::SealFlag;
-use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 use nix::libc::c_void;
-use nix::sys::memfd::{memfd_create, MFdFlags};
-use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 use nix::sys::socket::{
-    getpeername, getsockname, getsockopt, sockopt, AddressFamily, SockType, SockaddrLike,
-    SockaddrStorage,
+    AddressFamily, SockType, SockaddrLike, SockaddrStorage, getpeername, getsockname, getsockopt,
+    sockopt,
 };
-use nix::sys::stat::{fstat, SFlag};
+use nix::sys::stat::{SFlag, fstat};
 use std::num::NonZeroUsize;
 use std::ptr::NonNull;
 
@@ -124,12 +124,8 @@ pub(crate) fn has_peer(fd: BorrowedFd<'_>) -> io::Result<bool> {
 ///
 /// No other thread may read or write the environment meanwhile.
 pub(crate) unsafe fn remove_env(var: &str) {
-    // SAFETY: passed on to the caller (see above); `remove_var` is not
-    // `unsafe` in edition 2021 but has the same requirement.
-    #[allow(unused_unsafe)]
-    unsafe {
-        std::env::remove_var(var)
-    };
+    // SAFETY: passed on to the caller (see above).
+    unsafe { std::env::remove_var(var) };
 }
 
 /// Makes `cmd`'s child inherit `fd` as fd number `target` (without

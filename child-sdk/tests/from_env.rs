@@ -52,13 +52,16 @@ fn from_env_takes_the_contract_and_talks_to_the_supervisor() {
     let control_fd = child_end.into_raw_fd();
     assert!(!is_cloexec(control_fd));
 
-    std::env::set_var("BATON_CONTROL_FD", control_fd.to_string());
-    std::env::set_var("BATON_GENERATION", "4");
-    std::env::set_var("NOTIFY_SOCKET", &notify_path);
-    // Listeners meant for another process (our parent) must be ignored.
-    std::env::set_var("LISTEN_FDS", "1");
-    std::env::set_var("LISTEN_FDNAMES", "http");
-    std::env::set_var("LISTEN_PID", "1");
+    // SAFETY: this test binary runs one test, on this thread, before any runtime exists.
+    unsafe {
+        std::env::set_var("BATON_CONTROL_FD", control_fd.to_string());
+        std::env::set_var("BATON_GENERATION", "4");
+        std::env::set_var("NOTIFY_SOCKET", &notify_path);
+        // Listeners meant for another process (our parent) must be ignored.
+        std::env::set_var("LISTEN_FDS", "1");
+        std::env::set_var("LISTEN_FDNAMES", "http");
+        std::env::set_var("LISTEN_PID", "1");
+    }
 
     // SAFETY: this test binary runs one test, on this thread, before any runtime.
     let env = unsafe { Env::take() }.unwrap();
@@ -122,11 +125,13 @@ fn from_env_takes_the_contract_and_talks_to_the_supervisor() {
         // Connection counts reach the supervisor: the initial 0, the count
         // while connections are open, and the final 0.
         let read_until = |mut sup: BufReader<UnixStream>, want: u64| {
-            tokio::task::spawn_blocking(move || loop {
-                match next_msg(&mut sup) {
-                    ChildMsg::Connections { active } if active == want => return sup,
-                    ChildMsg::Connections { .. } => {}
-                    other => panic!("unexpected {other:?}"),
+            tokio::task::spawn_blocking(move || {
+                loop {
+                    match next_msg(&mut sup) {
+                        ChildMsg::Connections { active } if active == want => return sup,
+                        ChildMsg::Connections { .. } => {}
+                        other => panic!("unexpected {other:?}"),
+                    }
                 }
             })
         };

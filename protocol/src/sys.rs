@@ -7,8 +7,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 use nix::libc::c_void;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 
 /// At most this many fds are accepted per `recvmsg`. The supervisor sends at
 /// most one per message, and Linux never merges the fds of two `sendmsg`s
@@ -178,8 +178,8 @@ pub(crate) fn write_all_blocking(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-    use nix::sys::stat::{fstat, SFlag};
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    use nix::sys::stat::{SFlag, fstat};
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
 

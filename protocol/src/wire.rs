@@ -17,14 +17,14 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 
 use crate::sys;
 
-pub use crate::sys::{recv_msg, Received};
+pub use crate::sys::{Received, recv_msg};
 
 /// Longest accepted line. Larger data (snapshots) travels in fds, never
 /// inline, so this only guards against a broken peer.

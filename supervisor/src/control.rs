@@ -83,7 +83,7 @@ impl ControlServer {
                         "control socket path {} exists and is not a socket",
                         path.display()
                     ),
-                ))
+                ));
             }
             None => {}
         }

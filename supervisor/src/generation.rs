@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use baton_protocol::wire::{self, FrameReader};
 use baton_protocol::{ChildMsg, SupervisorMsg};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::upgrade::GenId;
 

@@ -367,8 +367,7 @@ fn inherit_from_env() -> Result<Vec<Listener>, ListenError> {
     }
     // So that nothing we exec later mistakes these for its own.
     for var in [ENV_LISTEN_FDS, ENV_LISTEN_FDNAMES, ENV_LISTEN_PID] {
-        // Safe: still single-threaded at startup (see main).
-        std::env::remove_var(var);
+        sys::remove_env_at_startup(var);
     }
     Ok(out)
 }

@@ -94,7 +94,9 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(l) if l.is_empty() => {
             // Without sockets held by baton, each generation would bind its own and
             // upgrades could not be seamless.
-            eprintln!("baton: error: no listeners: give --listen NAME=ADDR, or start baton with socket activation (LISTEN_FDS)");
+            eprintln!(
+                "baton: error: no listeners: give --listen NAME=ADDR, or start baton with socket activation (LISTEN_FDS)"
+            );
             return ExitCode::from(EXIT_USAGE);
         }
         Ok(l) => l,

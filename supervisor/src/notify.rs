@@ -28,7 +28,7 @@ impl NotifyIn {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
                     format!("{} exists and is not a socket", path.display()),
-                ))
+                ));
             }
             None => {}
         }

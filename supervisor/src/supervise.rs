@@ -5,14 +5,14 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use baton_protocol::{
-    ChildMsg, ControlReply, ControlRequest, GenerationStatus, ListenerStatus, Status,
-    SupervisorMsg, UpgradeReport, PROTOCOL_VERSION,
+    ChildMsg, ControlReply, ControlRequest, GenerationStatus, ListenerStatus, PROTOCOL_VERSION,
+    Status, SupervisorMsg, UpgradeReport,
 };
 use futures_util::StreamExt;
 use nix::sys::signal::Signal;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::cgroup::Containment;
 use crate::config::RunConfig;
@@ -305,7 +305,11 @@ pub async fn run(
     let (code, reason) = d.exit.take().unwrap_or((1, String::new()));
     // Exiting with children left (the first generation failed): kill them.
     for (gen_id, g) in m.gens() {
-        tracing::warn!(generation = gen_id, pid = g.pid, "killing leftover generation");
+        tracing::warn!(
+            generation = gen_id,
+            pid = g.pid,
+            "killing leftover generation"
+        );
         let _ = sys::kill_group(g.pid);
         let _ = sys::kill(g.pid, Signal::SIGKILL);
     }
@@ -386,7 +390,9 @@ fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                     }
                     m.on_snapshot(d, now, gen_id, size);
                 }
-                ChildMsg::SnapshotFailed { reason } => m.on_snapshot_failed(d, now, gen_id, &reason),
+                ChildMsg::SnapshotFailed { reason } => {
+                    m.on_snapshot_failed(d, now, gen_id, &reason)
+                }
                 ChildMsg::Restored {
                     from_version,
                     restore_ms,
@@ -505,7 +511,10 @@ fn on_notify(m: &mut Machine, d: &mut Driver, pid: u32, text: &str) {
                 let no_hello = m.generation(gen_id).is_some_and(|g| g.features.is_none());
                 if let Some(h) = d.handles.get_mut(&gen_id) {
                     if no_hello && h.has_unread() {
-                        tracing::debug!(generation = gen_id, "READY before hello was read; deferring");
+                        tracing::debug!(
+                            generation = gen_id,
+                            "READY before hello was read; deferring"
+                        );
                         h.ready_deferred = true;
                         continue;
                     }

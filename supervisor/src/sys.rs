@@ -7,13 +7,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 use nix::libc;
 use nix::sys::socket::{
-    self, bind, getsockopt, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag,
-    SockType, SockaddrIn, SockaddrIn6, SockaddrLike, SockaddrStorage, UnixAddr,
+    self, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, SockaddrLike,
+    SockaddrStorage, UnixAddr, bind, getsockopt, listen, setsockopt, socket, sockopt,
 };
-use nix::sys::stat::{fstat, SFlag};
+use nix::sys::stat::{SFlag, fstat};
 
 /// What an inherited or bound listening socket turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +72,15 @@ pub fn somaxconn() -> i32 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(4096)
+}
+
+/// Removes `var` from the environment. Only for start-up, before the runtime's
+/// threads exist (see `main`): changing the environment races with any other thread
+/// that reads it.
+pub fn remove_env_at_startup(var: &str) {
+    // SAFETY: called while baton is still single-threaded (listeners are set up before
+    // the tokio runtime is built).
+    unsafe { std::env::remove_var(var) };
 }
 
 /// Takes ownership of an inherited fd after checking that it is open.
@@ -236,7 +245,7 @@ pub fn refuse_fds(fd: BorrowedFd<'_>) -> io::Result<bool> {
 /// Sends one sd_notify datagram to `addr` (a path, or `@name` for abstract), with
 /// optional fds (for `FDSTORE=1`).
 pub fn send_notify(addr: &str, payload: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
     let sa = if let Some(name) = addr.strip_prefix('@') {
         UnixAddr::new_abstract(name.as_bytes())?
     } else {

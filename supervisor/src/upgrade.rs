@@ -1080,9 +1080,11 @@ mod tests {
         );
         assert_eq!(m.active(), Some(1));
         assert_eq!(m.generation(1).unwrap().phase, Phase::Active);
-        assert!(!calls
-            .iter()
-            .any(|c| matches!(c, Call::Kill(1, _) | Call::Send(1, _))));
+        assert!(
+            !calls
+                .iter()
+                .any(|c| matches!(c, Call::Kill(1, _) | Call::Send(1, _)))
+        );
     }
 
     #[test]
@@ -1346,9 +1348,11 @@ mod tests {
         m.tick(&mut h, t + Duration::from_secs(3));
         let calls = h.take();
         assert!(calls.iter().any(|c| matches!(c, Call::Finished(UpgradeResult::RolledBack, Some(r), _) if r.contains("snapshot within 3s"))));
-        assert!(calls
-            .iter()
-            .any(|c| matches!(c, Call::Send(1, SupervisorMsg::Resume { .. }))));
+        assert!(
+            calls
+                .iter()
+                .any(|c| matches!(c, Call::Send(1, SupervisorMsg::Resume { .. })))
+        );
     }
 
     #[test]

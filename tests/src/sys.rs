@@ -3,8 +3,8 @@
 use std::io;
 use std::os::fd::BorrowedFd;
 
-use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-use nix::sys::signal::{kill, Signal};
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 /// Sends `sig` to `pid`. ESRCH (already gone) is reported as `Ok(false)`.

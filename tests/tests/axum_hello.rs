@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use baton_tests::harness::{bin, exclusive, generation_pids, wait_pid_gone, Baton};
+use baton_tests::harness::{Baton, bin, exclusive, generation_pids, wait_pid_gone};
 use baton_tests::load::{LoadGen, LoadOpts};
 use baton_tests::upgrade::{migrated_into, upgrade_promoted, wait_migrated};
 

@@ -5,7 +5,7 @@ use std::fs;
 use std::net::TcpListener;
 use std::time::Duration;
 
-use baton_tests::harness::{baton_cli, hello_http_bin, CliOutput, TestDir};
+use baton_tests::harness::{CliOutput, TestDir, baton_cli, hello_http_bin};
 
 /// Generous bound for an invocation that must fail fast.
 const BOUND: Duration = Duration::from_secs(10);

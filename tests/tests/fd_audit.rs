@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use baton_tests::harness::{
-    exclusive, make_inheritable, proc_environ, proc_fd_flags, proc_fds, which, Baton, TestDir,
-    UpgradeOutcome,
+    Baton, TestDir, UpgradeOutcome, exclusive, make_inheritable, proc_environ, proc_fd_flags,
+    proc_fds, which,
 };
 
 const O_NONBLOCK: u32 = 0o4000;

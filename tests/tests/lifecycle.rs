@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use baton_protocol::{Phase, UpgradeResult};
 use baton_tests::harness::{
-    descendants, exclusive, generation_pids, hello_http_bin, pid_alive, wait_pid_gone, Baton,
-    Signal, UpgradeOutcome,
+    Baton, Signal, UpgradeOutcome, descendants, exclusive, generation_pids, hello_http_bin,
+    pid_alive, wait_pid_gone,
 };
 use baton_tests::load::{LoadGen, LoadOpts};
 

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use baton_protocol::Status;
 use baton_tests::harness::{
-    exclusive, fixture, generation_pids, hello_http_bin, python3, replace_symlink, wait_pid_gone,
-    write_script, Baton, TestDir,
+    Baton, TestDir, exclusive, fixture, generation_pids, hello_http_bin, python3, replace_symlink,
+    wait_pid_gone, write_script,
 };
 use baton_tests::load::{LoadGen, LoadOpts};
 use baton_tests::upgrade::{self, migrated_into, upgrade_promoted};

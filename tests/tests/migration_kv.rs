@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use baton_tests::harness::{
-    exclusive, generation_pids, kv_server_bin, replace_symlink, wait_pid_gone, which, write_script,
-    Baton, TestDir,
+    Baton, TestDir, exclusive, generation_pids, kv_server_bin, replace_symlink, wait_pid_gone,
+    which, write_script,
 };
 use baton_tests::resp::{Reply, RespClient};
 use baton_tests::upgrade::{migrated_into, upgrade_promoted};

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use baton_tests::harness::{exclusive, fixture, generation_pids, python3, Baton, UpgradeOutcome};
+use baton_tests::harness::{Baton, UpgradeOutcome, exclusive, fixture, generation_pids, python3};
 use baton_tests::load::{LoadGen, LoadOpts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use baton_protocol::{UpgradeReport, UpgradeResult};
 use baton_tests::harness::{
-    exclusive, generation_pids, hello_http_bin, pid_alive, replace_symlink, wait_pid_gone,
-    write_script, Baton, TestDir, UpgradeOutcome,
+    Baton, TestDir, UpgradeOutcome, exclusive, generation_pids, hello_http_bin, pid_alive,
+    replace_symlink, wait_pid_gone, write_script,
 };
 use baton_tests::load::{LoadGen, LoadOpts};
 

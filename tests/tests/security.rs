@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use baton_protocol::Phase;
 use baton_tests::harness::{
-    baton_cli, exclusive, fixture, hello_http_bin, pid_alive, proc_fds, python3, wait_pid_gone,
-    write_script, Baton, KillOnDrop, TestDir, UpgradeOutcome,
+    Baton, KillOnDrop, TestDir, UpgradeOutcome, baton_cli, exclusive, fixture, hello_http_bin,
+    pid_alive, proc_fds, python3, wait_pid_gone, write_script,
 };
 use baton_tests::http;
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
 
 const BOUND: Duration = Duration::from_secs(10);
 

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use baton_tests::harness::{
-    baton_bin, baton_cli, descendants, exclusive, hello_http_bin, which, TestDir,
+    TestDir, baton_bin, baton_cli, descendants, exclusive, hello_http_bin, which,
 };
 
 /// Kills the process and everything below it on drop.

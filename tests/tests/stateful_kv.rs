@@ -33,14 +33,14 @@ use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hasher};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_protocol::{Status, UpgradeReport, UpgradeResult};
 use baton_tests::harness::{
-    exclusive, generation_pids, kv_server_bin, pid_alive, proc_rss_kb, replace_symlink,
-    wait_pid_gone, which, write_script, Baton, TestDir, UpgradeOutcome,
+    Baton, TestDir, UpgradeOutcome, exclusive, generation_pids, kv_server_bin, pid_alive,
+    proc_rss_kb, replace_symlink, wait_pid_gone, which, write_script,
 };
 use baton_tests::resp::{Reply, RespClient, RespError};
 use tokio::net::TcpStream;
@@ -387,7 +387,7 @@ async fn writer_loop(
                                 break 'set;
                             }
                             Sent::Reply(other) => {
-                                return Err(format!("GET {key} after a lost SET: {other}"))
+                                return Err(format!("GET {key} after a lost SET: {other}"));
                             }
                         }
                     }
@@ -894,7 +894,7 @@ async fn lossy_writer(
             Err(_) => {
                 return Err(format!(
                     "writer {id}: INCR: no reply within {CMD_TIMEOUT:?}"
-                ))
+                ));
             }
             Ok(Ok(Reply::Integer(v))) => {
                 log.replies.push(v);
@@ -926,9 +926,11 @@ async fn old_generation_dying_during_snapshot_loses_state_and_says_so() {
     let before = baton.status().await.unwrap();
     let old_pid = before.pid.unwrap();
     let mut c = connect(addr).await;
-    assert!(command(&mut c, &["SET", "marker", "acknowledged"])
-        .await
-        .is_ok());
+    assert!(
+        command(&mut c, &["SET", "marker", "acknowledged"])
+            .await
+            .is_ok()
+    );
     drop(c);
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use baton_tests::harness::{exclusive, fixture, hello_http_bin, python3, wait_pid_gone, Baton};
+use baton_tests::harness::{Baton, exclusive, fixture, hello_http_bin, python3, wait_pid_gone};
 
 /// One HTTP/1.1 request on a fresh connection; the body on 200.
 fn get(addr: SocketAddr) -> std::io::Result<String> {

@@ -643,7 +643,9 @@ fn reload_by_sighup_alternative() {
             mentions(t, "generation", gen_id) && t.contains("promoted")
         });
         let st = fx.status();
-        fx.check(st.generation == gen_id, || format!("after {text:?}: {st:?}"));
+        fx.check(st.generation == gen_id, || {
+            format!("after {text:?}: {st:?}")
+        });
         fx.wait_prop("ActiveState", SHORT, |s| s == "active");
         let m = fx.main_pid();
         fx.check(m == main_pid, || {

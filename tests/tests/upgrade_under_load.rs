@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use baton_protocol::{Phase, UpgradeResult};
 use baton_tests::harness::{
-    exclusive, generation_pids, hello_http_bin, proc_rss_kb, wait_pid_gone, Baton, UpgradeOutcome,
+    Baton, UpgradeOutcome, exclusive, generation_pids, hello_http_bin, proc_rss_kb, wait_pid_gone,
 };
 use baton_tests::load::{LoadGen, LoadOpts};
 

@@ -5,8 +5,8 @@
 //! `baton run --listen http=127.0.0.1:3000 -- axum-hello`; outside baton it binds the
 //! address given as its first argument (default 127.0.0.1:3000).
 
-use axum::routing::get;
 use axum::Router;
+use axum::routing::get;
 use baton_child::{Baton, Env};
 
 fn main() -> anyhow::Result<()> {

@@ -10,7 +10,7 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{tmpdir, Conn, Server, BOUND};
+use common::{BOUND, Conn, Server, tmpdir};
 use nix::sys::signal::Signal;
 
 #[test]

@@ -13,7 +13,7 @@ use std::sync::mpsc;
 
 use baton_child::testing::FakeSupervisor;
 use baton_protocol::Feature;
-use common::{Conn, Server, BOUND};
+use common::{BOUND, Conn, Server};
 
 /// Spawns hello-http as generation `generation` under `sup`.
 fn spawn_generation(sup: &mut FakeSupervisor, label: &str) -> Server {

@@ -11,11 +11,11 @@ use baton_child::{Baton, DrainCause, Env, Event};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::Options;
 use crate::db::Db;
 use crate::fault::{self, Fault};
 use crate::server::{Client, ConnHook, ConnToken, HandOver, HandOverFuture, Listener, Server};
 use crate::state::{self, Schema, StateOf};
-use crate::Options;
 
 /// Name of the listener baton passes (`baton run --listen kv=...`).
 const LISTENER: &str = "kv";

@@ -7,8 +7,8 @@
 //! upgrade out of it succeeds, like retrying after a transient failure. (Firing at every
 //! quiesce would make such a process impossible to upgrade, ever.)
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// One injected failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -287,11 +287,7 @@ pub fn parse_i64(s: &[u8]) -> Option<i64> {
         }
         acc = acc.checked_mul(10)?.checked_sub(i64::from(d - b'0'))?;
     }
-    if neg {
-        Some(acc)
-    } else {
-        acc.checked_neg()
-    }
+    if neg { Some(acc) } else { acc.checked_neg() }
 }
 
 /// Appends `n` in decimal.

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use baton_child::testing::{FakeSupervisor, Migrated, Restore, Snapshot};
 use baton_protocol::Feature;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 /// Bound on every wait in this file.
 const T: Duration = Duration::from_secs(20);
