@@ -245,7 +245,8 @@ where
 /// Resolves when this connection should be handed over: the drain says the
 /// successor adopts, and no request is in flight on it.
 async fn hand_over_point(baton: &Baton, busy: &mut watch::Receiver<usize>) {
-    if !baton.wait_drain().await.migrate {
+    // Standalone there is no successor, and no drain will ever say `migrate`.
+    if !baton.is_supervised() || !baton.wait_drain().await.migrate {
         return std::future::pending().await;
     }
     // The sender lives as long as the connection's service.
