@@ -49,30 +49,14 @@ impl Dispatch {
             SupervisorMsg::Drain {
                 deadline_ms,
                 migrate,
-            } => {
-                let now = Instant::now();
-                self.drain.trigger(DrainInfo {
-                    deadline: Some(now + Duration::from_millis(deadline_ms)),
-                    migrate,
-                    cause: DrainCause::Supervisor,
-                    started: now,
-                });
-            }
+            } => self.drain_by(DrainCause::Supervisor, deadline_ms, migrate),
             SupervisorMsg::Quiesce => self.to_state(StateMsg::Quiesce),
             SupervisorMsg::Resume { reason } => self.to_state(StateMsg::Resume { reason }),
             SupervisorMsg::Commit {
                 deadline_ms,
                 migrate,
-            } => {
                 // Commit reaches the app once: as a drain with cause Commit.
-                let now = Instant::now();
-                self.drain.trigger(DrainInfo {
-                    deadline: Some(now + Duration::from_millis(deadline_ms)),
-                    migrate,
-                    cause: DrainCause::Commit,
-                    started: now,
-                });
-            }
+            } => self.drain_by(DrainCause::Commit, deadline_ms, migrate),
             SupervisorMsg::Fresh { reason } => self.to_state(StateMsg::Fresh { reason }),
             SupervisorMsg::Restore { size, .. } => match frame.fds.pop() {
                 Some(fd) if frame.fds.is_empty() => self.to_state(StateMsg::Restore { fd, size }),
@@ -105,6 +89,16 @@ impl Dispatch {
                 }
             }
         }
+    }
+
+    fn drain_by(&self, cause: DrainCause, deadline_ms: u64, migrate: bool) {
+        let now = Instant::now();
+        self.drain.trigger(DrainInfo {
+            deadline: Some(now + Duration::from_millis(deadline_ms)),
+            migrate,
+            cause,
+            started: now,
+        });
     }
 
     fn to_state(&self, msg: StateMsg) {

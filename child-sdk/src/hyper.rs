@@ -29,7 +29,41 @@ const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 /// process still exits on its own.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(250);
 
-type BoxError = Box<dyn StdError + Send + Sync>;
+/// The error type services and bodies are boxed into.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// What [`serve`] serves: a tower service of hyper requests, cloned per request (an axum
+/// `Router`, or `tower::service_fn(...)`). Implemented for every such service.
+pub trait HttpService<B>:
+    Service<
+        Request<HyperBody>,
+        Response = Response<B>,
+        Error: Into<BoxError>,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S, B> HttpService<B> for S where
+    S: Service<
+            Request<HyperBody>,
+            Response = Response<B>,
+            Error: Into<BoxError>,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// A response body [`serve`] can write. Implemented for every such body.
+pub trait HttpBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
+impl<B> HttpBody for B where B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
 
 /// Serves `service` on `incoming` until a drain has finished, then returns:
 /// [`Server::serve`] with the defaults.
@@ -55,21 +89,19 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 ///
 /// # Example
 ///
-/// ```ignore
+/// ```no_run
+/// # async fn f(env: baton_child::Env) -> Result<(), baton_child::Error> {
 /// let baton = baton_child::Baton::builder().adopt().start(env)?;
 /// let incoming = baton.incoming("http", "127.0.0.1:8080")?;
 /// baton.ready()?;
 /// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
 /// baton_child::hyper::serve(baton, incoming, app).await?;
+/// # Ok(()) }
 /// ```
 pub async fn serve<S, B>(baton: Baton, incoming: Incoming, service: S) -> Result<()>
 where
-    S: Service<Request<HyperBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: HttpBody,
 {
     Server::new().serve(baton, incoming, service).await
 }
@@ -78,11 +110,13 @@ where
 ///
 /// # Example
 ///
-/// ```ignore
+/// ```no_run
+/// # async fn f(baton: baton_child::Baton, incoming: baton_child::Incoming, app: axum::Router) -> Result<(), baton_child::Error> {
 /// baton_child::hyper::Server::new()
 ///     .drain_timeout(std::time::Duration::from_secs(5))
 ///     .serve(baton, incoming, app)
 ///     .await?;
+/// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
 pub struct Server {
@@ -117,12 +151,8 @@ impl Server {
     /// As [`serve`].
     pub async fn serve<S, B>(self, baton: Baton, mut incoming: Incoming, service: S) -> Result<()>
     where
-        S: Service<Request<HyperBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: HttpService<B>,
+        B: HttpBody,
     {
         let mut conns = JoinSet::new();
         let info = loop {
@@ -180,12 +210,8 @@ impl Server {
 /// One connection: serve until the client closes or a hand-over point.
 async fn connection<S, B>(baton: Baton, stream: Stream, service: S)
 where
-    S: Service<Request<HyperBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: HttpBody,
 {
     let _guard = baton.track();
     if let Some(Err(e)) = stream.tcp().map(|s| s.set_nodelay(true)) {
@@ -276,10 +302,8 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 impl<S, B> hyper::service::Service<Request<HyperBody>> for Counted<S>
 where
-    S: Service<Request<HyperBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
+    S: Service<Request<HyperBody>, Response = Response<B>> + HttpService<B>,
+    B: HttpBody,
 {
     type Response = Response<B>;
     type Error = BoxError;

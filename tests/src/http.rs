@@ -48,3 +48,137 @@ pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<Reply>
     let req = format!("GET {path} HTTP/1.1\r\nHost: baton-test\r\nConnection: close\r\n\r\n");
     exchange(addr, req.as_bytes(), timeout)
 }
+
+/// One response read off a keep-alive connection.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// The status code.
+    pub status: u16,
+    /// The header fields, names lowercased, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: String,
+}
+
+impl Response {
+    /// The first value of header `name` (lowercase).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The `pid=<n>` in the body (the example apps all say it).
+    pub fn pid(&self) -> Option<u32> {
+        crate::load::find_pid(self.body.as_bytes())
+    }
+}
+
+/// A connected socket with read and write timeouts.
+///
+/// # Errors
+/// The connect failed or timed out.
+pub fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    Ok(s)
+}
+
+/// Writes `GET path`, with `Connection: close` when `close`.
+///
+/// # Errors
+/// The write failed.
+pub fn send_get(stream: &mut TcpStream, path: &str, close: bool) -> io::Result<()> {
+    let conn = if close { "Connection: close\r\n" } else { "" };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{conn}\r\n");
+    stream.write_all(req.as_bytes())
+}
+
+/// Reads exactly one response: the head, then a `Content-Length` body (or, without one,
+/// everything up to EOF). Bytes beyond it are an error: one request was sent, so one
+/// response may come back.
+///
+/// # Errors
+/// The read failed, the peer closed early, or the response is malformed.
+pub fn read_response(stream: &mut TcpStream) -> io::Result<Response> {
+    let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "connection closed before a complete head; got {:?}",
+                    String::from_utf8_lossy(&buf)
+                ),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    if headers.iter().any(|(n, _)| n == "transfer-encoding") {
+        return Err(bad(format!("unsupported transfer-encoding: {head:?}")));
+    }
+    let length = match headers.iter().find(|(n, _)| n == "content-length") {
+        Some((_, v)) => Some(v.parse::<usize>().map_err(|e| bad(e.to_string()))?),
+        None => None,
+    };
+    let mut body = buf.split_off(head_end);
+    match length {
+        Some(len) => {
+            while body.len() < len {
+                let n = stream.read(&mut chunk)?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed in the body",
+                    ));
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+            if body.len() != len {
+                return Err(bad(format!(
+                    "{} unexpected bytes after the response",
+                    body.len() - len
+                )));
+            }
+        }
+        None => {
+            stream.read_to_end(&mut body)?;
+        }
+    }
+    Ok(Response {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// One `GET path` on a new connection with `Connection: close`.
+///
+/// # Errors
+/// As [`connect`] and [`read_response`].
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<Response> {
+    let mut s = connect(addr, timeout)?;
+    send_get(&mut s, path, true)?;
+    read_response(&mut s)
+}

@@ -9,7 +9,7 @@
 //! drain (instead of handing its connections over, or closing them at request boundaries)
 //! would outlive the bounds below by far, and the test would fail.
 
-use std::io::{self, Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ use baton_tests::harness::{
     Baton, TestDir, exclusive, fixture, generation_pids, hello_http_bin, python3, replace_symlink,
     wait_pid_gone, write_script,
 };
+use baton_tests::http::{Response, read_response};
 use baton_tests::load::{LoadGen, LoadOpts};
 use baton_tests::upgrade::{self, migrated_into, upgrade_promoted};
 
@@ -157,96 +158,9 @@ async fn keepalive_connections_survive_twenty_upgrades() {
 }
 
 /// A response read off a raw connection.
-#[derive(Debug)]
-struct RawResponse {
-    status: u16,
-    /// Header names lowercased.
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl RawResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// The `pid=<n>` in hello-http's body.
-    fn pid(&self) -> Option<u32> {
-        let rest = &self.body[self.body.find("pid=")? + 4..];
-        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        digits.parse().ok()
-    }
-}
-
-/// Reads exactly one `Content-Length` response (hello-http always sends one). Anything
-/// beyond it is an error: one request was sent, one response may come back.
-fn read_response(stream: &mut TcpStream) -> io::Result<RawResponse> {
-    let bad = |msg: String| io::Error::new(io::ErrorKind::InvalidData, msg);
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "connection closed before a complete head; got {:?}",
-                    String::from_utf8_lossy(&buf)
-                ),
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|r| r.get(..3))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
-    let headers: Vec<(String, String)> = lines
-        .filter(|l| !l.is_empty())
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let len: usize = headers
-        .iter()
-        .find(|(n, _)| n == "content-length")
-        .and_then(|(_, v)| v.parse().ok())
-        .ok_or_else(|| bad(format!("no content-length in {head:?}")))?;
-    while buf.len() < head_end + len {
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed in the body",
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    if buf.len() != head_end + len {
-        return Err(bad(format!(
-            "{} unexpected bytes after the response",
-            buf.len() - head_end - len
-        )));
-    }
-    Ok(RawResponse {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&buf[head_end..]).into_owned(),
-    })
-}
-
 /// Writes `bytes` and, when `response` is true, reads one response. Blocking socket I/O
 /// (bounded by the socket timeouts) off the async workers' hands.
-fn raw_io(stream: &mut TcpStream, bytes: &[u8], response: bool) -> Option<RawResponse> {
+fn raw_io(stream: &mut TcpStream, bytes: &[u8], response: bool) -> Option<Response> {
     tokio::task::block_in_place(|| {
         stream.write_all(bytes).unwrap();
         response.then(|| read_response(stream).unwrap())
@@ -254,7 +168,7 @@ fn raw_io(stream: &mut TcpStream, bytes: &[u8], response: bool) -> Option<RawRes
 }
 
 /// A GET on the raw connection; checks it is a 200 from `pid` that keeps the connection.
-fn raw_get(stream: &mut TcpStream, pid: u32, what: &str) -> RawResponse {
+fn raw_get(stream: &mut TcpStream, pid: u32, what: &str) -> Response {
     let resp = raw_io(
         stream,
         b"GET / HTTP/1.1\r\nHost: test\r\nUser-Agent: migration-test\r\n\r\n",
@@ -265,7 +179,7 @@ fn raw_get(stream: &mut TcpStream, pid: u32, what: &str) -> RawResponse {
     resp
 }
 
-fn check_hello(resp: &RawResponse, pid: u32, what: &str) {
+fn check_hello(resp: &Response, pid: u32, what: &str) {
     assert_eq!(resp.status, 200, "{what}: {resp:?}");
     assert!(
         resp.body.starts_with("hello from pid="),

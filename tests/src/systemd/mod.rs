@@ -5,13 +5,12 @@
 
 #![allow(missing_docs)]
 
-mod client;
 mod fixture;
 mod load;
 mod sandbox;
 mod units;
 
-pub use client::*;
+pub use crate::http::{Response as HttpResponse, connect, http_get, read_response, send_get};
 pub use fixture::*;
 pub use load::*;
 pub use sandbox::*;
