@@ -2,6 +2,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use baton_protocol::wire::{self, FrameReader};
@@ -66,6 +67,8 @@ pub struct GenHandle {
     pub snapshot: Option<(OwnedFd, u64)>,
     /// READY arrived while a message (its SDK's hello) was still unread.
     pub ready_deferred: bool,
+    /// Messages the read task has passed on that the main loop has not handled yet.
+    queued: Arc<AtomicUsize>,
     tx: mpsc::UnboundedSender<Outgoing>,
     stream: Arc<UnixStream>,
 }
@@ -85,7 +88,14 @@ impl GenHandle {
         let stream = Arc::new(UnixStream::from_std(std_stream)?);
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(wait_exit(gen_id, child, events.clone()));
-        tokio::spawn(read_loop(gen_id, stream.clone(), events, slots));
+        let queued = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(read_loop(
+            gen_id,
+            stream.clone(),
+            events,
+            slots,
+            Arc::clone(&queued),
+        ));
         tokio::spawn(write_loop(gen_id, stream.clone(), rx));
         let started_at = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -98,17 +108,29 @@ impl GenHandle {
             status_text: None,
             snapshot: None,
             ready_deferred: false,
+            queued,
             tx,
             stream,
         })
     }
 
-    /// Whether the child has written something baton has not read yet.
+    /// Whether the child has written something baton has not handled yet: bytes still
+    /// in the socket, or messages the read task passed on that wait in the main loop's
+    /// queue.
     ///
     /// The SDK writes `hello` before it can send READY, so a READY from a child that
-    /// has not said hello yet but has unread bytes means: its hello is in flight.
+    /// has not said hello yet but has unhandled messages means: its hello is in flight.
     pub fn has_unread(&self) -> bool {
-        crate::sys::pending_bytes(self.stream.as_fd()) > 0
+        self.queued.load(Ordering::Acquire) > 0
+            || crate::sys::pending_bytes(self.stream.as_fd()) > 0
+    }
+
+    /// The main loop took one of this generation's messages off the queue.
+    pub fn handled_one(&self) {
+        // Saturating: a message read before the handle existed is not counted.
+        let _ = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
     /// Queues a message (with fds) for the child.
@@ -164,6 +186,7 @@ async fn read_loop(
     stream: Arc<UnixStream>,
     events: mpsc::UnboundedSender<GenEvent>,
     slots: Arc<Semaphore>,
+    queued: Arc<AtomicUsize>,
 ) {
     let mut reader = FrameReader::new();
     loop {
@@ -195,6 +218,7 @@ async fn read_loop(
             },
             Err(e) => {
                 let fatal = e.is_fatal();
+                queued.fetch_add(1, Ordering::AcqRel);
                 let _ = events.send(GenEvent::BadMessage {
                     gen_id,
                     why: e.to_string(),
@@ -205,6 +229,8 @@ async fn read_loop(
                 continue;
             }
         };
+        // Counted before it is sent, so that it is never handled uncounted.
+        queued.fetch_add(1, Ordering::AcqRel);
         if events.send(ev).is_err() {
             return;
         }

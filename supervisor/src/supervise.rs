@@ -351,6 +351,9 @@ fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
             m.on_exit(d, now, gen_id, &how);
         }
         GenEvent::BadMessage { gen_id, why } => {
+            if let Some(h) = d.handles.get(&gen_id) {
+                h.handled_one();
+            }
             tracing::warn!(generation = gen_id, why, "bad control message");
             deferred_ready(m, d, gen_id);
         }
@@ -360,7 +363,10 @@ fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
             mut fds,
             slots,
         } => {
-            let pid = d.handles.get(&gen_id).map(|h| h.pid).unwrap_or(0);
+            let pid = d.handles.get(&gen_id).map_or(0, |h| {
+                h.handled_one();
+                h.pid
+            });
             tracing::debug!(generation = gen_id, pid, ?msg, "control message");
             match msg {
                 ChildMsg::Hello { protocol, features } => {
@@ -371,6 +377,8 @@ fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                             protocol,
                             "child speaks another protocol version; treating it as SDK-less"
                         );
+                        // Its READY may be waiting for this hello.
+                        deferred_ready(m, d, gen_id);
                         return;
                     }
                     m.on_hello(gen_id, features);

@@ -69,6 +69,12 @@ impl Response {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Whether the response says `Connection: close`.
+    pub fn closes(&self) -> bool {
+        self.header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+    }
+
     /// The `pid=<n>` in the body (the example apps all say it).
     pub fn pid(&self) -> Option<u32> {
         crate::load::find_pid(self.body.as_bytes())

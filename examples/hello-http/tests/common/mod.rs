@@ -1,5 +1,5 @@
 //! Shared by the hello-http end-to-end tests: a process wrapper that
-//! streams stderr lines, and a minimal HTTP/1.1 keep-alive client.
+//! streams stderr lines, and a keep-alive connection on `baton_tests::http`.
 
 #![allow(dead_code)] // each test file uses a different subset
 
@@ -127,84 +127,30 @@ impl Drop for Server {
     }
 }
 
-#[derive(Debug)]
-pub struct Response {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: String,
-}
+pub use baton_tests::http::Response;
 
-impl Response {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn closes(&self) -> bool {
-        self.header("connection")
-            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
-    }
-}
-
-/// A minimal keep-alive HTTP/1.1 client connection.
+/// A keep-alive HTTP/1.1 client connection (`baton_tests::http` underneath).
 pub struct Conn {
-    r: BufReader<TcpStream>,
+    s: TcpStream,
 }
 
 impl Conn {
     pub fn open(addr: SocketAddr) -> Conn {
-        let s = TcpStream::connect(addr).expect("connect");
-        s.set_read_timeout(Some(BOUND)).unwrap();
         Conn {
-            r: BufReader::new(s),
+            s: baton_tests::http::connect(addr, BOUND).expect("connect"),
         }
     }
 
     pub fn send(&mut self, path: &str) {
-        write!(
-            self.r.get_mut(),
-            "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n"
-        )
-        .expect("send request");
+        baton_tests::http::send_get(&mut self.s, path, false).expect("send request");
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
-        self.r.get_mut().write_all(bytes).expect("send");
+        self.s.write_all(bytes).expect("send");
     }
 
     pub fn recv(&mut self) -> Response {
-        let mut line = String::new();
-        self.r.read_line(&mut line).expect("status line");
-        let status = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("bad status line {line:?}"));
-        let mut headers = Vec::new();
-        loop {
-            let mut h = String::new();
-            self.r.read_line(&mut h).expect("header");
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            let (n, v) = h.split_once(':').expect("header colon");
-            headers.push((n.trim().to_owned(), v.trim().to_owned()));
-        }
-        let len: usize = headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-            .map(|(_, v)| v.parse().expect("content-length"))
-            .unwrap_or(0);
-        let mut body = vec![0; len];
-        self.r.read_exact(&mut body).expect("body");
-        Response {
-            status,
-            headers,
-            body: String::from_utf8(body).expect("utf-8 body"),
-        }
+        baton_tests::http::read_response(&mut self.s).expect("one response")
     }
 
     pub fn get(&mut self, path: &str) -> Response {
@@ -215,7 +161,7 @@ impl Conn {
     /// Asserts the server closes cleanly (EOF, not a reset).
     pub fn expect_eof(&mut self) {
         let mut buf = [0u8; 16];
-        match self.r.read(&mut buf) {
+        match self.s.read(&mut buf) {
             Ok(0) => {}
             Ok(n) => panic!("expected EOF, got {:?}", &buf[..n]),
             Err(e) => panic!("expected a clean EOF, got {e}"),
