@@ -82,7 +82,7 @@ where
         let hint = if e.is_eof() { " (truncated?)" } else { "" };
         format!("snapshot is not valid JSON{hint}: {e}")
     };
-    // One pass: `version` comes first (as `send_snapshot` writes it), so `state` is
+    // One pass: `version` comes first (as `Baton::snapshot` writes it), so `state` is
     // decoded straight into `T` when the versions match, or into a `Value` for `migrate`.
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let decoded = serde::de::DeserializeSeed::deserialize(
