@@ -300,4 +300,30 @@ mod tests {
             assert!(err.contains(want), "expected {want:?} in {err:?}");
         }
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any bytes in a sealed memfd are restored or rejected with a reason; never a
+            /// panic.
+            #[test]
+            fn any_snapshot_bytes_are_restored_or_rejected(bytes in prop::collection::vec(any::<u8>(), 1..400)) {
+                let fd = memfd_with(&bytes, true);
+                if let Err(reason) = read_snapshot::<Db, _>(&fd, bytes.len() as u64, 2, no_migration) {
+                    prop_assert!(!reason.is_empty());
+                }
+            }
+
+            /// Any state of the program's own version round-trips.
+            #[test]
+            fn own_version_round_trips(version in any::<u32>(), db in prop::collection::btree_map(".{0,12}", any::<u64>(), 0..20)) {
+                let (fd, size) = write_snapshot(version, &db).unwrap();
+                let (back, from): (Db, u32) = read_snapshot(&fd, size, version, no_migration).unwrap();
+                prop_assert_eq!(back, db);
+                prop_assert_eq!(from, version);
+            }
+        }
+    }
 }

@@ -527,4 +527,102 @@ mod tests {
         let mut r = FrameReader::new();
         assert!(matches!(r.next(&b).await, Err(WireError::Truncated)));
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn child_msg() -> impl Strategy<Value = ChildMsg> {
+            prop_oneof![
+                (any::<u64>()).prop_map(|active| ChildMsg::Connections { active }),
+                Just(ChildMsg::Prepared),
+                (".{0,40}").prop_map(|reason| ChildMsg::Rejected { reason }),
+                (
+                    ".{0,20}",
+                    prop::collection::vec(any::<u8>(), 0..64),
+                    ".{0,20}"
+                )
+                    .prop_map(|(listener, buffered, user)| ChildMsg::Migrate {
+                        fds: 0,
+                        listener,
+                        buffered: String::from_utf8_lossy(&buffered).into_owned(),
+                        meta: serde_json::json!({ "user": user }),
+                    }),
+            ]
+        }
+
+        proptest! {
+            /// Messages come out whole and in order however the stream is cut.
+            #[test]
+            fn any_split_of_valid_lines_decodes_them_in_order(
+                msgs in prop::collection::vec(child_msg(), 1..8),
+                cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+            ) {
+                let stream: Vec<u8> = msgs.iter().flat_map(|m| encode(m).unwrap()).collect();
+                let mut at: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+                at.push(0);
+                at.push(stream.len());
+                at.sort_unstable();
+                let mut d = LineDecoder::new();
+                let mut out = Vec::new();
+                for w in at.windows(2) {
+                    d.push(&stream[w[0]..w[1]], Vec::new());
+                    while let Some(f) = d.next_frame().unwrap() {
+                        out.push(f.parse::<ChildMsg>().unwrap());
+                    }
+                }
+                prop_assert_eq!(out, msgs);
+                prop_assert_eq!(d.buffered(), 0);
+            }
+
+            /// Garbage never panics the decoder, and it never hands out more fds than it got.
+            #[test]
+            fn arbitrary_bytes_and_fds_never_panic(
+                chunks in prop::collection::vec(
+                    (prop::collection::vec(any::<u8>(), 0..300), 0usize..3),
+                    1..10,
+                ),
+            ) {
+                let mut d = LineDecoder::new();
+                let (mut given, mut handed) = (0usize, 0usize);
+                for (bytes, nfds) in chunks {
+                    let fds: Vec<OwnedFd> = (0..nfds).map(|_| memfile(b"")).collect();
+                    given += fds.len();
+                    d.push(&bytes, fds);
+                    loop {
+                        match d.next_frame() {
+                            Ok(Some(f)) => handed += f.fds.len(),
+                            Ok(None) => break,
+                            Err(e) if e.is_fatal() => return Ok(()),
+                            Err(_) => {}
+                        }
+                    }
+                }
+                prop_assert!(handed + d.queued_fds() <= given);
+            }
+
+            /// Every message type survives a round trip, fds count included.
+            #[test]
+            fn supervisor_messages_round_trip(
+                listener in ".{0,30}",
+                buffered in ".{0,60}",
+                deadline_ms in any::<u64>(),
+                migrate in any::<bool>(),
+                size in any::<u64>(),
+            ) {
+                for m in [
+                    SupervisorMsg::Adopt { fds: 1, listener: listener.clone(), buffered: buffered.clone(), meta: serde_json::json!([listener.clone()]) },
+                    SupervisorMsg::Drain { deadline_ms, migrate },
+                    SupervisorMsg::Commit { deadline_ms, migrate },
+                    SupervisorMsg::Restore { fds: 1, size },
+                    SupervisorMsg::Resume { reason: buffered.clone() },
+                ] {
+                    let line = encode(&m).unwrap();
+                    prop_assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+                    let back: SupervisorMsg = serde_json::from_slice(&line).unwrap();
+                    prop_assert_eq!(back, m);
+                }
+            }
+        }
+    }
 }

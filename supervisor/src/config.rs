@@ -369,4 +369,77 @@ mod tests {
         assert!(e.contains("line 2") && e.contains("bogus"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+        use std::io::Write;
+
+        const KEYS: [&str; 13] = [
+            "listen",
+            "unix_mode",
+            "backlog",
+            "ready",
+            "ready_timeout",
+            "drain_timeout",
+            "stop_signal",
+            "state",
+            "snapshot_timeout",
+            "restore_timeout",
+            "control",
+            "control_group",
+            "command",
+        ];
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "\"[ -~&&[^\"\\\\]]{0,20}\"",
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<bool>().prop_map(|b| b.to_string()),
+                "\\[(\"[a-z0-9=:.]{0,12}\", ?){0,3}\\]",
+                "(?s).{0,20}",
+            ]
+        }
+
+        proptest! {
+            /// Any duration text is accepted within the cap or refused with a message
+            /// naming it; never a panic.
+            #[test]
+            fn durations_are_capped_or_refused(text in "(?s).{0,30}") {
+                match duration("--drain-timeout", &text) {
+                    Ok(d) => prop_assert!(d <= MAX_DURATION),
+                    Err(e) => prop_assert!(e.to_string().contains("--drain-timeout"), "{}", e),
+                }
+            }
+
+            /// Whole seconds up to the cap round-trip through humantime's format.
+            #[test]
+            fn formatted_durations_parse_back(secs in 0u64..=MAX_DURATION.as_secs()) {
+                let d = Duration::from_secs(secs);
+                let text = humantime::format_duration(d).to_string();
+                prop_assert_eq!(duration("x", &text).unwrap(), d);
+            }
+
+            /// Any config file, well-formed or not, gives a config or one error line.
+            #[test]
+            fn any_config_file_gives_a_config_or_one_error_line(
+                lines in prop::collection::vec((prop::sample::select(&KEYS[..]), value()), 0..8),
+                junk in "(?s).{0,40}",
+                with_junk in any::<bool>(),
+            ) {
+                let mut text: String = lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+                if with_junk {
+                    text.push_str(&junk);
+                }
+                let dir = std::env::temp_dir().join(format!("baton-config-prop-{}", std::process::id()));
+                std::fs::create_dir_all(&dir).unwrap();
+                let path = dir.join("baton.toml");
+                std::fs::File::create(&path).unwrap().write_all(text.as_bytes()).unwrap();
+                let path = path.to_str().unwrap().to_owned();
+                if let Err(e) = parse(&["--config", &path, "--", "true"]) {
+                    prop_assert!(!e.to_string().contains('\n'), "{}", e);
+                }
+            }
+        }
+    }
 }

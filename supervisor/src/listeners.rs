@@ -431,4 +431,35 @@ mod tests {
         assert!(sys::is_listening(l.fd()));
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+        use std::net::SocketAddr;
+
+        proptest! {
+            /// No `--listen` value panics the parser; an error names the spec.
+            #[test]
+            fn any_spec_parses_or_names_itself(spec in "(?s).{0,80}") {
+                if let Err(e) = ListenSpec::parse(&spec) {
+                    prop_assert!(e.to_string().contains(&spec) || spec.contains('\n'), "{}", e);
+                }
+            }
+
+            /// `NAME=HOST:PORT` and `NAME=unix:PATH` come back as given.
+            #[test]
+            fn valid_specs_round_trip(
+                name in "[a-z][a-z0-9_-]{0,15}",
+                // (ip, port) only: flow info and scope ids are not part of the syntax.
+                addr in (any::<std::net::IpAddr>(), any::<u16>()).prop_map(SocketAddr::from),
+                path in "/[a-zA-Z0-9_./-]{1,40}",
+            ) {
+                let s = ListenSpec::parse(&format!("{name}={addr}")).unwrap();
+                prop_assert_eq!(&s.name, &name);
+                prop_assert_eq!(s.addr, ListenAddr::Tcp(addr));
+                let u = ListenSpec::parse(&format!("{name}=unix:{path}")).unwrap();
+                prop_assert_eq!(u.addr, ListenAddr::Unix(PathBuf::from(&path)));
+            }
+        }
+    }
 }

@@ -201,4 +201,29 @@ mod tests {
         assert!(!path.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any datagram parses without panicking, and every pair it yields is a real
+            /// `KEY=VALUE` line of it.
+            #[test]
+            fn any_payload_parses_to_its_own_lines(payload in "(?s).{0,400}") {
+                for (k, v) in parse(&payload) {
+                    let line = format!("{k}={v}");
+                    prop_assert!(payload.lines().any(|l| l == line), "{:?} not a line of {:?}", line, payload);
+                }
+            }
+
+            /// Well-formed assignments come back as written.
+            #[test]
+            fn assignments_come_back(pairs in prop::collection::vec(("[A-Z_]{1,12}", "[ -~&&[^=]]{0,30}"), 0..8)) {
+                let payload: String = pairs.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+                let got: Vec<(String, String)> = parse(&payload).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+                prop_assert_eq!(got, pairs);
+            }
+        }
+    }
 }

@@ -163,7 +163,9 @@ pub fn split_args(line: &[u8]) -> Option<Args<'_>> {
         while p < line.len() && is_space(line[p]) {
             p += 1;
         }
-        if p == line.len() {
+        // A NUL ends the line, as it ends the C string `sdssplitargs` walks. (It is no
+        // space, so without this an unquoted NUL would be an empty word, forever.)
+        if p == line.len() || line[p] == 0 {
             return Some(args);
         }
         let start = p;
@@ -568,5 +570,64 @@ mod tests {
             out,
             b"+OK\r\n-ERR bad  thing\r\n:-3\r\n$2\r\nhi\r\n$-1\r\n*2\r\n".to_vec()
         );
+    }
+
+    #[test]
+    fn a_nul_ends_an_inline_command() {
+        let got = |l: &[u8]| -> Vec<Vec<u8>> {
+            split_args(l)
+                .unwrap()
+                .into_iter()
+                .map(|a| a.into_owned())
+                .collect()
+        };
+        assert_eq!(got(b"GET \0x"), vec![b"GET".to_vec()]);
+        assert_eq!(got(b"\0"), Vec::<Vec<u8>>::new());
+        assert_eq!(got(b"SET a\0b c"), vec![b"SET".to_vec(), b"a".to_vec()]);
+        // Inside quotes a NUL is data.
+        assert_eq!(
+            got(b"SET \"a\0b\""),
+            vec![b"SET".to_vec(), b"a\0b".to_vec()]
+        );
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn multibulk(args: &[Vec<u8>]) -> Vec<u8> {
+            let mut out = format!("*{}\r\n", args.len()).into_bytes();
+            for a in args {
+                out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+                out.extend_from_slice(a);
+                out.extend_from_slice(b"\r\n");
+            }
+            out
+        }
+
+        proptest! {
+            /// Any bytes give a frame, "incomplete" or a protocol error; never a panic,
+            /// and a frame never claims more bytes than there are.
+            #[test]
+            fn arbitrary_bytes_never_panic(buf in prop::collection::vec(any::<u8>(), 0..600)) {
+                if let Ok(Parsed::Frame { len, .. }) = parse(&buf) {
+                    prop_assert!(len > 0 && len <= buf.len());
+                }
+            }
+
+            /// A multibulk command comes back exactly; every strict prefix is incomplete.
+            #[test]
+            fn multibulk_round_trips_and_prefixes_are_incomplete(
+                args in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 1..6),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let wire = multibulk(&args);
+                let (got, len) = frame(&wire);
+                prop_assert_eq!(got, args);
+                prop_assert_eq!(len, wire.len());
+                let at = cut.index(wire.len());
+                prop_assert_eq!(parse(&wire[..at]).unwrap(), Parsed::Incomplete);
+            }
+        }
     }
 }

@@ -298,6 +298,25 @@ fn pipelining_inline_and_split_frames() {
     );
 }
 
+/// A NUL in an inline command ends it, as in Redis. Found by the RESP property test: the
+/// parser used to take the NUL for an empty word forever, spinning one worker and growing
+/// without bound.
+#[test]
+fn a_nul_byte_in_an_inline_command_ends_it() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    c.send_raw(b"PING\0junk\r\nECHO \0\r\nPING\r\n");
+    assert_eq!(c.read(), Reply::Simple("PONG".into()));
+    // `ECHO` alone: the NUL cut its argument off.
+    assert!(matches!(c.read(), Reply::Error(e) if e.contains("wrong number of arguments")));
+    assert_eq!(c.read(), Reply::Simple("PONG".into()));
+    // And the server is still all there for other clients.
+    assert_eq!(
+        server.connect().cmd(&["PING"]),
+        Reply::Simple("PONG".into())
+    );
+}
+
 #[test]
 fn info_fields() {
     let server = Server::start(&["--schema", "1"]);
