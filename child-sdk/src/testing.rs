@@ -77,6 +77,25 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// A snapshot made here, for fault tests of a candidate: `bytes` as the memfd's
+    /// content, announced as `version`, sealed or (to test that it is refused) not.
+    ///
+    /// # Errors
+    ///
+    /// Creating, writing or sealing the memfd failed.
+    pub fn from_bytes(version: u32, bytes: &[u8], sealed: bool) -> io::Result<Snapshot> {
+        let fd = sys::memfd("baton-fake-snapshot")?;
+        std::io::Write::write_all(&mut std::fs::File::from(fd.try_clone()?), bytes)?;
+        if sealed {
+            sys::seal_immutable(fd.as_fd())?;
+        }
+        Ok(Snapshot {
+            version,
+            size: bytes.len() as u64,
+            fd,
+        })
+    }
+
     /// The snapshot's bytes (`{"version": V, "state": ...}`).
     ///
     /// # Errors

@@ -388,6 +388,23 @@ fn older_schema_rejects_a_newer_snapshot() {
     assert_eq!(old.connect().cmd(&["GET", "k"]), "$1\r\nv\r\n");
 }
 
+/// A snapshot memfd without the write/shrink/grow seals could change under the candidate
+/// while it reads: the real binary refuses it (and restores the same bytes sealed).
+#[test]
+fn unsealed_snapshots_are_rejected_and_sealed_ones_restored() {
+    let good = br#"{"version":2,"state":{"entries":[]}}"#;
+    let mut candidate = Generation::spawn(2, 2);
+    let unsealed = Snapshot::from_bytes(2, good, false).unwrap();
+    let Restore::Rejected { reason } = candidate.restore(&unsealed) else {
+        panic!("an unsealed snapshot must be refused");
+    };
+    assert!(reason.contains("not sealed"), "{reason}");
+    // The same bytes sealed are fine for a fresh candidate.
+    let mut ok = Generation::spawn(3, 2);
+    let sealed = Snapshot::from_bytes(2, good, true).unwrap();
+    assert_eq!(ok.restore(&sealed), Restore::Restored { from_version: 2 });
+}
+
 #[test]
 fn schema_1_refuses_to_snapshot_binary_data_and_keeps_serving() {
     let mut g = Generation::spawn(1, 1);
