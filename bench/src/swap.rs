@@ -56,6 +56,8 @@ async fn measure(baton: &Baton, control: &Control, opts: &Opts) -> anyhow::Resul
 
     let mut wall_ms = Vec::with_capacity(opts.upgrades);
     let mut supervisor_ms = Vec::with_capacity(opts.upgrades);
+    // baton's share, split: the cgroup, fork + exec, READY to drain.
+    let mut parts: [Vec<f64>; 3] = Default::default();
     let mut promoted = 0u64;
     let mut rollbacks = Vec::new();
     let mut next = tokio::time::Instant::now();
@@ -66,6 +68,13 @@ async fn measure(baton: &Baton, control: &Control, opts: &Opts) -> anyhow::Resul
         wall_ms.push(took.as_secs_f64() * 1000.0);
         if let Some(ms) = report.supervisor_ms {
             supervisor_ms.push(ms);
+        }
+        for (v, part) in
+            parts
+                .iter_mut()
+                .zip([report.cgroup_ms, report.spawn_ms, report.ready_to_drain_ms])
+        {
+            v.extend(part);
         }
         match report.result {
             UpgradeResult::Promoted => promoted += 1,
@@ -127,6 +136,15 @@ async fn measure(baton: &Baton, control: &Control, opts: &Opts) -> anyhow::Resul
     load_extras(&mut row, &report);
     row.set_ms("supervisor_ms_p50", percentile(&supervisor_ms, 0.5))
         .set_ms("supervisor_ms_max", percentile(&supervisor_ms, 1.0));
+    for (name, v) in ["cgroup_ms", "spawn_ms", "ready_to_drain_ms"]
+        .iter()
+        .zip(&parts)
+    {
+        if !v.is_empty() {
+            row.set_ms(&format!("{name}_p50"), percentile(v, 0.5))
+                .set_ms(&format!("{name}_p99"), percentile(v, 0.99));
+        }
+    }
     for reason in rollbacks.iter().take(3) {
         row.note(format!("rollback: {reason}"));
     }

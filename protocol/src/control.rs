@@ -112,6 +112,15 @@ pub struct UpgradeReport {
     /// plus the time from its READY to the old generation being told to drain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supervisor_ms: Option<f64>,
+    /// Of `supervisor_ms`: creating the candidate's cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_ms: Option<f64>,
+    /// Of `supervisor_ms`: fork + exec of the candidate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spawn_ms: Option<f64>,
+    /// Of `supervisor_ms`: from the candidate's READY to the old generation told to drain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_to_drain_ms: Option<f64>,
 }
 
 /// One listener in [`Status`].

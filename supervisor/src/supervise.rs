@@ -45,7 +45,9 @@ struct Driver {
     next_waiter: WaiterId,
     sd: SystemdOut,
     exit: Option<(i32, String)>,
-    /// How long the last fork + exec took (baton's share of an upgrade).
+    /// How long the last spawn took (baton's share of an upgrade): the cgroup, then
+    /// fork + exec.
+    last_cgroup: Duration,
     last_spawn: Duration,
     /// When the READY being handled was received.
     ready_received: Option<Instant>,
@@ -67,6 +69,8 @@ impl Host for Driver {
     fn spawn(&mut self, gen_id: GenId) -> Result<u32, String> {
         let t = Instant::now();
         let cg = self.containment.prepare(gen_id);
+        self.last_cgroup = t.elapsed();
+        let t = Instant::now();
         let s = match spawn::spawn(&self.spawn_cfg, &self.listeners, gen_id, cg) {
             Ok(s) => s,
             Err(e) => {
@@ -130,7 +134,12 @@ impl Host for Driver {
 
     fn finished(&mut self, report: &mut UpgradeReport, waiters: Vec<WaiterId>) {
         if let Some(t) = self.ready_received {
-            report.supervisor_ms = Some((self.last_spawn + t.elapsed()).as_secs_f64() * 1000.0);
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            let ready = t.elapsed();
+            report.supervisor_ms = Some(ms(self.last_cgroup + self.last_spawn + ready));
+            report.cgroup_ms = Some(ms(self.last_cgroup));
+            report.spawn_ms = Some(ms(self.last_spawn));
+            report.ready_to_drain_ms = Some(ms(ready));
         }
         for w in waiters {
             if let Some(tx) = self.waiters.remove(&w) {
@@ -247,6 +256,7 @@ pub async fn run(
         next_waiter: 1,
         sd,
         exit: None,
+        last_cgroup: Duration::ZERO,
         last_spawn: Duration::ZERO,
         ready_received: None,
         strangers: HashMap::new(),

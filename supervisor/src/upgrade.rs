@@ -170,6 +170,9 @@ impl Upgrade {
             restore_ms: self.restore_ms,
             migrated_connections: 0,
             supervisor_ms: None,
+            cgroup_ms: None,
+            spawn_ms: None,
+            ready_to_drain_ms: None,
         }
     }
 }
@@ -359,6 +362,9 @@ impl Machine {
             restore_ms: None,
             migrated_connections: 0,
             supervisor_ms: None,
+            cgroup_ms: None,
+            spawn_ms: None,
+            ready_to_drain_ms: None,
         }
     }
 

@@ -31,6 +31,21 @@ async fn generation_ignoring_drain_is_killed_at_the_deadline() {
         UpgradeOutcome::Promoted(r) => r,
         UpgradeOutcome::RolledBack { message } => panic!("upgrade rolled back: {message}"),
     };
+    // baton's share is reported, and split into its three parts.
+    let parts = [
+        promoted.cgroup_ms,
+        promoted.spawn_ms,
+        promoted.ready_to_drain_ms,
+    ];
+    let total = promoted.supervisor_ms.expect("supervisor_ms");
+    let sum: f64 = parts
+        .iter()
+        .map(|p| p.expect("every part of supervisor_ms"))
+        .sum();
+    assert!(
+        (sum - total).abs() < 0.01,
+        "{parts:?} should add up to {total}"
+    );
     // Promotion (and so the start of the drain) happened between `requested` and now.
     let answered = Instant::now();
     let status = baton.status().await.unwrap();
