@@ -587,3 +587,74 @@ async fn stop_removes_the_unix_socket_file_baton_bound() {
     baton.wait_exit(BOUND).await.unwrap();
     assert!(!sock.exists(), "{} was left behind", sock.display());
 }
+
+/// The cgroup v2 directory of this test process (baton inherits it and makes its
+/// generations' cgroups below it).
+fn own_cgroup_dir() -> Option<std::path::PathBuf> {
+    let cg = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = cg.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = mounts.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        right
+            .starts_with("cgroup2 ")
+            .then(|| left.split_whitespace().nth(4).map(std::path::PathBuf::from))?
+    })?;
+    Some(mount.join(rel.trim_start_matches('/')))
+}
+
+/// Empty generation cgroups left by a SIGKILLed baton are swept at start-up; those of a
+/// baton that is still alive are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_generation_cgroups_are_swept_at_start() {
+    let _serial = exclusive().await;
+    let Some(base) = own_cgroup_dir() else {
+        eprintln!("skipping: no cgroup v2 hierarchy here");
+        return;
+    };
+    // A pid that is not running: the highest one the kernel could hand out.
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32768);
+    let dead = (2..pid_max)
+        .rev()
+        .find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+        .unwrap();
+    let stale = base.join(format!("baton-{dead}-gen-7"));
+    // Ours: this test process is alive, so a cgroup named after it must stay.
+    let alive = base.join(format!("baton-{}-gen-7", std::process::id()));
+    for d in [&stale, &alive] {
+        if let Err(e) = std::fs::create_dir(d) {
+            eprintln!(
+                "skipping: cannot create a cgroup in {}: {e}",
+                base.display()
+            );
+            return;
+        }
+    }
+    let baton = Baton::start(
+        ["--listen", "http=127.0.0.1:0"],
+        [hello_http_bin().unwrap()],
+    )
+    .await
+    .unwrap();
+    let status = baton.status().await.unwrap();
+    let stale_left = stale.exists();
+    let alive_left = alive.exists();
+    let _ = std::fs::remove_dir(&stale);
+    let _ = std::fs::remove_dir(&alive);
+    if status.containment != "cgroup" {
+        eprintln!(
+            "skipping: baton does not use cgroups here ({})",
+            status.containment
+        );
+        return;
+    }
+    assert!(!stale_left, "{} was not swept", stale.display());
+    assert!(
+        alive_left,
+        "{} belongs to a live pid and was removed",
+        alive.display()
+    );
+}
