@@ -658,3 +658,80 @@ async fn stale_generation_cgroups_are_swept_at_start() {
         alive.display()
     );
 }
+
+/// Root with no `--control`, `$BATON_CONTROL` or `$XDG_RUNTIME_DIR` gets
+/// `/run/baton/baton.sock`, in a directory only root can enter, and every client command
+/// finds it there; a clean stop removes the socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_defaults_to_run_baton() {
+    let _serial = exclusive().await;
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipping root_defaults_to_run_baton: needs root");
+        return;
+    }
+    let sock = std::path::Path::new("/run/baton/baton.sock");
+    if UnixStream::connect(sock).is_ok() {
+        eprintln!(
+            "skipping root_defaults_to_run_baton: a baton already answers on {}",
+            sock.display()
+        );
+        return;
+    }
+    let cli = |args: &[&str]| {
+        let mut c = tokio::process::Command::new(baton_tests::harness::baton_bin().unwrap());
+        c.args(args)
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("BATON_CONTROL")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        c
+    };
+    let hello = hello_http_bin().unwrap();
+    let mut run = cli(&[
+        "run",
+        "--listen",
+        "http=127.0.0.1:0",
+        "--",
+        hello.to_str().unwrap(),
+    ]);
+    let child = run
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _kill = KillOnDrop(child.id().unwrap());
+    // Until `baton status` answers on the default path.
+    let deadline = Instant::now() + BOUND;
+    let status = loop {
+        let out = cli(&["status", "--json"]).output().await.unwrap();
+        if out.status.success() {
+            break String::from_utf8(out.stdout).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer on {}: {}",
+            sock.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.contains("\"generation\""), "{status}");
+    let meta = std::fs::metadata("/run/baton").unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700, "/run/baton mode");
+    assert!(sock.exists());
+    let out = cli(&["stop"]).output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exited = tokio::time::timeout(BOUND, async {
+        let mut child = child;
+        child.wait().await
+    })
+    .await
+    .expect("baton exits after stop")
+    .unwrap();
+    assert!(exited.success(), "{exited:?}");
+    assert!(!sock.exists(), "the socket file is removed on a clean stop");
+}
