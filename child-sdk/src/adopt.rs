@@ -68,7 +68,12 @@ impl AdoptRoutes {
     }
 }
 
-/// Decodes the `buffered` field of `adopt`.
+/// Encodes bytes for the `buffered` field of `migrate` and `adopt`.
+pub(crate) fn encode_buffered(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Decodes the `buffered` field of `migrate` and `adopt`.
 pub(crate) fn decode_buffered(b64: &str) -> std::result::Result<Vec<u8>, String> {
     base64::engine::general_purpose::STANDARD
         .decode(b64)

@@ -1,10 +1,10 @@
 //! Hand-over, old generation: a live connection goes to the successor at a
 //! request boundary, with the bytes read from it but not processed.
 
-use base64::Engine;
 use baton_protocol::ChildMsg;
 use serde::Serialize;
 
+use crate::adopt;
 use crate::baton::Baton;
 use crate::error::{Error, Result};
 use crate::stream::Stream;
@@ -51,7 +51,7 @@ impl Baton {
         let msg = ChildMsg::Migrate {
             fds: 1,
             listener,
-            buffered: base64::engine::general_purpose::STANDARD.encode(&buffered),
+            buffered: adopt::encode_buffered(&buffered),
             meta,
         };
         control.send_and_wait(&msg, Some(fd)).await

@@ -3,6 +3,7 @@
 //! bytes are the codec's business.
 
 use std::fmt;
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use baton_protocol::ChildMsg;
@@ -14,6 +15,7 @@ use crate::codec;
 use crate::dispatch::StateMsg;
 use crate::error::{Error, Result};
 use crate::events::Event;
+use crate::send::ControlTx;
 
 /// How long a candidate that rejected the snapshot waits for the supervisor
 /// to stop it, so that baton reports the rejection rather than "exited".
@@ -218,12 +220,7 @@ impl Baton {
         let (fd, size) = codec::write_snapshot(version, state)?;
         let ms = started.elapsed().as_millis();
         tracing::info!(version, size, ms, "snapshot written");
-        let msg = ChildMsg::Snapshot {
-            fds: 1,
-            version,
-            size,
-        };
-        control.send(&msg, Some(fd))
+        send_snapshot(control, version, fd, size)
     }
 
     /// Tells the supervisor no snapshot can be made; it aborts the upgrade
@@ -263,11 +260,16 @@ impl Baton {
             std::io::Write::write_all(w, bytes).map_err(|e| format!("writing the memfd: {e}"))
         })?;
         tracing::warn!(version, size, "sending an unchecked snapshot");
-        let msg = ChildMsg::Snapshot {
-            fds: 1,
-            version,
-            size,
-        };
-        control.send(&msg, Some(fd))
+        send_snapshot(control, version, fd, size)
     }
+}
+
+/// Sends a written snapshot memfd as the answer to quiesce.
+fn send_snapshot(control: &ControlTx, version: u32, fd: OwnedFd, size: u64) -> Result<()> {
+    let msg = ChildMsg::Snapshot {
+        fds: 1,
+        version,
+        size,
+    };
+    control.send(&msg, Some(fd))
 }

@@ -42,11 +42,11 @@ use std::os::unix::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use base64::Engine;
 use baton_protocol::wire::{self, FrameReader};
 use baton_protocol::{ChildMsg, Feature, SupervisorMsg};
 use tokio::net::{UnixDatagram, UnixStream};
 
+use crate::adopt;
 use crate::env::Env;
 use crate::sys;
 
@@ -473,9 +473,7 @@ impl FakeSupervisor {
         else {
             return Err(protocol("migrate without its fd".to_owned()));
         };
-        let buffered = base64::engine::general_purpose::STANDARD
-            .decode(buffered)
-            .map_err(|e| protocol(format!("buffered is not base64: {e}")))?;
+        let buffered = adopt::decode_buffered(&buffered).map_err(protocol)?;
         Ok(Migrated {
             listener,
             buffered,
@@ -493,7 +491,7 @@ impl FakeSupervisor {
         let msg = SupervisorMsg::Adopt {
             fds: 1,
             listener: conn.listener,
-            buffered: base64::engine::general_purpose::STANDARD.encode(&conn.buffered),
+            buffered: adopt::encode_buffered(&conn.buffered),
             meta: conn.meta,
         };
         self.send_with(&msg, Some(&conn.fd)).await

@@ -354,6 +354,11 @@ fn rearm_listeners(listeners: &[Listener], backlog: i32) {
 
 fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
     let now = Instant::now();
+    if let GenEvent::Message { gen_id, .. } | GenEvent::BadMessage { gen_id, .. } = &ev {
+        if let Some(h) = d.handles.get(gen_id) {
+            h.handled_one();
+        }
+    }
     match ev {
         GenEvent::Exited { gen_id, how } => {
             d.handles.remove(&gen_id);
@@ -361,9 +366,6 @@ fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
             m.on_exit(d, now, gen_id, &how);
         }
         GenEvent::BadMessage { gen_id, why } => {
-            if let Some(h) = d.handles.get(&gen_id) {
-                h.handled_one();
-            }
             tracing::warn!(generation = gen_id, why, "bad control message");
             deferred_ready(m, d, gen_id);
         }
@@ -373,10 +375,7 @@ fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
             mut fds,
             slots,
         } => {
-            let pid = d.handles.get(&gen_id).map_or(0, |h| {
-                h.handled_one();
-                h.pid
-            });
+            let pid = d.handles.get(&gen_id).map_or(0, |h| h.pid);
             tracing::debug!(generation = gen_id, pid, ?msg, "control message");
             match msg {
                 ChildMsg::Hello { protocol, features } => {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use baton_protocol::{Status, UpgradeReport, UpgradeResult};
 
-use crate::harness::{Baton, UpgradeOutcome};
+use crate::harness::{Baton, UpgradeOutcome, generation_pids, wait_pid_gone};
 
 /// `baton upgrade --wait`, which must promote a candidate with a pid; also returns when it
 /// returned (the old generation was told to drain no later than that).
@@ -56,4 +56,28 @@ pub async fn wait_migrated(
         )
         .await
         .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Waits (at most `within` for each step) until the old generation `old_pid` has exited and
+/// `new_pid` is the only generation left; returns that settled status.
+///
+/// # Panics
+///
+/// When either does not happen in time.
+pub async fn wait_replaced(
+    baton: &Baton,
+    old_pid: u32,
+    new_pid: u32,
+    within: Duration,
+    what: &str,
+) -> Status {
+    wait_pid_gone(old_pid, within)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: old generation {old_pid} did not exit: {e}"));
+    let settled = baton
+        .wait_settled(within)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(generation_pids(&settled), vec![new_pid], "{what}");
+    settled
 }

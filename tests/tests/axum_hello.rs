@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use baton_tests::harness::{Baton, bin, exclusive, generation_pids, wait_pid_gone};
+use baton_tests::harness::{Baton, bin, exclusive};
 use baton_tests::load::{LoadGen, LoadOpts};
-use baton_tests::upgrade::{migrated_into, upgrade_promoted, wait_migrated};
+use baton_tests::upgrade::{migrated_into, upgrade_promoted, wait_migrated, wait_replaced};
 
 const UPGRADES: usize = 10;
 const KEEPALIVE: usize = 8;
@@ -45,11 +45,7 @@ async fn axum_keepalive_clients_keep_their_connections_through_ten_upgrades() {
         assert_ne!(new_pid, pid, "{what}");
         // Every connection moves, exactly once, and the old generation is left with none.
         wait_migrated(&baton, report.generation, KEEPALIVE as u64, WAIT, &what).await;
-        wait_pid_gone(pid, WAIT)
-            .await
-            .unwrap_or_else(|e| panic!("{what}: old generation {pid} did not exit: {e}"));
-        let settled = baton.wait_settled(WAIT).await.unwrap();
-        assert_eq!(generation_pids(&settled), vec![new_pid], "{what}");
+        let settled = wait_replaced(&baton, pid, new_pid, WAIT, &what).await;
         assert_eq!(
             migrated_into(&settled, report.generation),
             Some(KEEPALIVE as u64),

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use baton_tests::harness::{Baton, bin, exclusive, generation_pids, wait_pid_gone};
+use baton_tests::harness::{Baton, bin, exclusive};
 use baton_tests::load::{LoadGen, LoadOpts};
-use baton_tests::upgrade::upgrade_promoted;
+use baton_tests::upgrade::{upgrade_promoted, wait_replaced};
 
 const UPGRADES: usize = 5;
 const WAIT: Duration = Duration::from_secs(10);
@@ -38,11 +38,7 @@ async fn a_plain_listenfd_app_upgrades_without_a_failed_request() {
         let what = format!("upgrade {i}");
         let (report, _) = upgrade_promoted(&baton, &what).await;
         let new_pid = report.pid.unwrap();
-        wait_pid_gone(pid, WAIT)
-            .await
-            .unwrap_or_else(|e| panic!("{what}: old generation {pid} did not exit: {e}"));
-        let settled = baton.wait_settled(WAIT).await.unwrap();
-        assert_eq!(generation_pids(&settled), vec![new_pid], "{what}");
+        wait_replaced(&baton, pid, new_pid, WAIT, &what).await;
         load.wait_until(WAIT, |s| s.pids.contains(&new_pid))
             .await
             .unwrap_or_else(|s| panic!("{what}: new pid {new_pid} never answered: {s:?}"));

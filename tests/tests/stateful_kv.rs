@@ -198,9 +198,7 @@ async fn upgrade_promoted(baton: &Baton, what: &str) -> UpgradeReport {
         .pid
         .unwrap_or_else(|| panic!("{what}: no pid: {report:?}"));
     assert_ne!(new, old, "{what}: same pid after promotion");
-    let settled = baton.wait_settled(WAIT).await.unwrap();
-    assert_eq!(generation_pids(&settled), vec![new], "{what}");
-    wait_pid_gone(old, WAIT).await.unwrap();
+    baton_tests::upgrade::wait_replaced(baton, old, new, WAIT, what).await;
     report
 }
 

@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use baton_child::{Baton, DrainCause, Env, Event};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::Options;
@@ -30,42 +29,33 @@ impl Serialize for Live<'_> {
     }
 }
 
-/// A snapshot of schema v1 (this binary's own), decoded in one pass.
-struct OwnV1(Db);
-/// A snapshot of schema v2 (this binary's own), decoded in one pass.
-struct OwnV2(Db);
+/// A snapshot of this binary's own schema (version `V`), decoded in one pass.
+struct Own<const V: u32>(Db);
 
-impl<'de> Deserialize<'de> for OwnV1 {
+impl<'de, const V: u32> Deserialize<'de> for Own<V> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         fault::on_restore();
-        state::deserialize_state(Schema::V1, d).map(OwnV1)
-    }
-}
-
-impl<'de> Deserialize<'de> for OwnV2 {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        fault::on_restore();
-        state::deserialize_state(Schema::V2, d).map(OwnV2)
+        let schema = Schema::from_version(V)
+            .ok_or_else(|| serde::de::Error::custom(format!("no schema version {V}")))?;
+        state::deserialize_state(schema, d).map(Own)
     }
 }
 
 /// The predecessor's keyspace and the schema it was written with: this binary's own schema
-/// is decoded as `T`, any other goes through [`state::restore`].
-async fn restore_as<T: DeserializeOwned>(
+/// (version `V`) is decoded directly, any other goes through [`state::restore`].
+async fn restore_as<const V: u32>(
     baton: &Baton,
     schema: Schema,
-    wrap: fn(Db) -> T,
-    unwrap: fn(T) -> Db,
 ) -> Result<Option<(Db, u32)>, baton_child::Error> {
     let mut from_version = schema.version();
     let restored = baton
         .restore(|version, value| {
             fault::on_restore();
             from_version = version;
-            state::restore(schema, version, value).map(wrap)
+            state::restore(schema, version, value).map(Own::<V>)
         })
         .await?;
-    Ok(restored.map(|t| (unwrap(t), from_version)))
+    Ok(restored.map(|Own(db)| (db, from_version)))
 }
 
 /// Runs the server until a drain (or a stateful commit) finishes.
@@ -104,8 +94,8 @@ pub async fn run(opts: Options, env: Env) -> anyhow::Result<()> {
     // As a candidate: take the predecessor's state before accepting anything or saying READY.
     // A rejection is reported by the SDK, which returns once baton has stopped the upgrade.
     let restored = match schema {
-        Schema::V1 => restore_as(&baton, schema, OwnV1, |t| t.0).await,
-        Schema::V2 => restore_as(&baton, schema, OwnV2, |t| t.0).await,
+        Schema::V1 => restore_as::<1>(&baton, schema).await,
+        Schema::V2 => restore_as::<2>(&baton, schema).await,
     };
     match restored {
         Ok(Some((db, from_version))) => {
