@@ -24,6 +24,7 @@ use crate::send::ControlTx;
 pub struct Builder {
     adopt: bool,
     state_version: Option<u32>,
+    restores: Option<Vec<u32>>,
     signals: bool,
     exit_on_second_signal: bool,
 }
@@ -33,6 +34,7 @@ impl Default for Builder {
         Builder {
             adopt: false,
             state_version: None,
+            restores: None,
             signals: true,
             exit_on_second_signal: true,
         }
@@ -46,6 +48,15 @@ impl Builder {
     /// old generation answers [`Event::Quiesce`] with [`Baton::snapshot`].
     pub fn stateful(mut self, version: u32) -> Self {
         self.state_version = Some(version);
+        self
+    }
+
+    /// The schema versions [`Baton::restore`] can read, announced so that a
+    /// predecessor of a newer schema can write one of them (a downgrade, as
+    /// in a revert to this release) or refuse. Default: 1 to the version
+    /// given to [`stateful`](Self::stateful).
+    pub fn restores(mut self, versions: impl IntoIterator<Item = u32>) -> Self {
+        self.restores = Some(versions.into_iter().collect());
         self
     }
 
@@ -129,6 +140,9 @@ impl Builder {
                 let hello = ChildMsg::Hello {
                     protocol: PROTOCOL_VERSION,
                     features: self.features(),
+                    restores: self
+                        .state_version
+                        .map(|v| self.restores.clone().unwrap_or_else(|| (1..=v).collect())),
                 };
                 let state_tx = self.state_version.map(|_| {
                     let (tx, rx) = mpsc::unbounded_channel();
@@ -171,6 +185,7 @@ impl Builder {
                     restored: false,
                     drain_told: false,
                 }),
+                successor: Mutex::new(None),
                 adopt,
             }),
         })
@@ -220,6 +235,8 @@ pub(crate) struct Inner {
     conns: Connections,
     pub(crate) state_version: Option<u32>,
     pub(crate) state: tokio::sync::Mutex<StateRx>,
+    /// The schema versions the successor restores, from the last quiesce.
+    pub(crate) successor: Mutex<Option<Vec<u32>>>,
     adopt: Option<AdoptRoutes>,
 }
 

@@ -21,7 +21,7 @@ use crate::send::ControlTx;
 pub(crate) enum StateMsg {
     Restore { fd: OwnedFd, size: u64 },
     Fresh { reason: String },
-    Quiesce,
+    Quiesce { accept: Option<Vec<u32>> },
     Resume { reason: String },
 }
 
@@ -50,7 +50,7 @@ impl Dispatch {
                 deadline_ms,
                 migrate,
             } => self.drain_by(DrainCause::Supervisor, deadline_ms, migrate),
-            SupervisorMsg::Quiesce => self.to_state(StateMsg::Quiesce),
+            SupervisorMsg::Quiesce { accept } => self.to_state(StateMsg::Quiesce { accept }),
             SupervisorMsg::Resume { reason } => self.to_state(StateMsg::Resume { reason }),
             SupervisorMsg::Commit {
                 deadline_ms,
@@ -178,6 +178,7 @@ mod tests {
         let hello = ChildMsg::Hello {
             protocol: PROTOCOL_VERSION,
             features: vec![],
+            restores: None,
         };
         let tx = start(
             OwnedFd::from(ours),
@@ -224,6 +225,7 @@ mod tests {
         let hello = ChildMsg::Hello {
             protocol: PROTOCOL_VERSION,
             features: vec![baton_protocol::Feature::Adopt],
+            restores: None,
         };
         let dispatch = Dispatch {
             drain: DrainTrigger::new(),
@@ -246,6 +248,7 @@ mod tests {
         let hello = ChildMsg::Hello {
             protocol: PROTOCOL_VERSION,
             features: vec![],
+            restores: None,
         };
         let tx = start(
             OwnedFd::from(ours),

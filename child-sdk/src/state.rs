@@ -113,7 +113,10 @@ impl Baton {
                         Err(reason) => Err(reason),
                     };
                 }
-                StateMsg::Quiesce => early.push(Event::Quiesce),
+                StateMsg::Quiesce { accept } => {
+                    self.set_successor(accept);
+                    early.push(Event::Quiesce);
+                }
                 StateMsg::Resume { reason } => early.push(Event::Resume { reason }),
             }
         };
@@ -192,7 +195,10 @@ impl Baton {
                     state.drain_told = true;
                     return Event::Drain(info);
                 }
-                Ok(Some(StateMsg::Quiesce)) => return Event::Quiesce,
+                Ok(Some(StateMsg::Quiesce { accept })) => {
+                    self.set_successor(accept);
+                    return Event::Quiesce;
+                }
                 Ok(Some(StateMsg::Resume { reason })) => return Event::Resume { reason },
                 Ok(Some(StateMsg::Restore { .. } | StateMsg::Fresh { .. })) => {
                     tracing::warn!("restore/fresh outside restore(); ignored");
@@ -213,6 +219,66 @@ impl Baton {
     /// `state` was not announced, [`Error::ControlClosed`].
     pub fn snapshot(&self, state: &impl Serialize) -> Result<()> {
         let version = self.state_version()?;
+        if let Some(accept) = self.successor_restores() {
+            if !accept.contains(&version) {
+                return Err(Error::Snapshot(format!(
+                    "the successor restores schema versions {accept:?}, and this generation writes version {version} only (write an older one with snapshot_as)"
+                )));
+            }
+        }
+        self.snapshot_as(version, state)
+    }
+
+    /// The schema versions the successor restores, as the last
+    /// [`Event::Quiesce`] said (`None`: it did not say; write this program's
+    /// own). A successor of an older schema (a revert, a downgrade) lists only
+    /// older versions: answer with [`snapshot_as`](Self::snapshot_as) in one
+    /// of them, or [`snapshot_failed`](Self::snapshot_failed) to refuse.
+    pub fn successor_restores(&self) -> Option<Vec<u32>> {
+        self.inner
+            .successor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_successor(&self, accept: Option<Vec<u32>>) {
+        *self
+            .inner
+            .successor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = accept;
+    }
+
+    /// Like [`snapshot`](Self::snapshot), but `state` is written as schema
+    /// `version`: the down-conversion (Erlang's `code_change({down, V})`) for
+    /// a successor that restores only older versions.
+    ///
+    /// # Errors
+    ///
+    /// As [`snapshot`](Self::snapshot); also [`Error::Snapshot`] when the
+    /// successor said it does not restore `version`.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # fn f(baton: &baton_child::Baton, pairs: &Vec<(String, String)>) -> Result<(), baton_child::Error> {
+    /// // Schema 2 holds a map; schema 1 held a list of pairs.
+    /// match baton.successor_restores() {
+    ///     Some(v) if !v.contains(&2) && v.contains(&1) => baton.snapshot_as(1, pairs)?,
+    ///     _ => { /* baton.snapshot(&map)? */ }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn snapshot_as(&self, version: u32, state: &impl Serialize) -> Result<()> {
+        self.state_version()?;
+        if let Some(accept) = self.successor_restores() {
+            if !accept.contains(&version) {
+                return Err(Error::Snapshot(format!(
+                    "the successor restores schema versions {accept:?}, not {version}"
+                )));
+            }
+        }
         let Some(control) = &self.inner.control else {
             return Ok(());
         };

@@ -347,7 +347,22 @@ impl FakeSupervisor {
     ///
     /// Writing failed.
     pub async fn quiesce_async(&self) -> io::Result<()> {
-        self.send(&SupervisorMsg::Quiesce).await
+        self.send(&SupervisorMsg::Quiesce { accept: None }).await
+    }
+
+    /// Sends `quiesce` for a successor that restores only `versions` (a
+    /// downgrade), and waits for the snapshot.
+    ///
+    /// # Errors
+    ///
+    /// As [`snapshot`](Self::snapshot): a child that cannot write one of
+    /// `versions` answers `snapshot_failed`.
+    pub async fn quiesce_for(&mut self, versions: &[u32]) -> io::Result<Snapshot> {
+        self.send(&SupervisorMsg::Quiesce {
+            accept: Some(versions.to_vec()),
+        })
+        .await?;
+        self.snapshot().await
     }
 
     /// Sends `quiesce` and waits for the snapshot.

@@ -105,7 +105,8 @@ fn from_env_takes_the_contract_and_talks_to_the_supervisor() {
             m,
             ChildMsg::Hello {
                 protocol: PROTOCOL_VERSION,
-                features: vec![]
+                features: vec![],
+                restores: None,
             }
         );
 

@@ -56,7 +56,13 @@ pub enum SupervisorMsg {
     /// Stateful upgrade, old generation: stop accepting, finish in-flight work,
     /// pause connections and answer with [`ChildMsg::Snapshot`] (or
     /// [`ChildMsg::SnapshotFailed`]).
-    Quiesce,
+    Quiesce {
+        /// The schema versions the candidate restores, when it said so in its
+        /// hello: the snapshot must be in one of them (a downgrade writes an older
+        /// schema), or the child answers `snapshot_failed`. Absent: its own schema.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        accept: Option<Vec<u32>>,
+    },
     /// Stateful upgrade, candidate: restore this snapshot (one fd: a sealed
     /// memfd holding `{"version": V, "state": ...}`), then answer
     /// [`ChildMsg::Restored`] or [`ChildMsg::Rejected`]. `fds` is 1.
@@ -114,6 +120,10 @@ pub enum ChildMsg {
         /// Optional capabilities.
         #[serde(default)]
         features: Vec<Feature>,
+        /// Stateful children: the schema versions this one can restore (its own
+        /// and the older ones it migrates up from).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        restores: Option<Vec<u32>>,
     },
     /// Live connection count, sent when it changes (rate-limited by the SDK).
     Connections {

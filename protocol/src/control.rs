@@ -18,6 +18,8 @@ pub enum ControlRequest {
     },
     /// Drain every generation and exit.
     Stop,
+    /// A release lifecycle step (needs `baton run --releases`).
+    Release(crate::release::ReleaseRequest),
 }
 
 /// A reply on the control socket.
@@ -32,6 +34,8 @@ pub enum ControlReply {
     Upgrade(UpgradeReport),
     /// Stop accepted; baton is draining.
     Stopping,
+    /// Answer to [`ControlRequest::Release`].
+    Release(crate::release::ReleaseReply),
     /// The request could not be served.
     Error {
         /// Why.
@@ -68,6 +72,33 @@ pub struct GenerationStatus {
     pub started_at: u64,
     /// Live connections, when the child reports them (SDK children).
     pub connections: Option<u64>,
+    /// The release it runs (with `--releases`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
+}
+
+/// The release on probation, in [`ReleasesStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbationStatus {
+    /// Its version.
+    pub version: String,
+    /// Seconds until it is permanent (`None`: until made permanent by hand).
+    pub seconds_left: Option<u64>,
+    /// Failed health checks in a row so far.
+    pub health_failures: u32,
+}
+
+/// The release lifecycle, in [`Status`] (with `--releases`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleasesStatus {
+    /// The store's directory.
+    pub store: String,
+    /// The permanent release.
+    pub permanent: Option<String>,
+    /// The release on probation.
+    pub probation: Option<ProbationStatus>,
+    /// Which release baton booted, and why.
+    pub boot: String,
 }
 
 /// How an upgrade ended.
@@ -165,4 +196,7 @@ pub struct Status {
     /// grandchild, say) and were killed with its cgroup.
     #[serde(default)]
     pub strays_killed: u64,
+    /// The release lifecycle, with `--releases`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub releases: Option<ReleasesStatus>,
 }

@@ -3,6 +3,7 @@
 //! - [`child`]: the child contract (environment variables, and the messages
 //!   on each child's control socket);
 //! - [`control`]: baton's own control socket (`baton status|upgrade|stop`);
+//! - [`release`]: the release lifecycle (`baton release ...`);
 //! - [`wire`]: the framing both use (one JSON object per line, fds as
 //!   `SCM_RIGHTS`), with every received fd owned on every path.
 //!
@@ -12,7 +13,7 @@
 //! ```
 //! use baton_protocol::{ChildMsg, Feature, PROTOCOL_VERSION};
 //!
-//! let hello = ChildMsg::Hello { protocol: PROTOCOL_VERSION, features: vec![Feature::Adopt] };
+//! let hello = ChildMsg::Hello { protocol: PROTOCOL_VERSION, features: vec![Feature::Adopt], restores: None };
 //! let line = baton_protocol::wire::encode(&hello)?;
 //! assert_eq!(line, b"{\"type\":\"hello\",\"protocol\":1,\"features\":[\"adopt\"]}\n");
 //! # Ok::<(), serde_json::Error>(())
@@ -21,8 +22,10 @@
 
 pub mod child;
 pub mod control;
+pub mod release;
 mod sys;
 pub mod wire;
 
 pub use crate::child::*;
 pub use crate::control::*;
+pub use crate::release::*;

@@ -475,6 +475,7 @@ mod tests {
                 encode(&ChildMsg::Hello {
                     protocol: 1,
                     features: vec![],
+                    restores: None,
                 })
                 .unwrap(),
                 None,
@@ -503,7 +504,8 @@ mod tests {
             f.parse::<ChildMsg>().unwrap(),
             ChildMsg::Hello {
                 protocol: 1,
-                features: vec![]
+                features: vec![],
+                restores: None,
             }
         );
         let f = r.next(&b).await.unwrap().unwrap();

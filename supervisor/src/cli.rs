@@ -46,6 +46,81 @@ pub enum Command {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Manage releases: add, check, install, make permanent, roll back, list, remove.
+    Release(ReleaseArgs),
+}
+
+/// `baton release`: on a running baton (the control socket), or with
+/// `--releases DIR` on the store itself, before any baton runs.
+#[derive(Debug, Args)]
+pub struct ReleaseArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub op: ReleaseOp,
+    /// Work on the store at DIR directly instead of asking a running baton.
+    #[arg(long, value_name = "DIR", global = true)]
+    pub releases: Option<PathBuf>,
+    /// Control socket of the running baton [default: as for `baton status`].
+    #[arg(long, value_name = "PATH", env = "BATON_CONTROL", global = true)]
+    pub control: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// `baton release` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ReleaseOp {
+    /// Copy (or move) a file or directory into the store as VERSION (unpack).
+    Add {
+        /// The new release's version (its directory name).
+        version: String,
+        /// A binary (it lands at PROGRAM inside the release) or a directory (the release).
+        path: PathBuf,
+        /// Move PATH instead of copying it (same filesystem only).
+        #[arg(long = "move")]
+        mv: bool,
+        /// PROGRAM inside every release, e.g. bin/app (recorded by the first add or `baton run`).
+        #[arg(long, value_name = "PATH")]
+        program: Option<String>,
+    },
+    /// Check VERSION without starting it: executable, for this machine, sha256, preflight.
+    Check {
+        /// The release.
+        version: String,
+        /// With --releases: the preflight command ({exe}, {version}, {dir} are replaced).
+        #[arg(long, value_name = "CMD")]
+        preflight: Option<String>,
+    },
+    /// Check, then upgrade to VERSION; it is permanent after its probation.
+    Install {
+        /// The release.
+        version: String,
+        /// Wait until it is permanent: exit 0 then, 1 (reason on stderr) on rollback or revert.
+        #[arg(long)]
+        wait: bool,
+        /// Wait only until it is promoted (probation has started).
+        #[arg(long, conflicts_with = "wait")]
+        promoted: bool,
+    },
+    /// Make VERSION permanent now (it must be the one on probation).
+    Permanent {
+        /// The release.
+        version: String,
+    },
+    /// Revert the release on probation, else install the previous permanent one.
+    Rollback {
+        /// Wait until the outcome is known.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List the releases, newest first.
+    List,
+    /// Delete VERSION (never the permanent or current one, nor one in use).
+    Remove {
+        /// The release.
+        version: String,
+    },
 }
 
 /// Where the control socket is.
@@ -93,6 +168,30 @@ pub struct RunArgs {
     /// Members of GROUP (name or gid) may use the control socket too (mode 0660).
     #[arg(long, value_name = "GROUP")]
     pub control_group: Option<String>,
+    /// Release store: run PROGRAM (a path inside each release, e.g. bin/app) from DIR/<version>/.
+    #[arg(long, value_name = "DIR")]
+    pub releases: Option<PathBuf>,
+    /// A promoted release stays on probation for DUR (`0`: permanent at once; `manual`) [default: 30s with --releases, else 0].
+    #[arg(long, value_name = "DUR")]
+    pub probation: Option<String>,
+    /// Health check during probation: `exec:CMD` (exit 0 = healthy) or `http://HOST:PORT/PATH` (2xx).
+    #[arg(long, value_name = "CHECK")]
+    pub health: Option<String>,
+    /// Time between health checks [default: 2s].
+    #[arg(long, value_name = "DUR")]
+    pub health_interval: Option<String>,
+    /// Consecutive failed health checks that revert the release [default: 3].
+    #[arg(long, value_name = "N")]
+    pub health_failures: Option<String>,
+    /// Command that vets a release before it is installed, e.g. '{exe} --check-config'.
+    #[arg(long, value_name = "CMD")]
+    pub preflight: Option<String>,
+    /// The preflight must finish within DUR [default: 30s].
+    #[arg(long, value_name = "DUR")]
+    pub preflight_timeout: Option<String>,
+    /// Keep at most N old releases in the store; older ones are deleted [default: keep all].
+    #[arg(long, value_name = "N")]
+    pub keep: Option<String>,
     /// TOML file with the same settings (keys like `ready_timeout`, `listen = [...]`, `command = [...]`).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,

@@ -9,8 +9,9 @@ use nix::sys::signal::Signal;
 use serde::Deserialize;
 
 use crate::cli::RunArgs;
+use crate::health::HealthCheck;
 use crate::listeners::ListenSpec;
-use crate::upgrade::ReadyMode;
+use crate::upgrade::{Probation, ReadyMode};
 
 /// A setting that is wrong; the message names the flag or key and why.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +34,36 @@ struct File {
     restore_timeout: Option<String>,
     control: Option<PathBuf>,
     control_group: Option<String>,
+    releases: Option<PathBuf>,
+    probation: Option<String>,
+    health: Option<String>,
+    health_interval: Option<String>,
+    health_failures: Option<toml::Value>,
+    preflight: Option<String>,
+    preflight_timeout: Option<String>,
+    keep: Option<toml::Value>,
     command: Option<Vec<String>>,
+}
+
+/// Release lifecycle settings.
+#[derive(Debug, Clone)]
+pub struct ReleaseConfig {
+    /// The store (`--releases`), if any.
+    pub store: Option<PathBuf>,
+    /// Probation after promotion.
+    pub probation: Probation,
+    /// Health check during probation.
+    pub health: Option<HealthCheck>,
+    /// Between health checks.
+    pub health_interval: Duration,
+    /// Failed checks in a row that revert.
+    pub health_failures: u32,
+    /// Vets a release before install.
+    pub preflight: Option<String>,
+    /// Its timeout.
+    pub preflight_timeout: Duration,
+    /// Old releases kept.
+    pub keep: Option<usize>,
 }
 
 /// Validated settings for `baton run`.
@@ -67,6 +97,8 @@ pub struct RunConfig {
     pub program: OsString,
     /// Its arguments.
     pub args: Vec<OsString>,
+    /// Releases.
+    pub release: ReleaseConfig,
 }
 
 /// The longest duration any setting takes: a year. Longer ones are typos, and
@@ -241,7 +273,77 @@ impl RunConfig {
             None => None,
         };
         let program = command.remove(0);
-        crate::spawn::resolve_program(&program).map_err(ConfigError)?;
+        let store = a.releases.clone().or(f.releases.clone());
+        if store.is_some() {
+            let p = program.to_string_lossy();
+            crate::store::check_program(&p).map_err(|e| ConfigError(e.0))?;
+        } else {
+            crate::spawn::resolve_program(&program).map_err(ConfigError)?;
+        }
+        let probation = match pick(
+            a.probation.clone(),
+            f.probation.clone(),
+            "probation",
+            "probation",
+        ) {
+            None if store.is_some() => Probation::For(Duration::from_secs(30)),
+            None => Probation::Off,
+            Some((v, _)) if v == "manual" => Probation::Manual,
+            Some((v, _)) if v == "0" => Probation::Off,
+            Some((v, what)) => match duration(&what, &v)? {
+                d if d.is_zero() => Probation::Off,
+                d => Probation::For(d),
+            },
+        };
+        let health = match pick(a.health.clone(), f.health.clone(), "health", "health") {
+            Some((v, _)) => Some(HealthCheck::parse(&v).map_err(ConfigError)?),
+            None => None,
+        };
+        let int = |flag: &Option<String>, key: &Option<toml::Value>, name: &str, min: i64| {
+            let v = match (flag, key) {
+                (Some(s), _) => Some(toml_int(
+                    &format!("--{name}"),
+                    &toml::Value::String(s.clone()),
+                    10,
+                )?),
+                (None, Some(v)) => Some(toml_int(
+                    &format!("config key '{}'", name.replace('-', "_")),
+                    v,
+                    10,
+                )?),
+                (None, None) => None,
+            };
+            match v {
+                Some(n) if n < min || n > i64::from(u32::MAX) => Err(ConfigError(format!(
+                    "invalid --{name} {n}: must be at least {min}"
+                ))),
+                other => Ok(other),
+            }
+        };
+        let health_failures =
+            int(&a.health_failures, &f.health_failures, "health-failures", 1)?.unwrap_or(3) as u32;
+        let keep = int(&a.keep, &f.keep, "keep", 0)?.map(|n| n as usize);
+        let release = ReleaseConfig {
+            store,
+            probation,
+            health,
+            health_interval: dur(
+                a.health_interval.clone(),
+                f.health_interval.clone(),
+                "health-interval",
+                Duration::from_secs(2),
+            )?
+            .max(Duration::from_millis(10)),
+            health_failures,
+            preflight: a.preflight.clone().or(f.preflight.clone()),
+            preflight_timeout: dur(
+                a.preflight_timeout.clone(),
+                f.preflight_timeout.clone(),
+                "preflight-timeout",
+                Duration::from_secs(30),
+            )?,
+            keep,
+        };
         Ok(RunConfig {
             listen,
             unix_mode: unix_mode as u32,
@@ -282,6 +384,7 @@ impl RunConfig {
             control_group,
             program,
             args: command,
+            release,
         })
     }
 }
@@ -375,7 +478,7 @@ mod tests {
         use proptest::prelude::*;
         use std::io::Write;
 
-        const KEYS: [&str; 13] = [
+        const KEYS: [&str; 21] = [
             "listen",
             "unix_mode",
             "backlog",
@@ -388,6 +491,14 @@ mod tests {
             "restore_timeout",
             "control",
             "control_group",
+            "releases",
+            "probation",
+            "health",
+            "health_interval",
+            "health_failures",
+            "preflight",
+            "preflight_timeout",
+            "keep",
             "command",
         ];
 

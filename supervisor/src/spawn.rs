@@ -13,11 +13,19 @@ use baton_protocol::{
 };
 use nix::sys::signal::Signal;
 
+use crate::exe::Exe;
 use crate::listeners::Listener;
 use crate::sys;
 
+/// The release a generation runs (with `--releases`).
+pub const ENV_RELEASE: &str = "BATON_RELEASE";
+/// That release's directory.
+pub const ENV_RELEASE_DIR: &str = "BATON_RELEASE_DIR";
+
 /// Variables baton sets itself, or that belong to baton and not to its children.
 const OWN_VARS: &[&str] = &[
+    ENV_RELEASE,
+    ENV_RELEASE_DIR,
     ENV_LISTEN_FDS,
     ENV_LISTEN_FDNAMES,
     ENV_LISTEN_PID,
@@ -31,7 +39,7 @@ const OWN_VARS: &[&str] = &[
 /// What every spawn shares.
 #[derive(Debug, Clone)]
 pub struct SpawnConfig {
-    /// PROGRAM as given; resolved again at every spawn.
+    /// PROGRAM as given (argv\[0\]).
     pub program: OsString,
     /// Its arguments.
     pub args: Vec<OsString>,
@@ -86,26 +94,22 @@ pub fn resolve_program(program: &OsStr) -> Result<PathBuf, String> {
 }
 
 fn check_executable(p: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    match std::fs::metadata(p) {
-        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
-        Ok(m) if m.is_file() => Err(format!("program '{}' is not executable", p.display())),
-        Ok(_) => Err(format!("program '{}' is not a regular file", p.display())),
-        Err(e) => Err(format!("program '{}': {e}", p.display())),
-    }
+    crate::store::check_executable(p).map_err(|why| format!("program '{}': {why}", p.display()))
 }
 
-/// Spawns generation `gen_id` with the listeners at fds 3.. and its control socket after them.
+/// Spawns generation `gen_id` running `exe`, with the listeners at fds 3.. and its
+/// control socket after them.
 ///
 /// # Errors
-/// PROGRAM cannot be found, or `execve` failed (reported through std's error pipe).
+/// The exec failed (reported through std's error pipe).
 pub fn spawn(
     cfg: &SpawnConfig,
     listeners: &[Listener],
     gen_id: u64,
     cgroup: Option<&crate::cgroup::GenCgroup>,
+    exe: &Exe,
 ) -> io::Result<Spawned> {
-    let path = resolve_program(&cfg.program).map_err(io::Error::other)?;
+    let path = &exe.path;
     let (ours, theirs) = sys::stream_socketpair()?;
     let n = listeners.len();
     let control_fd = LISTEN_FDS_START + n as i32;
@@ -124,12 +128,17 @@ pub fn spawn(
     set(ENV_NOTIFY_SOCKET, cfg.notify_path.as_os_str().as_bytes());
     set(ENV_GENERATION, gen_id.to_string().as_bytes());
     set(ENV_CONTROL_FD, control_fd.to_string().as_bytes());
+    if let Some((version, dir)) = &exe.release {
+        set(ENV_RELEASE, version.as_bytes());
+        set(ENV_RELEASE_DIR, dir.as_os_str().as_bytes());
+    }
     let mut fds: Vec<_> = listeners.iter().map(|l| l.fd()).collect();
     fds.push(theirs.as_fd());
     let mut argv: Vec<&OsStr> = vec![cfg.program.as_os_str()];
     argv.extend(cfg.args.iter().map(OsString::as_os_str));
     let plan = sys::ExecPlan::new(
-        &path,
+        exe.fd(),
+        exe.script,
         &argv,
         &env,
         n > 0,
@@ -137,7 +146,7 @@ pub fn spawn(
         cfg.death_signal,
         cgroup.map(|c| c.procs_fd().as_fd()),
     )?;
-    let mut cmd = tokio::process::Command::new(&path);
+    let mut cmd = tokio::process::Command::new(path);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())

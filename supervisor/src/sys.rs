@@ -355,6 +355,18 @@ pub fn kill(pid: u32, sig: nix::sys::signal::Signal) -> io::Result<()> {
     }
 }
 
+/// Whether process `pid` exists (signal 0).
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(p) = i32::try_from(pid) else {
+        return false;
+    };
+    p > 0
+        && !matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None),
+            Err(nix::errno::Errno::ESRCH)
+        )
+}
+
 /// SIGKILLs the process group led by `pid` (every generation leads its own group).
 pub fn kill_group(pid: u32) -> io::Result<()> {
     let pid = i32::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -370,7 +382,11 @@ pub fn kill_group(pid: u32) -> io::Result<()> {
 /// Everything the forked child needs to exec, allocated before `fork`, so the child
 /// runs only async-signal-safe code (no allocation, no locks).
 pub struct ExecPlan {
-    path: CString,
+    /// The executable, opened (and checked) by baton.
+    exe: RawFd,
+    /// Scripts: `/proc/<baton>/fd/<exe>`, so the interpreter can open the checked
+    /// file through baton's fd without the child inheriting one.
+    proc_path: Option<CString>,
     _argv: Vec<CString>,
     argv_ptrs: Vec<*const libc::c_char>,
     _envp: Vec<CString>,
@@ -402,13 +418,18 @@ const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
 const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 
 impl ExecPlan {
-    /// Prepares an exec of `path` with `argv` and `env` (entries `KEY=VALUE`, without
-    /// `LISTEN_PID`, which is filled in by the child), placing `fds[i]` at `3 + i`.
+    /// Prepares an exec of the open file `exe` with `argv` and `env` (entries
+    /// `KEY=VALUE`, without `LISTEN_PID`, which is filled in by the child), placing
+    /// `fds[i]` at `3 + i`. A `script` (`#!`) is exec'd through
+    /// `/proc/<baton>/fd/<exe>`: `execveat` of a close-on-exec fd cannot run a
+    /// script, and an inheritable one would leak into the child.
     ///
     /// # Errors
     /// An argument or variable contains a NUL byte.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        path: &Path,
+        exe: BorrowedFd<'_>,
+        script: bool,
         argv: &[&std::ffi::OsStr],
         env: &[Vec<u8>],
         with_listen_pid: bool,
@@ -417,7 +438,12 @@ impl ExecPlan {
         cgroup_procs: Option<BorrowedFd<'_>>,
     ) -> io::Result<Self> {
         let nul = |_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in argument");
-        let path = CString::new(path.as_os_str().as_bytes()).map_err(nul)?;
+        let parent = nix::unistd::getpid().as_raw();
+        let proc_path = if script {
+            Some(CString::new(format!("/proc/{parent}/fd/{}", exe.as_raw_fd())).map_err(nul)?)
+        } else {
+            None
+        };
         let argv: Vec<CString> = argv
             .iter()
             .map(|a| CString::new(a.as_bytes()).map_err(nul))
@@ -437,15 +463,16 @@ impl ExecPlan {
         envp_ptrs.push(std::ptr::null());
         let fds: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         Ok(ExecPlan {
-            path,
+            exe: exe.as_raw_fd(),
+            proc_path,
             _argv: argv,
             argv_ptrs,
             _envp: envp,
             listen_pid,
             envp_ptrs,
-            scratch: vec![-1; fds.len()],
+            scratch: vec![-1; fds.len() + 1],
             fds,
-            parent: nix::unistd::getpid().as_raw(),
+            parent,
             death_signal: death_signal as libc::c_int,
             max_fd: nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
                 .map(|(soft, _)| soft.min(65536) as RawFd)
@@ -482,6 +509,15 @@ impl ExecPlan {
             }
             self.scratch[i] = high;
         }
+        // The executable too, out of the way of the layout (it stays close-on-exec:
+        // execveat reads it before the exec closes it).
+        let exe_slot = self.fds.len();
+        // SAFETY: as above; baton holds the executable open until spawn returns.
+        let exe = unsafe { libc::fcntl(self.exe, libc::F_DUPFD_CLOEXEC, first + n) };
+        if exe < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.scratch[exe_slot] = exe;
         for i in 0..self.fds.len() {
             // SAFETY: dup2 is async-signal-safe; the new fd has FD_CLOEXEC cleared, which
             // is exactly what makes it survive the exec.
@@ -521,14 +557,28 @@ impl ExecPlan {
         // SAFETY: getpid is async-signal-safe.
         let pid = unsafe { libc::getpid() };
         write_decimal(&mut self.listen_pid[LISTEN_PID_PREFIX.len()..], pid as u64);
-        // SAFETY: path, argv and envp are NUL-terminated strings in buffers owned by
-        // `self`, and both pointer arrays end with a null pointer.
-        unsafe {
-            libc::execve(
-                self.path.as_ptr(),
-                self.argv_ptrs.as_ptr(),
-                self.envp_ptrs.as_ptr(),
-            )
+        match &self.proc_path {
+            // SAFETY: the path, argv and envp are NUL-terminated strings in buffers
+            // owned by `self`, and both pointer arrays end with a null pointer.
+            Some(path) => unsafe {
+                libc::execve(
+                    path.as_ptr(),
+                    self.argv_ptrs.as_ptr(),
+                    self.envp_ptrs.as_ptr(),
+                )
+            },
+            // SAFETY: execveat(fd, "", argv, envp, AT_EMPTY_PATH) runs the open file;
+            // the pointers are as above, and "" is a static NUL-terminated string.
+            None => unsafe {
+                libc::syscall(
+                    libc::SYS_execveat,
+                    exe,
+                    c"".as_ptr(),
+                    self.argv_ptrs.as_ptr(),
+                    self.envp_ptrs.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                ) as libc::c_int
+            },
         };
         Err(io::Error::last_os_error())
     }

@@ -67,6 +67,11 @@ struct Args {
     /// supervisor has to SIGKILL this process at the drain deadline.
     #[arg(long)]
     ignore_drain: bool,
+
+    /// For tests: exit with status 3 this long after READY (a release that fails
+    /// after it went live).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    exit_after: Option<Duration>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -143,6 +148,13 @@ async fn run(args: Args, env: Env) -> anyhow::Result<()> {
     }
     baton.ready().context("sending READY")?;
     tracing::info!("ready");
+    if let Some(after) = args.exit_after {
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            tracing::error!(?after, "--exit-after: exiting with status 3");
+            std::process::exit(3);
+        });
+    }
 
     let app = Hello(Arc::new(App {
         body: Bytes::from(format!(

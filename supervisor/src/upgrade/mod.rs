@@ -10,8 +10,15 @@ use std::time::{Duration, Instant};
 
 use baton_protocol::{Feature, Phase, SupervisorMsg, UpgradeReport, UpgradeResult};
 
+mod probation;
+
+pub use probation::{Probation, ProbationOutcome, ReleaseEvent};
+
 /// A generation number (1, 2, 3, ...).
 pub type GenId = u64;
+/// What a generation runs, as the host names it: a release's version, or a label
+/// for the executable opened from PROGRAM. The machine only compares them.
+pub type Image = String;
 /// Identifies a client waiting for an upgrade's outcome (`baton upgrade --wait`).
 pub type WaiterId = u64;
 
@@ -37,8 +44,9 @@ pub enum SdEvent {
 
 /// The world as the machine sees it.
 pub trait Host {
-    /// Starts generation `gen_id`, returning its pid or why it could not start.
-    fn spawn(&mut self, gen_id: GenId) -> Result<u32, String>;
+    /// Starts generation `gen_id` running `image` (`None`: what a plain upgrade
+    /// runs), returning its pid and the image it runs, or why it could not start.
+    fn spawn(&mut self, gen_id: GenId, image: Option<&Image>) -> Result<(u32, Image), String>;
     /// Signals generation `gen_id` (pid `pid`).
     fn kill(&mut self, gen_id: GenId, pid: u32, how: Kill);
     /// Sends a control message to an SDK child.
@@ -52,6 +60,10 @@ pub trait Host {
     fn finished(&mut self, report: &mut UpgradeReport, waiters: Vec<WaiterId>);
     /// baton should exit with this code (after everything has stopped).
     fn exit(&mut self, code: i32, reason: &str);
+    /// A release changed state (the host persists it).
+    fn release(&mut self, event: ReleaseEvent<'_>);
+    /// A probation ended; answer these waiters.
+    fn probation_over(&mut self, outcome: &ProbationOutcome, waiters: Vec<WaiterId>);
 }
 
 /// How readiness is decided.
@@ -82,6 +94,10 @@ pub struct Settings {
     pub backoff_min: Duration,
     /// Cap on that delay.
     pub backoff_max: Duration,
+    /// How long a newly promoted image stays on probation.
+    pub probation: Probation,
+    /// Consecutive failed health checks that revert a generation on probation.
+    pub health_failures: u32,
 }
 
 /// One running child.
@@ -93,6 +109,10 @@ pub struct Gen {
     pub phase: Phase,
     /// Features announced by its SDK (`None` until it says hello: no SDK).
     pub features: Option<Vec<Feature>>,
+    /// Schema versions it restores, if it said.
+    pub restores: Option<Vec<u32>>,
+    /// What it runs.
+    pub image: Image,
     /// When it is SIGKILLed (draining, or a rolled-back candidate).
     pub kill_at: Option<Instant>,
     /// SIGKILL was sent.
@@ -119,6 +139,8 @@ enum Why {
     Upgrade,
     /// The active generation died; this replaces it.
     Replace,
+    /// A generation on probation failed; this goes back to the permanent image.
+    Revert,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,13 +155,43 @@ enum Stage {
     Restored,
 }
 
+/// Who waits for an upgrade: until promotion (or rollback), or until the image
+/// it installs is permanent (or reverted).
+#[derive(Debug, Default)]
+pub struct Waiters {
+    /// Answered at promotion or rollback.
+    pub promoted: Vec<WaiterId>,
+    /// Answered when probation ends (or at rollback).
+    pub permanent: Vec<WaiterId>,
+}
+
+impl Waiters {
+    fn promoted(w: Option<WaiterId>) -> Self {
+        Waiters {
+            promoted: w.into_iter().collect(),
+            permanent: Vec::new(),
+        }
+    }
+}
+
+/// A revert in progress: the image that failed, why, and who waits.
+#[derive(Debug)]
+struct Revert {
+    failed: Image,
+    reason: String,
+    waiters: Vec<WaiterId>,
+}
+
 #[derive(Debug)]
 struct Upgrade {
     why: Why,
     candidate: GenId,
     pid: Option<u32>,
     started: Instant,
-    waiters: Vec<WaiterId>,
+    waiters: Waiters,
+    /// The image asked for (`None`: what a plain upgrade runs).
+    image: Option<Image>,
+    revert: Option<Revert>,
     stage: Stage,
     stage_deadline: Option<Instant>,
     /// The generation that was quiesced for this upgrade.
@@ -190,8 +242,19 @@ pub struct Machine {
     crashes: u64,
     consecutive_crashes: u32,
     restart_at: Option<Instant>,
+    /// What the replacement of a dead active generation runs.
+    restart_image: Option<Image>,
     last: Option<UpgradeReport>,
     exited: bool,
+    /// The confirmed image: what a revert returns to.
+    permanent: Option<Image>,
+    /// The promoted image not yet confirmed.
+    probation: Option<probation::OnProbation>,
+    /// Set when a stateful active generation died with its state; the next
+    /// candidate reports it.
+    lost_state: Option<String>,
+    /// What the first generation runs.
+    boot_image: Option<Image>,
 }
 
 /// A generation active this long resets the crash back-off.
@@ -230,9 +293,23 @@ impl Machine {
             crashes: 0,
             consecutive_crashes: 0,
             restart_at: None,
+            restart_image: None,
             last: None,
             exited: false,
+            permanent: None,
+            probation: None,
+            lost_state: None,
+            boot_image: None,
         }
+    }
+
+    /// The first generation runs `image`; `permanent` says whether it is confirmed
+    /// (else it goes on probation when it is ready).
+    pub fn boot_with(&mut self, image: Image, permanent: bool) {
+        if permanent {
+            self.permanent = Some(image.clone());
+        }
+        self.boot_image = Some(image);
     }
 
     /// Every running generation, oldest first.
@@ -279,7 +356,7 @@ impl Machine {
     }
 
     /// The text for systemd's `STATUS=`.
-    pub fn status_line(&self) -> String {
+    pub fn status_line(&self, now: Instant) -> String {
         let mut s = match self
             .active
             .and_then(|a| self.gens.get(&a).map(|g| (a, g.pid)))
@@ -288,9 +365,17 @@ impl Machine {
             None => "no active generation".to_string(),
         };
         if let Some(u) = &self.upgrade {
-            if u.why == Why::Upgrade {
-                s.push_str(&format!("; upgrading to generation {}", u.candidate));
+            match u.why {
+                Why::Upgrade => s.push_str(&format!("; upgrading to generation {}", u.candidate)),
+                Why::Revert => s.push_str(&format!(
+                    "; reverting to {}",
+                    u.image.as_deref().unwrap_or("?")
+                )),
+                _ => {}
             }
+        }
+        if let Some(p) = self.probation_line(now) {
+            s = format!("{p}; {s}");
         }
         if let Some(l) = &self.last {
             match l.result {
@@ -318,12 +403,14 @@ impl Machine {
             .values()
             .flat_map(|g| [g.kill_at.filter(|_| !g.killed), g.ready_at, g.ready_by]);
         let up = self.upgrade.as_ref().and_then(|u| u.stage_deadline);
-        gens.chain([up, self.restart_at]).flatten().min()
+        let probation = self.probation.as_ref().and_then(|p| p.until);
+        gens.chain([up, self.restart_at, probation]).flatten().min()
     }
 
     /// Starts the first generation.
     pub fn start(&mut self, host: &mut impl Host, now: Instant) {
-        self.begin(host, now, Why::Initial, Vec::new());
+        let image = self.boot_image.clone();
+        self.begin(host, now, Why::Initial, image, Waiters::default());
     }
 
     /// An upgrade was requested. Coalesced with a pending one while one runs.
@@ -340,13 +427,12 @@ impl Machine {
             }
             return;
         }
-        let waiters: Vec<WaiterId> = waiter.into_iter().collect();
         if self.upgrade.is_some() || self.restart_at.is_some() {
-            self.queued.get_or_insert_with(Vec::new).extend(waiters);
+            self.queued.get_or_insert_with(Vec::new).extend(waiter);
             tracing::info!("upgrade requested during another; queued");
             return;
         }
-        self.begin(host, now, Why::Upgrade, waiters);
+        self.begin(host, now, Why::Upgrade, None, Waiters::promoted(waiter));
     }
 
     fn report_for_refusal(&self, reason: &str) -> UpgradeReport {
@@ -368,16 +454,38 @@ impl Machine {
         }
     }
 
-    fn begin(&mut self, host: &mut impl Host, now: Instant, why: Why, waiters: Vec<WaiterId>) {
+    fn begin(
+        &mut self,
+        host: &mut impl Host,
+        now: Instant,
+        why: Why,
+        image: Option<Image>,
+        waiters: Waiters,
+    ) {
+        self.begin_with(host, now, why, image, waiters, None);
+    }
+
+    fn begin_with(
+        &mut self,
+        host: &mut impl Host,
+        now: Instant,
+        why: Why,
+        image: Option<Image>,
+        waiters: Waiters,
+        revert: Option<Revert>,
+    ) {
         let id = self.next_gen;
         self.next_gen += 1;
         self.restart_at = None;
+        self.restart_image = None;
         self.upgrade = Some(Upgrade {
             why,
             candidate: id,
             pid: None,
             started: now,
             waiters,
+            image: image.clone(),
+            revert,
             stage: Stage::Starting,
             stage_deadline: None,
             quiesced: None,
@@ -387,13 +495,13 @@ impl Machine {
             restore_sent_at: None,
             restore_ms: None,
             ready_early: false,
-            state_lost: None,
+            state_lost: self.lost_state.take(),
         });
-        if why == Why::Upgrade {
-            host.systemd(SdEvent::Reloading, &self.status_line());
+        if matches!(why, Why::Upgrade | Why::Revert) {
+            host.systemd(SdEvent::Reloading, &self.status_line(now));
         }
-        match host.spawn(id) {
-            Ok(pid) => {
+        match host.spawn(id, image.as_ref()) {
+            Ok((pid, image)) => {
                 tracing::info!(generation = id, pid, "spawned");
                 let (ready_at, ready_by) = match self.s.ready {
                     ReadyMode::Notify => (None, Some(later(now, self.s.ready_timeout))),
@@ -405,6 +513,8 @@ impl Machine {
                         pid,
                         phase: Phase::Starting,
                         features: None,
+                        restores: None,
+                        image: image.clone(),
                         kill_at: None,
                         killed: false,
                         ready_at,
@@ -414,6 +524,7 @@ impl Machine {
                 );
                 if let Some(u) = self.upgrade.as_mut() {
                     u.pid = Some(pid);
+                    u.image = Some(image);
                 }
             }
             Err(e) => self.fail(host, now, format!("spawn failed: {e}")),
@@ -421,9 +532,10 @@ impl Machine {
     }
 
     /// The child's SDK said hello.
-    pub fn on_hello(&mut self, gen_id: GenId, features: Vec<Feature>) {
+    pub fn on_hello(&mut self, gen_id: GenId, features: Vec<Feature>, restores: Option<Vec<u32>>) {
         if let Some(g) = self.gens.get_mut(&gen_id) {
             g.features = Some(features);
+            g.restores = restores;
         }
     }
 
@@ -484,7 +596,8 @@ impl Machine {
                     g.phase = Phase::Quiesced;
                 }
                 tracing::info!(generation = old, "quiescing for snapshot");
-                host.send(old, SupervisorMsg::Quiesce);
+                let accept = self.gens.get(&gen_id).and_then(|g| g.restores.clone());
+                host.send(old, SupervisorMsg::Quiesce { accept });
             }
             (stateful, _) => {
                 let reason = if !stateful {
@@ -625,6 +738,24 @@ impl Machine {
                     "active generation died"
                 );
                 let lost_state = self.s.stateful && g.has(Feature::State);
+                if lost_state && self.upgrade.is_none() {
+                    let why = format!(
+                        "STATE LOST: generation {gen_id} died ({how}) before handing over its state"
+                    );
+                    tracing::error!(generation = gen_id, "{why}");
+                    self.lost_state = Some(why);
+                }
+                if self.upgrade.is_none()
+                    && self.revert_on_probation(
+                        host,
+                        now,
+                        &g.image,
+                        format!("generation {gen_id} exited during probation ({how})"),
+                    )
+                {
+                    self.maybe_exit(host);
+                    return;
+                }
                 match self.upgrade.as_mut() {
                     Some(u) => {
                         if lost_state {
@@ -648,9 +779,12 @@ impl Machine {
                             }
                         }
                     }
-                    None => self.schedule_replacement(now),
+                    None => {
+                        self.restart_image = Some(g.image.clone());
+                        self.schedule_replacement(now);
+                    }
                 }
-                host.systemd(SdEvent::Ready, &self.status_line());
+                host.systemd(SdEvent::Ready, &self.status_line(now));
             }
         } else {
             tracing::info!(
@@ -694,6 +828,7 @@ impl Machine {
             let mut report = self.report_for_refusal("baton is stopping");
             host.finished(&mut report, w);
         }
+        self.abandon_probation(host, "baton is stopping");
         let ids: Vec<GenId> = self.gens.keys().copied().collect();
         for id in ids {
             self.retire(host, now, id, false);
@@ -773,8 +908,10 @@ impl Machine {
         }
         if self.restart_at.is_some_and(|t| t <= now) {
             self.restart_at = None;
-            self.begin(host, now, Why::Replace, Vec::new());
+            let image = self.restart_image.take().or_else(|| self.permanent.clone());
+            self.begin(host, now, Why::Replace, image, Waiters::default());
         }
+        self.probation_tick(host, now);
     }
 
     fn promote(&mut self, host: &mut impl Host, now: Instant) {
@@ -809,7 +946,17 @@ impl Machine {
             duration_ms = report.duration_ms,
             "promoted"
         );
-        self.conclude(host, now, u.why, report, u.waiters);
+        let image = self.gens.get(&id).map(|g| g.image.clone());
+        let Upgrade {
+            why,
+            waiters,
+            revert,
+            ..
+        } = u;
+        if let Some(image) = image {
+            self.after_promotion(host, now, &image, waiters.permanent, revert, &report);
+        }
+        self.conclude(host, now, why, report, waiters.promoted);
     }
 
     /// The candidate failed: roll back.
@@ -846,11 +993,27 @@ impl Machine {
                 );
             }
         }
-        let report = u.report(UpgradeResult::RolledBack, Some(reason), now);
-        if u.why != Why::Upgrade {
+        let report = u.report(UpgradeResult::RolledBack, Some(reason.clone()), now);
+        if !matches!(u.why, Why::Upgrade | Why::Revert) {
             self.consecutive_crashes += 1;
         }
-        self.conclude(host, now, u.why, report, u.waiters);
+        let Upgrade {
+            why,
+            waiters,
+            revert,
+            image,
+            ..
+        } = u;
+        self.after_rollback(
+            host,
+            now,
+            image.as_ref(),
+            &reason,
+            waiters.permanent,
+            revert,
+            &report,
+        );
+        self.conclude(host, now, why, report, waiters.promoted);
     }
 
     fn conclude(
@@ -878,19 +1041,26 @@ impl Machine {
                     self.last = Some(report);
                 }
             }
-            Why::Upgrade => {
+            Why::Upgrade | Why::Revert => {
                 host.finished(&mut report, waiters);
                 self.last = Some(report);
             }
         }
-        host.systemd(SdEvent::Ready, &self.status_line());
+        host.systemd(SdEvent::Ready, &self.status_line(now));
         if self.stopping {
             return;
         }
         if self.active.is_none() {
+            if self.restart_image.is_none() {
+                self.restart_image = self.permanent.clone();
+            }
             self.schedule_replacement(now);
         } else if let Some(w) = self.queued.take() {
-            self.begin(host, now, Why::Upgrade, w);
+            let waiters = Waiters {
+                promoted: w,
+                permanent: Vec::new(),
+            };
+            self.begin(host, now, Why::Upgrade, None, waiters);
         }
     }
 
@@ -932,456 +1102,4 @@ impl Machine {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn later_saturates_instead_of_panicking() {
-        let now = Instant::now();
-        assert_eq!(
-            later(now, Duration::from_secs(5)),
-            now + Duration::from_secs(5)
-        );
-        assert!(later(now, Duration::MAX) > now);
-    }
-
-    #[derive(Debug, Clone, PartialEq)]
-    enum Call {
-        Spawn(GenId),
-        Kill(GenId, Kill),
-        Send(GenId, SupervisorMsg),
-        Pass(GenId, GenId),
-        Sd(SdEvent),
-        Finished(UpgradeResult, Option<String>, Vec<WaiterId>),
-        Exit(i32),
-    }
-
-    #[derive(Default)]
-    struct Fake {
-        calls: Vec<Call>,
-        fail_spawn: bool,
-    }
-
-    impl Host for Fake {
-        fn spawn(&mut self, gen_id: GenId) -> Result<u32, String> {
-            self.calls.push(Call::Spawn(gen_id));
-            if self.fail_spawn {
-                Err("No such file or directory".into())
-            } else {
-                Ok(1000 + gen_id as u32)
-            }
-        }
-        fn kill(&mut self, gen_id: GenId, _pid: u32, how: Kill) {
-            self.calls.push(Call::Kill(gen_id, how));
-        }
-        fn send(&mut self, gen_id: GenId, msg: SupervisorMsg) {
-            self.calls.push(Call::Send(gen_id, msg));
-        }
-        fn pass_snapshot(&mut self, from: GenId, to: GenId) -> Result<(), String> {
-            self.calls.push(Call::Pass(from, to));
-            Ok(())
-        }
-        fn systemd(&mut self, event: SdEvent, _status: &str) {
-            self.calls.push(Call::Sd(event));
-        }
-        fn finished(&mut self, r: &mut UpgradeReport, waiters: Vec<WaiterId>) {
-            self.calls
-                .push(Call::Finished(r.result, r.reason.clone(), waiters));
-        }
-        fn exit(&mut self, code: i32, _reason: &str) {
-            self.calls.push(Call::Exit(code));
-        }
-    }
-
-    impl Fake {
-        fn take(&mut self) -> Vec<Call> {
-            std::mem::take(&mut self.calls)
-        }
-    }
-
-    fn settings() -> Settings {
-        Settings {
-            ready: ReadyMode::Notify,
-            ready_timeout: Duration::from_secs(5),
-            drain_timeout: Duration::from_secs(10),
-            stateful: false,
-            snapshot_timeout: Duration::from_secs(3),
-            restore_timeout: Duration::from_secs(4),
-            backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(5),
-        }
-    }
-
-    /// A machine with generation 1 active.
-    fn running(s: Settings) -> (Machine, Fake, Instant) {
-        let mut m = Machine::new(s);
-        let mut h = Fake::default();
-        let t = Instant::now();
-        m.start(&mut h, t);
-        m.on_ready(&mut h, t, 1);
-        assert_eq!(m.active(), Some(1));
-        h.take();
-        (m, h, t)
-    }
-
-    fn finished(calls: &[Call]) -> Vec<&Call> {
-        calls
-            .iter()
-            .filter(|c| matches!(c, Call::Finished(..)))
-            .collect()
-    }
-
-    #[test]
-    fn promotes_on_ready_then_drains_old_with_its_own_deadline() {
-        let (mut m, mut h, t) = running(settings());
-        m.request_upgrade(&mut h, t, Some(7));
-        assert_eq!(h.take(), vec![Call::Sd(SdEvent::Reloading), Call::Spawn(2)]);
-        m.on_ready(&mut h, t + Duration::from_millis(50), 2);
-        let calls = h.take();
-        assert!(calls.contains(&Call::Kill(1, Kill::Stop)), "{calls:?}");
-        assert!(calls.contains(&Call::Finished(UpgradeResult::Promoted, None, vec![7])));
-        assert_eq!(m.active(), Some(2));
-        assert_eq!(m.generation(1).unwrap().phase, Phase::Draining);
-        // Killed exactly at its deadline, not before.
-        let kill_at = t + Duration::from_millis(50) + Duration::from_secs(10);
-        assert_eq!(m.next_deadline(), Some(kill_at));
-        m.tick(&mut h, kill_at - Duration::from_millis(1));
-        assert!(h.take().is_empty());
-        m.tick(&mut h, kill_at);
-        assert_eq!(h.take(), vec![Call::Kill(1, Kill::Now)]);
-        m.on_exit(&mut h, kill_at, 1, "signal 9");
-        assert_eq!(m.gens().count(), 1);
-        assert_eq!(m.crashes(), 0);
-    }
-
-    #[test]
-    fn sdk_children_get_a_drain_message() {
-        let (mut m, mut h, t) = running(settings());
-        m.on_hello(1, vec![]);
-        m.request_upgrade(&mut h, t, None);
-        m.on_ready(&mut h, t, 2);
-        let calls = h.take();
-        assert!(calls.contains(&Call::Send(
-            1,
-            SupervisorMsg::Drain {
-                deadline_ms: 10_000,
-                migrate: false
-            }
-        )));
-        assert!(!calls.contains(&Call::Kill(1, Kill::Stop)));
-    }
-
-    #[test]
-    fn ready_timeout_rolls_back_and_old_carries_on() {
-        let (mut m, mut h, t) = running(settings());
-        m.request_upgrade(&mut h, t, Some(1));
-        h.take();
-        assert_eq!(m.next_deadline(), Some(t + Duration::from_secs(5)));
-        m.tick(&mut h, t + Duration::from_secs(5));
-        let calls = h.take();
-        assert!(calls.contains(&Call::Kill(2, Kill::Stop)), "{calls:?}");
-        let f = finished(&calls);
-        assert!(
-            matches!(f[0], Call::Finished(UpgradeResult::RolledBack, Some(r), w) if r.contains("not ready within 5s") && w == &vec![1])
-        );
-        assert_eq!(m.active(), Some(1));
-        assert_eq!(m.generation(1).unwrap().phase, Phase::Active);
-        assert!(
-            !calls
-                .iter()
-                .any(|c| matches!(c, Call::Kill(1, _) | Call::Send(1, _)))
-        );
-    }
-
-    #[test]
-    fn crash_before_ready_rolls_back() {
-        let (mut m, mut h, t) = running(settings());
-        m.request_upgrade(&mut h, t, None);
-        h.take();
-        m.on_exit(&mut h, t, 2, "exit status 3");
-        let calls = h.take();
-        assert!(
-            matches!(finished(&calls)[0], Call::Finished(UpgradeResult::RolledBack, Some(r), _) if r.contains("exit status 3"))
-        );
-        assert_eq!(m.active(), Some(1));
-        assert!(m.last_upgrade().is_some());
-        assert_eq!(m.crashes(), 0);
-    }
-
-    #[test]
-    fn spawn_failure_rolls_back() {
-        let (mut m, mut h, t) = running(settings());
-        h.fail_spawn = true;
-        m.request_upgrade(&mut h, t, Some(3));
-        let calls = h.take();
-        assert!(
-            matches!(finished(&calls)[0], Call::Finished(UpgradeResult::RolledBack, Some(r), _) if r.contains("spawn failed"))
-        );
-        assert!(!m.upgrading());
-        assert_eq!(m.active(), Some(1));
-    }
-
-    #[test]
-    fn hup_during_upgrade_is_queued_and_coalesced() {
-        let (mut m, mut h, t) = running(settings());
-        m.request_upgrade(&mut h, t, Some(1));
-        m.request_upgrade(&mut h, t, Some(2));
-        m.request_upgrade(&mut h, t, None);
-        m.request_upgrade(&mut h, t, Some(3));
-        let spawns = h
-            .take()
-            .iter()
-            .filter(|c| matches!(c, Call::Spawn(_)))
-            .count();
-        assert_eq!(spawns, 1, "never two upgrades at once");
-        assert!(m.queued());
-        m.on_ready(&mut h, t, 2);
-        let calls = h.take();
-        // Waiter 1 gets upgrade 2; the three queued requests became one upgrade (3).
-        assert!(calls.contains(&Call::Finished(UpgradeResult::Promoted, None, vec![1])));
-        assert!(calls.contains(&Call::Spawn(3)));
-        assert!(!m.queued());
-        m.on_ready(&mut h, t, 3);
-        let calls = h.take();
-        assert!(calls.contains(&Call::Finished(UpgradeResult::Promoted, None, vec![2, 3])));
-        assert_eq!(m.active(), Some(3));
-        // Generations 1 and 2 drain at the same time, each with its own deadline.
-        assert_eq!(m.generation(1).unwrap().phase, Phase::Draining);
-        assert_eq!(m.generation(2).unwrap().phase, Phase::Draining);
-        assert!(!calls.iter().any(|c| matches!(c, Call::Spawn(_))));
-    }
-
-    #[test]
-    fn queued_request_runs_after_a_rollback_too() {
-        let (mut m, mut h, t) = running(settings());
-        m.request_upgrade(&mut h, t, Some(1));
-        m.request_upgrade(&mut h, t, Some(2));
-        h.take();
-        m.on_exit(&mut h, t, 2, "exit status 1");
-        let calls = h.take();
-        assert!(calls.contains(&Call::Spawn(3)), "{calls:?}");
-    }
-
-    #[test]
-    fn active_crash_is_replaced_with_backoff() {
-        let (mut m, mut h, t) = running(settings());
-        m.on_exit(&mut h, t, 1, "signal 11");
-        assert_eq!(m.crashes(), 1);
-        assert_eq!(m.active(), None);
-        // First crash: replaced at once.
-        assert_eq!(m.next_deadline(), Some(t));
-        m.tick(&mut h, t);
-        assert!(h.take().contains(&Call::Spawn(2)));
-        // Replacement crashes before ready: backoff grows.
-        m.on_exit(&mut h, t, 2, "exit status 1");
-        h.take();
-        let d1 = m.next_deadline().unwrap() - t;
-        m.tick(&mut h, t + d1);
-        m.on_exit(&mut h, t + d1, 3, "exit status 1");
-        let d2 = m.next_deadline().unwrap() - (t + d1);
-        assert!(d1 >= Duration::from_millis(100), "{d1:?}");
-        assert!(d2 > d1, "{d1:?} then {d2:?}");
-        // An upgrade requested while waiting to replace is queued, not lost.
-        m.request_upgrade(&mut h, t + d1, Some(9));
-        assert!(m.queued());
-    }
-
-    #[test]
-    fn crash_soon_after_ready_still_backs_off() {
-        let (mut m, mut h, t) = running(settings());
-        let mut now = t;
-        let mut delays = Vec::new();
-        for gen_id in 1..=4 {
-            m.on_exit(&mut h, now, gen_id, "exit status 7");
-            let at = m.next_deadline().unwrap();
-            delays.push(at - now);
-            now = at;
-            m.tick(&mut h, now);
-            m.on_ready(&mut h, now, gen_id + 1);
-            assert_eq!(m.active(), Some(gen_id + 1));
-        }
-        assert_eq!(delays[0], Duration::ZERO);
-        assert!(delays.windows(2).skip(1).all(|w| w[1] > w[0]), "{delays:?}");
-        // Up for a while: the next crash is replaced at once again.
-        now += STABLE_AFTER;
-        m.on_exit(&mut h, now, 5, "exit status 7");
-        assert_eq!(m.next_deadline(), Some(now));
-    }
-
-    #[test]
-    fn first_generation_failure_exits() {
-        let mut m = Machine::new(settings());
-        let mut h = Fake::default();
-        let t = Instant::now();
-        m.start(&mut h, t);
-        m.on_exit(&mut h, t, 1, "exit status 1");
-        assert!(h.take().contains(&Call::Exit(1)));
-    }
-
-    #[test]
-    fn delay_readiness() {
-        let mut s = settings();
-        s.ready = ReadyMode::Delay(Duration::from_secs(1));
-        let mut m = Machine::new(s);
-        let mut h = Fake::default();
-        let t = Instant::now();
-        m.start(&mut h, t);
-        assert_eq!(m.next_deadline(), Some(t + Duration::from_secs(1)));
-        m.tick(&mut h, t + Duration::from_secs(1));
-        assert_eq!(m.active(), Some(1));
-    }
-
-    #[test]
-    fn stop_drains_everything_and_exits_when_all_are_gone() {
-        let (mut m, mut h, t) = running(settings());
-        m.request_upgrade(&mut h, t, Some(4));
-        h.take();
-        m.request_stop(&mut h, t);
-        let calls = h.take();
-        assert!(calls.contains(&Call::Sd(SdEvent::Stopping)));
-        assert!(calls.contains(&Call::Kill(1, Kill::Stop)));
-        assert!(calls.contains(&Call::Kill(2, Kill::Stop)));
-        assert!(
-            matches!(finished(&calls)[0], Call::Finished(UpgradeResult::RolledBack, _, w) if w == &vec![4])
-        );
-        m.request_upgrade(&mut h, t, None);
-        assert!(!h.take().iter().any(|c| matches!(c, Call::Spawn(_))));
-        m.on_exit(&mut h, t, 1, "exit status 0");
-        assert!(!h.take().contains(&Call::Exit(0)));
-        m.on_exit(&mut h, t, 2, "exit status 0");
-        assert_eq!(h.take(), vec![Call::Exit(0)]);
-    }
-
-    fn stateful() -> (Machine, Fake, Instant) {
-        let mut s = settings();
-        s.stateful = true;
-        let mut m = Machine::new(s);
-        let mut h = Fake::default();
-        let t = Instant::now();
-        m.start(&mut h, t);
-        m.on_hello(1, vec![Feature::State]);
-        m.on_prepared(&mut h, t, 1);
-        assert!(h.take().contains(&Call::Send(
-            1,
-            SupervisorMsg::Fresh {
-                reason: "first generation".into()
-            }
-        )));
-        m.on_ready(&mut h, t, 1);
-        assert_eq!(m.active(), Some(1));
-        h.take();
-        (m, h, t)
-    }
-
-    #[test]
-    fn stateful_commit() {
-        let (mut m, mut h, t) = stateful();
-        m.request_upgrade(&mut h, t, Some(1));
-        m.on_hello(2, vec![Feature::State]);
-        m.on_prepared(&mut h, t, 2);
-        assert!(h.take().contains(&Call::Send(1, SupervisorMsg::Quiesce)));
-        assert_eq!(m.generation(1).unwrap().phase, Phase::Quiesced);
-        let t1 = t + Duration::from_millis(20);
-        m.on_snapshot(&mut h, t1, 1, 1234);
-        assert!(h.take().contains(&Call::Pass(1, 2)));
-        // READY may overtake `restored` (datagram vs stream): promote only after both.
-        m.on_ready(&mut h, t1, 2);
-        assert_eq!(m.active(), Some(1));
-        m.on_restored(&mut h, t + Duration::from_millis(30), 2);
-        let calls = h.take();
-        assert_eq!(m.active(), Some(2));
-        assert!(calls.contains(&Call::Send(
-            1,
-            SupervisorMsg::Commit {
-                deadline_ms: 10_000,
-                migrate: false
-            }
-        )));
-        let r = m.last_upgrade().unwrap();
-        assert_eq!(r.snapshot_bytes, Some(1234));
-        assert!(r.accept_gap_ms.unwrap() >= 30.0);
-    }
-
-    #[test]
-    fn stateful_aborts_resume_the_old_generation() {
-        type Abort = fn(&mut Machine, &mut Fake, Instant);
-        let cases: Vec<(&str, Abort)> = vec![
-            ("rejected", |m, h, t| {
-                m.on_rejected(h, t, 2, "schema 2 is newer")
-            }),
-            ("exited", |m, h, t| m.on_exit(h, t, 2, "signal 6")),
-            ("restore", |m, h, t| m.tick(h, t + Duration::from_secs(4))),
-            ("snapshot", |m, h, t| {
-                m.on_snapshot_failed(h, t, 1, "disk full")
-            }),
-        ];
-        for (name, abort) in cases {
-            let (mut m, mut h, t) = stateful();
-            m.request_upgrade(&mut h, t, Some(5));
-            m.on_hello(2, vec![Feature::State]);
-            m.on_prepared(&mut h, t, 2);
-            if name != "snapshot" {
-                m.on_snapshot(&mut h, t, 1, 10);
-            }
-            h.take();
-            abort(&mut m, &mut h, t);
-            let calls = h.take();
-            assert!(
-                calls
-                    .iter()
-                    .any(|c| matches!(c, Call::Send(1, SupervisorMsg::Resume { .. }))),
-                "{name}: {calls:?}"
-            );
-            assert!(calls.iter().any(|c| matches!(c, Call::Finished(UpgradeResult::RolledBack, _, w) if w == &vec![5])), "{name}");
-            if name != "exited" {
-                assert!(
-                    calls.contains(&Call::Kill(2, Kill::Now)),
-                    "{name}: {calls:?}"
-                );
-            }
-            assert_eq!(m.active(), Some(1), "{name}");
-            assert_eq!(m.generation(1).unwrap().phase, Phase::Active, "{name}");
-        }
-    }
-
-    #[test]
-    fn snapshot_timeout_aborts() {
-        let (mut m, mut h, t) = stateful();
-        m.request_upgrade(&mut h, t, None);
-        m.on_hello(2, vec![Feature::State]);
-        m.on_prepared(&mut h, t, 2);
-        h.take();
-        m.tick(&mut h, t + Duration::from_secs(3));
-        let calls = h.take();
-        assert!(calls.iter().any(|c| matches!(c, Call::Finished(UpgradeResult::RolledBack, Some(r), _) if r.contains("snapshot within 3s"))));
-        assert!(
-            calls
-                .iter()
-                .any(|c| matches!(c, Call::Send(1, SupervisorMsg::Resume { .. })))
-        );
-    }
-
-    #[test]
-    fn stateful_refuses_a_candidate_without_state_support() {
-        let (mut m, mut h, t) = stateful();
-        m.request_upgrade(&mut h, t, None);
-        m.on_ready(&mut h, t, 2);
-        assert_eq!(m.active(), Some(1));
-        assert_eq!(m.last_upgrade().unwrap().result, UpgradeResult::RolledBack);
-    }
-
-    #[test]
-    fn old_generation_dying_during_snapshot_is_reported() {
-        let (mut m, mut h, t) = stateful();
-        m.request_upgrade(&mut h, t, None);
-        m.on_hello(2, vec![Feature::State]);
-        m.on_prepared(&mut h, t, 2);
-        h.take();
-        m.on_exit(&mut h, t, 1, "signal 9");
-        assert!(h.take().iter().any(|c| matches!(c, Call::Send(2, SupervisorMsg::Fresh { reason }) if reason.contains("STATE LOST"))));
-        m.on_ready(&mut h, t, 2);
-        let r = m.last_upgrade().unwrap();
-        assert_eq!(r.result, UpgradeResult::Promoted);
-        assert!(r.reason.as_deref().unwrap().contains("STATE LOST"));
-    }
-}
+mod tests;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use baton_protocol::{
-    ChildMsg, ControlReply, ControlRequest, GenerationStatus, ListenerStatus, PROTOCOL_VERSION,
-    Status, SupervisorMsg, UpgradeReport,
+    ControlReply, ReleaseReply, ReleaseResultKind, SupervisorMsg, UpgradeReport, UpgradeResult,
+    WaitFor,
 };
 use futures_util::StreamExt;
 use nix::sys::signal::Signal;
@@ -17,12 +17,22 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use crate::cgroup::Containment;
 use crate::config::RunConfig;
 use crate::control::{ControlServer, Incoming};
+use crate::exe::Exe;
 use crate::generation::{GenEvent, GenHandle};
+use crate::lifecycle::{Boot, Lifecycle};
 use crate::listeners::{ListenAddr, Listener};
 use crate::notify::{self, NotifyIn, SystemdOut};
 use crate::spawn::{self, SpawnConfig};
 use crate::sys;
-use crate::upgrade::{GenId, Host, Kill, Machine, SdEvent, Settings, WaiterId};
+use crate::upgrade::{
+    GenId, Host, Image, Kill, Machine, ProbationOutcome, ReleaseEvent, SdEvent, Settings, WaiterId,
+};
+
+mod child;
+mod requests;
+
+use child::{on_gen_event, on_notify};
+use requests::{on_checked, on_control};
 
 /// Failures that stop `baton run` before it supervises anything.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +51,7 @@ struct Driver {
     stop_signal: Signal,
     handles: HashMap<GenId, GenHandle>,
     events: mpsc::UnboundedSender<GenEvent>,
-    waiters: HashMap<WaiterId, oneshot::Sender<ControlReply>>,
+    waiters: HashMap<WaiterId, Waiter>,
     next_waiter: WaiterId,
     sd: SystemdOut,
     exit: Option<(i32, String)>,
@@ -58,6 +68,108 @@ struct Driver {
     relay_slots: Arc<Semaphore>,
     /// Generation cgroups.
     containment: Containment,
+    /// Every executable a generation runs or may run next (a revert), open.
+    images: HashMap<Image, Exe>,
+    /// Labels for executables opened from PROGRAM (without a store).
+    next_exe: u64,
+    /// The release store, with `--releases`.
+    lifecycle: Option<Lifecycle>,
+    /// Which release booted, and why.
+    boot_note: String,
+    /// Versions last recorded as in use.
+    in_use: Vec<String>,
+    /// Results of work done off the loop.
+    loop_tx: mpsc::UnboundedSender<LoopEvent>,
+    /// A health check is running.
+    health_running: bool,
+}
+
+/// Someone waiting on the control socket for an outcome.
+struct Waiter {
+    tx: oneshot::Sender<ControlReply>,
+    /// The release being installed (a `release` request), else a plain upgrade.
+    release: Option<String>,
+}
+
+/// Work finished off the main loop.
+enum LoopEvent {
+    /// The checks before an install finished.
+    Checked {
+        version: String,
+        result: Result<Exe, String>,
+        reply: oneshot::Sender<ControlReply>,
+        wait: WaitFor,
+    },
+    /// A health check of a generation on probation finished.
+    Health {
+        gen_id: GenId,
+        result: Result<(), String>,
+    },
+}
+
+impl Driver {
+    fn add_waiter(
+        &mut self,
+        tx: oneshot::Sender<ControlReply>,
+        release: Option<String>,
+    ) -> WaiterId {
+        let id = self.next_waiter;
+        self.next_waiter += 1;
+        self.waiters.insert(id, Waiter { tx, release });
+        id
+    }
+
+    /// The executable a plain upgrade runs: with a store, the current (else
+    /// permanent) release; without, PROGRAM opened now.
+    fn plain_image(&mut self) -> Result<Image, String> {
+        if let Some(lc) = &self.lifecycle {
+            let v = lc.plain_upgrade_version()?;
+            if !self.images.contains_key(&v) {
+                let exe = lc.open_exe(&v)?;
+                self.images.insert(v.clone(), exe);
+            }
+            return Ok(v);
+        }
+        let path = spawn::resolve_program(&self.spawn_cfg.program)?;
+        let exe = Exe::open(&path)?;
+        if let Some((label, _)) = self.images.iter().find(|(_, e)| e.same_file(&exe)) {
+            return Ok(label.clone());
+        }
+        self.next_exe += 1;
+        let label = format!("exe-{}", self.next_exe);
+        self.images.insert(label.clone(), exe);
+        Ok(label)
+    }
+
+    /// Closes executables nothing runs or may run next, and records the
+    /// versions in use in the store.
+    fn housekeep_images(&mut self, m: &Machine) {
+        let keep = m.images_in_use();
+        self.images.retain(|k, _| keep.contains(k));
+        if let Some(lc) = &self.lifecycle {
+            let mut running: Vec<String> = m.gens().map(|(_, g)| g.image.clone()).collect();
+            running.sort();
+            running.dedup();
+            if running != self.in_use {
+                lc.set_in_use(running.clone());
+                self.in_use = running;
+            }
+        }
+    }
+
+    fn reply_release(&mut self, id: WaiterId, reply: ReleaseReply) {
+        if let Some(w) = self.waiters.remove(&id) {
+            let _ = w.tx.send(ControlReply::Release(self.with_list(reply)));
+        }
+    }
+
+    /// `reply` with the store's releases attached.
+    fn with_list(&self, mut reply: ReleaseReply) -> ReleaseReply {
+        if let Some(lc) = &self.lifecycle {
+            reply.releases = lc.list().unwrap_or_default();
+        }
+        reply
+    }
 }
 
 /// How long a notify sender found outside every generation stays known as such.
@@ -66,12 +178,25 @@ const STRANGER_TTL: Duration = Duration::from_secs(1);
 const MAX_STRANGERS: usize = 256;
 
 impl Host for Driver {
-    fn spawn(&mut self, gen_id: GenId) -> Result<u32, String> {
+    fn spawn(&mut self, gen_id: GenId, image: Option<&Image>) -> Result<(u32, Image), String> {
+        let label = match image {
+            Some(i) if self.images.contains_key(i) => i.clone(),
+            Some(i) => match &self.lifecycle {
+                Some(lc) => {
+                    let exe = lc.open_exe(i)?;
+                    self.images.insert(i.clone(), exe);
+                    i.clone()
+                }
+                None => return Err(format!("the executable of {i} is no longer open")),
+            },
+            None => self.plain_image()?,
+        };
+        let exe = self.images.get(&label).ok_or("executable vanished")?;
         let t = Instant::now();
         let cg = self.containment.prepare(gen_id);
         self.last_cgroup = t.elapsed();
         let t = Instant::now();
-        let s = match spawn::spawn(&self.spawn_cfg, &self.listeners, gen_id, cg) {
+        let s = match spawn::spawn(&self.spawn_cfg, &self.listeners, gen_id, cg, exe) {
             Ok(s) => s,
             Err(e) => {
                 self.containment.spawn_failed(gen_id);
@@ -89,7 +214,7 @@ impl Host for Driver {
         )
         .map_err(|e| e.to_string())?;
         self.handles.insert(gen_id, h);
-        Ok(s.pid)
+        Ok((s.pid, label))
     }
 
     fn kill(&mut self, gen_id: GenId, pid: u32, how: Kill) {
@@ -142,60 +267,51 @@ impl Host for Driver {
             report.ready_to_drain_ms = Some(ms(ready));
         }
         for w in waiters {
-            if let Some(tx) = self.waiters.remove(&w) {
-                let _ = tx.send(ControlReply::Upgrade(report.clone()));
-            }
+            let Some(waiter) = self.waiters.remove(&w) else {
+                continue;
+            };
+            let reply = match waiter.release {
+                None => ControlReply::Upgrade(report.clone()),
+                Some(version) => {
+                    let promoted = report.result == UpgradeResult::Promoted;
+                    ControlReply::Release(self.with_list(ReleaseReply {
+                        result: if promoted {
+                            ReleaseResultKind::Promoted
+                        } else {
+                            ReleaseResultKind::RolledBack
+                        },
+                        version: Some(version),
+                        detail: report.reason.clone().unwrap_or_default(),
+                        releases: Vec::new(),
+                        upgrade: Some(report.clone()),
+                    }))
+                }
+            };
+            let _ = waiter.tx.send(reply);
+        }
+    }
+
+    fn release(&mut self, event: ReleaseEvent<'_>) {
+        if let Some(lc) = &self.lifecycle {
+            lc.persist(&event);
+        }
+    }
+
+    fn probation_over(&mut self, outcome: &ProbationOutcome, waiters: Vec<WaiterId>) {
+        for w in waiters {
+            let reply = ReleaseReply {
+                result: outcome.kind,
+                version: outcome.image.clone(),
+                detail: outcome.reason.clone().unwrap_or_default(),
+                releases: Vec::new(),
+                upgrade: outcome.report.clone(),
+            };
+            self.reply_release(w, reply);
         }
     }
 
     fn exit(&mut self, code: i32, reason: &str) {
         self.exit = Some((code, reason.to_string()));
-    }
-}
-
-fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn status(m: &Machine, d: &Driver) -> Status {
-    let active = m.active();
-    Status {
-        supervisor_pid: std::process::id(),
-        generation: active.unwrap_or(0),
-        pid: active.and_then(|a| m.generation(a)).map(|g| g.pid),
-        generations: m
-            .gens()
-            .map(|(id, g)| GenerationStatus {
-                generation: id,
-                pid: g.pid,
-                phase: g.phase,
-                started_at: d.handles.get(&id).map(|h| h.started_at).unwrap_or(0),
-                connections: d.handles.get(&id).and_then(|h| h.connections),
-            })
-            .collect(),
-        last_upgrade: m.last_upgrade().cloned(),
-        upgrading: m.upgrading(),
-        queued_upgrades: u32::from(m.queued()),
-        crashes: m.crashes(),
-        listeners: d
-            .listeners
-            .iter()
-            .map(|l| ListenerStatus {
-                name: l.name.clone(),
-                addr: l.addr.to_string(),
-                inherited: l.inherited,
-            })
-            .collect(),
-        rss_kb: rss_kb(),
-        containment: d.containment.describe(),
-        strays_killed: d.containment.strays_killed(),
     }
 }
 
@@ -207,6 +323,7 @@ pub async fn run(
     cfg: RunConfig,
     listeners: Vec<Listener>,
     sd: SystemdOut,
+    boot: Option<(Lifecycle, Boot)>,
 ) -> Result<i32, RunError> {
     let mut signals =
         signal_hook_tokio::Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(RunError::Signals)?;
@@ -238,6 +355,20 @@ pub async fn run(
         restore_timeout: cfg.restore_timeout,
         backoff_min: Duration::from_millis(100),
         backoff_max: Duration::from_secs(10),
+        probation: cfg.release.probation,
+        health_failures: cfg.release.health_failures,
+    };
+    let (loop_tx, mut loop_rx) = mpsc::unbounded_channel();
+    let mut m = Machine::new(settings);
+    let mut images = HashMap::new();
+    let (lifecycle, boot_note) = match boot {
+        Some((lc, boot)) => {
+            tracing::info!(release = %boot.version, why = %boot.why, "booting");
+            m.boot_with(boot.version.clone(), boot.permanent);
+            images.insert(boot.version, boot.exe);
+            (Some(lc), boot.why)
+        }
+        None => (None, String::new()),
     };
     let watchdog = sd.watchdog_interval();
     let mut d = Driver {
@@ -262,8 +393,16 @@ pub async fn run(
         strangers: HashMap::new(),
         relay_slots: Arc::new(Semaphore::new(crate::generation::RELAY_SLOTS)),
         containment: Containment::detect(),
+        images,
+        next_exe: 0,
+        lifecycle,
+        boot_note,
+        in_use: Vec::new(),
+        loop_tx,
+        health_running: false,
     };
-    let mut m = Machine::new(settings);
+    let mut health_timer = tokio::time::interval(cfg.release.health_interval);
+    health_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let serve = control.serve(ctl_tx);
     tokio::pin!(serve);
     let mut housekeeping = tokio::time::interval(
@@ -301,6 +440,19 @@ pub async fn run(
                 Err(e) => tracing::warn!(error = %e, "notify socket"),
             },
             Some(req) = ctl_rx.recv() => on_control(&mut m, &mut d, req),
+            Some(ev) = loop_rx.recv() => match ev {
+                LoopEvent::Checked { version, result, reply, wait } => {
+                    on_checked(&mut m, &mut d, version, result, reply, wait);
+                }
+                LoopEvent::Health { gen_id, result } => {
+                    d.health_running = false;
+                    let detail = result.as_ref().err().cloned().unwrap_or_default();
+                    m.on_health(&mut d, Instant::now(), gen_id, result.is_ok(), &detail);
+                }
+            },
+            _ = health_timer.tick(), if cfg.release.health.is_some() => {
+                start_health_check(&m, &mut d, &cfg);
+            }
             _ = sleep => m.tick(&mut d, Instant::now()),
             _ = housekeeping.tick() => {
                 if watchdog.is_some() && m.active().is_some() {
@@ -308,6 +460,11 @@ pub async fn run(
                 }
                 rearm_listeners(&d.listeners, cfg.backlog);
                 d.containment.sweep();
+                d.housekeep_images(&m);
+                if m.on_probation().is_some() && d.sd.enabled() {
+                    let line = notify::one_line(&m.status_line(Instant::now()));
+                    d.sd.send(&format!("STATUS={line}"));
+                }
             }
             () = &mut serve => {}
         }
@@ -324,6 +481,9 @@ pub async fn run(
         let _ = sys::kill(g.pid, Signal::SIGKILL);
     }
     d.containment.shutdown().await;
+    if let Some(lc) = &d.lifecycle {
+        lc.set_in_use(Vec::new());
+    }
     if code == 0 {
         tracing::info!("stopped");
     } else {
@@ -331,6 +491,38 @@ pub async fn run(
         eprintln!("baton: error: {reason}");
     }
     Ok(code)
+}
+
+/// Starts a health check of the generation on probation, unless one runs.
+fn start_health_check(m: &Machine, d: &mut Driver, cfg: &RunConfig) {
+    let (Some(check), Some(gen_id)) = (cfg.release.health.clone(), m.probation_generation()) else {
+        return;
+    };
+    if d.health_running {
+        return;
+    }
+    let Some(g) = m.generation(gen_id) else {
+        return;
+    };
+    let exe = d.images.get(&g.image);
+    let vars = crate::health::Vars {
+        exe: exe
+            .map(|e| e.path.display().to_string())
+            .unwrap_or_default(),
+        version: g.image.clone(),
+        dir: exe
+            .and_then(|e| e.release.as_ref())
+            .map(|(_, dir)| dir.display().to_string())
+            .unwrap_or_default(),
+        pid: g.pid.to_string(),
+    };
+    let timeout = cfg.release.health_interval.max(Duration::from_secs(1));
+    let tx = d.loop_tx.clone();
+    d.health_running = true;
+    tokio::spawn(async move {
+        let result = check.run(&vars, timeout).await;
+        let _ = tx.send(LoopEvent::Health { gen_id, result });
+    });
 }
 
 fn rearm_listeners(listeners: &[Listener], backlog: i32) {
@@ -348,228 +540,6 @@ fn rearm_listeners(listeners: &[Listener], backlog: i32) {
                     tracing::error!(name = %l.name, error = %e, "listener stopped listening and cannot be re-armed")
                 }
             }
-        }
-    }
-}
-
-fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
-    let now = Instant::now();
-    if let GenEvent::Message { gen_id, .. } | GenEvent::BadMessage { gen_id, .. } = &ev {
-        if let Some(h) = d.handles.get(gen_id) {
-            h.handled_one();
-        }
-    }
-    match ev {
-        GenEvent::Exited { gen_id, how } => {
-            d.handles.remove(&gen_id);
-            d.containment.reap(gen_id);
-            m.on_exit(d, now, gen_id, &how);
-        }
-        GenEvent::BadMessage { gen_id, why } => {
-            tracing::warn!(generation = gen_id, why, "bad control message");
-            deferred_ready(m, d, gen_id);
-        }
-        GenEvent::Message {
-            gen_id,
-            msg,
-            mut fds,
-            slots,
-        } => {
-            let pid = d.handles.get(&gen_id).map_or(0, |h| h.pid);
-            tracing::debug!(generation = gen_id, pid, ?msg, "control message");
-            match msg {
-                ChildMsg::Hello { protocol, features } => {
-                    if protocol != PROTOCOL_VERSION {
-                        tracing::warn!(
-                            generation = gen_id,
-                            pid,
-                            protocol,
-                            "child speaks another protocol version; treating it as SDK-less"
-                        );
-                        // Its READY may be waiting for this hello.
-                        deferred_ready(m, d, gen_id);
-                        return;
-                    }
-                    m.on_hello(gen_id, features);
-                    deferred_ready(m, d, gen_id);
-                }
-                ChildMsg::Connections { active } => {
-                    if let Some(h) = d.handles.get_mut(&gen_id) {
-                        h.connections = Some(active);
-                    }
-                }
-                ChildMsg::Prepared => m.on_prepared(d, now, gen_id),
-                ChildMsg::Snapshot { size, version, .. } => {
-                    let Some(fd) = fds.pop() else { return };
-                    tracing::info!(generation = gen_id, pid, size, version, "snapshot received");
-                    if let Some(h) = d.handles.get_mut(&gen_id) {
-                        h.snapshot = Some((fd, size));
-                    }
-                    m.on_snapshot(d, now, gen_id, size);
-                }
-                ChildMsg::SnapshotFailed { reason } => {
-                    m.on_snapshot_failed(d, now, gen_id, &reason)
-                }
-                ChildMsg::Restored {
-                    from_version,
-                    restore_ms,
-                } => {
-                    tracing::info!(
-                        generation = gen_id,
-                        pid,
-                        from_version,
-                        restore_ms,
-                        "snapshot restored"
-                    );
-                    m.on_restored(d, now, gen_id);
-                }
-                ChildMsg::Rejected { reason } => m.on_rejected(d, now, gen_id, &reason),
-                ChildMsg::Migrate {
-                    listener,
-                    buffered,
-                    meta,
-                    ..
-                } => {
-                    let Some(fd) = fds.pop() else { return };
-                    let target = m
-                        .active()
-                        .filter(|a| *a != gen_id)
-                        .and_then(|a| d.handles.get(&a));
-                    match target {
-                        Some(h) => {
-                            h.relay(
-                                SupervisorMsg::Adopt {
-                                    fds: 1,
-                                    listener,
-                                    buffered,
-                                    meta,
-                                },
-                                vec![fd],
-                                slots,
-                            );
-                            m.note_migrated(1);
-                        }
-                        None => {
-                            tracing::error!(
-                                generation = gen_id,
-                                pid,
-                                "migrated connection has no active generation to go to; closing it"
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Acts on a READY that waited for the generation's hello.
-fn deferred_ready(m: &mut Machine, d: &mut Driver, gen_id: GenId) {
-    let Some(h) = d.handles.get_mut(&gen_id) else {
-        return;
-    };
-    if std::mem::take(&mut h.ready_deferred) {
-        ready(m, d, gen_id);
-    }
-}
-
-/// Hands READY to the machine, timing baton's own share of the promotion.
-fn ready(m: &mut Machine, d: &mut Driver, gen_id: GenId) {
-    let now = Instant::now();
-    d.ready_received = Some(now);
-    m.on_ready(d, now, gen_id);
-    d.ready_received = None;
-}
-
-/// The generation process `pid` belongs to (itself or an ancestor), remembering
-/// strangers for a while so that a flood from one costs a map lookup each.
-fn notify_owner(m: &Machine, d: &mut Driver, pid: u32) -> Option<u32> {
-    if m.gen_by_pid(pid).is_some() {
-        return Some(pid);
-    }
-    let now = Instant::now();
-    if d.strangers
-        .get(&pid)
-        .is_some_and(|t| now.duration_since(*t) < STRANGER_TTL)
-    {
-        return None;
-    }
-    let owner = notify::owning_pid(pid, |p| m.gen_by_pid(p).is_some());
-    if owner.is_none() {
-        if d.strangers.len() >= MAX_STRANGERS {
-            d.strangers
-                .retain(|_, t| now.duration_since(*t) < STRANGER_TTL);
-            if d.strangers.len() >= MAX_STRANGERS {
-                d.strangers.clear();
-            }
-        }
-        d.strangers.insert(pid, now);
-        tracing::debug!(
-            pid,
-            "notify message from a process outside every generation; ignored"
-        );
-    }
-    owner
-}
-
-fn on_notify(m: &mut Machine, d: &mut Driver, pid: u32, text: &str) {
-    let Some(owner) = notify_owner(m, d, pid) else {
-        return;
-    };
-    let Some(gen_id) = m.gen_by_pid(owner) else {
-        return;
-    };
-    for (k, v) in notify::parse(text) {
-        match k {
-            "READY" if v == "1" => {
-                tracing::info!(generation = gen_id, pid = owner, "READY");
-                // Promotion decides whether connections migrate, from the features the
-                // candidate's hello announced: never decide before reading that hello.
-                let no_hello = m.generation(gen_id).is_some_and(|g| g.features.is_none());
-                if let Some(h) = d.handles.get_mut(&gen_id) {
-                    if no_hello && h.has_unread() {
-                        tracing::debug!(
-                            generation = gen_id,
-                            "READY before hello was read; deferring"
-                        );
-                        h.ready_deferred = true;
-                        continue;
-                    }
-                }
-                ready(m, d, gen_id);
-            }
-            "STATUS" => {
-                if let Some(h) = d.handles.get_mut(&gen_id) {
-                    h.status_text = Some(v.to_string());
-                }
-            }
-            "STOPPING" | "WATCHDOG" | "ERRNO" | "RELOADING" | "MAINPID" | "MONOTONIC_USEC" => {}
-            _ => tracing::debug!(generation = gen_id, key = k, "ignored notify key"),
-        }
-    }
-}
-
-fn on_control(m: &mut Machine, d: &mut Driver, req: Incoming) {
-    let now = Instant::now();
-    match req.request {
-        ControlRequest::Status => {
-            let _ = req.reply.send(ControlReply::Status(status(m, d)));
-        }
-        ControlRequest::Upgrade { wait } => {
-            tracing::info!(wait, "upgrade requested on the control socket");
-            if wait {
-                let id = d.next_waiter;
-                d.next_waiter += 1;
-                d.waiters.insert(id, req.reply);
-                m.request_upgrade(d, now, Some(id));
-            } else {
-                let _ = req.reply.send(ControlReply::Queued);
-                m.request_upgrade(d, now, None);
-            }
-        }
-        ControlRequest::Stop => {
-            let _ = req.reply.send(ControlReply::Stopping);
-            m.request_stop(d, now);
         }
     }
 }

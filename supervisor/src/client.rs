@@ -1,0 +1,188 @@
+//! The client commands: `baton status|upgrade|stop` talk to a running baton.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use baton_protocol::{ControlReply, ControlRequest, Status, UpgradeResult};
+
+use crate::{control, sys};
+
+/// `upgrade --wait`: promoted, but the old generation's state was lost.
+const EXIT_PROMOTED_WITH_LOSS: u8 = 3;
+
+pub fn run(f: impl FnOnce() -> anyhow::Result<ExitCode>) -> ExitCode {
+    sys::default_sigpipe();
+    match f() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("baton: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn control_path(p: Option<PathBuf>) -> PathBuf {
+    p.unwrap_or_else(control::default_path)
+}
+
+pub fn ask(
+    path: Option<PathBuf>,
+    req: ControlRequest,
+    timeout: Option<Duration>,
+) -> anyhow::Result<ControlReply> {
+    let path = control_path(path);
+    let reply = control::request(&path, &req, timeout)?;
+    if let ControlReply::Error { message } = &reply {
+        anyhow::bail!("baton at {}: {message}", path.display());
+    }
+    Ok(reply)
+}
+
+pub fn status(path: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+    let ControlReply::Status(s) = ask(path, ControlRequest::Status, Some(Duration::from_secs(10)))?
+    else {
+        anyhow::bail!("unexpected reply to status");
+    };
+    if json {
+        println!("{}", serde_json::to_string(&s).context("encoding status")?);
+    } else {
+        print_status(&s);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_status(s: &Status) {
+    match s.pid {
+        Some(pid) => println!("active: generation {} (pid {pid})", s.generation),
+        None => println!("active: none"),
+    }
+    println!(
+        "supervisor: pid {}, rss {} KiB, crashes {}",
+        s.supervisor_pid, s.rss_kb, s.crashes
+    );
+    if !s.containment.is_empty() {
+        let strays = if s.strays_killed > 0 {
+            format!(", {} stray processes killed", s.strays_killed)
+        } else {
+            String::new()
+        };
+        println!("containment: {}{strays}", s.containment);
+    }
+    if s.upgrading {
+        println!(
+            "upgrade: in progress{}",
+            if s.queued_upgrades > 0 {
+                " (another queued)"
+            } else {
+                ""
+            }
+        );
+    }
+    println!("generations:");
+    for g in &s.generations {
+        let conns = g
+            .connections
+            .map(|c| format!(", {c} connections"))
+            .unwrap_or_default();
+        let release = g
+            .release
+            .as_deref()
+            .map(|r| format!(" release {r}"))
+            .unwrap_or_default();
+        println!(
+            "  {:>4}  pid {:<8} {:?}{conns}{release}",
+            g.generation, g.pid, g.phase
+        );
+    }
+    if let Some(u) = &s.last_upgrade {
+        let what = match u.result {
+            UpgradeResult::Promoted => "promoted",
+            UpgradeResult::RolledBack => "rolled back",
+        };
+        let why = u
+            .reason
+            .as_deref()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default();
+        println!(
+            "last upgrade: generation {} {what} in {} ms{why}",
+            u.generation, u.duration_ms
+        );
+        if let Some(gap) = u.accept_gap_ms {
+            println!(
+                "  accept gap {gap:.1} ms, snapshot {} bytes",
+                u.snapshot_bytes.unwrap_or(0)
+            );
+        }
+    }
+    if let Some(r) = &s.releases {
+        println!(
+            "releases: {} (permanent: {})",
+            r.store,
+            r.permanent.as_deref().unwrap_or("none")
+        );
+        if let Some(p) = &r.probation {
+            let left = p
+                .seconds_left
+                .map(|s| format!("{s} s left"))
+                .unwrap_or_else(|| "until made permanent".into());
+            println!(
+                "  {} on probation ({left}, {} failed health checks in a row)",
+                p.version, p.health_failures
+            );
+        }
+        println!("  booted: {}", r.boot);
+    }
+    println!("listeners:");
+    for l in &s.listeners {
+        println!(
+            "  {} {}{}",
+            l.name,
+            l.addr,
+            if l.inherited { " (from systemd)" } else { "" }
+        );
+    }
+}
+
+pub fn upgrade(path: Option<PathBuf>, wait: bool) -> anyhow::Result<ExitCode> {
+    match ask(path, ControlRequest::Upgrade { wait }, None)? {
+        ControlReply::Queued => {
+            println!("upgrade requested");
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlReply::Upgrade(r) if r.result == UpgradeResult::Promoted => {
+            println!(
+                "promoted generation {} (pid {}) in {} ms",
+                r.generation,
+                r.pid.unwrap_or(0),
+                r.duration_ms
+            );
+            match &r.reason {
+                // Promoted, but the old generation died with its state: say so loudly,
+                // and fail the command an operator (or `systemctl reload`) watches.
+                Some(why) => {
+                    eprintln!("baton: warning: {why}");
+                    Ok(ExitCode::from(EXIT_PROMOTED_WITH_LOSS))
+                }
+                None => Ok(ExitCode::SUCCESS),
+            }
+        }
+        ControlReply::Upgrade(r) => {
+            eprintln!(
+                "baton: upgrade to generation {} rolled back: {}",
+                r.generation,
+                r.reason.as_deref().unwrap_or("unknown reason")
+            );
+            Ok(ExitCode::FAILURE)
+        }
+        other => anyhow::bail!("unexpected reply: {other:?}"),
+    }
+}
+
+pub fn stop(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    ask(path, ControlRequest::Stop, Some(Duration::from_secs(10)))?;
+    println!("stopping");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,278 @@
+//! The running baton's side of the release store: which release boots, the
+//! checks before an install, and persisting what the machine decides.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_protocol::{Release, ReleaseStatus};
+
+use crate::exe::Exe;
+use crate::health::{self, Vars};
+use crate::store::{InUse, Meta, Store};
+use crate::upgrade::ReleaseEvent;
+
+/// A store opened by `baton run --releases`.
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    preflight: Option<String>,
+    preflight_timeout: Duration,
+    keep: Option<usize>,
+}
+
+/// What a starting baton runs.
+pub struct Boot {
+    /// The release.
+    pub version: String,
+    /// Whether it is permanent (else it goes on probation).
+    pub permanent: bool,
+    /// Why this one (for status).
+    pub why: String,
+    /// Its executable, checked.
+    pub exe: Exe,
+}
+
+impl Lifecycle {
+    /// Opens the store at `dir` for PROGRAM `program` and picks the release to boot.
+    ///
+    /// # Errors
+    /// One line: the store is missing, unreadable, corrupt or empty, or the
+    /// release to boot fails its check.
+    pub fn open(
+        dir: &std::path::Path,
+        program: &str,
+        preflight: Option<String>,
+        preflight_timeout: Duration,
+        keep: Option<usize>,
+    ) -> Result<(Lifecycle, Boot), String> {
+        let store = Store::open(dir, false).map_err(|e| e.0)?;
+        store.adopt_program(program).map_err(|e| e.0)?;
+        let meta = store.read().map_err(|e| e.0)?;
+        if meta.releases.is_empty() {
+            return Err(format!(
+                "release store {} is empty: add one with 'baton release add --releases {} VERSION PATH'",
+                dir.display(),
+                dir.display()
+            ));
+        }
+        let (version, why) = meta.boot_choice().map_err(|e| e.0)?;
+        let permanent = meta
+            .get(&version)
+            .is_some_and(|r| r.status == ReleaseStatus::Permanent);
+        let lc = Lifecycle {
+            inner: Arc::new(Inner {
+                store,
+                preflight,
+                preflight_timeout,
+                keep,
+            }),
+        };
+        if let Some(c) = meta.current().filter(|c| c.version != version) {
+            // Never confirmed: OTP boots the old release too, and forgets the new one.
+            let v = c.version.clone();
+            lc.update(|m| {
+                if let Some(r) = m.releases.iter_mut().find(|r| r.version == v) {
+                    r.status = ReleaseStatus::Old;
+                }
+                m.record(
+                    &v,
+                    "boot",
+                    false,
+                    "baton restarted while it was on probation; booted the permanent release",
+                );
+                Ok(())
+            });
+        }
+        let exe = lc.open_exe(&version)?;
+        Ok((
+            lc,
+            Boot {
+                version,
+                permanent,
+                why,
+                exe,
+            },
+        ))
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> PathBuf {
+        self.inner.store.dir().to_path_buf()
+    }
+
+    /// The metadata now.
+    ///
+    /// # Errors
+    /// The file is unreadable or corrupt.
+    pub fn meta(&self) -> Result<Meta, String> {
+        self.inner.store.read().map_err(|e| e.0)
+    }
+
+    /// Every release, newest first.
+    ///
+    /// # Errors
+    /// The file is unreadable or corrupt.
+    pub fn list(&self) -> Result<Vec<Release>, String> {
+        Ok(newest_first(self.meta()?.releases))
+    }
+
+    /// Opens `version`'s executable and checks its sha256 against the store.
+    ///
+    /// # Errors
+    /// Unknown version, missing file or sha256 mismatch.
+    pub fn open_exe(&self, version: &str) -> Result<Exe, String> {
+        let meta = self.meta()?;
+        open_exe(&self.inner.store, &meta, version)
+    }
+
+    /// The version a plain upgrade restarts: the current release, else the
+    /// permanent one, else what boot would pick.
+    ///
+    /// # Errors
+    /// The store is unreadable or empty.
+    pub fn plain_upgrade_version(&self) -> Result<String, String> {
+        let meta = self.meta()?;
+        if let Some(r) = meta.current().or(meta.permanent()) {
+            return Ok(r.version.clone());
+        }
+        meta.boot_choice().map(|(v, _)| v).map_err(|e| e.0)
+    }
+
+    /// release check: the executable exists, matches its sha256 and runs on this
+    /// machine, then the preflight passes. Records the result; a failure marks
+    /// the release failed (unless it is permanent or current).
+    ///
+    /// # Errors
+    /// What failed, with the preflight's output.
+    pub async fn check(&self, version: &str) -> Result<(Exe, String), String> {
+        let r = self.check_inner(version).await;
+        let (ok, detail) = match &r {
+            Ok((_, out)) => (true, out.clone()),
+            Err(e) => (false, e.clone()),
+        };
+        let v = version.to_string();
+        self.update(move |m| {
+            if m.get(&v).is_none() {
+                return Ok(());
+            }
+            m.record(&v, "check", ok, &detail);
+            if !ok
+                && m.get(&v)
+                    .is_some_and(|r| r.status == ReleaseStatus::Unpacked)
+            {
+                m.set_failed(&v)?;
+            }
+            Ok(())
+        });
+        r
+    }
+
+    async fn check_inner(&self, version: &str) -> Result<(Exe, String), String> {
+        let exe = self.open_exe(version)?;
+        exe.check_runs_here()
+            .map_err(|why| format!("release {version} cannot run here: {why}"))?;
+        let Some(cmd) = &self.inner.preflight else {
+            return Ok((exe, String::new()));
+        };
+        let vars = Vars {
+            exe: exe.path.display().to_string(),
+            version: version.to_string(),
+            dir: self.inner.store.release_dir(version).display().to_string(),
+            pid: String::new(),
+        };
+        let (ok, out) = health::run_command(&vars.expand(cmd), self.inner.preflight_timeout).await;
+        if ok {
+            Ok((exe, out))
+        } else {
+            Err(format!("preflight of {version} {out}"))
+        }
+    }
+
+    /// Persists what the machine decided.
+    pub fn persist(&self, event: &ReleaseEvent<'_>) {
+        let keep = self.inner.keep;
+        let prune_after = matches!(event, ReleaseEvent::Permanent(_));
+        self.update(|m| {
+            match event {
+                ReleaseEvent::Current(v) => {
+                    m.set_current(v)?;
+                    m.record(v, "install", true, "promoted; on probation");
+                }
+                ReleaseEvent::Permanent(v) => {
+                    m.set_permanent(v)?;
+                    m.record(v, "permanent", true, "");
+                }
+                ReleaseEvent::Failed { image, reason } => {
+                    m.set_failed(image)?;
+                    m.record(image, "install", false, reason);
+                }
+                ReleaseEvent::RevertRefused { image, reason } => {
+                    m.record(image, "revert", false, reason);
+                }
+            }
+            Ok(())
+        });
+        if let (true, Some(keep)) = (prune_after, keep) {
+            let in_use = self.meta().map(|m| m.live_in_use()).unwrap_or_default();
+            match self.inner.store.prune(keep, &in_use) {
+                Ok(gone) if !gone.is_empty() => tracing::info!(?gone, keep, "pruned old releases"),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "cannot prune old releases"),
+            }
+        }
+    }
+
+    /// Records which versions this baton's generations run (none: baton is
+    /// done with the store).
+    pub fn set_in_use(&self, versions: Vec<String>) {
+        self.update(|m| {
+            m.in_use = (!versions.is_empty()).then(|| InUse {
+                pid: std::process::id(),
+                versions,
+            });
+            Ok(())
+        });
+    }
+
+    /// release remove: deletes VERSION unless a generation uses it.
+    ///
+    /// # Errors
+    /// Unknown release or the store cannot be written.
+    pub fn remove(&self, version: &str, in_use: &[String]) -> Result<(), String> {
+        self.inner.store.remove(version, in_use).map_err(|e| e.0)
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Meta) -> Result<(), crate::store::StoreError>) {
+        if let Err(e) = self.inner.store.update(f) {
+            tracing::error!(error = %e, "cannot update the release store");
+        }
+    }
+}
+
+/// Opens `version`'s executable from `store` and checks it against `meta`.
+///
+/// # Errors
+/// Unknown version, missing file or sha256 mismatch.
+pub fn open_exe(store: &Store, meta: &Meta, version: &str) -> Result<Exe, String> {
+    let r = meta.get(version).ok_or_else(|| {
+        format!(
+            "no release '{version}' in the store {}",
+            store.dir().display()
+        )
+    })?;
+    let path = store.exe_path(meta, version).map_err(|e| e.0)?;
+    Exe::open_release(&path, &r.sha256, version, &store.release_dir(version))
+}
+
+/// Releases sorted newest first.
+pub fn newest_first(mut v: Vec<Release>) -> Vec<Release> {
+    v.reverse();
+    v.sort_by_key(|r| std::cmp::Reverse(r.added));
+    v
+}

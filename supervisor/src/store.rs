@@ -1,0 +1,776 @@
+//! The release store (`--releases DIR`): `DIR/<version>/` trees side by side, and
+//! `DIR/releases.json` with each one's status, sha256 and results.
+//!
+//! Every change is read-modify-write under an exclusive `flock` on `DIR/.lock`,
+//! and the file is replaced atomically (temp file, fsync, rename, fsync of the
+//! directory), so a crash leaves the old or the new metadata, never a mix, and two
+//! writers (a running baton and `baton release add`) never lose each other's work.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use baton_protocol::{Release, ReleaseResult, ReleaseStatus};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The metadata file inside the store.
+pub const META_FILE: &str = "releases.json";
+const LOCK_FILE: &str = ".lock";
+/// Results kept per release.
+const MAX_RESULTS: usize = 10;
+/// How long a writer waits for the lock before giving up.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// A store error: one line naming the file, version or path at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(pub String);
+
+fn err(msg: impl Into<String>) -> StoreError {
+    StoreError(msg.into())
+}
+
+/// The generations of a running baton, so that `release remove` without one
+/// knows what is in use.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InUse {
+    /// The baton that runs them.
+    pub pid: u32,
+    /// Versions its generations run.
+    pub versions: Vec<String>,
+}
+
+/// `releases.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Meta {
+    /// File format version.
+    pub format: u32,
+    /// PROGRAM: the executable's path inside every release.
+    #[serde(default)]
+    pub program: Option<String>,
+    /// Releases, in the order they were added.
+    #[serde(default)]
+    pub releases: Vec<Release>,
+    /// The release that was permanent before the permanent one (`release rollback`).
+    #[serde(default)]
+    pub previous_permanent: Option<String>,
+    /// What a running baton uses.
+    #[serde(default)]
+    pub in_use: Option<InUse>,
+}
+
+impl Meta {
+    /// The release named `version`.
+    pub fn get(&self, version: &str) -> Option<&Release> {
+        self.releases.iter().find(|r| r.version == version)
+    }
+
+    fn get_mut(&mut self, version: &str) -> Result<&mut Release, StoreError> {
+        self.releases
+            .iter_mut()
+            .find(|r| r.version == version)
+            .ok_or_else(|| err(format!("no release '{version}' in the store")))
+    }
+
+    /// The permanent release, if one.
+    pub fn permanent(&self) -> Option<&Release> {
+        self.with_status(ReleaseStatus::Permanent)
+    }
+
+    /// The current release (on probation), if one.
+    pub fn current(&self) -> Option<&Release> {
+        self.with_status(ReleaseStatus::Current)
+    }
+
+    fn with_status(&self, s: ReleaseStatus) -> Option<&Release> {
+        self.releases.iter().find(|r| r.status == s)
+    }
+
+    /// Versions a live baton's generations run (empty if that baton is gone).
+    pub fn live_in_use(&self) -> Vec<String> {
+        match &self.in_use {
+            Some(u) if crate::sys::pid_alive(u.pid) => u.versions.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Appends a result to `version`'s history.
+    pub fn record(&mut self, version: &str, action: &str, ok: bool, detail: &str) {
+        if let Ok(r) = self.get_mut(version) {
+            r.results.push(ReleaseResult {
+                at: unix_now(),
+                action: action.to_string(),
+                ok,
+                detail: crate::notify::one_line(detail),
+            });
+            let extra = r.results.len().saturating_sub(MAX_RESULTS);
+            r.results.drain(..extra);
+        }
+    }
+
+    /// `version` was promoted: it is current, and a previous current one is old.
+    pub fn set_current(&mut self, version: &str) -> Result<(), StoreError> {
+        self.get_mut(version)?;
+        for r in &mut self.releases {
+            if r.status == ReleaseStatus::Current && r.version != version {
+                r.status = ReleaseStatus::Old;
+            }
+        }
+        let r = self.get_mut(version)?;
+        if r.status != ReleaseStatus::Permanent {
+            r.status = ReleaseStatus::Current;
+        }
+        Ok(())
+    }
+
+    /// make_permanent: `version` is permanent, the previous permanent one is old.
+    pub fn set_permanent(&mut self, version: &str) -> Result<(), StoreError> {
+        self.get_mut(version)?;
+        let mut previous = None;
+        for r in &mut self.releases {
+            if r.version != version
+                && matches!(r.status, ReleaseStatus::Permanent | ReleaseStatus::Current)
+            {
+                if r.status == ReleaseStatus::Permanent {
+                    previous = Some(r.version.clone());
+                }
+                r.status = ReleaseStatus::Old;
+            }
+        }
+        let r = self.get_mut(version)?;
+        if r.status != ReleaseStatus::Permanent {
+            r.status = ReleaseStatus::Permanent;
+            if previous.is_some() {
+                self.previous_permanent = previous;
+            }
+        }
+        Ok(())
+    }
+
+    /// `version` failed (preflight, readiness or probation).
+    pub fn set_failed(&mut self, version: &str) -> Result<(), StoreError> {
+        let r = self.get_mut(version)?;
+        if r.status != ReleaseStatus::Permanent {
+            r.status = ReleaseStatus::Failed;
+        }
+        Ok(())
+    }
+
+    /// The release a starting baton runs, and why: the permanent one; without one,
+    /// the newest release that has not failed.
+    ///
+    /// # Errors
+    /// The store has no release to boot.
+    pub fn boot_choice(&self) -> Result<(String, String), StoreError> {
+        if let Some(p) = self.permanent() {
+            let why = match self.current() {
+                Some(c) => format!(
+                    "permanent release {}; {} was on probation when baton stopped and is not booted until installed again",
+                    p.version, c.version
+                ),
+                None => format!("permanent release {}", p.version),
+            };
+            return Ok((p.version.clone(), why));
+        }
+        let newest = self
+            .releases
+            .iter()
+            .rev()
+            .find(|r| r.status != ReleaseStatus::Failed)
+            .ok_or_else(|| err("no release to boot"))?;
+        Ok((
+            newest.version.clone(),
+            format!(
+                "no permanent release yet: newest release {}, permanent after its probation",
+                newest.version
+            ),
+        ))
+    }
+}
+
+/// Unix time in seconds.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Checks a version name: it becomes a directory name, so no `/`, no leading dot.
+///
+/// # Errors
+/// The name is empty, too long, starts with a dot or has other characters than
+/// letters, digits and `._+~-`.
+pub fn check_version(v: &str) -> Result<(), StoreError> {
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && !v.starts_with('.')
+        && !v.starts_with('-')
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._+~-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(err(format!(
+            "invalid version '{v}': use 1 to 64 letters, digits and ._+~- (not starting with . or -)"
+        )))
+    }
+}
+
+/// Checks PROGRAM for a store: a relative path inside a release.
+///
+/// # Errors
+/// PROGRAM is absolute, empty or climbs out with `..`.
+pub fn check_program(p: &str) -> Result<(), StoreError> {
+    let path = Path::new(p);
+    let inside = !p.is_empty()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if inside {
+        Ok(())
+    } else {
+        Err(err(format!(
+            "with --releases, PROGRAM '{p}' must be a path inside each release, like bin/app"
+        )))
+    }
+}
+
+/// sha256 of everything readable from `r`, in lower-case hex.
+///
+/// # Errors
+/// Reading failed.
+pub fn sha256(mut r: impl Read) -> io::Result<String> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => h.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Held while the store is being changed; released on drop.
+struct Lock(#[allow(dead_code)] nix::fcntl::Flock<File>);
+
+/// A release store directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    /// The store at `dir`, which must be a directory (`create`: made if missing).
+    ///
+    /// # Errors
+    /// `dir` is missing (and not to be created) or not a directory.
+    pub fn open(dir: &Path, create: bool) -> Result<Self, StoreError> {
+        match fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(err(format!(
+                    "release store {} is not a directory",
+                    dir.display()
+                )));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                fs::create_dir_all(dir).map_err(|e| {
+                    err(format!(
+                        "cannot create release store {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+            }
+            Err(e) => return Err(err(format!("release store {}: {e}", dir.display()))),
+        }
+        // Absolute: children get it as BATON_RELEASE_DIR, and checks as {dir}.
+        let dir = fs::canonicalize(dir)
+            .map_err(|e| err(format!("release store {}: {e}", dir.display())))?;
+        Ok(Store { dir })
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The metadata file's path.
+    pub fn meta_path(&self) -> PathBuf {
+        self.dir.join(META_FILE)
+    }
+
+    /// A release's directory.
+    pub fn release_dir(&self, version: &str) -> PathBuf {
+        self.dir.join(version)
+    }
+
+    fn lock(&self) -> Result<Lock, StoreError> {
+        let path = self.dir.join(LOCK_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| {
+                err(format!(
+                    "release store {} is not writable: {e}",
+                    self.dir.display()
+                ))
+            })?;
+        let started = Instant::now();
+        loop {
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(l) => return Ok(Lock(l)),
+                Err((f, nix::errno::Errno::EWOULDBLOCK)) if started.elapsed() < LOCK_WAIT => {
+                    file = f;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err((_, e)) => {
+                    return Err(err(format!(
+                        "cannot lock {}: {} (another writer holds it?)",
+                        path.display(),
+                        e.desc()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Reads the metadata (an empty store if the file does not exist yet).
+    ///
+    /// # Errors
+    /// The file cannot be read or is not valid metadata (the message names it).
+    pub fn read(&self) -> Result<Meta, StoreError> {
+        let path = self.meta_path();
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(Meta {
+                    format: 1,
+                    ..Meta::default()
+                });
+            }
+            Err(e) => return Err(err(format!("cannot read {}: {e}", path.display()))),
+        };
+        let meta: Meta = serde_json::from_str(&text).map_err(|e| {
+            err(format!(
+                "corrupt release store metadata {}: {e} (restore it from a backup or fix it by hand)",
+                path.display()
+            ))
+        })?;
+        if meta.format != 1 {
+            return Err(err(format!(
+                "{}: unknown format {} (this baton reads format 1)",
+                path.display(),
+                meta.format
+            )));
+        }
+        Ok(meta)
+    }
+
+    fn write(&self, meta: &Meta) -> Result<(), StoreError> {
+        let path = self.meta_path();
+        let tmp = self.dir.join(format!(".{META_FILE}.tmp"));
+        let text = serde_json::to_vec_pretty(meta)
+            .map_err(|e| err(format!("cannot encode {}: {e}", path.display())))?;
+        let write = || -> io::Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o644)
+                .open(&tmp)?;
+            f.write_all(&text)?;
+            f.write_all(b"\n")?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            File::open(&self.dir)?.sync_all()
+        };
+        write().map_err(|e| err(format!("cannot write {}: {e}", path.display())))
+    }
+
+    /// Read-modify-write under the lock.
+    ///
+    /// # Errors
+    /// Locking, reading or writing failed, or `f` did.
+    pub fn update<T>(
+        &self,
+        f: impl FnOnce(&mut Meta) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let _lock = self.lock()?;
+        let mut meta = self.read()?;
+        let out = f(&mut meta)?;
+        self.write(&meta)?;
+        Ok(out)
+    }
+
+    /// Records PROGRAM for a new store, or checks it matches the recorded one.
+    ///
+    /// # Errors
+    /// PROGRAM is not a path inside a release, or differs from the recorded one.
+    pub fn adopt_program(&self, program: &str) -> Result<(), StoreError> {
+        check_program(program)?;
+        let meta = self.read()?;
+        match meta.program.as_deref() {
+            Some(p) if p == program => Ok(()),
+            Some(p) => Err(err(format!(
+                "release store {} holds releases whose PROGRAM is '{p}', not '{program}'",
+                self.dir.display()
+            ))),
+            None => self.update(|m| {
+                m.program = Some(program.to_string());
+                Ok(())
+            }),
+        }
+    }
+
+    /// The executable of `version`.
+    ///
+    /// # Errors
+    /// The store does not know PROGRAM yet.
+    pub fn exe_path(&self, meta: &Meta, version: &str) -> Result<PathBuf, StoreError> {
+        let program = meta.program.as_deref().ok_or_else(|| {
+            err("the store does not know PROGRAM yet: give --program PATH (e.g. bin/app)")
+        })?;
+        Ok(self.release_dir(version).join(program))
+    }
+
+    /// unpack_release: copies (or moves) `src`, a file or a directory, into the
+    /// store as `version`, status `unpacked`. A file lands at PROGRAM inside the
+    /// release; a directory is the release.
+    ///
+    /// # Errors
+    /// A bad version, a duplicate, a missing or bad `src`, a release without an
+    /// executable PROGRAM, or a store that cannot be written.
+    pub fn add(
+        &self,
+        version: &str,
+        src: &Path,
+        mv: bool,
+        program: Option<&str>,
+    ) -> Result<Release, StoreError> {
+        check_version(version)?;
+        let src_meta = fs::symlink_metadata(src)
+            .map_err(|e| err(format!("cannot add {}: {e}", src.display())))?;
+        if !src_meta.is_dir() && !src_meta.is_file() {
+            return Err(err(format!(
+                "cannot add {}: not a file or a directory",
+                src.display()
+            )));
+        }
+        if let Some(p) = program {
+            self.adopt_program(p)?;
+        }
+        let meta = self.read()?;
+        let program = meta.program.clone().ok_or_else(|| {
+            err("the store does not know PROGRAM yet: give --program PATH (e.g. bin/app)")
+        })?;
+        let exists = |m: &Meta| {
+            if m.get(version).is_some() || self.release_dir(version).exists() {
+                Err(err(format!("release '{version}' is already in the store")))
+            } else {
+                Ok(())
+            }
+        };
+        exists(&meta)?;
+        // Unpack beside the store under a temporary name, then rename: a release
+        // directory exists whole or not at all.
+        let tmp = self
+            .dir
+            .join(format!(".unpack-{version}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        let unpack = || -> Result<String, StoreError> {
+            let io = |what: &str, e: io::Error| err(format!("{what}: {e}"));
+            if src_meta.is_dir() {
+                if mv {
+                    fs::rename(src, &tmp).map_err(|e| move_error(src, e))?;
+                } else {
+                    copy_tree(src, &tmp)
+                        .map_err(|e| io(&format!("cannot copy {}", src.display()), e))?;
+                }
+            } else {
+                let dest = tmp.join(&program);
+                if let Some(parent) = dest.parent() {
+                    fs::create_dir_all(parent).map_err(|e| io("cannot unpack", e))?;
+                }
+                if mv {
+                    fs::rename(src, &dest).map_err(|e| move_error(src, e))?;
+                } else {
+                    copy_file(src, &dest)
+                        .map_err(|e| io(&format!("cannot copy {}", src.display()), e))?;
+                }
+            }
+            let exe = tmp.join(&program);
+            check_executable(&exe).map_err(|why| {
+                err(format!(
+                    "{} holds no executable PROGRAM '{program}': {why}",
+                    src.display()
+                ))
+            })?;
+            let f = File::open(&exe).map_err(|e| io(&exe.display().to_string(), e))?;
+            sha256(f).map_err(|e| io(&exe.display().to_string(), e))
+        };
+        let sha = match unpack() {
+            Ok(s) => s,
+            Err(e) => {
+                if mv && src_meta.is_dir() && tmp.exists() {
+                    let _ = fs::rename(&tmp, src);
+                } else if mv && tmp.join(&program).exists() {
+                    let _ = fs::rename(tmp.join(&program), src);
+                }
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
+        let release = Release {
+            version: version.to_string(),
+            status: ReleaseStatus::Unpacked,
+            sha256: sha,
+            added: unix_now(),
+            results: Vec::new(),
+        };
+        let r = release.clone();
+        let done = self.update(|m| {
+            exists(m)?;
+            fs::rename(&tmp, self.release_dir(version))
+                .map_err(|e| err(format!("cannot unpack into the store: {e}")))?;
+            m.releases.push(r);
+            m.record(version, "add", true, &format!("from {}", src.display()));
+            Ok(())
+        });
+        if let Err(e) = done {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        Ok(release)
+    }
+
+    /// Deletes `version`. Refuses the permanent and current releases and any in
+    /// `in_use`.
+    ///
+    /// # Errors
+    /// Unknown, protected or in use, or the store cannot be written.
+    pub fn remove(&self, version: &str, in_use: &[String]) -> Result<(), StoreError> {
+        self.update(|m| {
+            let r = m.get_mut(version)?;
+            match r.status {
+                ReleaseStatus::Permanent | ReleaseStatus::Current => {
+                    return Err(err(format!(
+                        "release '{version}' is {}: it cannot be removed",
+                        r.status.as_str()
+                    )));
+                }
+                _ => {}
+            }
+            if in_use
+                .iter()
+                .chain(m.live_in_use().iter())
+                .any(|v| v == version)
+            {
+                return Err(err(format!(
+                    "release '{version}' is in use by a running generation"
+                )));
+            }
+            m.releases.retain(|r| r.version != version);
+            if m.previous_permanent.as_deref() == Some(version) {
+                m.previous_permanent = None;
+            }
+            self.delete_dir(version)
+        })
+    }
+
+    fn delete_dir(&self, version: &str) -> Result<(), StoreError> {
+        // Rename first, so a half-deleted tree never looks like a release.
+        let dir = self.release_dir(version);
+        let trash = self
+            .dir
+            .join(format!(".remove-{version}-{}", std::process::id()));
+        match fs::rename(&dir, &trash) {
+            Ok(()) => fs::remove_dir_all(&trash)
+                .map_err(|e| err(format!("cannot delete {}: {e}", trash.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(err(format!("cannot remove {}: {e}", dir.display()))),
+        }
+    }
+
+    /// `--keep N`: deletes the oldest `old` releases beyond the newest `keep`,
+    /// never one in `in_use`. Returns the versions removed.
+    ///
+    /// # Errors
+    /// The store cannot be written.
+    pub fn prune(&self, keep: usize, in_use: &[String]) -> Result<Vec<String>, StoreError> {
+        self.update(|m| {
+            let old: Vec<String> = m
+                .releases
+                .iter()
+                .filter(|r| r.status == ReleaseStatus::Old && !in_use.contains(&r.version))
+                .map(|r| r.version.clone())
+                .collect();
+            let gone: Vec<String> = old[..old.len().saturating_sub(keep)].to_vec();
+            for v in &gone {
+                self.delete_dir(v)?;
+                m.releases.retain(|r| &r.version != v);
+                if m.previous_permanent.as_ref() == Some(v) {
+                    m.previous_permanent = None;
+                }
+            }
+            Ok(gone)
+        })
+    }
+}
+
+fn move_error(src: &Path, e: io::Error) -> StoreError {
+    if e.raw_os_error() == Some(nix::libc::EXDEV) {
+        err(format!(
+            "cannot --move {}: it is on another filesystem than the store (add it without --move to copy)",
+            src.display()
+        ))
+    } else {
+        err(format!("cannot move {}: {e}", src.display()))
+    }
+}
+
+/// A regular file with an execute bit.
+///
+/// # Errors
+/// Why it is not one.
+pub fn check_executable(p: &Path) -> Result<(), String> {
+    match fs::metadata(p) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+        Ok(m) if m.is_file() => Err("not executable".into()),
+        Ok(_) => Err("not a regular file".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn copy_file(src: &Path, dest: &Path) -> io::Result<()> {
+    fs::copy(src, dest)?;
+    File::open(dest)?.sync_all()
+}
+
+fn copy_tree(src: &Path, dest: &Path) -> io::Result<()> {
+    fs::create_dir(dest)?;
+    fs::set_permissions(dest, fs::metadata(src)?.permissions())?;
+    for entry in fs::read_dir(src)? {
+        let entry = entry?;
+        let from = entry.path();
+        let to = dest.join(entry.file_name());
+        let m = fs::symlink_metadata(&from)?;
+        if m.is_dir() {
+            copy_tree(&from, &to)?;
+        } else if m.file_type().is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(&from)?, &to)?;
+        } else if m.is_file() {
+            copy_file(&from, &to)?;
+        } else {
+            return Err(io::Error::other(format!(
+                "{} is not a file, directory or symlink (dev {}, inode {})",
+                from.display(),
+                m.dev(),
+                m.ino()
+            )));
+        }
+    }
+    File::open(dest)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exe(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let p = dir.join(name);
+        fs::write(&p, body).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    #[test]
+    fn add_file_and_tree_then_lifecycle() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(&t.path().join("rel"), true).unwrap();
+        let src = exe(t.path(), "app", "#!/bin/sh\necho v1\n");
+        let r = store.add("v1", &src, false, Some("bin/app")).unwrap();
+        assert_eq!(r.status, ReleaseStatus::Unpacked);
+        assert_eq!(r.sha256, sha256(File::open(&src).unwrap()).unwrap());
+        assert!(store.release_dir("v1").join("bin/app").is_file());
+        // A tree.
+        let tree = t.path().join("tree");
+        fs::create_dir_all(tree.join("bin")).unwrap();
+        exe(&tree.join("bin"), "app", "#!/bin/sh\necho v2\n");
+        fs::write(tree.join("config.toml"), "x = 1").unwrap();
+        store.add("v2", &tree, false, None).unwrap();
+        assert!(store.release_dir("v2").join("config.toml").is_file());
+        let e = store.add("v2", &tree, false, None).unwrap_err().0;
+        assert!(e.contains("already"), "{e}");
+        let mut m = store.read().unwrap();
+        m.set_permanent("v1").unwrap();
+        m.set_current("v2").unwrap();
+        assert_eq!(m.boot_choice().unwrap().0, "v1");
+        m.set_permanent("v2").unwrap();
+        assert_eq!(m.get("v1").unwrap().status, ReleaseStatus::Old);
+        assert_eq!(m.previous_permanent.as_deref(), Some("v1"));
+    }
+
+    #[test]
+    fn refuses_bad_input_with_one_line() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(t.path(), false).unwrap();
+        let src = exe(t.path(), "app", "x");
+        let e = store.add("v1", &src, false, None).unwrap_err().0;
+        assert!(e.contains("--program"), "{e}");
+        let e = store.add("../x", &src, false, Some("app")).unwrap_err().0;
+        assert!(e.contains("invalid version"), "{e}");
+        let e = store
+            .add("v1", &t.path().join("nope"), false, Some("app"))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("nope"), "{e}");
+        let e = store.add("v1", &src, false, Some("/abs")).unwrap_err().0;
+        assert!(e.contains("inside"), "{e}");
+        let dir = t.path().join("empty");
+        fs::create_dir(&dir).unwrap();
+        let e = store.add("v1", &dir, false, Some("app")).unwrap_err().0;
+        assert!(e.contains("no executable PROGRAM"), "{e}");
+        assert!(!store.release_dir("v1").exists());
+        fs::write(store.meta_path(), "{not json").unwrap();
+        let e = store.read().unwrap_err().0;
+        assert!(e.contains("releases.json") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn remove_refuses_permanent_and_in_use_and_prune_keeps_n() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(t.path(), false).unwrap();
+        let src = exe(t.path(), "app", "x");
+        for v in ["v1", "v2", "v3", "v4"] {
+            store.add(v, &src, false, Some("app")).unwrap();
+        }
+        store
+            .update(|m| {
+                m.set_permanent("v1")?;
+                m.set_permanent("v2")?;
+                m.set_permanent("v3")?;
+                m.set_permanent("v4")
+            })
+            .unwrap();
+        let e = store.remove("v4", &[]).unwrap_err().0;
+        assert!(e.contains("permanent"), "{e}");
+        let e = store.remove("v3", &["v3".into()]).unwrap_err().0;
+        assert!(e.contains("in use"), "{e}");
+        assert_eq!(store.prune(1, &[]).unwrap(), vec!["v1", "v2"]);
+        assert!(!store.release_dir("v1").exists());
+        store.remove("v3", &[]).unwrap();
+        assert_eq!(store.read().unwrap().releases.len(), 1);
+    }
+}

@@ -1,0 +1,215 @@
+//! What generations say: their control messages, exits and sd_notify datagrams.
+
+use std::time::Instant;
+
+use baton_protocol::{ChildMsg, PROTOCOL_VERSION, SupervisorMsg};
+
+use super::{Driver, MAX_STRANGERS, STRANGER_TTL};
+use crate::generation::GenEvent;
+use crate::notify;
+use crate::upgrade::{GenId, Machine};
+
+pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
+    let now = Instant::now();
+    if let GenEvent::Message { gen_id, .. } | GenEvent::BadMessage { gen_id, .. } = &ev {
+        if let Some(h) = d.handles.get(gen_id) {
+            h.handled_one();
+        }
+    }
+    match ev {
+        GenEvent::Exited { gen_id, how } => {
+            d.handles.remove(&gen_id);
+            d.containment.reap(gen_id);
+            m.on_exit(d, now, gen_id, &how);
+        }
+        GenEvent::BadMessage { gen_id, why } => {
+            tracing::warn!(generation = gen_id, why, "bad control message");
+            deferred_ready(m, d, gen_id);
+        }
+        GenEvent::Message {
+            gen_id,
+            msg,
+            mut fds,
+            slots,
+        } => {
+            let pid = d.handles.get(&gen_id).map_or(0, |h| h.pid);
+            tracing::debug!(generation = gen_id, pid, ?msg, "control message");
+            match msg {
+                ChildMsg::Hello {
+                    protocol,
+                    features,
+                    restores,
+                } => {
+                    if protocol != PROTOCOL_VERSION {
+                        tracing::warn!(
+                            generation = gen_id,
+                            pid,
+                            protocol,
+                            "child speaks another protocol version; treating it as SDK-less"
+                        );
+                        // Its READY may be waiting for this hello.
+                        deferred_ready(m, d, gen_id);
+                        return;
+                    }
+                    m.on_hello(gen_id, features, restores);
+                    deferred_ready(m, d, gen_id);
+                }
+                ChildMsg::Connections { active } => {
+                    if let Some(h) = d.handles.get_mut(&gen_id) {
+                        h.connections = Some(active);
+                    }
+                }
+                ChildMsg::Prepared => m.on_prepared(d, now, gen_id),
+                ChildMsg::Snapshot { size, version, .. } => {
+                    let Some(fd) = fds.pop() else { return };
+                    tracing::info!(generation = gen_id, pid, size, version, "snapshot received");
+                    if let Some(h) = d.handles.get_mut(&gen_id) {
+                        h.snapshot = Some((fd, size));
+                    }
+                    m.on_snapshot(d, now, gen_id, size);
+                }
+                ChildMsg::SnapshotFailed { reason } => {
+                    m.on_snapshot_failed(d, now, gen_id, &reason)
+                }
+                ChildMsg::Restored {
+                    from_version,
+                    restore_ms,
+                } => {
+                    tracing::info!(
+                        generation = gen_id,
+                        pid,
+                        from_version,
+                        restore_ms,
+                        "snapshot restored"
+                    );
+                    m.on_restored(d, now, gen_id);
+                }
+                ChildMsg::Rejected { reason } => m.on_rejected(d, now, gen_id, &reason),
+                ChildMsg::Migrate {
+                    listener,
+                    buffered,
+                    meta,
+                    ..
+                } => {
+                    let Some(fd) = fds.pop() else { return };
+                    let target = m
+                        .active()
+                        .filter(|a| *a != gen_id)
+                        .and_then(|a| d.handles.get(&a));
+                    match target {
+                        Some(h) => {
+                            h.relay(
+                                SupervisorMsg::Adopt {
+                                    fds: 1,
+                                    listener,
+                                    buffered,
+                                    meta,
+                                },
+                                vec![fd],
+                                slots,
+                            );
+                            m.note_migrated(1);
+                        }
+                        None => {
+                            tracing::error!(
+                                generation = gen_id,
+                                pid,
+                                "migrated connection has no active generation to go to; closing it"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Acts on a READY that waited for the generation's hello.
+fn deferred_ready(m: &mut Machine, d: &mut Driver, gen_id: GenId) {
+    let Some(h) = d.handles.get_mut(&gen_id) else {
+        return;
+    };
+    if std::mem::take(&mut h.ready_deferred) {
+        ready(m, d, gen_id);
+    }
+}
+
+/// Hands READY to the machine, timing baton's own share of the promotion.
+fn ready(m: &mut Machine, d: &mut Driver, gen_id: GenId) {
+    let now = Instant::now();
+    d.ready_received = Some(now);
+    m.on_ready(d, now, gen_id);
+    d.ready_received = None;
+}
+
+/// The generation process `pid` belongs to (itself or an ancestor), remembering
+/// strangers for a while so that a flood from one costs a map lookup each.
+fn notify_owner(m: &Machine, d: &mut Driver, pid: u32) -> Option<u32> {
+    if m.gen_by_pid(pid).is_some() {
+        return Some(pid);
+    }
+    let now = Instant::now();
+    if d.strangers
+        .get(&pid)
+        .is_some_and(|t| now.duration_since(*t) < STRANGER_TTL)
+    {
+        return None;
+    }
+    let owner = notify::owning_pid(pid, |p| m.gen_by_pid(p).is_some());
+    if owner.is_none() {
+        if d.strangers.len() >= MAX_STRANGERS {
+            d.strangers
+                .retain(|_, t| now.duration_since(*t) < STRANGER_TTL);
+            if d.strangers.len() >= MAX_STRANGERS {
+                d.strangers.clear();
+            }
+        }
+        d.strangers.insert(pid, now);
+        tracing::debug!(
+            pid,
+            "notify message from a process outside every generation; ignored"
+        );
+    }
+    owner
+}
+
+pub(super) fn on_notify(m: &mut Machine, d: &mut Driver, pid: u32, text: &str) {
+    let Some(owner) = notify_owner(m, d, pid) else {
+        return;
+    };
+    let Some(gen_id) = m.gen_by_pid(owner) else {
+        return;
+    };
+    for (k, v) in notify::parse(text) {
+        match k {
+            "READY" if v == "1" => {
+                tracing::info!(generation = gen_id, pid = owner, "READY");
+                // Promotion decides whether connections migrate, from the features the
+                // candidate's hello announced: never decide before reading that hello.
+                let no_hello = m.generation(gen_id).is_some_and(|g| g.features.is_none());
+                if let Some(h) = d.handles.get_mut(&gen_id) {
+                    if no_hello && h.has_unread() {
+                        tracing::debug!(
+                            generation = gen_id,
+                            "READY before hello was read; deferring"
+                        );
+                        h.ready_deferred = true;
+                        continue;
+                    }
+                }
+                ready(m, d, gen_id);
+            }
+            "STATUS" => {
+                if let Some(h) = d.handles.get_mut(&gen_id) {
+                    h.status_text = Some(v.to_string());
+                }
+            }
+            "ERRNO" if v.trim() != "0" => {
+                tracing::warn!(generation = gen_id, pid = owner, errno = v, "ERRNO");
+                m.on_errno(d, Instant::now(), gen_id, v);
+            }
+            "STOPPING" | "WATCHDOG" | "ERRNO" | "RELOADING" | "MAINPID" | "MONOTONIC_USEC" => {}
+            _ => tracing::debug!(generation = gen_id, key = k, "ignored notify key"),
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! Probation: an image promoted but not confirmed yet, made permanent when its
+//! probation passes, and reverted to the permanent image when it fails (OTP's
+//! `make_permanent`, and the fallback of a node that never confirmed a release).
+
+use std::time::{Duration, Instant};
+
+use baton_protocol::{ReleaseResultKind, UpgradeReport};
+
+use super::{GenId, Host, Image, Machine, Revert, WaiterId, Waiters, Why, later};
+
+/// How long a newly promoted image stays on probation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probation {
+    /// Permanent at promotion.
+    Off,
+    /// Permanent once it has been active this long.
+    For(Duration),
+    /// Permanent only when asked (`baton release permanent`).
+    Manual,
+}
+
+/// A release lifecycle change, for the host to persist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseEvent<'a> {
+    /// Promoted; on probation.
+    Current(&'a Image),
+    /// Confirmed.
+    Permanent(&'a Image),
+    /// Failed its readiness gate or its probation.
+    Failed {
+        /// The image.
+        image: &'a Image,
+        /// Why.
+        reason: &'a str,
+    },
+    /// The revert away from `image` was refused; it keeps running, unconfirmed.
+    RevertRefused {
+        /// The image still running.
+        image: &'a Image,
+        /// Why the revert did not happen.
+        reason: &'a str,
+    },
+}
+
+/// How a probation (or the install that would have started one) ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbationOutcome {
+    /// The image concerned.
+    pub image: Option<Image>,
+    /// How it ended.
+    pub kind: ReleaseResultKind,
+    /// Why, when it did not become permanent.
+    pub reason: Option<String>,
+    /// The upgrade that ended it (a revert, or a rollback before promotion).
+    pub report: Option<UpgradeReport>,
+}
+
+/// The image on probation.
+#[derive(Debug)]
+pub(super) struct OnProbation {
+    pub(super) image: Image,
+    /// `None`: until made permanent by hand.
+    pub(super) until: Option<Instant>,
+    waiters: Vec<WaiterId>,
+    failures: u32,
+}
+
+impl Machine {
+    /// The confirmed image.
+    pub fn permanent_image(&self) -> Option<&Image> {
+        self.permanent.as_ref()
+    }
+
+    /// The image on probation, when its probation ends (`None`: manual), and its
+    /// consecutive failed health checks.
+    pub fn on_probation(&self) -> Option<(&Image, Option<Instant>, u32)> {
+        self.probation
+            .as_ref()
+            .map(|p| (&p.image, p.until, p.failures))
+    }
+
+    /// The active generation, if it runs the image on probation (health checks
+    /// are for it).
+    pub fn probation_generation(&self) -> Option<GenId> {
+        let p = self.probation.as_ref()?;
+        let a = self.active?;
+        (self.upgrade.is_none() && self.gens.get(&a).is_some_and(|g| g.image == p.image))
+            .then_some(a)
+    }
+
+    /// Every image a generation runs or may run next; the host keeps these open.
+    pub fn images_in_use(&self) -> Vec<Image> {
+        let mut v: Vec<Image> = self.gens.values().map(|g| g.image.clone()).collect();
+        v.extend(self.permanent.clone());
+        v.extend(self.probation.as_ref().map(|p| p.image.clone()));
+        v.extend(self.restart_image.clone());
+        v.extend(self.upgrade.as_ref().and_then(|u| u.image.clone()));
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// install_release: upgrade to `image`.
+    ///
+    /// # Errors
+    /// baton is stopping, or another upgrade is under way.
+    pub fn request_install(
+        &mut self,
+        host: &mut impl Host,
+        now: Instant,
+        image: Image,
+        waiters: Waiters,
+    ) -> Result<(), String> {
+        if self.stopping {
+            return Err("baton is stopping".into());
+        }
+        if self.upgrade.is_some() || self.restart_at.is_some() {
+            return Err("an upgrade is in progress; try again when it has finished".into());
+        }
+        self.begin(host, now, Why::Upgrade, Some(image), waiters);
+        Ok(())
+    }
+
+    /// make_permanent by hand.
+    ///
+    /// # Errors
+    /// `image` is neither permanent nor on probation.
+    pub fn make_permanent(&mut self, host: &mut impl Host, image: &Image) -> Result<(), String> {
+        if self.permanent.as_ref() == Some(image) && self.probation.is_none() {
+            return Ok(());
+        }
+        match &self.probation {
+            Some(p) if &p.image == image && self.probation_generation().is_some() => {
+                self.confirm(host);
+                Ok(())
+            }
+            Some(p) if &p.image == image => Err(format!(
+                "{image} is not running yet; try again when the upgrade has finished"
+            )),
+            Some(p) => Err(format!("{image} is not on probation ({} is)", p.image)),
+            None => Err(format!("{image} is not on probation")),
+        }
+    }
+
+    /// `release rollback` while an image is on probation: revert now.
+    ///
+    /// # Errors
+    /// Nothing is on probation, there is no permanent image, or an upgrade runs.
+    pub fn rollback(
+        &mut self,
+        host: &mut impl Host,
+        now: Instant,
+        waiter: Option<WaiterId>,
+    ) -> Result<(), String> {
+        if self.upgrade.is_some() {
+            return Err("an upgrade is in progress; try again when it has finished".into());
+        }
+        let Some(p) = self.probation.as_mut() else {
+            return Err("nothing is on probation".into());
+        };
+        if self.permanent.is_none() {
+            return Err(format!(
+                "{} is on probation but nothing is permanent to go back to",
+                p.image
+            ));
+        }
+        p.waiters.extend(waiter);
+        let image = p.image.clone();
+        self.revert_on_probation(host, now, &image, "rollback requested".into());
+        Ok(())
+    }
+
+    /// A health check of generation `gen_id` passed or failed.
+    pub fn on_health(
+        &mut self,
+        host: &mut impl Host,
+        now: Instant,
+        gen_id: GenId,
+        ok: bool,
+        detail: &str,
+    ) {
+        if self.probation_generation() != Some(gen_id) {
+            return;
+        }
+        let limit = self.s.health_failures.max(1);
+        let Some(p) = self.probation.as_mut() else {
+            return;
+        };
+        if ok {
+            p.failures = 0;
+            return;
+        }
+        p.failures += 1;
+        tracing::warn!(
+            generation = gen_id,
+            failures = p.failures,
+            limit,
+            detail,
+            "health check failed"
+        );
+        if p.failures >= limit {
+            let image = p.image.clone();
+            let why = format!("health check failed {limit} time(s) in a row: {detail}");
+            self.revert_on_probation(host, now, &image, why);
+        }
+    }
+
+    /// Generation `gen_id` reported `ERRNO=` (non-zero) through sd_notify: during
+    /// probation that is a failure, as it is for systemd.
+    pub fn on_errno(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId, errno: &str) {
+        if self.probation_generation() != Some(gen_id) {
+            return;
+        }
+        if let Some(image) = self.probation.as_ref().map(|p| p.image.clone()) {
+            let why = format!("generation {gen_id} reported ERRNO={errno} during probation");
+            self.revert_on_probation(host, now, &image, why);
+        }
+    }
+
+    /// Reverts away from `image` if it is on probation and a permanent image
+    /// exists; returns whether a revert started.
+    pub(super) fn revert_on_probation(
+        &mut self,
+        host: &mut impl Host,
+        now: Instant,
+        image: &Image,
+        reason: String,
+    ) -> bool {
+        if self.probation.as_ref().is_none_or(|p| &p.image != image) {
+            return false;
+        }
+        let Some(p) = self.probation.take() else {
+            return false;
+        };
+        let Some(target) = self.permanent.clone().filter(|t| t != image) else {
+            // Nothing confirmed to go back to: behave as without probation.
+            let outcome = ProbationOutcome {
+                image: Some(p.image.clone()),
+                kind: ReleaseResultKind::RevertRefused,
+                reason: Some(format!("{reason}; no permanent release to revert to")),
+                report: None,
+            };
+            host.probation_over(&outcome, p.waiters);
+            return false;
+        };
+        tracing::warn!(image = %p.image, to = %target, reason, "probation failed: reverting");
+        let revert = Revert {
+            failed: p.image,
+            reason,
+            waiters: p.waiters,
+        };
+        self.begin_with(
+            host,
+            now,
+            Why::Revert,
+            Some(target),
+            Waiters::default(),
+            Some(revert),
+        );
+        true
+    }
+
+    /// A generation running `image` was promoted.
+    pub(super) fn after_promotion(
+        &mut self,
+        host: &mut impl Host,
+        now: Instant,
+        image: &Image,
+        waiters: Vec<WaiterId>,
+        revert: Option<Revert>,
+        report: &UpgradeReport,
+    ) {
+        if let Some(r) = revert {
+            host.release(super::ReleaseEvent::Failed {
+                image: &r.failed,
+                reason: &r.reason,
+            });
+            let outcome = ProbationOutcome {
+                image: Some(r.failed.clone()),
+                kind: ReleaseResultKind::Reverted,
+                reason: Some(format!("{}; reverted to {image}", r.reason)),
+                report: Some(report.clone()),
+            };
+            host.probation_over(&outcome, r.waiters);
+        }
+        if let Some(p) = self.probation.as_mut() {
+            if &p.image == image {
+                p.waiters.extend(waiters);
+                return;
+            }
+            let superseded = format!("superseded by {image} before it was made permanent");
+            self.abandon_probation(host, &superseded);
+        }
+        if self.permanent.as_ref() == Some(image) {
+            let outcome = ProbationOutcome {
+                image: Some(image.clone()),
+                kind: ReleaseResultKind::Permanent,
+                reason: None,
+                report: Some(report.clone()),
+            };
+            host.probation_over(&outcome, waiters);
+            return;
+        }
+        host.release(super::ReleaseEvent::Current(image));
+        let until = match self.s.probation {
+            Probation::Off => Some(now),
+            Probation::For(d) => Some(later(now, d)),
+            Probation::Manual => None,
+        };
+        tracing::info!(image = %image, "on probation");
+        self.probation = Some(OnProbation {
+            image: image.clone(),
+            until,
+            waiters,
+            failures: 0,
+        });
+        if self.s.probation == Probation::Off {
+            self.confirm(host);
+        }
+    }
+
+    /// An upgrade to `image` failed before promotion (or a revert failed).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn after_rollback(
+        &mut self,
+        host: &mut impl Host,
+        _now: Instant,
+        image: Option<&Image>,
+        reason: &str,
+        waiters: Vec<WaiterId>,
+        revert: Option<Revert>,
+        report: &UpgradeReport,
+    ) {
+        if let Some(r) = revert {
+            let still_running = self
+                .active
+                .and_then(|a| self.gens.get(&a))
+                .is_some_and(|g| g.image == r.failed);
+            let outcome = if still_running {
+                let why = format!(
+                    "{}, but the revert failed: {reason}; {} keeps running, not permanent",
+                    r.reason, r.failed
+                );
+                host.release(super::ReleaseEvent::RevertRefused {
+                    image: &r.failed,
+                    reason: &why,
+                });
+                ProbationOutcome {
+                    image: Some(r.failed.clone()),
+                    kind: ReleaseResultKind::RevertRefused,
+                    reason: Some(why),
+                    report: Some(report.clone()),
+                }
+            } else {
+                host.release(super::ReleaseEvent::Failed {
+                    image: &r.failed,
+                    reason: &r.reason,
+                });
+                ProbationOutcome {
+                    image: Some(r.failed.clone()),
+                    kind: ReleaseResultKind::Reverted,
+                    reason: Some(format!(
+                        "{}; the first start of the permanent release failed too ({reason}), retrying",
+                        r.reason
+                    )),
+                    report: Some(report.clone()),
+                }
+            };
+            host.probation_over(&outcome, r.waiters);
+            return;
+        }
+        if let Some(img) = image {
+            let running = self
+                .gens
+                .values()
+                .any(|g| &g.image == img && g.phase == baton_protocol::Phase::Active);
+            if self.permanent.as_ref() != Some(img) && !running {
+                host.release(super::ReleaseEvent::Failed { image: img, reason });
+            }
+        }
+        let outcome = ProbationOutcome {
+            image: image.cloned(),
+            kind: ReleaseResultKind::RolledBack,
+            reason: Some(reason.to_string()),
+            report: Some(report.clone()),
+        };
+        host.probation_over(&outcome, waiters);
+    }
+
+    /// Probation passed (or was cut short by hand): the image is permanent.
+    fn confirm(&mut self, host: &mut impl Host) {
+        let Some(p) = self.probation.take() else {
+            return;
+        };
+        tracing::info!(image = %p.image, "permanent");
+        self.permanent = Some(p.image.clone());
+        host.release(super::ReleaseEvent::Permanent(&p.image));
+        let outcome = ProbationOutcome {
+            image: Some(p.image),
+            kind: ReleaseResultKind::Permanent,
+            reason: None,
+            report: None,
+        };
+        host.probation_over(&outcome, p.waiters);
+    }
+
+    /// Ends a probation without a verdict.
+    pub(super) fn abandon_probation(&mut self, host: &mut impl Host, reason: &str) {
+        if let Some(p) = self.probation.take() {
+            let outcome = ProbationOutcome {
+                image: Some(p.image),
+                kind: ReleaseResultKind::Interrupted,
+                reason: Some(reason.to_string()),
+                report: None,
+            };
+            host.probation_over(&outcome, p.waiters);
+        }
+    }
+
+    pub(super) fn probation_tick(&mut self, host: &mut impl Host, now: Instant) {
+        let due = self
+            .probation
+            .as_ref()
+            .and_then(|p| p.until)
+            .is_some_and(|t| t <= now);
+        if due && self.probation_generation().is_some() {
+            self.confirm(host);
+        }
+    }
+
+    /// e.g. `v2 on probation (12 s left)`.
+    pub(super) fn probation_line(&self, now: Instant) -> Option<String> {
+        let p = self.probation.as_ref()?;
+        Some(match p.until {
+            Some(t) => format!(
+                "{} on probation ({} s left)",
+                p.image,
+                t.saturating_duration_since(now).as_secs_f64().ceil() as u64
+            ),
+            None => format!("{} on probation (until made permanent)", p.image),
+        })
+    }
+}

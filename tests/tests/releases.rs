@@ -1,0 +1,469 @@
+//! Issue 10: the release lifecycle against the real binaries: install, probation,
+//! make permanent, and the revert to the permanent release when a version fails
+//! after it went live.
+
+use std::time::Duration;
+
+use baton_protocol::{ReleaseReply, ReleaseResultKind, ReleaseStatus};
+use baton_tests::harness::{Baton, Signal, TestDir, exclusive, wait_pid_gone};
+use baton_tests::load::{FailureKind, LoadGen, LoadOpts};
+use baton_tests::releases::{
+    INSTALL_TIMEOUT, RELEASE_CLI_TIMEOUT, StoreDir, active_release, list, release, status_of,
+};
+
+/// A store with v1 (permanent) and v2 added.
+async fn store_v1_v2(tag: &str, v2_args: &str, v2_healthy: bool) -> StoreDir {
+    let s = StoreDir::new(tag).unwrap();
+    s.add_hello("v1", "", true).await.unwrap();
+    s.add_hello("v2", v2_args, v2_healthy).await.unwrap();
+    let out = s.offline(&["permanent", "v1"]).await.unwrap();
+    assert!(out.status.success(), "{out:?}");
+    s
+}
+
+async fn start(s: &StoreDir, extra: &[&str]) -> Baton {
+    let store = s.arg();
+    let mut args = vec![
+        "--listen",
+        "http=127.0.0.1:0",
+        "--releases",
+        store.as_str(),
+        "--drain-timeout",
+        "10s",
+    ];
+    args.extend_from_slice(extra);
+    let baton = Baton::start_in(TestDir::new("rel-run").unwrap(), args, ["bin/app"])
+        .await
+        .unwrap();
+    assert_eq!(active_release(&baton).await.unwrap().as_deref(), Some("v1"));
+    baton
+}
+
+fn reply(out: &baton_tests::harness::CliOutput) -> ReleaseReply {
+    serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("not a release reply ({e}): {out:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_crashes_on_probation_is_reverted_and_no_connection_is_refused() {
+    let _serial = exclusive().await;
+    let s = store_v1_v2("rel-crash", "--exit-after 3s", true).await;
+    let baton = start(&s, &["--probation", "10s"]).await;
+    let addr = baton.tcp_addr("http").await.unwrap();
+    let v1_pid = baton.status().await.unwrap().pid.unwrap();
+    let opts = LoadOpts {
+        keepalive: 0,
+        fresh: 6,
+        ..LoadOpts::default()
+    };
+    let load = LoadGen::start(addr, opts.clone());
+    load.wait_until(Duration::from_secs(10), |l| l.ok >= 200)
+        .await
+        .unwrap();
+
+    let out = release(
+        &baton,
+        &["install", "v2", "--wait", "--json"],
+        INSTALL_TIMEOUT,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let r = reply(&out);
+    assert_eq!(r.result, ReleaseResultKind::Reverted, "{r:?}");
+    assert!(
+        r.detail.contains("exited during probation") && r.detail.contains("reverted to v1"),
+        "{r:?}"
+    );
+    let after = baton.wait_settled(Duration::from_secs(15)).await.unwrap();
+    assert_eq!(active_release(&baton).await.unwrap().as_deref(), Some("v1"));
+    assert_ne!(after.pid, Some(v1_pid), "a new process of v1");
+    let l = list(&baton).await.unwrap();
+    assert_eq!(status_of(&l, "v1"), ReleaseStatus::Permanent);
+    assert_eq!(status_of(&l, "v2"), ReleaseStatus::Failed);
+    // The new v1 serves.
+    let ok_then = load.snapshot().ok;
+    load.wait_until(Duration::from_secs(10), |l| l.ok >= ok_then + 200)
+        .await
+        .unwrap();
+    let report = load.stop().await;
+    println!("{report}");
+    assert_eq!(
+        report.failures.get(FailureKind::ConnectRefused),
+        0,
+        "{report}"
+    );
+    // Only requests in flight inside the crashing process may fail: at most one per
+    // client (each has one request at a time).
+    assert!(
+        report.failed <= opts.fresh as u64,
+        "{} failed, more than the {} in flight: {}",
+        report.failed,
+        opts.fresh,
+        report.failures
+    );
+    println!(
+        "requests failed with the crash: {} ({})",
+        report.failed, report.failures
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_health_check_reverts_without_a_failed_request() {
+    let _serial = exclusive().await;
+    // v2 has no `healthy` file: its check fails.
+    let s = store_v1_v2("rel-health", "", false).await;
+    let baton = start(
+        &s,
+        &[
+            "--probation",
+            "30s",
+            "--health",
+            "exec:test -e {dir}/healthy",
+            "--health-interval",
+            "200ms",
+            "--health-failures",
+            "3",
+        ],
+    )
+    .await;
+    let addr = baton.tcp_addr("http").await.unwrap();
+    let load = LoadGen::start(addr, LoadOpts::default());
+    load.wait_until(Duration::from_secs(10), |l| l.ok >= 200)
+        .await
+        .unwrap();
+    let out = release(&baton, &["install", "v2", "--wait"], INSTALL_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("v2 reverted") && out.stderr.contains("health check failed 3"),
+        "{out:?}"
+    );
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{out:?}");
+    baton.wait_settled(Duration::from_secs(15)).await.unwrap();
+    assert_eq!(active_release(&baton).await.unwrap().as_deref(), Some("v1"));
+    let ok_then = load.snapshot().ok;
+    load.wait_until(Duration::from_secs(10), |l| l.ok >= ok_then + 200)
+        .await
+        .unwrap();
+    let report = load.stop().await;
+    println!("{report}");
+    assert_eq!(report.failed, 0, "{report}");
+    assert!(report.pids.len() >= 3, "v1, v2, then v1 again: {report}");
+    let l = list(&baton).await.unwrap();
+    assert_eq!(status_of(&l, "v2"), ReleaseStatus::Failed);
+    let v2 = l.iter().find(|r| r.version == "v2").unwrap();
+    assert!(!v2.last_result().unwrap().ok, "{v2:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_passes_probation_becomes_permanent() {
+    let _serial = exclusive().await;
+    let s = store_v1_v2("rel-pass", "", true).await;
+    let baton = start(
+        &s,
+        &[
+            "--probation",
+            "1s",
+            "--health",
+            "exec:test -e {dir}/healthy",
+        ],
+    )
+    .await;
+    let out = release(&baton, &["install", "v2", "--promoted"], INSTALL_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.contains("v2: promoted, on probation"), "{out:?}");
+    let st = baton.status().await.unwrap();
+    let p = st.releases.unwrap().probation;
+    assert!(
+        p.as_ref().is_none_or(|p| p.version == "v2"),
+        "probation of v2 (or already over): {p:?}"
+    );
+    baton
+        .wait_for("v2 permanent", Duration::from_secs(20), |s| {
+            s.releases
+                .as_ref()
+                .is_some_and(|r| r.permanent.as_deref() == Some("v2") && r.probation.is_none())
+        })
+        .await
+        .unwrap();
+    let l = s.list().await.unwrap();
+    assert_eq!(status_of(&l, "v2"), ReleaseStatus::Permanent);
+    assert_eq!(status_of(&l, "v1"), ReleaseStatus::Old);
+    // `rollback` now installs the previous permanent release, v1, which becomes
+    // permanent in turn.
+    let out = release(&baton, &["rollback", "--wait"], INSTALL_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(active_release(&baton).await.unwrap().as_deref(), Some("v1"));
+    let l = list(&baton).await.unwrap();
+    assert_eq!(status_of(&l, "v1"), ReleaseStatus::Permanent);
+    assert_eq!(status_of(&l, "v2"), ReleaseStatus::Old);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_preflight_starts_nothing() {
+    let _serial = exclusive().await;
+    let s = store_v1_v2("rel-preflight", "", false).await;
+    let baton = start(
+        &s,
+        &[
+            "--preflight",
+            "test -e {dir}/healthy || { echo bad config in {version}: no healthy file; exit 4; }",
+        ],
+    )
+    .await;
+    let before = baton.status().await.unwrap();
+    let out = release(&baton, &["install", "v2", "--wait"], INSTALL_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("preflight of v2 failed")
+            && out
+                .stderr
+                .contains("failed (exit status 4): bad config in v2: no"),
+        "{out:?}"
+    );
+    let after = baton.status().await.unwrap();
+    assert_eq!(after.generation, before.generation, "something was started");
+    assert_eq!(after.generations.len(), 1);
+    assert!(after.last_upgrade.is_none(), "{after:?}");
+    assert_eq!(
+        status_of(&list(&baton).await.unwrap(), "v2"),
+        ReleaseStatus::Failed
+    );
+    // `check` runs the same preflight, and says so.
+    let out = release(&baton, &["check", "v1"], RELEASE_CLI_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_baton_killed_during_probation_boots_the_permanent_release() {
+    let _serial = exclusive().await;
+    let s = store_v1_v2("rel-boot", "", true).await;
+    let mut baton = start(&s, &["--probation", "60s"]).await;
+    let out = release(&baton, &["install", "v2", "--promoted"], INSTALL_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v2_pid = baton.status().await.unwrap().pid.unwrap();
+    baton.signal(Signal::SIGKILL).unwrap();
+    baton.wait_exit(Duration::from_secs(10)).await.unwrap();
+    // Its children follow (parent-death signal).
+    wait_pid_gone(v2_pid, Duration::from_secs(15))
+        .await
+        .unwrap();
+    drop(baton);
+
+    let baton = start(&s, &["--probation", "60s"]).await;
+    let st = baton.status().await.unwrap();
+    let boot = st.releases.unwrap().boot;
+    assert!(
+        boot.contains("permanent release v1") && boot.contains("v2 was on probation"),
+        "{boot}"
+    );
+    let out = baton.cli(&["status"], RELEASE_CLI_TIMEOUT).await.unwrap();
+    assert!(
+        out.stdout.contains("booted: permanent release v1"),
+        "{out:?}"
+    );
+    let l = list(&baton).await.unwrap();
+    assert_eq!(status_of(&l, "v1"), ReleaseStatus::Permanent);
+    assert_eq!(status_of(&l, "v2"), ReleaseStatus::Old);
+    assert!(
+        !l.iter()
+            .find(|r| r.version == "v2")
+            .unwrap()
+            .last_result()
+            .unwrap()
+            .ok
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_swapped_on_disk_is_never_run() {
+    let _serial = exclusive().await;
+    let s = store_v1_v2("rel-swap", "", true).await;
+    let baton = start(&s, &[]).await;
+    let marker = s.join("swapped-ran");
+    let app = s.store().join("v2/bin/app");
+    let tmp = s.store().join("v2/bin/app.new");
+    baton_tests::harness::write_script(
+        &tmp,
+        &format!("#!/bin/sh\ntouch {}\nexec sleep 1000\n", marker.display()),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &app).unwrap();
+    let out = release(&baton, &["install", "v2", "--wait"], INSTALL_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("does not match the store") && out.stderr.contains("sha256"),
+        "{out:?}"
+    );
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{out:?}");
+    assert!(!marker.exists(), "the swapped file ran");
+    assert_eq!(baton.status().await.unwrap().generations.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_release_input_gets_one_line_and_harms_nothing() {
+    let _serial = exclusive().await;
+    let s = store_v1_v2("rel-bad", "", true).await;
+    let baton = start(&s, &[]).await;
+    let pid = baton.status().await.unwrap().pid;
+    let one_line = |out: &baton_tests::harness::CliOutput, want: &str| {
+        assert!(!out.status.success(), "{out:?}");
+        let err = out.stderr.trim();
+        assert_eq!(err.lines().count(), 1, "{out:?}");
+        assert!(
+            err.starts_with("baton: error: ") && err.contains(want),
+            "{err}"
+        );
+    };
+    let out = release(&baton, &["install", "v9"], RELEASE_CLI_TIMEOUT)
+        .await
+        .unwrap();
+    one_line(&out, "no release 'v9'");
+    let tree = s.hello_tree("v1b", "", true).unwrap();
+    let tree = tree.display().to_string();
+    let out = release(&baton, &["add", "v1", &tree], RELEASE_CLI_TIMEOUT)
+        .await
+        .unwrap();
+    one_line(&out, "release 'v1' is already in the store");
+    let out = release(&baton, &["remove", "v1"], RELEASE_CLI_TIMEOUT)
+        .await
+        .unwrap();
+    one_line(&out, "release 'v1' is permanent");
+    let out = release(&baton, &["add", "../x", &tree], RELEASE_CLI_TIMEOUT)
+        .await
+        .unwrap();
+    one_line(&out, "invalid version");
+    let out = release(
+        &baton,
+        &["add", "v3", "/nonexistent/app"],
+        RELEASE_CLI_TIMEOUT,
+    )
+    .await
+    .unwrap();
+    one_line(&out, "/nonexistent/app");
+    // Over the control socket, add copies into the running baton's store.
+    let out = release(&baton, &["add", "v3", &tree], RELEASE_CLI_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = release(&baton, &["remove", "v3"], RELEASE_CLI_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!s.store().join("v3").exists());
+
+    // A corrupt releases.json: every command names the file; baton keeps serving.
+    let meta = s.store().join("releases.json");
+    let good = std::fs::read(&meta).unwrap();
+    std::fs::write(&meta, b"{\"format\": 1, \"releases\": [").unwrap();
+    let out = release(&baton, &["list"], RELEASE_CLI_TIMEOUT)
+        .await
+        .unwrap();
+    one_line(&out, "releases.json");
+    let out = s.offline(&["list"]).await.unwrap();
+    one_line(&out, "releases.json");
+    let out = release(&baton, &["install", "v2"], RELEASE_CLI_TIMEOUT)
+        .await
+        .unwrap();
+    one_line(&out, "releases.json");
+    assert_eq!(baton.status().await.unwrap().pid, pid);
+    // baton itself refuses to start on it, naming it, with exit 2.
+    let store = s.arg();
+    let run = baton_tests::harness::baton_cli(
+        [
+            "run",
+            "--listen",
+            "http=127.0.0.1:0",
+            "--releases",
+            store.as_str(),
+            "--control",
+            s.join("other.sock").to_str().unwrap(),
+            "--",
+            "bin/app",
+        ],
+        RELEASE_CLI_TIMEOUT,
+    )
+    .await
+    .unwrap();
+    assert_eq!(run.status.code(), Some(2), "{run:?}");
+    assert!(
+        run.stderr
+            .trim()
+            .lines()
+            .last()
+            .unwrap()
+            .contains("releases.json"),
+        "{run:?}"
+    );
+    std::fs::write(&meta, good).unwrap();
+
+    // An empty store: exit 2, saying how to add a release.
+    let empty = StoreDir::new("rel-empty").unwrap();
+    std::fs::create_dir(empty.store()).unwrap();
+    let store = empty.arg();
+    let run = baton_tests::harness::baton_cli(
+        [
+            "run",
+            "--listen",
+            "http=127.0.0.1:0",
+            "--releases",
+            store.as_str(),
+            "--control",
+            empty.join("c.sock").to_str().unwrap(),
+            "--",
+            "bin/app",
+        ],
+        RELEASE_CLI_TIMEOUT,
+    )
+    .await
+    .unwrap();
+    assert_eq!(run.status.code(), Some(2), "{run:?}");
+    assert!(run.stderr.contains("baton release add"), "{run:?}");
+
+    // A store that cannot be written (a read-only filesystem; root ignores modes).
+    let ro = StoreDir::new("rel-ro").unwrap();
+    let dir = ro.store();
+    std::fs::create_dir(&dir).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "ro,size=64k", "tmpfs"])
+        .arg(&dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+    }
+    let writable = std::fs::write(dir.join("probe"), b"").is_ok();
+    if writable {
+        eprintln!("skipping the read-only store case: cannot make a directory unwritable here");
+    } else {
+        let out = ro.add("v1", std::path::Path::new(&tree)).await.unwrap_err();
+        let text = out.to_string();
+        assert!(
+            text.contains("not writable") || text.contains("Read-only"),
+            "{text}"
+        );
+    }
+    if mounted {
+        let _ = std::process::Command::new("umount").arg(&dir).status();
+    }
+    assert_eq!(
+        baton.status().await.unwrap().pid,
+        pid,
+        "nothing running was touched"
+    );
+}
