@@ -46,15 +46,27 @@ impl StoreDir {
     /// hello-http labelled `version` with `args`; with `healthy`, the tree also
     /// holds a `healthy` file (for `--health exec:test -e {dir}/healthy`).
     pub fn hello_tree(&self, version: &str, args: &str, healthy: bool) -> Result<PathBuf> {
+        let hello = hello_http_bin()?;
+        self.tree(
+            version,
+            &hello,
+            &format!("--label {version} {args}"),
+            healthy,
+        )
+    }
+
+    /// Like [`hello_tree`](Self::hello_tree), for kv-server with `--schema schema`.
+    pub fn kv_tree(&self, version: &str, schema: u32, healthy: bool) -> Result<PathBuf> {
+        let kv = crate::harness::kv_server_bin()?;
+        self.tree(version, &kv, &format!("--schema {schema}"), healthy)
+    }
+
+    fn tree(&self, version: &str, bin: &Path, args: &str, healthy: bool) -> Result<PathBuf> {
         let tree = self.dir.join(format!("src-{version}"));
         std::fs::create_dir_all(tree.join("bin")).map_err(io("mkdir"))?;
-        let hello = hello_http_bin()?;
         write_script(
             &tree.join("bin/app"),
-            &format!(
-                "#!/bin/sh\nexec {} --label {version} {args} \"$@\"\n",
-                hello.display()
-            ),
+            &format!("#!/bin/sh\nexec {} {args} \"$@\"\n", bin.display()),
         )?;
         if healthy {
             std::fs::write(tree.join("healthy"), "").map_err(io("write healthy"))?;

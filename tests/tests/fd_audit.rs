@@ -222,3 +222,75 @@ async fn fds_leaked_into_baton_do_not_reach_the_generation() {
     );
     audit(baton.pid(), pid, status.generation, &unix_path);
 }
+
+/// With `--releases`, baton execs the checked file itself: an ELF through `execveat`, a
+/// `#!` script through its own `/proc` fd. Neither leaves an fd behind in the child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_exec_by_fd_binary_and_script_leave_no_fd_behind() {
+    use baton_tests::releases::{INSTALL_TIMEOUT, StoreDir, release};
+    let _serial = exclusive().await;
+    let s = StoreDir::new("fds-rel").unwrap();
+    // A binary release (the file lands at PROGRAM), and a wrapper-script release.
+    s.add("elf", Path::new(&sleep_program())).await.unwrap();
+    let tree = s.join("sh-tree");
+    fs::create_dir_all(tree.join("bin")).unwrap();
+    baton_tests::harness::write_script(
+        &tree.join("bin/app"),
+        &format!("#!/bin/sh\nexec {} \"$@\"\n", sleep_program()),
+    )
+    .unwrap();
+    s.add("script", &tree).await.unwrap();
+    assert!(
+        s.offline(&["permanent", "elf"])
+            .await
+            .unwrap()
+            .status
+            .success()
+    );
+
+    let dir = TestDir::new("fds-rel-run").unwrap();
+    let unix_path = dir.join("app.sock");
+    let ctl = format!("ctl=unix:{}", unix_path.display());
+    let store = s.arg();
+    let baton = Baton::start_in(
+        dir,
+        [
+            "--listen",
+            "http=127.0.0.1:0",
+            "--listen",
+            ctl.as_str(),
+            "--ready",
+            "delay=300ms",
+            "--releases",
+            store.as_str(),
+        ],
+        ["bin/app", "1000"],
+    )
+    .await
+    .unwrap();
+    for version in ["elf", "script"] {
+        if version == "script" {
+            let out = release(
+                &baton,
+                &["install", "script", "--promoted"],
+                INSTALL_TIMEOUT,
+            )
+            .await
+            .unwrap();
+            assert!(out.status.success(), "{out:?}");
+        }
+        let st = baton.status().await.unwrap();
+        let pid = st.pid.unwrap();
+        audit(baton.pid(), pid, st.generation, &unix_path);
+        let env = proc_environ(pid).unwrap();
+        assert_eq!(env.get("BATON_RELEASE").map(String::as_str), Some(version));
+        let dir = s.store().canonicalize().unwrap().join(version);
+        assert_eq!(
+            env.get("BATON_RELEASE_DIR").map(String::as_str),
+            dir.to_str()
+        );
+        // It runs the store's bytes: sleep itself, after the script's exec.
+        let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+        assert!(exe.ends_with("sleep") || exe.starts_with(&dir), "{exe:?}");
+    }
+}

@@ -467,3 +467,264 @@ async fn bad_release_input_gets_one_line_and_harms_nothing() {
         "nothing running was touched"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateful_revert_hands_the_state_down_to_the_old_schema() {
+    use baton_tests::resp::{IncrWriter, Reply, RespClient};
+    const WRITERS: usize = 8;
+    let _serial = exclusive().await;
+    let (s, baton) = kv_store_and_baton("rel-kv").await;
+    let addr = baton.tcp_addr("kv").await.unwrap();
+    let mut c = RespClient::connect(addr).await.unwrap();
+    for i in 0..100 {
+        let r = c
+            .command(&["SET", &format!("v1:{i}"), &format!("value {i}")])
+            .await
+            .unwrap();
+        assert!(r.is_ok(), "{r}");
+    }
+    let mut writers = Vec::new();
+    for i in 0..WRITERS {
+        writers.push(IncrWriter::start(addr, format!("w:{i}")).await.unwrap());
+    }
+    progress(&writers, 100).await;
+
+    let out = release(&baton, &["install", "kv2", "--promoted"], INSTALL_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let on_v2 = baton.status().await.unwrap();
+    assert_eq!(
+        active_release(&baton).await.unwrap().as_deref(),
+        Some("kv2")
+    );
+    // Writes acknowledged by v2.
+    let mark = writers.iter().map(IncrWriter::last).max().unwrap_or(0);
+    progress(&writers, mark + 200).await;
+    let r = c
+        .command(&["SET", "v2:key", "written on v2"])
+        .await
+        .unwrap();
+    assert!(r.is_ok(), "{r}");
+
+    // v2 turns unhealthy: baton reverts to kv1, and kv2 writes its state as schema 1.
+    std::fs::remove_file(s.store().join("kv2/healthy")).unwrap();
+    let reverted = baton
+        .wait_for("the revert to kv1", Duration::from_secs(30), |st| {
+            st.pid != on_v2.pid
+                && st
+                    .generations
+                    .iter()
+                    .any(|g| Some(g.pid) == st.pid && g.release.as_deref() == Some("kv1"))
+        })
+        .await
+        .unwrap();
+    let mark = writers.iter().map(IncrWriter::last).max().unwrap_or(0);
+    progress(&writers, mark + 200).await;
+    assert!(
+        baton.log().contains("writing schema 1"),
+        "no down-migration in the log"
+    );
+
+    let mut finals = Vec::new();
+    for w in writers {
+        let key = w.key().to_string();
+        let last = w
+            .finish()
+            .await
+            .unwrap_or_else(|e| panic!("writer failed: {e}"));
+        finals.push((key, last));
+    }
+    // Every acknowledged write is there, on the old schema, and the clients kept
+    // their connections (a writer fails on any close).
+    let mut c = RespClient::connect(addr).await.unwrap();
+    for (key, last) in &finals {
+        match c.command(&["GET", key]).await.unwrap() {
+            Reply::Bulk(Some(v)) => assert_eq!(
+                String::from_utf8_lossy(&v),
+                last.to_string(),
+                "{key}: acknowledged {last}"
+            ),
+            other => panic!("{key}: {other}"),
+        }
+    }
+    for (key, want) in [("v1:7", "value 7"), ("v2:key", "written on v2")] {
+        match c.command(&["GET", key]).await.unwrap() {
+            Reply::Bulk(Some(v)) => assert_eq!(String::from_utf8_lossy(&v), want),
+            other => panic!("{key}: {other}"),
+        }
+    }
+    let l = list(&baton).await.unwrap();
+    assert_eq!(status_of(&l, "kv1"), ReleaseStatus::Permanent);
+    assert_eq!(status_of(&l, "kv2"), ReleaseStatus::Failed);
+    assert_eq!(
+        reverted
+            .last_upgrade
+            .as_ref()
+            .and_then(|u| u.reason.clone()),
+        None,
+        "no state lost: {:?}",
+        reverted.last_upgrade
+    );
+    println!("writers: {finals:?}");
+}
+
+/// Waits until every writer acknowledged `at_least`, failing if one broke.
+async fn progress(writers: &[baton_tests::resp::IncrWriter], at_least: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while writers.iter().any(|w| w.last() < at_least) {
+        assert!(writers.iter().all(|w| !w.broken()), "a writer broke");
+        assert!(std::time::Instant::now() < deadline, "writers stalled");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// kv1 (schema 1, permanent) and kv2 (schema 2) in a store; baton runs kv1 with
+/// `--state`, and a health check that fails once `{dir}/healthy` is gone.
+async fn kv_store_and_baton(tag: &str) -> (StoreDir, Baton) {
+    let s = StoreDir::new(tag).unwrap();
+    let v1 = s.kv_tree("kv1", 1, true).unwrap();
+    s.add("kv1", &v1).await.unwrap();
+    let v2 = s.kv_tree("kv2", 2, true).unwrap();
+    s.add("kv2", &v2).await.unwrap();
+    assert!(
+        s.offline(&["permanent", "kv1"])
+            .await
+            .unwrap()
+            .status
+            .success()
+    );
+    let store = s.arg();
+    let baton = Baton::start_in(
+        TestDir::new("rel-kv-run").unwrap(),
+        [
+            "--state",
+            "--listen",
+            "kv=127.0.0.1:0",
+            "--releases",
+            store.as_str(),
+            "--drain-timeout",
+            "60s",
+            "--probation",
+            "120s",
+            "--health",
+            "exec:test -e {dir}/healthy",
+            "--health-interval",
+            "200ms",
+        ],
+        ["bin/app"],
+    )
+    .await
+    .unwrap();
+    (s, baton)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_the_live_state_cannot_make_is_refused_and_reported() {
+    use baton_tests::resp::RespClient;
+    let _serial = exclusive().await;
+    let (s, baton) = kv_store_and_baton("rel-kv-refuse").await;
+    let addr = baton.tcp_addr("kv").await.unwrap();
+    let install = release(&baton, &["install", "kv2", "--promoted"], INSTALL_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(install.status.success(), "{install:?}");
+    let on_v2 = baton.status().await.unwrap();
+    // Schema 1 holds UTF-8 only: this key cannot go down to it.
+    let mut c = RespClient::connect(addr).await.unwrap();
+    let key: &[u8] = b"bin\xff";
+    let r = c
+        .command(&[b"SET".as_slice(), key, b"v".as_slice()])
+        .await
+        .unwrap();
+    assert!(r.is_ok(), "{r}");
+    std::fs::remove_file(s.store().join("kv2/healthy")).unwrap();
+    let st = baton
+        .wait_for("the refused revert", Duration::from_secs(30), |st| {
+            st.last_upgrade
+                .as_ref()
+                .is_some_and(|u| u.reason.as_deref().is_some_and(|r| r.contains("non-UTF-8")))
+        })
+        .await
+        .unwrap();
+    assert_eq!(st.pid, on_v2.pid, "kv2 keeps running");
+    assert!(
+        st.releases.as_ref().unwrap().probation.is_none(),
+        "no revert loop"
+    );
+    let l = list(&baton).await.unwrap();
+    assert_eq!(status_of(&l, "kv2"), ReleaseStatus::Current);
+    let last = l
+        .iter()
+        .find(|r| r.version == "kv2")
+        .unwrap()
+        .last_result()
+        .unwrap()
+        .clone();
+    assert!(
+        !last.ok && last.detail.contains("revert failed"),
+        "{last:?}"
+    );
+    // The data is intact on the connection that wrote it.
+    let r = c.command(&[b"GET".as_slice(), key]).await.unwrap();
+    assert_eq!(r, baton_tests::resp::Reply::Bulk(Some(b"v".to_vec())));
+}
+
+/// Without a store, the file opened at spawn is the one exec'd, and the previous
+/// generation's stays open: probation reverts to it after `mv new app` replaced the path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_store_probation_reverts_to_the_file_that_ran_before_it_was_replaced() {
+    use baton_tests::harness::{hello_http_bin, write_script};
+    use baton_tests::http::http_get;
+    let _serial = exclusive().await;
+    let dir = TestDir::new("rel-nostore").unwrap();
+    let hello = hello_http_bin().unwrap();
+    let app = dir.join("app");
+    write_script(
+        &app,
+        &format!("#!/bin/sh\nexec {} --label old\n", hello.display()),
+    )
+    .unwrap();
+    let new = dir.join("app.new");
+    write_script(
+        &new,
+        &format!(
+            "#!/bin/sh\nexec {} --label new --exit-after 2s\n",
+            hello.display()
+        ),
+    )
+    .unwrap();
+    let baton = Baton::start_in(
+        dir,
+        ["--listen", "http=127.0.0.1:0", "--probation", "30s"],
+        [&app],
+    )
+    .await
+    .unwrap();
+    let addr = baton.tcp_addr("http").await.unwrap();
+    let label = || {
+        http_get(addr, "/", Duration::from_secs(5))
+            .map(|r| r.body)
+            .unwrap_or_default()
+    };
+    assert!(label().contains("label=old"));
+    std::fs::rename(&new, &app).unwrap();
+    let promoted = match baton.upgrade_wait().await.unwrap() {
+        baton_tests::harness::UpgradeOutcome::Promoted(r) => r,
+        other => panic!("{other:?}"),
+    };
+    assert!(label().contains("label=new"));
+    let st = baton
+        .wait_for("the revert", Duration::from_secs(20), |s| {
+            s.pid.is_some() && s.pid != promoted.pid && !s.upgrading
+        })
+        .await
+        .unwrap();
+    assert!(label().contains("label=old"), "{}", label());
+    assert_eq!(st.crashes, 1);
+    assert!(
+        baton.log().contains("exited during probation"),
+        "{}",
+        baton.log()
+    );
+}

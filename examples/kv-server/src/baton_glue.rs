@@ -208,7 +208,41 @@ fn send_snapshot(baton: &Baton, schema: Schema, live: &Live<'_>) -> Result<(), b
         tracing::error!(bytes = bad.len(), "fault: sending a damaged snapshot");
         return baton.snapshot_raw(&bad);
     }
-    baton.snapshot(live)
+    match downgrade_to(baton, schema)? {
+        None => baton.snapshot(live),
+        Some(older) => {
+            // Erlang's code_change({down, V}): the successor (a revert, a rollback)
+            // restores only older schemas. Schema 1 has no counters: they are dropped.
+            tracing::warn!(
+                from = schema.version(),
+                to = older.version(),
+                "successor restores an older schema only: writing schema {older} (counters are dropped)"
+            );
+            baton.snapshot_as(older.version(), &Live(live.0, older))
+        }
+    }
+}
+
+/// The older schema to write when the successor does not restore `schema`: the newest it
+/// restores. `Ok(None)`: write `schema`.
+fn downgrade_to(baton: &Baton, schema: Schema) -> Result<Option<Schema>, baton_child::Error> {
+    let Some(accept) = baton.successor_restores() else {
+        return Ok(None);
+    };
+    if accept.contains(&schema.version()) {
+        return Ok(None);
+    }
+    accept
+        .iter()
+        .filter_map(|&v| Schema::from_version(v))
+        .filter(|s| s.version() < schema.version())
+        .max_by_key(|s| s.version())
+        .map(Some)
+        .ok_or_else(|| {
+            baton_child::Error::Snapshot(format!(
+                "the successor restores schema versions {accept:?}; this server writes {schema} and cannot write any of them"
+            ))
+        })
 }
 
 /// Hands connections over through the SDK.

@@ -953,6 +953,13 @@ impl Machine {
             revert,
             ..
         } = u;
+        if let (Some(image), Why::Initial, None, None) =
+            (&image, why, &self.boot_image, &self.permanent)
+        {
+            // Started as PROGRAM, not from a store: what the operator started is the
+            // baseline a probation reverts to.
+            self.permanent = Some(image.clone());
+        }
         if let Some(image) = image {
             self.after_promotion(host, now, &image, waiters.permanent, revert, &report);
         }
