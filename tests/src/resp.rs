@@ -259,6 +259,86 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RespClient<S> {
     }
 }
 
+/// A client that pipelines INCRs on its own key over one connection for its whole
+/// life, checking that every reply is the previous one plus one: a skipped, repeated
+/// or lost write, a close or an error ends it with the reason.
+pub struct IncrWriter {
+    key: String,
+    last: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Result<i64, String>>,
+}
+
+impl IncrWriter {
+    /// INCRs per pipelined batch.
+    pub const BATCH: usize = 10;
+    /// Bound on one batch (it may wait out a quiesce).
+    pub const BATCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Connects to `addr` and starts writing `key` (which must not exist yet).
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub async fn start(addr: SocketAddr, key: String) -> Result<Self, RespError> {
+        use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+        let mut c = RespClient::connect(addr).await?;
+        let last = std::sync::Arc::new(AtomicI64::new(0));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (l, s, k) = (last.clone(), stop.clone(), key.clone());
+        let task = tokio::spawn(async move {
+            let batch: Vec<Vec<&str>> =
+                (0..Self::BATCH).map(|_| vec!["INCR", k.as_str()]).collect();
+            let mut n = 0i64;
+            while !s.load(Ordering::Relaxed) {
+                let replies = tokio::time::timeout(Self::BATCH_TIMEOUT, c.pipeline(&batch))
+                    .await
+                    .map_err(|_| {
+                        format!("{k}: no reply after {n} within {:?}", Self::BATCH_TIMEOUT)
+                    })?
+                    .map_err(|e| format!("{k}: after {n}: {e}"))?;
+                for r in replies {
+                    match r {
+                        Reply::Integer(v) if v == n + 1 => n = v,
+                        other => return Err(format!("{k}: INCR after {n} answered {other}")),
+                    }
+                }
+                l.store(n, Ordering::Relaxed);
+            }
+            Ok(n)
+        });
+        Ok(Self {
+            key,
+            last,
+            stop,
+            task,
+        })
+    }
+
+    /// The key it writes.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The last value acknowledged so far.
+    pub fn last(&self) -> i64 {
+        self.last.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether it stopped on an error.
+    pub fn broken(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Stops it and returns the last value acknowledged.
+    ///
+    /// # Errors
+    /// Why it broke.
+    pub async fn finish(self) -> Result<i64, String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.map_err(|e| e.to_string())?
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,85 +422,5 @@ mod tests {
         let sent = serve.await.unwrap();
         assert_eq!(sent, [encode(&["PING"]), encode(&["GET", "k"])].concat());
         assert!(matches!(c.read_reply().await, Err(RespError::Eof)));
-    }
-}
-
-/// A client that pipelines INCRs on its own key over one connection for its whole
-/// life, checking that every reply is the previous one plus one: a skipped, repeated
-/// or lost write, a close or an error ends it with the reason.
-pub struct IncrWriter {
-    key: String,
-    last: std::sync::Arc<std::sync::atomic::AtomicI64>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    task: tokio::task::JoinHandle<Result<i64, String>>,
-}
-
-impl IncrWriter {
-    /// INCRs per pipelined batch.
-    pub const BATCH: usize = 10;
-    /// Bound on one batch (it may wait out a quiesce).
-    pub const BATCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-    /// Connects to `addr` and starts writing `key` (which must not exist yet).
-    ///
-    /// # Errors
-    /// The connection failed.
-    pub async fn start(addr: SocketAddr, key: String) -> Result<Self, RespError> {
-        use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-        let mut c = RespClient::connect(addr).await?;
-        let last = std::sync::Arc::new(AtomicI64::new(0));
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let (l, s, k) = (last.clone(), stop.clone(), key.clone());
-        let task = tokio::spawn(async move {
-            let batch: Vec<Vec<&str>> =
-                (0..Self::BATCH).map(|_| vec!["INCR", k.as_str()]).collect();
-            let mut n = 0i64;
-            while !s.load(Ordering::Relaxed) {
-                let replies = tokio::time::timeout(Self::BATCH_TIMEOUT, c.pipeline(&batch))
-                    .await
-                    .map_err(|_| {
-                        format!("{k}: no reply after {n} within {:?}", Self::BATCH_TIMEOUT)
-                    })?
-                    .map_err(|e| format!("{k}: after {n}: {e}"))?;
-                for r in replies {
-                    match r {
-                        Reply::Integer(v) if v == n + 1 => n = v,
-                        other => return Err(format!("{k}: INCR after {n} answered {other}")),
-                    }
-                }
-                l.store(n, Ordering::Relaxed);
-            }
-            Ok(n)
-        });
-        Ok(Self {
-            key,
-            last,
-            stop,
-            task,
-        })
-    }
-
-    /// The key it writes.
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
-    /// The last value acknowledged so far.
-    pub fn last(&self) -> i64 {
-        self.last.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Whether it stopped on an error.
-    pub fn broken(&self) -> bool {
-        self.task.is_finished()
-    }
-
-    /// Stops it and returns the last value acknowledged.
-    ///
-    /// # Errors
-    /// Why it broke.
-    pub async fn finish(self) -> Result<i64, String> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.task.await.map_err(|e| e.to_string())?
     }
 }
