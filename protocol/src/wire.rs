@@ -93,7 +93,7 @@ pub struct Frame {
 
 impl Frame {
     /// Deserialises the message into a protocol type (e.g.
-    /// [`SupervisorMsg`](crate::protocol::SupervisorMsg)).
+    /// [`SupervisorMsg`](crate::SupervisorMsg)).
     ///
     /// # Errors
     ///

@@ -95,7 +95,12 @@ pub enum ReleaseOp {
     /// Check, then upgrade to VERSION; it is permanent after its probation.
     Install {
         /// The release.
-        version: String,
+        #[arg(required_unless_present = "newest")]
+        version: Option<String>,
+        /// Install the newest release in the store (nothing to do if it runs already;
+        /// for `ExecReload=`).
+        #[arg(long, conflicts_with = "version")]
+        newest: bool,
         /// Wait until it is permanent: exit 0 then, 1 (reason on stderr) on rollback or revert.
         #[arg(long)]
         wait: bool,

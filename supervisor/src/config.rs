@@ -451,6 +451,45 @@ mod tests {
     }
 
     #[test]
+    fn release_settings() {
+        let c = parse(&["--", "true"]).unwrap();
+        assert_eq!(
+            c.release.probation,
+            Probation::Off,
+            "no store: no probation"
+        );
+        let c = parse(&["--releases", "/srv/r", "--", "bin/app"]).unwrap();
+        assert_eq!(c.release.probation, Probation::For(Duration::from_secs(30)));
+        assert_eq!(c.release.health_failures, 3);
+        for (v, want) in [
+            ("manual", Probation::Manual),
+            ("0", Probation::Off),
+            ("0s", Probation::Off),
+            ("45s", Probation::For(Duration::from_secs(45))),
+        ] {
+            let c = parse(&["--probation", v, "--", "true"]).unwrap();
+            assert_eq!(c.release.probation, want, "{v}");
+        }
+        for (args, want) in [
+            (&["--probation", "soon"][..], "--probation"),
+            (&["--health", "tcp://x:1"][..], "--health"),
+            (&["--health-failures", "0"][..], "--health-failures"),
+            (&["--keep=-1"][..], "--keep"),
+            (
+                &["--releases", "/srv/r", "--", "/abs/app"][..],
+                "inside each release",
+            ),
+        ] {
+            let mut all = args.to_vec();
+            if !all.contains(&"--") {
+                all.extend(["--", "true"]);
+            }
+            let e = parse(&all).unwrap_err().0;
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
     fn config_file_under_flags() {
         let dir = std::env::temp_dir().join(format!("baton-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -153,9 +153,17 @@ fn online(control: Option<PathBuf>, op: ReleaseOp, json: bool) -> anyhow::Result
         }
         ReleaseOp::Install {
             version,
+            newest,
             wait,
             promoted,
         } => {
+            let version = match (version, newest) {
+                (Some(v), _) => v,
+                (None, _) => match newest_to_install(control.clone())? {
+                    Some(v) => v,
+                    None => return Ok(ExitCode::SUCCESS),
+                },
+            };
             let wait = match (wait, promoted) {
                 (true, _) => WaitFor::Permanent,
                 (_, true) => WaitFor::Promoted,
@@ -190,6 +198,40 @@ fn online(control: Option<PathBuf>, op: ReleaseOp, json: bool) -> anyhow::Result
         return print_list(json, &reply.releases);
     }
     report(json, &reply)
+}
+
+/// `install --newest`: the newest release, or `None` (said on stdout) when it is
+/// the one running already.
+fn newest_to_install(control: Option<PathBuf>) -> anyhow::Result<Option<String>> {
+    let reply = match client::ask(
+        control,
+        ControlRequest::Release(ReleaseRequest::List),
+        Some(Duration::from_secs(30)),
+    )? {
+        ControlReply::Release(r) => r,
+        other => bail!("unexpected reply: {other:?}"),
+    };
+    let Some(newest) = reply.releases.first() else {
+        bail!("the store has no release");
+    };
+    match newest.status {
+        ReleaseStatus::Permanent | ReleaseStatus::Current => {
+            println!(
+                "{}: the newest release is installed already",
+                newest.version
+            );
+            Ok(None)
+        }
+        ReleaseStatus::Failed => bail!(
+            "the newest release, {}, failed ({}): add a fixed one",
+            newest.version,
+            newest
+                .last_result()
+                .map(|r| r.detail.as_str())
+                .unwrap_or("no details")
+        ),
+        _ => Ok(Some(newest.version.clone())),
+    }
 }
 
 fn report(json: bool, r: &ReleaseReply) -> anyhow::Result<ExitCode> {

@@ -193,6 +193,14 @@ async fn a_release_that_passes_probation_becomes_permanent() {
     let l = s.list().await.unwrap();
     assert_eq!(status_of(&l, "v2"), ReleaseStatus::Permanent);
     assert_eq!(status_of(&l, "v1"), ReleaseStatus::Old);
+    // `install --newest` (ExecReload=) has nothing to do: v2 is the newest.
+    let out = release(&baton, &["install", "--newest", "--wait"], INSTALL_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(
+        out.status.success() && out.stdout.contains("installed already"),
+        "{out:?}"
+    );
     // `rollback` now installs the previous permanent release, v1, which becomes
     // permanent in turn.
     let out = release(&baton, &["rollback", "--wait"], INSTALL_TIMEOUT)
@@ -727,4 +735,51 @@ async fn without_a_store_probation_reverts_to_the_file_that_ran_before_it_was_re
         "{}",
         baton.log()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refuses_what_cannot_run_on_this_machine() {
+    let _serial = exclusive().await;
+    let s = StoreDir::new("rel-arch").unwrap();
+    s.add_hello("v1", "", true).await.unwrap();
+    // An ELF for another machine: this one's binary with e_machine patched.
+    let mut elf = std::fs::read(baton_tests::harness::hello_http_bin().unwrap()).unwrap();
+    elf[18] = 0x28; // EM_ARM
+    elf[19] = 0;
+    let foreign = s.join("foreign");
+    std::fs::write(&foreign, &elf).unwrap();
+    drop(elf);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let text = s.join("text");
+    baton_tests::harness::write_script(&text, "no shebang, not a program\n").unwrap();
+    s.add("arm", &foreign)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.add("text", &text).await.unwrap();
+    for (v, want) in [
+        ("arm", "an ELF for another machine"),
+        ("text", "not an ELF executable or a #! script"),
+    ] {
+        let out = s.offline(&["check", v]).await.unwrap();
+        assert!(!out.status.success(), "{out:?}");
+        assert!(out.stderr.contains(want), "{v}: {out:?}");
+    }
+    assert!(s.offline(&["check", "v1"]).await.unwrap().status.success());
+    assert!(
+        s.offline(&["permanent", "v1"])
+            .await
+            .unwrap()
+            .status
+            .success()
+    );
+    let baton = start(&s, &[]).await;
+    let out = release(&baton, &["install", "arm", "--wait"], INSTALL_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(
+        !out.status.success() && out.stderr.contains("another machine"),
+        "{out:?}"
+    );
+    assert_eq!(baton.status().await.unwrap().generations.len(), 1);
 }

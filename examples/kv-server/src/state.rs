@@ -22,6 +22,12 @@
 //! (counters start at zero); a schema-1 server rejects a schema-2 snapshot, because it cannot
 //! represent it. Unknown versions and malformed state are rejected with a reason.
 //!
+//! Downgrade (`code_change({down, 1})`): a schema-1 successor announces that it restores
+//! schema 1 only (a revert or a rollback to it), and a schema-2 server then writes schema 1.
+//! Every key and value survives; the counters (`total_commands_processed`, `keyspace_hits`,
+//! `keyspace_misses`) are dropped, as schema 1 has no place for them. A keyspace holding
+//! non-UTF-8 data cannot go down to schema 1: the snapshot is refused, and so is the revert.
+//!
 //! Both directions stream: serialising walks the keyspace without building a JSON tree, and
 //! deserialising inserts straight into the new keyspace, so a large snapshot costs little more
 //! than its text (this bounds the upgrade's accept gap).
