@@ -561,14 +561,19 @@ async fn verify_writes(addr: SocketAddr, logs: &[WriterLog], other_keys: u64, wh
 }
 
 // ---------------------------------------------------------------------------------------
-// 1. Thirty stateful upgrades, a schema migration and three refused downgrades under load
+// 1. Thirty stateful upgrades, a schema migration, downgrades and a refused one under load
 // ---------------------------------------------------------------------------------------
 
 const UPGRADES: usize = 30;
 /// Upgrades 1..=15 run schema 1; upgrade 16 migrates 1 -> 2; the rest run schema 2.
 const FIRST_SCHEMA_2: usize = 16;
-/// Before these upgrades, a downgrade to schema 1 is attempted (and must be refused).
-const DOWNGRADE_BEFORE: [usize; 3] = [18, 23, 28];
+/// Before these upgrades, a downgrade to schema 1: the schema-1 candidate restores schema 1
+/// only, so the schema-2 generation writes schema 1 (`code_change({down, 1})`).
+const DOWNGRADE_BEFORE: [usize; 2] = [18, 23];
+/// Before this one, the keyspace holds a key schema 1 cannot represent (not UTF-8): the
+/// downgrade is refused and rolled back.
+const REFUSED_DOWNGRADE_BEFORE: usize = 28;
+const BINARY_KEY: &[u8] = b"bin\xff\xfe";
 const WRITERS: usize = 8;
 /// Upgrades `5*b+1 ..= 5*b+5` for these `b` start candidates with `--no-adopt`, so that both
 /// ways an old generation leaves its connections are covered: handed over (migration) and
@@ -593,20 +598,45 @@ async fn thirty_stateful_upgrades_lose_no_acknowledged_write() {
     let mut migrated = 0;
     let mut close_rounds = 0u64;
     let mut prev_adopt = true;
+    let mut prev_schema = "1";
     for round in 1..=UPGRADES {
         if DOWNGRADE_BEFORE.contains(&round) {
             let what = format!("downgrade to schema 1 before upgrade {round}");
+            app.select("kv1");
+            let report = upgrade_promoted(&baton, &what).await;
+            let now = info(addr).await;
+            assert_eq!(now["process_id"], report.pid.unwrap().to_string(), "{what}");
+            assert_eq!(now["kv_schema"], "1", "{what}: {now:?}");
+            assert_eq!(now["kv_restored_from_schema"], "1", "{what}: {now:?}");
+            prev_schema = "1";
+            close_rounds += u64::from(!prev_adopt);
+            prev_adopt = true;
+            writers.wait_progress(STEPS_BETWEEN, &what).await;
+        }
+        if round == REFUSED_DOWNGRADE_BEFORE {
+            let what = format!("refused downgrade to schema 1 before upgrade {round}");
+            let mut c = connect(addr).await;
+            assert!(
+                command(&mut c, &[b"SET".as_slice(), BINARY_KEY, b"x"])
+                    .await
+                    .is_ok()
+            );
             let old = baton.status().await.unwrap().pid.unwrap();
             app.select("kv1");
             let (last, message) = upgrade_rolled_back(&baton, &what).await;
             let why = reason(&last);
             assert!(
-                why.contains("schema"),
+                why.contains("schema 1 cannot represent non-UTF-8"),
                 "{what}: the reason must name the schema: {why:?} (CLI: {message:?})"
             );
             downgrade_reasons.push(why);
             // The old generation resumed: it serves old and new connections.
             assert_eq!(serving_pid(addr).await, old, "{what}");
+            let mut c = connect(addr).await;
+            assert_eq!(
+                command(&mut c, &[b"DEL".as_slice(), BINARY_KEY]).await,
+                Reply::Integer(1)
+            );
             writers.wait_progress(STEPS_BETWEEN, &what).await;
         }
         let schema = if round < FIRST_SCHEMA_2 { "1" } else { "2" };
@@ -635,7 +665,8 @@ async fn thirty_stateful_upgrades_lose_no_acknowledged_write() {
         migrated += report.migrated_connections;
 
         let now = info(addr).await;
-        let restored_from = if round <= FIRST_SCHEMA_2 { "1" } else { "2" };
+        let restored_from = prev_schema;
+        prev_schema = schema;
         assert_eq!(
             now["process_id"],
             report.pid.unwrap().to_string(),
@@ -656,7 +687,7 @@ async fn thirty_stateful_upgrades_lose_no_acknowledged_write() {
     let status = baton.status().await.unwrap();
     gaps.sort_by(f64::total_cmp);
     println!(
-        "{UPGRADES} stateful upgrades + {} refused downgrades with {WRITERS} writers in {:?}: \
+        "{UPGRADES} stateful upgrades + {} downgrades + 1 refused with {WRITERS} writers in {:?}: \
          {t}; {close_rounds} upgrades closed connections, {migrated} connections migrated; \
          {keys} keys verified; accept gap ms: median {:.2}, max {max_gap:.2}; \
          baton rss {} kB; downgrade reasons: {downgrade_reasons:?}",
