@@ -657,3 +657,83 @@ fn reload_by_sighup_alternative() {
     eprintln!("{report}");
     fx.check(report.failed == 0, || format!("requests failed:\n{report}"));
 }
+
+/// The releases layout of systemd/README.md: `systemctl reload` runs `baton release install
+/// --newest --wait`, `StatusText` shows the probation, and the reload returns once the new
+/// release is permanent.
+#[test]
+fn reload_installs_the_newest_release_with_probation_in_status() {
+    let _serial = serial();
+    let Some(tools) = tools("reload_installs_the_newest_release_with_probation_in_status") else {
+        return;
+    };
+    let mut fx = Fixture::new("releases", tools, Layout::Template, &[]);
+    let readme = fs::read_to_string(systemd_dir().join("README.md")).unwrap();
+    let reload_line = "release install --newest --wait";
+    fx.check(readme.contains(reload_line), || {
+        format!("systemd/README.md no longer shows ExecReload=... {reload_line}")
+    });
+    let store = fx.dir.join("releases");
+    let baton = fx.tools.baton.display().to_string();
+    let (dir, hello) = (fx.dir.clone(), fx.tools.hello.clone());
+    let add = |version: &str| {
+        let tree = dir.join(format!("src-{version}"));
+        fs::create_dir_all(tree.join("bin")).unwrap();
+        harness::write_script(
+            &tree.join("bin/app"),
+            &format!(
+                "#!/bin/sh\nexec '{}' --label {version} \"$@\"\n",
+                hello.display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(&baton)
+            .args(["release", "--releases"])
+            .arg(&store)
+            .args(["add", "--program", "bin/app", version])
+            .arg(&tree)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "release add {version}: {out:?}");
+    };
+    add("v1");
+    let control = fx.control.clone();
+    let store_s = store.display().to_string();
+    fx.drop_in_named(
+        TEMPLATE_INSTANCE,
+        "60-releases.conf",
+        &format!(
+            "[Service]\nExecStart=\nExecStart={baton} run --control {control} --releases {store_s} \
+             --probation 3s --listen http=127.0.0.1:0 -- bin/app\nExecReload=\n\
+             ExecReload={baton} {reload_line} --control {control}\n"
+        ),
+    );
+    fx.boot();
+    fx.ctl_ok(&["start", TEMPLATE_INSTANCE]);
+    let main_pid = fx.main_pid();
+    // v1 booted with no permanent release: permanent after its probation.
+    fx.wait_prop("StatusText", LONG, |t| !t.contains("on probation"));
+    add("v2");
+    let load = Load::start(&fx, fx.addr());
+    fx.ctl_ok(&["reload", "--no-block", TEMPLATE_INSTANCE]);
+    let text = fx.wait_prop("StatusText", LONG, |t| t.contains("v2 on probation ("));
+    eprintln!("StatusText during probation: {text}");
+    fx.wait_prop("StatusText", LONG, |t| !t.contains("on probation"));
+    fx.wait_prop("ActiveState", SHORT, |s| s == "active");
+    let st = fx.status();
+    let releases = st.releases.clone().unwrap();
+    fx.check(releases.permanent.as_deref() == Some("v2"), || {
+        format!("v2 is not permanent: {st:?}")
+    });
+    fx.check(fx.main_pid() == main_pid, || "MainPID changed".to_owned());
+    // Nothing newer: the next reload succeeds and changes nothing.
+    let gen_id = st.generation;
+    fx.ctl_ok(&["reload", TEMPLATE_INSTANCE]);
+    fx.check(fx.status().generation == gen_id, || {
+        "a reload without a new release started a generation".to_owned()
+    });
+    load.progress(&fx, 20);
+    let report = load.stop();
+    eprintln!("{report}");
+    fx.check(report.failed == 0, || format!("requests failed:\n{report}"));
+}

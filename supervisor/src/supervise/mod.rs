@@ -254,6 +254,7 @@ impl Host for Driver {
             SdEvent::Ready => self.sd.send(&format!("READY=1\nSTATUS={status}")),
             SdEvent::Reloading => self.sd.reloading(&status),
             SdEvent::Stopping => self.sd.send(&format!("STOPPING=1\nSTATUS={status}")),
+            SdEvent::Status => self.sd.send(&format!("STATUS={status}")),
         }
     }
 

@@ -149,7 +149,7 @@ fn on_release(
             });
         }
         ReleaseRequest::Install { version, wait } => install(m, d, version, wait, reply),
-        ReleaseRequest::Permanent { version } => match m.make_permanent(d, &version) {
+        ReleaseRequest::Permanent { version } => match m.make_permanent(d, now, &version) {
             Ok(()) => done(d, reply, Some(version), String::new()),
             Err(e) => error(reply, e),
         },

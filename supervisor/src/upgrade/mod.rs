@@ -40,6 +40,8 @@ pub enum SdEvent {
     Reloading,
     /// `STOPPING=1`.
     Stopping,
+    /// Only a new `STATUS=`.
+    Status,
 }
 
 /// The world as the machine sees it.

@@ -125,13 +125,18 @@ impl Machine {
     ///
     /// # Errors
     /// `image` is neither permanent nor on probation.
-    pub fn make_permanent(&mut self, host: &mut impl Host, image: &Image) -> Result<(), String> {
+    pub fn make_permanent(
+        &mut self,
+        host: &mut impl Host,
+        now: Instant,
+        image: &Image,
+    ) -> Result<(), String> {
         if self.permanent.as_ref() == Some(image) && self.probation.is_none() {
             return Ok(());
         }
         match &self.probation {
             Some(p) if &p.image == image && self.probation_generation().is_some() => {
-                self.confirm(host);
+                self.confirm(host, Some(now));
                 Ok(())
             }
             Some(p) if &p.image == image => Err(format!(
@@ -315,7 +320,7 @@ impl Machine {
             failures: 0,
         });
         if self.s.probation == Probation::Off {
-            self.confirm(host);
+            self.confirm(host, None);
         }
     }
 
@@ -387,8 +392,9 @@ impl Machine {
         host.probation_over(&outcome, waiters);
     }
 
-    /// Probation passed (or was cut short by hand): the image is permanent.
-    fn confirm(&mut self, host: &mut impl Host) {
+    /// Probation passed (or was cut short by hand): the image is permanent. With `now`,
+    /// systemd's `STATUS=` is updated (it said "on probation").
+    fn confirm(&mut self, host: &mut impl Host, now: Option<Instant>) {
         let Some(p) = self.probation.take() else {
             return;
         };
@@ -402,6 +408,9 @@ impl Machine {
             report: None,
         };
         host.probation_over(&outcome, p.waiters);
+        if let Some(now) = now {
+            host.systemd(super::SdEvent::Status, &self.status_line(now));
+        }
     }
 
     /// Ends a probation without a verdict.
@@ -424,7 +433,7 @@ impl Machine {
             .and_then(|p| p.until)
             .is_some_and(|t| t <= now);
         if due && self.probation_generation().is_some() {
-            self.confirm(host);
+            self.confirm(host, Some(now));
         }
     }
 

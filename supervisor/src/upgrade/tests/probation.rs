@@ -142,9 +142,9 @@ fn manual_probation_waits_for_make_permanent() {
         "only the old one's drain"
     );
     assert!(m.status_line(t).contains("until made permanent"));
-    let e = m.make_permanent(&mut h, &"v3".to_string()).unwrap_err();
+    let e = m.make_permanent(&mut h, t, &"v3".to_string()).unwrap_err();
     assert!(e.contains("v2 is"), "{e}");
-    m.make_permanent(&mut h, &"v2".to_string()).unwrap();
+    m.make_permanent(&mut h, t, &"v2".to_string()).unwrap();
     assert_eq!(h.releases, vec!["permanent v2"]);
     assert_eq!(h.outcomes[0].0, ReleaseResultKind::Permanent);
 }
