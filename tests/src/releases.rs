@@ -98,6 +98,27 @@ impl StoreDir {
         baton_cli(all, RELEASE_CLI_TIMEOUT).await
     }
 
+    /// `baton run --releases STORE -- bin/app` where it must exit at once (a bad store).
+    pub async fn run_to_exit(&self) -> Result<CliOutput> {
+        let store = self.arg();
+        let control = self.join("run-to-exit.sock").display().to_string();
+        baton_cli(
+            [
+                "run",
+                "--listen",
+                "http=127.0.0.1:0",
+                "--releases",
+                store.as_str(),
+                "--control",
+                control.as_str(),
+                "--",
+                "bin/app",
+            ],
+            RELEASE_CLI_TIMEOUT,
+        )
+        .await
+    }
+
     /// `release list --json` of the store itself.
     pub async fn list(&self) -> Result<Vec<Release>> {
         let out = ok(self.offline(&["list", "--json"]).await?, "release list")?;

@@ -140,23 +140,24 @@ fn audit(baton_pid: u32, pid: u32, generation: u64, unix_path: &Path) {
 }
 
 async fn start_sleep(dir: TestDir, unix_path: &Path) -> Baton {
+    start_with(dir, unix_path, &[], &[sleep_program().as_str(), "1000"]).await
+}
+
+/// baton with an `http` TCP and a `ctl` Unix listener, readiness by delay, and `extra`.
+async fn start_with(dir: TestDir, unix_path: &Path, extra: &[&str], program: &[&str]) -> Baton {
     let ctl = format!("ctl=unix:{}", unix_path.display());
-    Baton::start_in(
-        dir,
-        [
-            "--listen",
-            "http=127.0.0.1:0",
-            "--listen",
-            ctl.as_str(),
-            "--ready",
-            "delay=300ms",
-            "--drain-timeout",
-            "5s",
-        ],
-        [sleep_program().as_str(), "1000"],
-    )
-    .await
-    .unwrap()
+    let mut args = vec![
+        "--listen",
+        "http=127.0.0.1:0",
+        "--listen",
+        ctl.as_str(),
+        "--ready",
+        "delay=300ms",
+        "--drain-timeout",
+        "5s",
+    ];
+    args.extend_from_slice(extra);
+    Baton::start_in(dir, args, program).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,24 +251,14 @@ async fn releases_exec_by_fd_binary_and_script_leave_no_fd_behind() {
 
     let dir = TestDir::new("fds-rel-run").unwrap();
     let unix_path = dir.join("app.sock");
-    let ctl = format!("ctl=unix:{}", unix_path.display());
     let store = s.arg();
-    let baton = Baton::start_in(
+    let baton = start_with(
         dir,
-        [
-            "--listen",
-            "http=127.0.0.1:0",
-            "--listen",
-            ctl.as_str(),
-            "--ready",
-            "delay=300ms",
-            "--releases",
-            store.as_str(),
-        ],
-        ["bin/app", "1000"],
+        &unix_path,
+        &["--releases", &store],
+        &["bin/app", "1000"],
     )
-    .await
-    .unwrap();
+    .await;
     for version in ["elf", "script"] {
         if version == "script" {
             let out = release(

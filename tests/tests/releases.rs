@@ -390,23 +390,7 @@ async fn bad_release_input_gets_one_line_and_harms_nothing() {
     one_line(&out, "releases.json");
     assert_eq!(baton.status().await.unwrap().pid, pid);
     // baton itself refuses to start on it, naming it, with exit 2.
-    let store = s.arg();
-    let run = baton_tests::harness::baton_cli(
-        [
-            "run",
-            "--listen",
-            "http=127.0.0.1:0",
-            "--releases",
-            store.as_str(),
-            "--control",
-            s.join("other.sock").to_str().unwrap(),
-            "--",
-            "bin/app",
-        ],
-        RELEASE_CLI_TIMEOUT,
-    )
-    .await
-    .unwrap();
+    let run = s.run_to_exit().await.unwrap();
     assert_eq!(run.status.code(), Some(2), "{run:?}");
     assert!(
         run.stderr
@@ -422,23 +406,7 @@ async fn bad_release_input_gets_one_line_and_harms_nothing() {
     // An empty store: exit 2, saying how to add a release.
     let empty = StoreDir::new("rel-empty").unwrap();
     std::fs::create_dir(empty.store()).unwrap();
-    let store = empty.arg();
-    let run = baton_tests::harness::baton_cli(
-        [
-            "run",
-            "--listen",
-            "http=127.0.0.1:0",
-            "--releases",
-            store.as_str(),
-            "--control",
-            empty.join("c.sock").to_str().unwrap(),
-            "--",
-            "bin/app",
-        ],
-        RELEASE_CLI_TIMEOUT,
-    )
-    .await
-    .unwrap();
+    let run = empty.run_to_exit().await.unwrap();
     assert_eq!(run.status.code(), Some(2), "{run:?}");
     assert!(run.stderr.contains("baton release add"), "{run:?}");
 
