@@ -1,0 +1,88 @@
+//! What the machine needs from the world, and how it is configured.
+
+use std::time::Duration;
+
+use baton_protocol::{SupervisorMsg, UpgradeReport};
+
+use super::probation::Probation;
+use super::{GenId, Image, ProbationOutcome, ReleaseEvent, WaiterId};
+
+/// How to ask a process to go away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kill {
+    /// The configured stop signal (a child without the SDK drains on it).
+    Stop,
+    /// SIGKILL.
+    Now,
+}
+
+/// What baton tells systemd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SdEvent {
+    /// `READY=1` (+ status).
+    Ready,
+    /// `RELOADING=1` (an upgrade started).
+    Reloading,
+    /// `STOPPING=1`.
+    Stopping,
+    /// Only a new `STATUS=`.
+    Status,
+}
+
+/// The world as the machine sees it.
+pub trait Host {
+    /// Starts generation `gen_id` running `image` (`None`: what a plain upgrade
+    /// runs), returning its pid and the image it runs, or why it could not start.
+    fn spawn(&mut self, gen_id: GenId, image: Option<&Image>) -> Result<(u32, Image), String>;
+    /// Signals generation `gen_id` (pid `pid`).
+    fn kill(&mut self, gen_id: GenId, pid: u32, how: Kill);
+    /// Sends a control message to an SDK child.
+    fn send(&mut self, gen_id: GenId, msg: SupervisorMsg);
+    /// Hands the snapshot received from `from` to `to` (a `Restore` message with the
+    /// fd). Returns an error if there is no snapshot to pass.
+    fn pass_snapshot(&mut self, from: GenId, to: GenId) -> Result<(), String>;
+    /// Notifies systemd; `status` is the new `STATUS=` text.
+    fn systemd(&mut self, event: SdEvent, status: &str);
+    /// An upgrade finished; answer these waiters.
+    fn finished(&mut self, report: &mut UpgradeReport, waiters: Vec<WaiterId>);
+    /// baton should exit with this code (after everything has stopped).
+    fn exit(&mut self, code: i32, reason: &str);
+    /// A release changed state (the host persists it).
+    fn release(&mut self, event: ReleaseEvent<'_>);
+    /// A probation ended; answer these waiters.
+    fn probation_over(&mut self, outcome: &ProbationOutcome, waiters: Vec<WaiterId>);
+}
+
+/// How readiness is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadyMode {
+    /// The child sends `READY=1`.
+    Notify,
+    /// The child is ready once it has been alive this long.
+    Delay(Duration),
+}
+
+/// Timeouts and modes.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Readiness mode.
+    pub ready: ReadyMode,
+    /// A candidate must be ready this soon after spawning.
+    pub ready_timeout: Duration,
+    /// A draining generation is SIGKILLed this long after the drain starts.
+    pub drain_timeout: Duration,
+    /// Two-phase stateful upgrades.
+    pub stateful: bool,
+    /// The old generation must deliver its snapshot this soon after quiesce.
+    pub snapshot_timeout: Duration,
+    /// The candidate must restore this soon after it gets the snapshot.
+    pub restore_timeout: Duration,
+    /// First delay before replacing a crashed generation; doubles per crash.
+    pub backoff_min: Duration,
+    /// Cap on that delay.
+    pub backoff_max: Duration,
+    /// How long a newly promoted image stays on probation.
+    pub probation: Probation,
+    /// Consecutive failed health checks that revert a generation on probation.
+    pub health_failures: u32,
+}

@@ -1,0 +1,129 @@
+//! The two-phase stateful upgrade: prepared, quiesce, snapshot, restore (or a
+//! rejection), as the machine sees it.
+
+use std::time::Instant;
+
+use baton_protocol::{Feature, Phase, SupervisorMsg};
+
+use super::{GenId, Host, Machine, Stage, Why, later, ms_f};
+
+impl Machine {
+    /// Stateful candidate: initialised, waiting for state.
+    pub fn on_prepared(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId) {
+        let Some(u) = self.upgrade.as_mut() else {
+            return;
+        };
+        if u.candidate != gen_id || u.stage != Stage::Starting {
+            return;
+        }
+        if let Some(g) = self.gens.get_mut(&gen_id) {
+            g.phase = Phase::Restoring;
+        }
+        let old = self
+            .active
+            .filter(|a| self.gens.get(a).is_some_and(|g| g.has(Feature::State)));
+        match (self.s.stateful, old) {
+            (true, Some(old)) => {
+                u.stage = Stage::Snapshotting;
+                u.stage_deadline = Some(later(now, self.s.snapshot_timeout));
+                u.quiesced = Some(old);
+                u.quiesced_at = Some(now);
+                if let Some(g) = self.gens.get_mut(&old) {
+                    g.phase = Phase::Quiesced;
+                }
+                tracing::info!(generation = old, "quiescing for snapshot");
+                let accept = self.gens.get(&gen_id).and_then(|g| g.restores.clone());
+                host.send(old, SupervisorMsg::Quiesce { accept });
+            }
+            (stateful, _) => {
+                let reason = if !stateful {
+                    "baton runs without --state"
+                } else if u.why == Why::Initial {
+                    "first generation"
+                } else if let Some(lost) = &u.state_lost {
+                    lost.as_str()
+                } else {
+                    "no running generation holds state"
+                };
+                host.send(
+                    gen_id,
+                    SupervisorMsg::Fresh {
+                        reason: reason.to_string(),
+                    },
+                );
+                u.stage = Stage::Restored;
+            }
+        }
+    }
+
+    /// Stateful old generation delivered its snapshot (the driver holds the fd).
+    pub fn on_snapshot(&mut self, host: &mut impl Host, now: Instant, from: GenId, size: u64) {
+        let Some(u) = self.upgrade.as_mut() else {
+            return;
+        };
+        if u.stage != Stage::Snapshotting || u.quiesced != Some(from) {
+            return;
+        }
+        u.snapshot_ms = u.quiesced_at.map(|t| ms_f(now - t));
+        u.snapshot_bytes = Some(size);
+        let to = u.candidate;
+        match host.pass_snapshot(from, to) {
+            Ok(()) => {
+                u.stage = Stage::Restoring;
+                u.stage_deadline = Some(later(now, self.s.restore_timeout));
+                u.restore_sent_at = Some(now);
+            }
+            Err(e) => self.fail(host, now, format!("cannot pass the snapshot: {e}")),
+        }
+    }
+
+    /// Stateful old generation could not write a snapshot.
+    pub fn on_snapshot_failed(
+        &mut self,
+        host: &mut impl Host,
+        now: Instant,
+        from: GenId,
+        why: &str,
+    ) {
+        if self
+            .upgrade
+            .as_ref()
+            .is_some_and(|u| u.quiesced == Some(from))
+        {
+            self.fail(
+                host,
+                now,
+                format!("old generation failed to snapshot: {why}"),
+            );
+        }
+    }
+
+    /// Stateful candidate restored the snapshot.
+    pub fn on_restored(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId) {
+        let Some(u) = self.upgrade.as_mut() else {
+            return;
+        };
+        if u.candidate != gen_id || u.stage != Stage::Restoring {
+            return;
+        }
+        u.restore_ms = u.restore_sent_at.map(|t| ms_f(now - t));
+        u.stage = Stage::Restored;
+        u.stage_deadline = None;
+        // The ready timeout restarts: restoring a large state is not a hang.
+        if let Some(g) = self.gens.get_mut(&gen_id) {
+            if g.ready_by.is_some() {
+                g.ready_by = Some(later(now, self.s.ready_timeout));
+            }
+        }
+        if u.ready_early {
+            self.promote(host, now);
+        }
+    }
+
+    /// Stateful candidate rejected the snapshot.
+    pub fn on_rejected(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId, why: &str) {
+        if self.upgrade.as_ref().is_some_and(|u| u.candidate == gen_id) {
+            self.fail(host, now, format!("candidate rejected the snapshot: {why}"));
+        }
+    }
+}
