@@ -174,7 +174,11 @@ impl Lifecycle {
     }
 
     async fn check_inner(&self, version: &str) -> Result<(Exe, String), String> {
-        let exe = self.open_exe(version)?;
+        // Hashing a large executable must not stall the supervisor's loop.
+        let (lc, v) = (self.clone(), version.to_string());
+        let exe = tokio::task::spawn_blocking(move || lc.open_exe(&v))
+            .await
+            .map_err(|e| format!("checking {version}: {e}"))??;
         exe.check_runs_here()
             .map_err(|why| format!("release {version} cannot run here: {why}"))?;
         let Some(cmd) = &self.inner.preflight else {

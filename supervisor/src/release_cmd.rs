@@ -259,6 +259,8 @@ fn report(json: bool, r: &ReleaseReply) -> anyhow::Result<ExitCode> {
             eprintln!("baton: {version} {what}: {}", r.detail);
         } else if r.detail.is_empty() {
             println!("{version}: {what}");
+        } else if r.result == ReleaseResultKind::Ok {
+            println!("{version}: {}", r.detail);
         } else {
             println!("{version}: {what}: {}", r.detail);
         }

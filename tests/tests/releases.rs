@@ -75,6 +75,11 @@ async fn a_release_that_crashes_on_probation_is_reverted_and_no_connection_is_re
         r.detail.contains("exited during probation") && r.detail.contains("reverted to v1"),
         "{r:?}"
     );
+    let revert = r.upgrade.as_ref().expect("the revert's report");
+    println!(
+        "revert after the crash: v1 ready and promoted {} ms after v2 exited (spawn {:?} ms)",
+        revert.duration_ms, revert.spawn_ms
+    );
     let after = baton.wait_settled(Duration::from_secs(15)).await.unwrap();
     assert_eq!(active_release(&baton).await.unwrap().as_deref(), Some("v1"));
     assert_ne!(after.pid, Some(v1_pid), "a new process of v1");
