@@ -14,6 +14,7 @@ mod migration;
 mod overhead;
 mod report;
 mod restart;
+mod soak;
 mod stateful;
 mod swap;
 mod sys;
@@ -43,7 +44,7 @@ struct Args {
     /// Run only this scenario (repeatable); default: all, in the order listed here.
     #[arg(long = "scenario", value_enum, value_name = "NAME")]
     scenarios: Vec<Scenario>,
-    /// swap-under-load: number of upgrades [quick: 10, full: 100].
+    /// swap-under-load: number of upgrades [quick: 10, full: 100]; soak [quick: 100, full: 1000].
     #[arg(long, value_name = "K")]
     upgrades: Option<usize>,
     /// baseline-restart: number of restarts [default: as many as swap-under-load upgrades].
@@ -86,6 +87,8 @@ enum Scenario {
     Stateful,
     Migration,
     BaselineRestart,
+    /// Not in the default run (it takes minutes): `--scenario soak`.
+    Soak,
 }
 
 /// The release binaries under test, next to this executable.
@@ -127,7 +130,11 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("building the tokio runtime")?;
     let scenarios = if args.scenarios.is_empty() {
-        Scenario::value_variants().to_vec()
+        Scenario::value_variants()
+            .iter()
+            .copied()
+            .filter(|s| *s != Scenario::Soak)
+            .collect()
     } else {
         args.scenarios.clone()
     };
@@ -264,6 +271,19 @@ async fn run(scenario: Scenario, a: &Args, bins: &Bins, nofile: u64) -> Vec<Row>
                 .await,
             )
         }
+        Scenario::Soak => one(
+            "soak",
+            soak::run(
+                bins,
+                &swap::Opts {
+                    upgrades: a.upgrades.unwrap_or(if q { 100 } else { 1000 }),
+                    load,
+                    requests_between,
+                    interval: Duration::ZERO,
+                },
+            )
+            .await,
+        ),
         Scenario::BaselineRestart => one(
             "baseline-restart",
             restart::run(

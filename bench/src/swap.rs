@@ -28,22 +28,47 @@ pub struct Opts {
 
 const SCENARIO: &str = "swap-under-load";
 
+/// baton's figures after one settled upgrade, for trends over a long run.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// baton's open fds.
+    pub fds: f64,
+    /// baton's RSS in KiB.
+    pub rss_kb: f64,
+    /// The upgrade's wall time in ms.
+    pub upgrade_ms: f64,
+}
+
 /// Runs the scenario.
 pub async fn run(bins: &Bins, opts: &Opts) -> anyhow::Result<Row> {
+    run_sampled(bins, opts, SCENARIO).await.map(|(row, _)| row)
+}
+
+/// Runs the scenario under `name`, returning the per-upgrade samples too.
+pub async fn run_sampled(
+    bins: &Bins,
+    opts: &Opts,
+    name: &'static str,
+) -> anyhow::Result<(Row, Vec<Sample>)> {
     let baton = Baton::start(
         ["--listen", "http=127.0.0.1:0", "--drain-timeout", "20s"],
         [bins.hello.as_os_str(), "--label".as_ref(), "bench".as_ref()],
     )
     .await?;
     let control = Control::new(baton.control());
-    let row = measure(&baton, &control, opts)
+    let out = measure(&baton, &control, opts, name)
         .await
         .map_err(|e| with_log(&baton, e))?;
     shutdown(baton).await?;
-    Ok(row)
+    Ok(out)
 }
 
-async fn measure(baton: &Baton, control: &Control, opts: &Opts) -> anyhow::Result<Row> {
+async fn measure(
+    baton: &Baton,
+    control: &Control,
+    opts: &Opts,
+    name: &'static str,
+) -> anyhow::Result<(Row, Vec<Sample>)> {
     let addr = baton.tcp_addr("http").await?;
     let first = control.status().await?;
     let mut rss_kb = first.rss_kb;
@@ -60,6 +85,7 @@ async fn measure(baton: &Baton, control: &Control, opts: &Opts) -> anyhow::Resul
     let mut parts: [Vec<f64>; 3] = Default::default();
     let mut promoted = 0u64;
     let mut rollbacks = Vec::new();
+    let mut samples = Vec::with_capacity(opts.upgrades);
     let mut next = tokio::time::Instant::now();
     for i in 1..=opts.upgrades {
         next += opts.interval;
@@ -95,6 +121,13 @@ async fn measure(baton: &Baton, control: &Control, opts: &Opts) -> anyhow::Resul
         .await?;
         let status = control.wait_settled(Duration::from_secs(30)).await?;
         rss_kb = rss_kb.max(status.rss_kb);
+        samples.push(Sample {
+            fds: baton_tests::harness::proc_fds(baton.pid())
+                .map(|f| f.len() as f64)
+                .unwrap_or(f64::NAN),
+            rss_kb: status.rss_kb as f64,
+            upgrade_ms: took.as_secs_f64() * 1000.0,
+        });
         wait_load(
             &load,
             &format!("upgrade {i}: traffic on generation {}", report.generation),
@@ -107,14 +140,14 @@ async fn measure(baton: &Baton, control: &Control, opts: &Opts) -> anyhow::Resul
                 upgrade = i,
                 of = opts.upgrades,
                 failed = at.failed,
-                "swap-under-load progress"
+                "{name} progress"
             );
         }
     }
     let report = load.stop().await;
     rss_kb = rss_kb.max(control.status().await?.rss_kb);
 
-    let mut row = Row::new(SCENARIO);
+    let mut row = Row::new(name);
     row.set("requests", report.requests)
         .set("failed", report.failed)
         .target("failed", Target::Eq(0.0))
@@ -148,7 +181,7 @@ async fn measure(baton: &Baton, control: &Control, opts: &Opts) -> anyhow::Resul
     for reason in rollbacks.iter().take(3) {
         row.note(format!("rollback: {reason}"));
     }
-    Ok(row)
+    Ok((row, samples))
 }
 
 /// Throughput, latency and failure kinds of a load run, appended after the documented keys.
