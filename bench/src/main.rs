@@ -89,6 +89,8 @@ enum Scenario {
     BaselineRestart,
     /// Not in the default run (it takes minutes): `--scenario soak`.
     Soak,
+    /// Not in the default run either: `--scenario soak-stateful`.
+    SoakStateful,
 }
 
 /// The release binaries under test, next to this executable.
@@ -133,7 +135,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::value_variants()
             .iter()
             .copied()
-            .filter(|s| *s != Scenario::Soak)
+            .filter(|s| !matches!(s, Scenario::Soak | Scenario::SoakStateful))
             .collect()
     } else {
         args.scenarios.clone()
@@ -283,6 +285,10 @@ async fn run(scenario: Scenario, a: &Args, bins: &Bins, nofile: u64) -> Vec<Row>
                 },
             )
             .await,
+        ),
+        Scenario::SoakStateful => one(
+            "soak-stateful",
+            soak::run_stateful(bins, a.upgrades.unwrap_or(if q { 100 } else { 1000 }), 8).await,
         ),
         Scenario::BaselineRestart => one(
             "baseline-restart",
