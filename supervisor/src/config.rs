@@ -99,6 +99,8 @@ pub struct RunConfig {
     pub args: Vec<OsString>,
     /// Releases.
     pub release: ReleaseConfig,
+    /// The fd limit baton started with, for its children (set by `main`).
+    pub child_nofile: Option<(u64, u64)>,
 }
 
 /// The longest duration any setting takes: a year. Longer ones are typos, and
@@ -385,6 +387,7 @@ impl RunConfig {
             program,
             args: command,
             release,
+            child_nofile: None,
         })
     }
 }

@@ -80,13 +80,14 @@ fn init_tracing() {
 
 fn run(args: RunArgs) -> ExitCode {
     init_tracing();
-    let cfg = match config::RunConfig::from_args(args) {
+    let mut cfg = match config::RunConfig::from_args(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("baton: error: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    cfg.child_nofile = sys::raise_nofile();
     let boot = match &cfg.release.store {
         Some(dir) => {
             let program = cfg.program.to_string_lossy();

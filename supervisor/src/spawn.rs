@@ -45,6 +45,9 @@ pub struct SpawnConfig {
     pub args: Vec<OsString>,
     /// Sent to children on baton's death (PR_SET_PDEATHSIG).
     pub death_signal: Signal,
+    /// The fd limit baton started with (soft, hard), restored in children when baton
+    /// raised its own.
+    pub child_nofile: Option<(u64, u64)>,
     /// The children's `NOTIFY_SOCKET`.
     pub notify_path: PathBuf,
     /// baton's environment at startup, minus its own variables.
@@ -145,6 +148,7 @@ pub fn spawn(
         &fds,
         cfg.death_signal,
         cgroup.map(|c| c.procs_fd().as_fd()),
+        cfg.child_nofile,
     )?;
     let mut cmd = tokio::process::Command::new(path);
     cmd.stdin(Stdio::null())

@@ -355,6 +355,26 @@ pub fn kill(pid: u32, sig: nix::sys::signal::Signal) -> io::Result<()> {
     }
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit: baton holds a socket per waiting
+/// control client and per relayed connection, and the usual soft limit of 1024 is far
+/// below that. Returns the limits it started with, which children get back (an app may
+/// use `select()`, which breaks above 1024), or `None` when nothing changed.
+pub fn raise_nofile() -> Option<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    let want = hard.min(1 << 20);
+    if soft >= want {
+        return None;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+        Ok(()) => Some((soft, hard)),
+        Err(e) => {
+            tracing::warn!(soft, hard, error = %e, "cannot raise the fd limit");
+            None
+        }
+    }
+}
+
 /// Whether process `pid` exists (signal 0).
 pub fn pid_alive(pid: u32) -> bool {
     let Ok(p) = i32::try_from(pid) else {
@@ -403,6 +423,8 @@ pub struct ExecPlan {
     max_fd: RawFd,
     /// The generation's `cgroup.procs`, which the child joins before anything else.
     cgroup_procs: Option<RawFd>,
+    /// The fd limit baton started with, restored in the child.
+    nofile: Option<libc::rlimit>,
 }
 
 // SAFETY: the raw pointers point into heap buffers owned by this same struct
@@ -436,6 +458,7 @@ impl ExecPlan {
         fds: &[BorrowedFd<'_>],
         death_signal: nix::sys::signal::Signal,
         cgroup_procs: Option<BorrowedFd<'_>>,
+        nofile: Option<(u64, u64)>,
     ) -> io::Result<Self> {
         let nul = |_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in argument");
         let parent = nix::unistd::getpid().as_raw();
@@ -478,6 +501,10 @@ impl ExecPlan {
                 .map(|(soft, _)| soft.min(65536) as RawFd)
                 .unwrap_or(4096),
             cgroup_procs: cgroup_procs.map(|f| f.as_raw_fd()),
+            nofile: nofile.map(|(soft, hard)| libc::rlimit {
+                rlim_cur: soft as libc::rlim_t,
+                rlim_max: hard as libc::rlim_t,
+            }),
         })
     }
 
@@ -543,6 +570,13 @@ impl ExecPlan {
             for fd in (first + n)..self.max_fd {
                 // SAFETY: fcntl is async-signal-safe; EBADF for unused numbers is fine.
                 unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            }
+        }
+        if let Some(limit) = &self.nofile {
+            // SAFETY: setrlimit is a plain syscall reading one struct owned by `self`;
+            // lowering a soft limit is always allowed.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, limit) } < 0 {
+                return Err(io::Error::last_os_error());
             }
         }
         // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and takes plain integers.

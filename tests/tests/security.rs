@@ -738,3 +738,73 @@ async fn root_defaults_to_run_baton() {
     assert!(exited.success(), "{exited:?}");
     assert!(!sock.exists(), "the socket file is removed on a clean stop");
 }
+
+/// `Max open files` of `pid`: (soft, hard).
+fn nofile(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("no fd limit in /proc/{pid}/limits"));
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (n[0], n[1])
+}
+
+/// baton started with the usual soft fd limit of 1024 raises its own to the hard limit (it
+/// holds a socket per waiting client and per relayed connection), and its children get the
+/// 1024 back (an app may use `select()`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baton_raises_its_fd_limit_and_its_children_keep_the_original() {
+    let _serial = exclusive().await;
+    let (_, hard) = nofile(std::process::id());
+    if hard <= 1024 {
+        eprintln!("skipping: the hard fd limit here is {hard}, nothing to raise to");
+        return;
+    }
+    let dir = TestDir::new("nofile").unwrap();
+    let control = dir.join("baton.sock");
+    let baton = baton_tests::harness::baton_bin().unwrap();
+    let sleep = baton_tests::harness::which("sleep").unwrap();
+    let mut sh = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 1024 && exec '{}' run --control '{}' --listen http=127.0.0.1:0 --ready delay=100ms -- '{}' 1000",
+            baton.display(),
+            control.display(),
+            sleep.display()
+        ))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let baton_pid = sh.id().unwrap();
+    let ctl = control.display().to_string();
+    let deadline = Instant::now() + BOUND;
+    let child = loop {
+        let out = baton_cli(["status", "--json", "--control", ctl.as_str()], BOUND)
+            .await
+            .unwrap();
+        if let Ok(s) = serde_json::from_str::<baton_protocol::Status>(out.stdout.trim()) {
+            if let Some(pid) = s.pid.filter(|_| s.generations.len() == 1) {
+                break pid;
+            }
+        }
+        assert!(Instant::now() < deadline, "baton never got ready: {out:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(nofile(baton_pid).0, hard.min(1 << 20), "baton's soft limit");
+    assert_eq!(nofile(child), (1024, hard), "the generation's limits");
+    let out = baton_cli(["stop", "--control", ctl.as_str()], BOUND)
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let status = tokio::time::timeout(BOUND, sh.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}

@@ -377,6 +377,7 @@ pub async fn run(
             program: cfg.program.clone(),
             args: cfg.args.clone(),
             death_signal: cfg.stop_signal,
+            child_nofile: cfg.child_nofile,
             notify_path: notify_in.path().to_path_buf(),
             base_env: spawn::base_env(),
         },
