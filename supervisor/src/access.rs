@@ -58,7 +58,7 @@ fn trusted_owner(uid: u32, me: u32) -> bool {
 fn check_dir_meta(dir: &Path, m: &std::fs::Metadata, me: u32) -> Result<(), CheckError> {
     if !trusted_owner(m.uid(), me) {
         return Err(CheckError::Unsafe(format!(
-            "refusing {}: it is owned by uid {}, not by uid {me} or root (another user could replace baton's sockets there)",
+            "refusing {}: it is owned by uid {}, not by uid {me} or root (another user could replace what baton keeps there)",
             dir.display(),
             m.uid()
         )));
@@ -66,7 +66,7 @@ fn check_dir_meta(dir: &Path, m: &std::fs::Metadata, me: u32) -> Result<(), Chec
     let mode = m.mode();
     if mode & 0o022 != 0 && mode & STICKY == 0 {
         return Err(CheckError::Unsafe(format!(
-            "refusing {}: mode {:04o} lets other users replace baton's sockets there (chmod go-w, or add the sticky bit)",
+            "refusing {}: mode {:04o} lets other users replace what baton keeps there (chmod go-w, or add the sticky bit)",
             dir.display(),
             mode & 0o7777
         )));

@@ -415,6 +415,20 @@ async fn bad_release_input_gets_one_line_and_harms_nothing() {
     assert_eq!(run.status.code(), Some(2), "{run:?}");
     assert!(run.stderr.contains("baton release add"), "{run:?}");
 
+    // A store other users may write to (symlinks planted for baton's temporary files,
+    // swapped releases): refused by baton and by the CLI.
+    let open = StoreDir::new("rel-open").unwrap();
+    open.add_hello("v1", "", true).await.unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(open.store(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let run = open.run_to_exit().await.unwrap();
+    assert_eq!(run.status.code(), Some(2), "{run:?}");
+    assert!(run.stderr.contains("lets other users replace"), "{run:?}");
+    let out = open.offline(&["list"]).await.unwrap();
+    one_line(&out, "lets other users replace");
+
     // A store that cannot be written (a read-only filesystem; root ignores modes).
     let ro = StoreDir::new("rel-ro").unwrap();
     let dir = ro.store();

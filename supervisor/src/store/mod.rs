@@ -138,6 +138,9 @@ impl Store {
         // Absolute: children get it as BATON_RELEASE_DIR, and checks as {dir}.
         let dir = fs::canonicalize(dir)
             .map_err(|e| err(format!("release store {}: {e}", dir.display())))?;
+        // baton (often root) writes temporary files and execs releases here: a directory
+        // another user could write to would let them plant symlinks or swap files.
+        crate::access::check_dir(&dir).map_err(|e| err(format!("release store: {e}")))?;
         Ok(Store { dir })
     }
 
@@ -228,10 +231,15 @@ impl Store {
         let text = serde_json::to_vec_pretty(meta)
             .map_err(|e| err(format!("cannot encode {}: {e}", path.display())))?;
         let write = || -> io::Result<()> {
+            match fs::remove_file(&tmp) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            // A new file, never one (or a symlink) that is there already.
             let mut f = OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .mode(0o644)
                 .open(&tmp)?;
             f.write_all(&text)?;
@@ -344,6 +352,8 @@ impl Store {
                 }
             } else {
                 let dest = tmp.join(&program);
+                // Ours alone: create_dir fails on anything already there.
+                fs::create_dir(&tmp).map_err(|e| io("cannot unpack", e))?;
                 if let Some(parent) = dest.parent() {
                     fs::create_dir_all(parent).map_err(|e| io("cannot unpack", e))?;
                 }
@@ -587,6 +597,10 @@ mod tests {
         let e = store.add("v1", &dir, false, Some("app")).unwrap_err().0;
         assert!(e.contains("no executable PROGRAM"), "{e}");
         assert!(!store.release_dir("v1").exists());
+        std::fs::set_permissions(t.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let e = Store::open(t.path(), false).unwrap_err().0;
+        assert!(e.contains("lets other users replace"), "{e}");
+        std::fs::set_permissions(t.path(), fs::Permissions::from_mode(0o700)).unwrap();
         fs::write(store.meta_path(), "{not json").unwrap();
         let e = store.read().unwrap_err().0;
         assert!(e.contains("releases.json") && !e.contains('\n'), "{e}");

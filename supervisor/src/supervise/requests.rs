@@ -130,7 +130,15 @@ fn on_release(
     tracing::info!(request = ?r, "release request");
     match r {
         ReleaseRequest::List => match lc.list() {
-            Ok(_) => done(d, reply, None, String::new()),
+            Ok(releases) => {
+                let _ = reply.send(ControlReply::Release(ReleaseReply {
+                    result: ReleaseResultKind::Ok,
+                    version: None,
+                    detail: String::new(),
+                    releases,
+                    upgrade: None,
+                }));
+            }
             Err(e) => error(reply, e),
         },
         ReleaseRequest::Check { version } => {
