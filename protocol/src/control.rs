@@ -20,6 +20,14 @@ pub enum ControlRequest {
     Stop,
     /// A release lifecycle step (needs `baton run --releases`).
     Release(crate::release::ReleaseRequest),
+    /// Re-execute baton's executable in place (same pid, same children). With
+    /// `wait`, the reply comes from the new executable once it supervises, or
+    /// from the old one if it did not take over.
+    Reexec {
+        /// Wait for the outcome.
+        #[serde(default)]
+        wait: bool,
+    },
 }
 
 /// A reply on the control socket.
@@ -36,6 +44,8 @@ pub enum ControlReply {
     Stopping,
     /// Answer to [`ControlRequest::Release`].
     Release(crate::release::ReleaseReply),
+    /// Answer to [`ControlRequest::Reexec`].
+    Reexec(crate::reexec::ReexecReport),
     /// The request could not be served.
     Error {
         /// Why.
@@ -199,4 +209,7 @@ pub struct Status {
     /// The release lifecycle, with `--releases`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub releases: Option<ReleasesStatus>,
+    /// baton's own executable and its reexecs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor: Option<Box<crate::reexec::SupervisorInfo>>,
 }

@@ -4,6 +4,7 @@
 //!   on each child's control socket);
 //! - [`control`]: baton's own control socket (`baton status|upgrade|stop`);
 //! - [`release`]: the release lifecycle (`baton release ...`);
+//! - [`reexec`]: baton re-executing itself in place (`baton reexec`);
 //! - [`wire`]: the framing both use (one JSON object per line, fds as
 //!   `SCM_RIGHTS`), with every received fd owned on every path.
 //!
@@ -22,10 +23,12 @@
 
 pub mod child;
 pub mod control;
+pub mod reexec;
 pub mod release;
 mod sys;
 pub mod wire;
 
 pub use crate::child::*;
 pub use crate::control::*;
+pub use crate::reexec::*;
 pub use crate::release::*;

@@ -289,6 +289,20 @@ impl FrameReader {
         }
     }
 
+    /// A reader that continues where another left off: the bytes of a partial
+    /// line and the fds received with them, from [`FrameReader::into_parts`].
+    pub fn from_parts(bytes: &[u8], fds: Vec<OwnedFd>) -> Self {
+        let mut r = FrameReader::new();
+        r.decoder.push(bytes, fds);
+        r
+    }
+
+    /// What this reader holds that the stream no longer does: buffered bytes
+    /// and the fds not yet claimed by a message (for handing the stream over).
+    pub fn into_parts(self) -> (Vec<u8>, Vec<OwnedFd>) {
+        (self.decoder.buf, self.decoder.fds.into_iter().collect())
+    }
+
     /// The next message; `Ok(None)` at a clean end of stream.
     ///
     /// Cancel-safe: received data is buffered before any await point, so it

@@ -68,6 +68,38 @@ impl Containment {
         }
     }
 
+    /// The cgroups of running generations (id, directory) and of exited ones still
+    /// being emptied, for a reexec.
+    pub fn handover(&self) -> (Vec<(u64, PathBuf)>, Vec<PathBuf>) {
+        let live = self
+            .live
+            .iter()
+            .map(|(id, cg)| (*id, cg.dir.clone()))
+            .collect();
+        let dead = self.dead.iter().map(|cg| cg.dir.clone()).collect();
+        (live, dead)
+    }
+
+    /// Takes over the cgroups a reexec handed over (see [`Containment::handover`]).
+    pub fn adopt(&mut self, live: &[(u64, PathBuf)], dead: &[PathBuf], strays_killed: u64) {
+        self.strays_killed = strays_killed;
+        for (id, dir) in live {
+            match GenCgroup::open(dir.clone()) {
+                Ok(cg) => {
+                    self.live.insert(*id, cg);
+                }
+                Err(e) => {
+                    tracing::warn!(generation = id, error = %e, "cannot reopen the generation's cgroup; containing it by process group only")
+                }
+            }
+        }
+        for dir in dead {
+            if let Ok(cg) = GenCgroup::open(dir.clone()) {
+                self.dead.push(cg);
+            }
+        }
+    }
+
     /// Creates generation `gen_id`'s cgroup, for its spawn to join; `None` when
     /// generations are not contained by cgroup, or this one could not be created.
     pub fn prepare(&mut self, gen_id: u64) -> Option<&GenCgroup> {
@@ -196,6 +228,11 @@ impl GenCgroup {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
+        Self::open(dir)
+    }
+
+    /// Opens the existing cgroup `dir`.
+    fn open(dir: PathBuf) -> io::Result<Self> {
         // std opens close-on-exec: the fd reaches the child's pre-exec hook only.
         let procs = std::fs::OpenOptions::new()
             .write(true)

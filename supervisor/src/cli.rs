@@ -41,6 +41,20 @@ pub enum Command {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Re-execute baton's own executable in place (same as `kill -USR2`): after a
+    /// package upgrade, the new baton takes over the sockets and the running
+    /// generations, which notice nothing.
+    Reexec {
+        /// Wait for the outcome: exit 0 when the new executable supervises, 1 (reason
+        /// on stderr) when the old one carries on.
+        #[arg(long)]
+        wait: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
     /// Drain every generation and stop baton.
     Stop {
         #[command(flatten)]

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use baton_protocol::{ControlReply, ControlRequest, Status, UpgradeResult};
+use baton_protocol::{
+    BatonBuild, ControlReply, ControlRequest, ReexecResult, Status, UpgradeResult,
+};
 
 use crate::{control, sys};
 
@@ -62,6 +64,21 @@ fn print_status(s: &Status) {
         "supervisor: pid {}, rss {} KiB, crashes {}",
         s.supervisor_pid, s.rss_kb, s.crashes
     );
+    if let Some(me) = &s.supervisor {
+        let last = match &me.last_reexec {
+            Some(r) if r.result == ReexecResult::Failed => format!(
+                ", last reexec failed: {}",
+                r.reason.as_deref().unwrap_or("?")
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "baton: {} (build {}), {} reexecs{last}",
+            me.build.version,
+            short(&me.build.build_id),
+            me.reexecs
+        );
+    }
     if !s.containment.is_empty() {
         let strays = if s.strays_killed > 0 {
             format!(", {} stray processes killed", s.strays_killed)
@@ -179,6 +196,50 @@ pub fn upgrade(path: Option<PathBuf>, wait: bool) -> anyhow::Result<ExitCode> {
         }
         other => anyhow::bail!("unexpected reply: {other:?}"),
     }
+}
+
+pub fn reexec(path: Option<PathBuf>, wait: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let ControlReply::Reexec(r) = ask(path, ControlRequest::Reexec { wait }, None)? else {
+        anyhow::bail!("unexpected reply to reexec");
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&r).context("encoding the report")?
+        );
+    }
+    let build = |b: &BatonBuild| format!("{} (build {}, {})", b.version, short(&b.build_id), b.exe);
+    match r.result {
+        ReexecResult::Accepted => {
+            if !json {
+                println!("reexec requested");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ReexecResult::Done => {
+            if !json {
+                println!("re-executed in {:.0} ms", r.duration_ms);
+                println!("  old: {}", build(&r.old));
+                if let Some(n) = &r.new {
+                    println!("  new: {}", build(n));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ReexecResult::Failed => {
+            eprintln!(
+                "baton: reexec failed, {} carries on: {}",
+                build(&r.old),
+                r.reason.as_deref().unwrap_or("unknown reason")
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// Build ids are long; 12 hex digits identify one.
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
 }
 
 pub fn stop(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {

@@ -46,7 +46,7 @@ struct File {
 }
 
 /// Release lifecycle settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ReleaseConfig {
     /// The store (`--releases`), if any.
     pub store: Option<PathBuf>,
@@ -66,8 +66,9 @@ pub struct ReleaseConfig {
     pub keep: Option<usize>,
 }
 
-/// Validated settings for `baton run`.
-#[derive(Debug, Clone)]
+/// Validated settings for `baton run` (carried over whole by a reexec: a new
+/// executable runs with the settings baton started with).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RunConfig {
     /// Listeners to bind or inherit.
     pub listen: Vec<ListenSpec>,
@@ -82,6 +83,7 @@ pub struct RunConfig {
     /// Drain timeout.
     pub drain_timeout: Duration,
     /// Stop signal for children without the SDK.
+    #[serde(with = "signal_number")]
     pub stop_signal: Signal,
     /// Stateful upgrades.
     pub state: bool,
@@ -101,6 +103,21 @@ pub struct RunConfig {
     pub release: ReleaseConfig,
     /// The fd limit baton started with, for its children (set by `main`).
     pub child_nofile: Option<(u64, u64)>,
+}
+
+/// A signal as its number.
+mod signal_number {
+    use nix::sys::signal::Signal;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(s: &Signal, ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_i32(*s as i32)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Signal, D::Error> {
+        let n = i32::deserialize(d)?;
+        Signal::try_from(n).map_err(serde::de::Error::custom)
+    }
 }
 
 /// The longest duration any setting takes: a year. Longer ones are typos, and

@@ -7,6 +7,7 @@
 //! and one that has not sent its request within [`REQUEST_TIMEOUT`] is closed.
 
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -34,6 +35,9 @@ pub struct Incoming {
     pub request: ControlRequest,
     /// Where the answer goes.
     pub reply: oneshot::Sender<ControlReply>,
+    /// The client's connection (a duplicate), so that a reexec can hand a waiting
+    /// client over to the new image.
+    pub conn: Option<OwnedFd>,
 }
 
 /// The listening control socket; the file is removed on drop.
@@ -54,6 +58,25 @@ pub fn default_path() -> PathBuf {
 }
 
 impl ControlServer {
+    /// The socket a reexec handed over, already bound at `path`.
+    ///
+    /// # Errors
+    /// It cannot be registered with the runtime.
+    pub fn from_handover(fd: OwnedFd, path: PathBuf, group: Option<u32>) -> io::Result<Self> {
+        let std = std::os::unix::net::UnixListener::from(fd);
+        std.set_nonblocking(true)?;
+        Ok(ControlServer {
+            listener: UnixListener::from_std(std)?,
+            path,
+            group,
+        })
+    }
+
+    /// The listening socket, its path and group (for a reexec).
+    pub fn parts(&self) -> (BorrowedFd<'_>, &Path, Option<u32>) {
+        (self.listener.as_fd(), &self.path, self.group)
+    }
+
     /// Binds at `path` (creating its directory 0700 if missing, and refusing one
     /// another user controls). A leftover socket nobody answers on is replaced; a
     /// live one is an error. With `group`, members of that group may connect too.
@@ -166,6 +189,7 @@ async fn handle(
     tx: mpsc::Sender<Incoming>,
     mut evicted: oneshot::Receiver<()>,
 ) -> io::Result<()> {
+    let conn = stream.as_fd().try_clone_to_owned().ok();
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let mut r = tokio::io::BufReader::new(r).take_lines_limit();
@@ -185,7 +209,15 @@ async fn handle(
         },
         Ok(request) => {
             let (reply, rx) = oneshot::channel();
-            if tx.send(Incoming { request, reply }).await.is_err() {
+            if tx
+                .send(Incoming {
+                    request,
+                    reply,
+                    conn,
+                })
+                .await
+                .is_err()
+            {
                 return Ok(());
             }
             match rx.await {
@@ -200,6 +232,29 @@ async fn handle(
     out.push(b'\n');
     w.write_all(&out).await?;
     w.shutdown().await
+}
+
+/// Answers a client handed over by a reexec (it sent its request to the image
+/// before): the reply sent on the returned channel is written to `conn`.
+pub fn adopt_waiter(conn: OwnedFd) -> oneshot::Sender<ControlReply> {
+    let (tx, rx) = oneshot::channel::<ControlReply>();
+    tokio::spawn(async move {
+        let Ok(reply) = rx.await else { return };
+        let std = std::os::unix::net::UnixStream::from(conn);
+        if std.set_nonblocking(true).is_err() {
+            return;
+        }
+        let Ok(mut s) = UnixStream::from_std(std) else {
+            return;
+        };
+        let Ok(mut out) = serde_json::to_vec(&reply) else {
+            return;
+        };
+        out.push(b'\n');
+        let _ = s.write_all(&out).await;
+        let _ = s.shutdown().await;
+    });
+    tx
 }
 
 /// Caps a request line at 64 KiB.

@@ -62,6 +62,30 @@ impl Exe {
         })
     }
 
+    /// An executable a reexec handed over, opened by the image before.
+    ///
+    /// # Errors
+    /// The fd is not a regular file.
+    pub fn from_handover(
+        fd: std::os::fd::OwnedFd,
+        path: PathBuf,
+        script: bool,
+        release: Option<(String, PathBuf)>,
+    ) -> Result<Exe, String> {
+        let file = File::from(fd);
+        let m = file.metadata().map_err(|e| e.to_string())?;
+        if !m.is_file() {
+            return Err(format!("{} is not a regular file", path.display()));
+        }
+        Ok(Exe {
+            file,
+            path,
+            script,
+            release,
+            identity: (m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.size()),
+        })
+    }
+
     /// Opens a release's executable and checks it is the one the store recorded.
     ///
     /// # Errors

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use baton_protocol::wire::{self, FrameReader};
 use baton_protocol::{ChildMsg, SupervisorMsg};
 use tokio::net::UnixStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::upgrade::GenId;
 
@@ -46,11 +46,24 @@ pub enum GenEvent {
 /// out, so no child can pin baton's fd table or grow its queues without bound.
 pub const RELAY_SLOTS: usize = 256;
 
-/// An outgoing control message.
-pub struct Outgoing {
-    msg: SupervisorMsg,
-    fds: Vec<OwnedFd>,
-    _slots: Option<OwnedSemaphorePermit>,
+/// An outgoing control message, or a marker acknowledged once everything
+/// queued before it is written.
+enum Outgoing {
+    Msg {
+        msg: SupervisorMsg,
+        fds: Vec<OwnedFd>,
+        _slots: Option<OwnedSemaphorePermit>,
+    },
+    Flushed(oneshot::Sender<()>),
+}
+
+/// How a generation's exit is noticed: its `Child` (spawned by this image), or
+/// a pidfd (adopted from the image before a reexec).
+pub enum ExitWatch {
+    /// Spawned here.
+    Child(tokio::process::Child),
+    /// Adopted.
+    Pidfd(OwnedFd),
 }
 
 /// A running generation as the driver holds it.
@@ -71,15 +84,22 @@ pub struct GenHandle {
     queued: Arc<AtomicUsize>,
     tx: mpsc::UnboundedSender<Outgoing>,
     stream: Arc<UnixStream>,
+    /// Asks the read task to stop and hand its reader back (a reexec).
+    pause: Option<oneshot::Sender<oneshot::Sender<FrameReader>>>,
+    gen_id: GenId,
+    events: mpsc::UnboundedSender<GenEvent>,
+    slots: Arc<Semaphore>,
 }
 
 impl GenHandle {
-    /// Starts the tasks that watch `child` and run its control channel.
+    /// Starts the tasks that watch the process and run its control channel,
+    /// reading on from `reader` (a new one, or one handed over by a reexec).
     pub fn start(
         gen_id: GenId,
-        child: tokio::process::Child,
+        exit: ExitWatch,
         pid: u32,
         control: OwnedFd,
+        reader: FrameReader,
         events: mpsc::UnboundedSender<GenEvent>,
         slots: Arc<Semaphore>,
     ) -> std::io::Result<Self> {
@@ -87,31 +107,74 @@ impl GenHandle {
         std_stream.set_nonblocking(true)?;
         let stream = Arc::new(UnixStream::from_std(std_stream)?);
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(wait_exit(gen_id, child, events.clone()));
-        let queued = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(read_loop(
-            gen_id,
-            stream.clone(),
-            events,
-            slots,
-            Arc::clone(&queued),
-        ));
+        match exit {
+            ExitWatch::Child(child) => {
+                tokio::spawn(wait_exit(gen_id, child, events.clone()));
+            }
+            ExitWatch::Pidfd(fd) => {
+                let fd = crate::sys::async_pidfd(fd)?;
+                tokio::spawn(wait_pidfd(gen_id, fd, events.clone()));
+            }
+        }
         tokio::spawn(write_loop(gen_id, stream.clone(), rx));
         let started_at = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        Ok(GenHandle {
+        let mut h = GenHandle {
             pid,
             started_at,
             connections: None,
             status_text: None,
             snapshot: None,
             ready_deferred: false,
-            queued,
+            queued: Arc::new(AtomicUsize::new(0)),
             tx,
             stream,
-        })
+            pause: None,
+            gen_id,
+            events,
+            slots,
+        };
+        h.resume(reader);
+        Ok(h)
+    }
+
+    /// (Re)starts the read task on `reader`.
+    pub fn resume(&mut self, reader: FrameReader) {
+        let (pause_tx, pause_rx) = oneshot::channel();
+        self.pause = Some(pause_tx);
+        tokio::spawn(read_loop(
+            self.gen_id,
+            reader,
+            self.stream.clone(),
+            self.events.clone(),
+            self.slots.clone(),
+            Arc::clone(&self.queued),
+            pause_rx,
+        ));
+    }
+
+    /// Stops the read task between messages; the receiver gets its reader, with
+    /// whatever it buffered (nothing if the task had already ended).
+    pub fn pause(&mut self) -> oneshot::Receiver<FrameReader> {
+        let (tx, rx) = oneshot::channel();
+        if let Some(p) = self.pause.take() {
+            let _ = p.send(tx);
+        }
+        rx
+    }
+
+    /// Resolves once every message queued so far is written to the child.
+    pub fn flushed(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.tx.send(Outgoing::Flushed(tx));
+        rx
+    }
+
+    /// baton's end of the control socket.
+    pub fn control_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
     }
 
     /// Whether the child has written something baton has not handled yet: bytes still
@@ -146,7 +209,7 @@ impl GenHandle {
         fds: Vec<OwnedFd>,
         slots: Option<OwnedSemaphorePermit>,
     ) {
-        let _ = self.tx.send(Outgoing {
+        let _ = self.tx.send(Outgoing::Msg {
             msg,
             fds,
             _slots: slots,
@@ -162,6 +225,25 @@ async fn wait_exit(
     let how = match child.wait().await {
         Ok(st) => describe(st),
         Err(e) => format!("wait failed: {e}"),
+    };
+    let _ = events.send(GenEvent::Exited { gen_id, how });
+}
+
+/// Waits for an adopted child's exit through its pidfd, and reaps it.
+async fn wait_pidfd(
+    gen_id: GenId,
+    fd: tokio::io::unix::AsyncFd<OwnedFd>,
+    events: mpsc::UnboundedSender<GenEvent>,
+) {
+    let how = loop {
+        match fd.readable().await {
+            Ok(mut guard) => match crate::sys::try_reap_pidfd(fd.get_ref().as_fd()) {
+                Ok(Some(how)) => break how,
+                Ok(None) => guard.clear_ready(),
+                Err(e) => break format!("wait failed: {e}"),
+            },
+            Err(e) => break format!("wait failed: {e}"),
+        }
     };
     let _ = events.send(GenEvent::Exited { gen_id, how });
 }
@@ -183,14 +265,26 @@ pub fn describe(st: std::process::ExitStatus) -> String {
 /// pair fds with lines the same way.
 async fn read_loop(
     gen_id: GenId,
+    mut reader: FrameReader,
     stream: Arc<UnixStream>,
     events: mpsc::UnboundedSender<GenEvent>,
     slots: Arc<Semaphore>,
     queued: Arc<AtomicUsize>,
+    mut pause: oneshot::Receiver<oneshot::Sender<FrameReader>>,
 ) {
-    let mut reader = FrameReader::new();
     loop {
-        let ev = match reader.next(&stream).await {
+        // `next` is cancel-safe: a pause loses nothing it had read.
+        let next = tokio::select! {
+            biased;
+            p = &mut pause => {
+                if let Ok(back) = p {
+                    let _ = back.send(reader);
+                }
+                return;
+            }
+            n = reader.next(&stream) => n,
+        };
+        let ev = match next {
             Ok(None) => return,
             Ok(Some(frame)) => match frame.parse::<ChildMsg>() {
                 Ok(msg) => {
@@ -243,14 +337,22 @@ async fn write_loop(
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) {
     while let Some(out) = rx.recv().await {
-        let Ok(line) = wire::encode(&out.msg) else {
+        // The permit lives until the fds are written out.
+        let (msg, out_fds, _permit) = match out {
+            Outgoing::Msg { msg, fds, _slots } => (msg, fds, _slots),
+            Outgoing::Flushed(ack) => {
+                let _ = ack.send(());
+                continue;
+            }
+        };
+        let Ok(line) = wire::encode(&msg) else {
             continue;
         };
-        let fds: Vec<BorrowedFd<'_>> = out.fds.iter().map(AsFd::as_fd).collect();
+        let fds: Vec<BorrowedFd<'_>> = out_fds.iter().map(AsFd::as_fd).collect();
         if let Err(e) = wire::write_line(&stream, &line, &fds).await {
             tracing::debug!(generation = gen_id, error = %e, "control write failed");
             return;
         }
-        // `out.fds` drop here: the child holds its own copies now.
+        // `out_fds` drop here: the child holds its own copies now.
     }
 }

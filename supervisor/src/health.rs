@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub const MAX_OUTPUT: usize = 4096;
 
 /// `--health`: `exec:CMD` (exit 0 is healthy) or `http://HOST:PORT/PATH` (2xx is).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum HealthCheck {
     /// A command.
     Exec(String),

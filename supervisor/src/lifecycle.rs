@@ -101,6 +101,28 @@ impl Lifecycle {
         ))
     }
 
+    /// Reopens the store of a running baton after a reexec: no boot choice, the
+    /// machine that was handed over knows what runs.
+    ///
+    /// # Errors
+    /// The store is missing or unsafe.
+    pub fn reopen(
+        dir: &std::path::Path,
+        preflight: Option<String>,
+        preflight_timeout: Duration,
+        keep: Option<usize>,
+    ) -> Result<Lifecycle, String> {
+        let store = Store::open(dir, false).map_err(|e| e.0)?;
+        Ok(Lifecycle {
+            inner: Arc::new(Inner {
+                store,
+                preflight,
+                preflight_timeout,
+                keep,
+            }),
+        })
+    }
+
     /// The store's directory.
     pub fn dir(&self) -> PathBuf {
         self.inner.store.dir().to_path_buf()

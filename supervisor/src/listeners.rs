@@ -10,7 +10,7 @@ use baton_protocol::{ENV_LISTEN_FDNAMES, ENV_LISTEN_FDS, ENV_LISTEN_PID, LISTEN_
 use crate::sys::{self, SocketKind};
 
 /// Where a listener listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ListenAddr {
     /// TCP on this address.
     Tcp(SocketAddr),
@@ -28,7 +28,7 @@ impl fmt::Display for ListenAddr {
 }
 
 /// One `--listen NAME=ADDR`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ListenSpec {
     /// The name the child looks the socket up by (`LISTEN_FDNAMES`).
     pub name: String,
@@ -165,6 +165,28 @@ impl Drop for Listener {
 }
 
 impl Listener {
+    /// A listener a reexec handed over, with the socket file baton bound (if any).
+    pub fn from_handover(
+        name: String,
+        addr: ListenAddr,
+        inherited: bool,
+        fd: OwnedFd,
+        bound_file: Option<(PathBuf, (u64, u64))>,
+    ) -> Self {
+        Listener {
+            name,
+            addr,
+            inherited,
+            fd,
+            bound_file,
+        }
+    }
+
+    /// The socket file baton bound, with its (dev, inode).
+    pub fn bound_file(&self) -> Option<&(PathBuf, (u64, u64))> {
+        self.bound_file.as_ref()
+    }
+
     /// The socket.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

@@ -4,6 +4,7 @@ mod access;
 mod cgroup;
 mod cli;
 mod client;
+mod clock;
 mod config;
 mod control;
 mod exe;
@@ -12,6 +13,7 @@ mod health;
 mod lifecycle;
 mod listeners;
 mod notify;
+mod reexec;
 mod release_cmd;
 mod spawn;
 mod store;
@@ -30,6 +32,15 @@ use crate::cli::{Cli, Command, RunArgs};
 const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
+    // A baton re-executing itself runs this executable: first to ask what it is,
+    // then to take over.
+    if std::env::var_os(reexec::ENV_PROBE).is_some() {
+        return reexec::answer_probe();
+    }
+    if let Some(fd) = std::env::var_os(reexec::ENV_STATE) {
+        init_tracing();
+        return take_over(&fd);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -57,6 +68,11 @@ fn main() -> ExitCode {
         Command::Upgrade { wait, control } => {
             client::run(|| client::upgrade(control.control, wait))
         }
+        Command::Reexec {
+            wait,
+            json,
+            control,
+        } => client::run(|| client::reexec(control.control, wait, json)),
         Command::Stop { control } => client::run(|| client::stop(control.control)),
         Command::Release(args) => client::run(|| release_cmd::run(args)),
     }
@@ -139,11 +155,92 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(supervise::run(cfg, listeners, sd, boot)) {
+    let me = reexec::state::SelfOver {
+        exe_path: std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| "/proc/self/exe".into()),
+        argv: std::env::args_os().collect(),
+        started_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        reexecs: 0,
+        last_reexec: None,
+    };
+    match rt.block_on(supervise::run(cfg, listeners, sd, boot, me)) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             eprintln!("baton: error: {e}");
             ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+/// This image was exec'd by a baton handing itself over: take over, or exec the
+/// previous executable back when this one cannot.
+fn take_over(fd: &std::ffi::OsStr) -> ExitCode {
+    let fd: i32 = match fd.to_str().and_then(|s| s.parse().ok()) {
+        Some(fd) => fd,
+        None => {
+            eprintln!("baton: error: {} is not an fd number", reexec::ENV_STATE);
+            return ExitCode::FAILURE;
+        }
+    };
+    let (memfd, data) = match sys::take_sealed_memfd(fd) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("baton: error: cannot read the hand-over: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let failed = std::env::var(reexec::ENV_FAILED).ok();
+    let prev = std::env::var(reexec::ENV_PREV)
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok())
+        .and_then(|p| sys::take_handed_fd(p).ok());
+    let checked = reexec::HandOver::decode(&data).and_then(|state| {
+        if failed.is_none() && std::env::var("BATON_FAULT").as_deref() == Ok("reexec-takeover") {
+            return Err("fault injected (BATON_FAULT=reexec-takeover)".into());
+        }
+        reexec::check_takeover(&state)?;
+        Ok(state)
+    });
+    let state = match checked {
+        Ok(s) => s,
+        Err(why) => {
+            tracing::error!(reason = %why, "cannot take over from the previous baton");
+            let Some(prev) = prev.filter(|_| failed.is_none()) else {
+                eprintln!("baton: error: cannot take over: {why}");
+                return ExitCode::FAILURE;
+            };
+            let fds = reexec::HandOver::decode(&data)
+                .map(|s| s.fds())
+                .unwrap_or_default();
+            let argv: Vec<_> = std::env::args_os().collect();
+            let err = reexec::exec_back(prev, &memfd, &fds, &argv, &why);
+            eprintln!("baton: error: cannot take over ({why}), and {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    drop(prev);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("baton: error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let inherited = supervise::Inherited {
+        state,
+        memfd,
+        failed,
+    };
+    match rt.block_on(supervise::resume(inherited)) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("baton: error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

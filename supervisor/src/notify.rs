@@ -39,6 +39,24 @@ impl NotifyIn {
         })
     }
 
+    /// The socket a reexec handed over, bound at `path`.
+    ///
+    /// # Errors
+    /// It cannot be registered with the runtime.
+    pub fn from_handover(fd: std::os::fd::OwnedFd, path: PathBuf) -> io::Result<Self> {
+        let std = std::os::unix::net::UnixDatagram::from(fd);
+        std.set_nonblocking(true)?;
+        Ok(NotifyIn {
+            sock: UnixDatagram::from_std(std)?,
+            path,
+        })
+    }
+
+    /// The socket (for a reexec).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path

@@ -20,7 +20,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use baton_protocol::{ControlReply, Phase, Status, UpgradeReport};
+use baton_protocol::{ControlReply, Phase, ReexecReport, Status, UpgradeReport};
 pub use nix::sys::signal::Signal;
 
 use crate::sys;
@@ -363,13 +363,32 @@ impl Baton {
         P: IntoIterator,
         P::Item: AsRef<OsStr>,
     {
+        Self::spawn_with(&baton_bin()?, &[], dir, args, program)
+    }
+
+    /// Spawns `exe run ...` (a baton executable of the test's own, say a copy it
+    /// will replace) with extra environment variables, without waiting.
+    pub fn spawn_with<A, P>(
+        exe: &Path,
+        env: &[(&str, &str)],
+        dir: TestDir,
+        args: A,
+        program: P,
+    ) -> Result<Self>
+    where
+        A: IntoIterator,
+        A::Item: AsRef<OsStr>,
+        P: IntoIterator,
+        P::Item: AsRef<OsStr>,
+    {
         let control = dir.join("baton.sock");
         let log = dir.join("baton.log");
         let stderr = fs::File::create(&log).map_err(io_err(format!("create {}", log.display())))?;
         let stdout = stderr
             .try_clone()
             .map_err(io_err("dup the log file for stdout"))?;
-        let mut cmd = std::process::Command::new(baton_bin()?);
+        let mut cmd = std::process::Command::new(exe);
+        cmd.envs(env.iter().copied());
         cmd.arg("run").arg("--control").arg(&control);
         cmd.args(args);
         cmd.arg("--");
@@ -432,6 +451,20 @@ impl Baton {
         all.push("--control".into());
         all.push(self.control.clone().into_os_string());
         baton_cli(all, timeout).await
+    }
+
+    /// `baton reexec --wait --json`: whether it exited 0, and the report it printed.
+    pub async fn reexec_wait(&self) -> Result<(bool, ReexecReport)> {
+        let out = self
+            .cli(&["reexec", "--wait", "--json"], Duration::from_secs(60))
+            .await?;
+        let report = serde_json::from_str(out.stdout.trim()).map_err(|e| {
+            HarnessError::Setup(format!(
+                "reexec --wait printed no report ({e}): {out:?}; log tail:\n{}",
+                self.log_tail(40)
+            ))
+        })?;
+        Ok((out.status.success(), report))
     }
 
     /// `baton status --json`, parsed.

@@ -339,6 +339,24 @@ impl IncrWriter {
     }
 }
 
+/// Waits until every writer acknowledged `at_least` (bounded by 20 s).
+///
+/// # Errors
+/// A writer broke, or they stalled.
+pub async fn progress(writers: &[IncrWriter], at_least: i64) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while writers.iter().any(|w| w.last() < at_least) {
+        if let Some(w) = writers.iter().find(|w| w.broken()) {
+            return Err(format!("writer {} broke", w.key()));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!("writers stalled below {at_least}"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

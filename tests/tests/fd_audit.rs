@@ -285,3 +285,52 @@ async fn releases_exec_by_fd_binary_and_script_leave_no_fd_behind() {
         assert!(exe.ends_with("sleep") || exe.starts_with(&dir), "{exe:?}");
     }
 }
+
+/// After `baton reexec` every fd baton handed over is close-on-exec again, the
+/// hand-over memfd is gone, and the next generation gets exactly what the first did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reexec_leaves_no_fd_inheritable_and_the_next_generation_clean() {
+    const O_CLOEXEC: u32 = 0o2000000;
+    let _serial = exclusive().await;
+    let dir = TestDir::new("fds-reexec").unwrap();
+    let unix_path = dir.join("app.sock");
+    let baton = start_sleep(dir, &unix_path).await;
+    let inheritable = |pid: u32| -> BTreeSet<i32> {
+        proc_fds(pid)
+            .unwrap()
+            .keys()
+            .copied()
+            .filter(|fd| *fd > 2 && proc_fd_flags(pid, *fd).is_ok_and(|f| f & O_CLOEXEC == 0))
+            .collect()
+    };
+    // Whatever baton's own parent leaked into it stays as it was.
+    let leaked = inheritable(baton.pid());
+    let out = baton
+        .cli(&["reexec", "--wait"], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        inheritable(baton.pid()),
+        leaked,
+        "{:#?}",
+        proc_fds(baton.pid())
+    );
+    let fds = proc_fds(baton.pid()).unwrap();
+    assert!(
+        !fds.values().any(|t| t.contains("memfd:")),
+        "the hand-over memfd is still open: {fds:#?}"
+    );
+    let promoted = match baton.upgrade_wait().await.unwrap() {
+        UpgradeOutcome::Promoted(r) => r,
+        UpgradeOutcome::RolledBack { message } => panic!("upgrade rolled back: {message}"),
+    };
+    let status = baton.status().await.unwrap();
+    assert_eq!(status.pid, promoted.pid);
+    audit(
+        baton.pid(),
+        status.pid.unwrap(),
+        status.generation,
+        &unix_path,
+    );
+}

@@ -465,7 +465,7 @@ async fn bad_release_input_gets_one_line_and_harms_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stateful_revert_hands_the_state_down_to_the_old_schema() {
-    use baton_tests::resp::{IncrWriter, Reply, RespClient};
+    use baton_tests::resp::{IncrWriter, Reply, RespClient, progress};
     const WRITERS: usize = 8;
     let _serial = exclusive().await;
     let (s, baton) = kv_store_and_baton("rel-kv").await;
@@ -482,7 +482,7 @@ async fn a_stateful_revert_hands_the_state_down_to_the_old_schema() {
     for i in 0..WRITERS {
         writers.push(IncrWriter::start(addr, format!("w:{i}")).await.unwrap());
     }
-    progress(&writers, 100).await;
+    progress(&writers, 100).await.unwrap();
 
     let out = release(&baton, &["install", "kv2", "--promoted"], INSTALL_TIMEOUT)
         .await
@@ -495,7 +495,7 @@ async fn a_stateful_revert_hands_the_state_down_to_the_old_schema() {
     );
     // Writes acknowledged by v2.
     let mark = writers.iter().map(IncrWriter::last).max().unwrap_or(0);
-    progress(&writers, mark + 200).await;
+    progress(&writers, mark + 200).await.unwrap();
     let r = c
         .command(&["SET", "v2:key", "written on v2"])
         .await
@@ -515,7 +515,7 @@ async fn a_stateful_revert_hands_the_state_down_to_the_old_schema() {
         .await
         .unwrap();
     let mark = writers.iter().map(IncrWriter::last).max().unwrap_or(0);
-    progress(&writers, mark + 200).await;
+    progress(&writers, mark + 200).await.unwrap();
     assert!(
         baton.log().contains("writing schema 1"),
         "no down-migration in the log"
@@ -562,16 +562,6 @@ async fn a_stateful_revert_hands_the_state_down_to_the_old_schema() {
         reverted.last_upgrade
     );
     println!("writers: {finals:?}");
-}
-
-/// Waits until every writer acknowledged `at_least`, failing if one broke.
-async fn progress(writers: &[baton_tests::resp::IncrWriter], at_least: i64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while writers.iter().any(|w| w.last() < at_least) {
-        assert!(writers.iter().all(|w| !w.broken()), "a writer broke");
-        assert!(std::time::Instant::now() < deadline, "writers stalled");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// kv1 (schema 1, permanent) and kv2 (schema 2) in a store; baton runs kv1 with

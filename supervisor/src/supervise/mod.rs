@@ -1,16 +1,17 @@
 //! The driver: real processes, sockets, signals and time around the pure machine.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use baton_protocol::{
-    ControlReply, ReleaseReply, ReleaseResultKind, SupervisorMsg, UpgradeReport, UpgradeResult,
-    WaitFor,
+    BatonBuild, ControlReply, ReleaseReply, ReleaseResultKind, SupervisorMsg, UpgradeReport,
+    UpgradeResult, WaitFor,
 };
 use futures_util::StreamExt;
 use nix::sys::signal::Signal;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -22,6 +23,7 @@ use crate::generation::{GenEvent, GenHandle};
 use crate::lifecycle::{Boot, Lifecycle};
 use crate::listeners::{ListenAddr, Listener};
 use crate::notify::{self, NotifyIn, SystemdOut};
+use crate::reexec::state::{SelfOver, WaitKind};
 use crate::spawn::{self, SpawnConfig};
 use crate::sys;
 use crate::upgrade::{
@@ -29,7 +31,10 @@ use crate::upgrade::{
 };
 
 mod child;
+mod reexec;
 mod requests;
+
+pub use reexec::{Inherited, resume};
 
 use child::{on_gen_event, on_notify};
 use requests::{on_checked, on_control};
@@ -82,13 +87,22 @@ struct Driver {
     loop_tx: mpsc::UnboundedSender<LoopEvent>,
     /// A health check is running.
     health_running: bool,
+    /// baton itself: its path, command line, and reexecs so far.
+    me: SelfOver,
+    /// The executable running now.
+    build: BatonBuild,
+    /// A reexec asked for and not done yet.
+    reexec: Option<reexec::Pending>,
+    /// The listeners went to systemd's fd store.
+    fd_stored: bool,
 }
 
 /// Someone waiting on the control socket for an outcome.
 struct Waiter {
     tx: oneshot::Sender<ControlReply>,
-    /// The release being installed (a `release` request), else a plain upgrade.
-    release: Option<String>,
+    kind: WaitKind,
+    /// The client's connection, for handing it over in a reexec.
+    conn: Option<OwnedFd>,
 }
 
 /// Work finished off the main loop.
@@ -99,7 +113,10 @@ enum LoopEvent {
         result: Result<Exe, String>,
         reply: oneshot::Sender<ControlReply>,
         wait: WaitFor,
+        conn: Option<OwnedFd>,
     },
+    /// The new executable of a reexec answered its probe (or not).
+    Probed(Result<(Exe, BatonBuild), String>),
     /// A health check of a generation on probation finished.
     Health {
         gen_id: GenId,
@@ -111,11 +128,12 @@ impl Driver {
     fn add_waiter(
         &mut self,
         tx: oneshot::Sender<ControlReply>,
-        release: Option<String>,
+        kind: WaitKind,
+        conn: Option<OwnedFd>,
     ) -> WaiterId {
         let id = self.next_waiter;
         self.next_waiter += 1;
-        self.waiters.insert(id, Waiter { tx, release });
+        self.waiters.insert(id, Waiter { tx, kind, conn });
         id
     }
 
@@ -206,9 +224,10 @@ impl Host for Driver {
         self.last_spawn = t.elapsed();
         let h = GenHandle::start(
             gen_id,
-            s.child,
+            crate::generation::ExitWatch::Child(s.child),
             s.pid,
             s.control,
+            baton_protocol::wire::FrameReader::new(),
             self.events.clone(),
             self.relay_slots.clone(),
         )
@@ -271,9 +290,9 @@ impl Host for Driver {
             let Some(waiter) = self.waiters.remove(&w) else {
                 continue;
             };
-            let reply = match waiter.release {
-                None => ControlReply::Upgrade(report.clone()),
-                Some(version) => {
+            let reply = match waiter.kind {
+                WaitKind::Upgrade | WaitKind::Reexec => ControlReply::Upgrade(report.clone()),
+                WaitKind::Release(version) => {
                     let promoted = report.result == UpgradeResult::Promoted;
                     ControlReply::Release(self.with_list(ReleaseReply {
                         result: if promoted {
@@ -316,38 +335,17 @@ impl Host for Driver {
     }
 }
 
-/// Runs the supervisor until it is stopped; returns the exit code.
-///
-/// # Errors
-/// [`RunError`] if the control socket, notify socket or signal handlers cannot be set up.
-pub async fn run(
-    cfg: RunConfig,
-    listeners: Vec<Listener>,
-    sd: SystemdOut,
-    boot: Option<(Lifecycle, Boot)>,
-) -> Result<i32, RunError> {
-    let mut signals =
-        signal_hook_tokio::Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(RunError::Signals)?;
-    let control = ControlServer::bind(&cfg.control, cfg.control_group)
-        .map_err(|e| RunError::Setup(e.to_string()))?;
-    let mut notify_path = cfg.control.clone().into_os_string();
-    notify_path.push(".notify");
-    let notify_in = NotifyIn::bind(&PathBuf::from(notify_path))
-        .map_err(|e| RunError::Setup(format!("notify socket: {e}")))?;
+/// The supervisor's sockets and the receiving ends of its channels.
+struct Io {
+    control: ControlServer,
+    notify_in: NotifyIn,
+    ev_rx: mpsc::UnboundedReceiver<GenEvent>,
+    loop_rx: mpsc::UnboundedReceiver<LoopEvent>,
+}
 
-    // Park the listeners we bound in systemd's fd store: a crash of baton loses no socket.
-    if sd.enabled() {
-        for l in listeners.iter().filter(|l| !l.inherited) {
-            sd.send_fds(&format!("FDSTORE=1\nFDNAME={}", l.name), &[l.fd()]);
-        }
-    }
-    for l in &listeners {
-        tracing::info!(name = %l.name, addr = %l.addr, inherited = l.inherited, "listening");
-    }
-
-    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Incoming>(64);
-    let settings = Settings {
+/// The machine's settings from the configuration.
+fn settings(cfg: &RunConfig) -> Settings {
+    Settings {
         ready: cfg.ready,
         ready_timeout: cfg.ready_timeout,
         drain_timeout: cfg.drain_timeout,
@@ -358,9 +356,91 @@ pub async fn run(
         backoff_max: Duration::from_secs(10),
         probation: cfg.release.probation,
         health_failures: cfg.release.health_failures,
-    };
-    let (loop_tx, mut loop_rx) = mpsc::unbounded_channel();
-    let mut m = Machine::new(settings);
+    }
+}
+
+/// Everything a driver starts from, fresh or handed over.
+struct DriverParts {
+    listeners: Vec<Listener>,
+    sd: SystemdOut,
+    notify_path: PathBuf,
+    lifecycle: Option<Lifecycle>,
+    boot_note: String,
+    images: HashMap<Image, Exe>,
+    me: SelfOver,
+}
+
+impl Driver {
+    fn new(
+        cfg: &RunConfig,
+        p: DriverParts,
+    ) -> (
+        Driver,
+        mpsc::UnboundedReceiver<GenEvent>,
+        mpsc::UnboundedReceiver<LoopEvent>,
+    ) {
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let (loop_tx, loop_rx) = mpsc::unbounded_channel();
+        let build = crate::reexec::own_build(&p.me.exe_path);
+        let d = Driver {
+            spawn_cfg: SpawnConfig {
+                program: cfg.program.clone(),
+                args: cfg.args.clone(),
+                death_signal: cfg.stop_signal,
+                child_nofile: cfg.child_nofile,
+                notify_path: p.notify_path,
+                base_env: spawn::base_env(),
+            },
+            listeners: p.listeners,
+            stop_signal: cfg.stop_signal,
+            handles: HashMap::new(),
+            events: ev_tx,
+            waiters: HashMap::new(),
+            next_waiter: 1,
+            sd: p.sd,
+            exit: None,
+            last_cgroup: Duration::ZERO,
+            last_spawn: Duration::ZERO,
+            ready_received: None,
+            strangers: HashMap::new(),
+            relay_slots: Arc::new(Semaphore::new(crate::generation::RELAY_SLOTS)),
+            containment: Containment::detect(),
+            images: p.images,
+            next_exe: 0,
+            lifecycle: p.lifecycle,
+            boot_note: p.boot_note,
+            in_use: Vec::new(),
+            loop_tx,
+            health_running: false,
+            me: p.me,
+            build,
+            reexec: None,
+            fd_stored: false,
+        };
+        (d, ev_rx, loop_rx)
+    }
+}
+
+/// Runs the supervisor until it is stopped; returns the exit code.
+///
+/// # Errors
+/// [`RunError`] if the control socket, notify socket or signal handlers cannot be set up.
+pub async fn run(
+    cfg: RunConfig,
+    listeners: Vec<Listener>,
+    sd: SystemdOut,
+    boot: Option<(Lifecycle, Boot)>,
+    me: SelfOver,
+) -> Result<i32, RunError> {
+    let signals = signals()?;
+    let control = ControlServer::bind(&cfg.control, cfg.control_group)
+        .map_err(|e| RunError::Setup(e.to_string()))?;
+    let mut notify_path = cfg.control.clone().into_os_string();
+    notify_path.push(".notify");
+    let notify_in = NotifyIn::bind(&PathBuf::from(notify_path))
+        .map_err(|e| RunError::Setup(format!("notify socket: {e}")))?;
+
+    let mut m = Machine::new(settings(&cfg));
     let mut images = HashMap::new();
     let (lifecycle, boot_note) = match boot {
         Some((lc, boot)) => {
@@ -371,38 +451,63 @@ pub async fn run(
         }
         None => (None, String::new()),
     };
-    let watchdog = sd.watchdog_interval();
-    let mut d = Driver {
-        spawn_cfg: SpawnConfig {
-            program: cfg.program.clone(),
-            args: cfg.args.clone(),
-            death_signal: cfg.stop_signal,
-            child_nofile: cfg.child_nofile,
-            notify_path: notify_in.path().to_path_buf(),
-            base_env: spawn::base_env(),
-        },
+    let parts = DriverParts {
         listeners,
-        stop_signal: cfg.stop_signal,
-        handles: HashMap::new(),
-        events: ev_tx,
-        waiters: HashMap::new(),
-        next_waiter: 1,
         sd,
-        exit: None,
-        last_cgroup: Duration::ZERO,
-        last_spawn: Duration::ZERO,
-        ready_received: None,
-        strangers: HashMap::new(),
-        relay_slots: Arc::new(Semaphore::new(crate::generation::RELAY_SLOTS)),
-        containment: Containment::detect(),
-        images,
-        next_exe: 0,
+        notify_path: notify_in.path().to_path_buf(),
         lifecycle,
         boot_note,
-        in_use: Vec::new(),
-        loop_tx,
-        health_running: false,
+        images,
+        me,
     };
+    let (mut d, ev_rx, loop_rx) = Driver::new(&cfg, parts);
+    // Park the listeners we bound in systemd's fd store: a crash of baton loses no socket.
+    if d.sd.enabled() {
+        for l in d.listeners.iter().filter(|l| !l.inherited) {
+            d.sd.send_fds(&format!("FDSTORE=1\nFDNAME={}", l.name), &[l.fd()]);
+        }
+        d.fd_stored = true;
+    }
+    for l in &d.listeners {
+        tracing::info!(name = %l.name, addr = %l.addr, inherited = l.inherited, "listening");
+    }
+    m.start(&mut d, Instant::now());
+    let io = Io {
+        control,
+        notify_in,
+        ev_rx,
+        loop_rx,
+    };
+    Ok(serve(&cfg, m, d, io, signals).await)
+}
+
+type Signals = signal_hook_tokio::Signals;
+
+/// baton's signal handlers. Then the signals a reexec held back (blocked across
+/// the exec) are let through, to be handled now.
+fn signals() -> Result<Signals, RunError> {
+    let s = signal_hook_tokio::Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR2])
+        .map_err(RunError::Signals)?;
+    sys::hold_signals(false).map_err(RunError::Signals)?;
+    Ok(s)
+}
+
+/// The main loop, until baton exits; returns the exit code.
+async fn serve(
+    cfg: &RunConfig,
+    mut m: Machine,
+    mut d: Driver,
+    io: Io,
+    mut signals: Signals,
+) -> i32 {
+    let Io {
+        control,
+        notify_in,
+        mut ev_rx,
+        mut loop_rx,
+    } = io;
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Incoming>(64);
+    let watchdog = d.sd.watchdog_interval();
     let mut health_timer = tokio::time::interval(cfg.release.health_interval);
     health_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let serve = control.serve(ctl_tx);
@@ -414,8 +519,11 @@ pub async fn run(
     );
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    m.start(&mut d, Instant::now());
     while d.exit.is_none() {
+        if reexec::due(&m, &d) {
+            reexec::perform(&mut m, &mut d, &mut ev_rx, &control, &notify_in, cfg).await;
+            continue;
+        }
         let deadline = m.next_deadline();
         let sleep = async {
             match deadline {
@@ -431,6 +539,10 @@ pub async fn run(
                     tracing::info!("SIGHUP: upgrade requested");
                     m.request_upgrade(&mut d, Instant::now(), None);
                 }
+                SIGUSR2 => {
+                    tracing::info!("SIGUSR2: reexec requested");
+                    reexec::request(&mut m, &mut d, None);
+                }
                 _ => {
                     tracing::info!(signal = sig, "stopping: draining every generation");
                     m.request_stop(&mut d, Instant::now());
@@ -443,17 +555,18 @@ pub async fn run(
             },
             Some(req) = ctl_rx.recv() => on_control(&mut m, &mut d, req),
             Some(ev) = loop_rx.recv() => match ev {
-                LoopEvent::Checked { version, result, reply, wait } => {
-                    on_checked(&mut m, &mut d, version, result, reply, wait);
+                LoopEvent::Checked { version, result, reply, wait, conn } => {
+                    on_checked(&mut m, &mut d, version, result, reply, wait, conn);
                 }
                 LoopEvent::Health { gen_id, result } => {
                     d.health_running = false;
                     let detail = result.as_ref().err().cloned().unwrap_or_default();
                     m.on_health(&mut d, Instant::now(), gen_id, result.is_ok(), &detail);
                 }
+                LoopEvent::Probed(result) => reexec::on_probed(&mut m, &mut d, result),
             },
             _ = health_timer.tick(), if cfg.release.health.is_some() => {
-                start_health_check(&m, &mut d, &cfg);
+                start_health_check(&m, &mut d, cfg);
             }
             _ = sleep => m.tick(&mut d, Instant::now()),
             _ = housekeeping.tick() => {
@@ -492,7 +605,7 @@ pub async fn run(
         tracing::error!("{reason}");
         eprintln!("baton: error: {reason}");
     }
-    Ok(code)
+    code
 }
 
 /// Starts a health check of the generation on probation, unless one runs.

@@ -11,7 +11,9 @@ use tokio::sync::oneshot;
 use super::{Driver, LoopEvent};
 use crate::control::Incoming;
 use crate::exe::Exe;
+use crate::reexec::state::WaitKind;
 use crate::upgrade::{Machine, Waiters};
+use std::os::fd::OwnedFd;
 
 fn rss_kb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -72,11 +74,13 @@ pub(super) fn status(m: &Machine, d: &Driver) -> Status {
                 boot: d.boot_note.clone(),
             }
         }),
+        supervisor: Some(Box::new(d.supervisor_info())),
     }
 }
 
 pub(super) fn on_control(m: &mut Machine, d: &mut Driver, req: Incoming) {
     let now = Instant::now();
+    let conn = req.conn;
     match req.request {
         ControlRequest::Status => {
             let _ = req.reply.send(ControlReply::Status(status(m, d)));
@@ -84,7 +88,7 @@ pub(super) fn on_control(m: &mut Machine, d: &mut Driver, req: Incoming) {
         ControlRequest::Upgrade { wait } => {
             tracing::info!(wait, "upgrade requested on the control socket");
             if wait {
-                let id = d.add_waiter(req.reply, None);
+                let id = d.add_waiter(req.reply, WaitKind::Upgrade, conn);
                 m.request_upgrade(d, now, Some(id));
             } else {
                 let _ = req.reply.send(ControlReply::Queued);
@@ -95,7 +99,17 @@ pub(super) fn on_control(m: &mut Machine, d: &mut Driver, req: Incoming) {
             let _ = req.reply.send(ControlReply::Stopping);
             m.request_stop(d, now);
         }
-        ControlRequest::Release(r) => on_release(m, d, r, req.reply),
+        ControlRequest::Release(r) => on_release(m, d, r, req.reply, conn),
+        ControlRequest::Reexec { wait } => {
+            tracing::info!(wait, "reexec requested on the control socket");
+            let waiter = if wait {
+                Some(d.add_waiter(req.reply, WaitKind::Reexec, conn))
+            } else {
+                let _ = req.reply.send(ControlReply::Reexec(d.accepted_reexec()));
+                None
+            };
+            super::reexec::request(m, d, waiter);
+        }
     }
 }
 
@@ -119,6 +133,7 @@ fn on_release(
     d: &mut Driver,
     r: ReleaseRequest,
     reply: oneshot::Sender<ControlReply>,
+    conn: Option<OwnedFd>,
 ) {
     let Some(lc) = d.lifecycle.clone() else {
         return error(
@@ -156,7 +171,7 @@ fn on_release(
                 let _ = reply.send(msg);
             });
         }
-        ReleaseRequest::Install { version, wait } => install(m, d, version, wait, reply),
+        ReleaseRequest::Install { version, wait } => install(m, d, version, wait, reply, conn),
         ReleaseRequest::Permanent { version } => match m.make_permanent(d, now, &version) {
             Ok(()) => done(d, reply, Some(version), String::new()),
             Err(e) => error(reply, e),
@@ -167,7 +182,8 @@ fn on_release(
                 let (waiter, reply) = if wait == WaitFor::Nothing {
                     (None, Some(reply))
                 } else {
-                    (Some(d.add_waiter(reply, version.clone())), None)
+                    let kind = WaitKind::Release(version.clone().unwrap_or_default());
+                    (Some(d.add_waiter(reply, kind, conn)), None)
                 };
                 match m.rollback(d, now, waiter) {
                     Ok(()) => {
@@ -189,7 +205,7 @@ fn on_release(
             }
             let previous = lc.meta().ok().and_then(|meta| meta.previous_permanent);
             match previous {
-                Some(v) => install(m, d, v, wait, reply),
+                Some(v) => install(m, d, v, wait, reply, conn),
                 None => error(
                     reply,
                     "nothing to roll back to: no release is on probation and none was permanent before the permanent one".into(),
@@ -214,6 +230,7 @@ fn install(
     version: String,
     wait: WaitFor,
     reply: oneshot::Sender<ControlReply>,
+    conn: Option<OwnedFd>,
 ) {
     let Some(lc) = d.lifecycle.clone() else {
         return;
@@ -248,6 +265,7 @@ fn install(
             result,
             reply,
             wait,
+            conn,
         });
     });
 }
@@ -260,6 +278,7 @@ pub(super) fn on_checked(
     result: Result<Exe, String>,
     reply: oneshot::Sender<ControlReply>,
     wait: WaitFor,
+    conn: Option<OwnedFd>,
 ) {
     let exe = match result {
         Ok(exe) => exe,
@@ -269,7 +288,7 @@ pub(super) fn on_checked(
     let (waiters, reply) = match wait {
         WaitFor::Nothing => (Waiters::default(), Some(reply)),
         WaitFor::Promoted => {
-            let id = d.add_waiter(reply, Some(version.clone()));
+            let id = d.add_waiter(reply, WaitKind::Release(version.clone()), conn);
             (
                 Waiters {
                     promoted: vec![id],
@@ -279,7 +298,7 @@ pub(super) fn on_checked(
             )
         }
         WaitFor::Permanent => {
-            let id = d.add_waiter(reply, Some(version.clone()));
+            let id = d.add_waiter(reply, WaitKind::Release(version.clone()), conn);
             (
                 Waiters {
                     promoted: Vec::new(),

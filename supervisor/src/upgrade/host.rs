@@ -54,7 +54,7 @@ pub trait Host {
 }
 
 /// How readiness is decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ReadyMode {
     /// The child sends `READY=1`.
     Notify,
@@ -63,7 +63,7 @@ pub enum ReadyMode {
 }
 
 /// Timeouts and modes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct Settings {
     /// Readiness mode.
     pub ready: ReadyMode,

@@ -29,7 +29,9 @@ pub type Image = String;
 /// Identifies a client waiting for an upgrade's outcome (`baton upgrade --wait`).
 pub type WaiterId = u64;
 
-/// The supervisor's generations and its upgrade in progress.
+/// The supervisor's generations and its upgrade in progress. Serializable, so
+/// that a reexec carries it over whole.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Machine {
     s: Settings,
     gens: BTreeMap<GenId, Gen>,
@@ -41,6 +43,7 @@ pub struct Machine {
     stopping: bool,
     crashes: u64,
     consecutive_crashes: u32,
+    #[serde(with = "crate::clock::opt")]
     restart_at: Option<Instant>,
     /// What the replacement of a dead active generation runs.
     restart_image: Option<Image>,
@@ -55,6 +58,9 @@ pub struct Machine {
     lost_state: Option<String>,
     /// What the first generation runs.
     boot_image: Option<Image>,
+    /// A queued upgrade waits even once the machine is idle (a reexec is due).
+    #[serde(skip)]
+    held: bool,
 }
 
 /// A generation active this long resets the crash back-off.
@@ -100,6 +106,35 @@ impl Machine {
             probation: None,
             lost_state: None,
             boot_image: None,
+            held: false,
+        }
+    }
+
+    /// Nothing is under way: no upgrade, no replacement due, not stopping, and a
+    /// generation is active. A reexec happens only then.
+    pub fn idle(&self) -> bool {
+        self.upgrade.is_none()
+            && self.restart_at.is_none()
+            && !self.stopping
+            && self.active.is_some()
+    }
+
+    /// Holds (`true`) a queued upgrade back even when idle, or lets it go: it
+    /// starts now if the machine is idle.
+    pub fn hold(&mut self, host: &mut impl Host, now: Instant, on: bool) {
+        self.held = on;
+        if !on && self.idle() {
+            self.start_queued(host, now);
+        }
+    }
+
+    fn start_queued(&mut self, host: &mut impl Host, now: Instant) {
+        if let Some(w) = self.queued.take() {
+            let waiters = Waiters {
+                promoted: w,
+                permanent: Vec::new(),
+            };
+            self.begin(host, now, Why::Upgrade, None, waiters);
         }
     }
 
@@ -227,7 +262,7 @@ impl Machine {
             }
             return;
         }
-        if self.upgrade.is_some() || self.restart_at.is_some() {
+        if self.upgrade.is_some() || self.restart_at.is_some() || self.held {
             self.queued.get_or_insert_with(Vec::new).extend(waiter);
             tracing::info!("upgrade requested during another; queued");
             return;
@@ -743,12 +778,8 @@ impl Machine {
                 self.restart_image = self.permanent.clone();
             }
             self.schedule_replacement(now);
-        } else if let Some(w) = self.queued.take() {
-            let waiters = Waiters {
-                promoted: w,
-                permanent: Vec::new(),
-            };
-            self.begin(host, now, Why::Upgrade, None, waiters);
+        } else if !self.held {
+            self.start_queued(host, now);
         }
     }
 

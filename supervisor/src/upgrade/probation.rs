@@ -9,7 +9,7 @@ use baton_protocol::{ReleaseResultKind, UpgradeReport};
 use super::{GenId, Host, Image, Machine, Revert, WaiterId, Waiters, Why, later};
 
 /// How long a newly promoted image stays on probation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Probation {
     /// Permanent at promotion.
     Off,
@@ -56,10 +56,11 @@ pub struct ProbationOutcome {
 }
 
 /// The image on probation.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(super) struct OnProbation {
     pub(super) image: Image,
     /// `None`: until made permanent by hand.
+    #[serde(with = "crate::clock::opt")]
     pub(super) until: Option<Instant>,
     waiters: Vec<WaiterId>,
     failures: u32,

@@ -1,6 +1,7 @@
 use super::*;
 use baton_protocol::ReleaseResultKind;
 
+mod hold;
 mod probation;
 
 #[test]

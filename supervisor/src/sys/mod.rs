@@ -1,4 +1,5 @@
-//! Every `unsafe` block and raw fd / libc call of the supervisor lives here.
+//! Every `unsafe` block and raw fd / libc call of the supervisor lives here (and
+//! in `reexec.rs` below it: the calls only a reexec makes).
 
 use std::ffi::CString;
 use std::io;
@@ -14,6 +15,9 @@ use nix::sys::socket::{
     SockaddrStorage, UnixAddr, bind, getsockopt, listen, setsockopt, socket, sockopt,
 };
 use nix::sys::stat::{SFlag, fstat};
+
+mod reexec;
+pub use reexec::*;
 
 /// What an inherited or bound listening socket turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
