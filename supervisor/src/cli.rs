@@ -62,6 +62,28 @@ pub enum Command {
     },
     /// Manage releases: add, check, install, make permanent, roll back, list, remove.
     Release(ReleaseArgs),
+    /// Write the man pages or print shell completions (for packagers).
+    #[command(hide = true)]
+    Generate {
+        /// What to generate.
+        #[command(subcommand)]
+        what: Generate,
+    },
+}
+
+/// `baton generate` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Generate {
+    /// Man pages (`baton.1`, `baton-run.1`, ...) into DIR.
+    Man {
+        /// The directory to write them to.
+        dir: PathBuf,
+    },
+    /// The completion script for SHELL, on stdout.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `baton release`: on a running baton (the control socket), or with

@@ -8,6 +8,7 @@ mod clock;
 mod config;
 mod control;
 mod exe;
+mod generate;
 mod generation;
 mod health;
 mod lifecycle;
@@ -75,6 +76,13 @@ fn main() -> ExitCode {
         } => client::run(|| client::reexec(control.control, wait, json)),
         Command::Stop { control } => client::run(|| client::stop(control.control)),
         Command::Release(args) => client::run(|| release_cmd::run(args)),
+        Command::Generate { what } => client::run(|| {
+            match what {
+                cli::Generate::Man { dir } => generate::man(&dir)?,
+                cli::Generate::Completions { shell } => generate::completions(shell),
+            }
+            Ok(ExitCode::SUCCESS)
+        }),
     }
 }
 

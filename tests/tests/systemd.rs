@@ -444,7 +444,7 @@ fn crash_restart(mut fx: Fixture, layout: Layout) {
     // baton parks the listeners it bound itself in systemd's fd store; one that came
     // from the socket unit is held by systemd already.
     let stored = match layout {
-        Layout::Template => "1",
+        Layout::Template | Layout::Packaged => "1",
         Layout::SocketUnit => "0",
     };
     fx.wait_prop("NFileDescriptorStore", SHORT, |v| v == stored);

@@ -19,7 +19,15 @@ pub enum Layout {
     /// baton@hello.service from the template, no socket unit: baton binds the listener
     /// itself (port 0), so only the fd store can keep it across a crash.
     Template,
+    /// baton@hello-http.service from the template the installed baton package put in
+    /// /lib/systemd/system, running the installed /usr/bin/baton on hello-http.
+    Packaged,
 }
+
+/// The instance of [`Layout::Packaged`].
+pub const PACKAGED_INSTANCE: &str = "baton@hello-http.service";
+/// Where the installed package puts the template.
+pub const PACKAGED_TEMPLATE: &str = "/lib/systemd/system/baton@.service";
 
 pub struct Fixture {
     pub test: &'static str,
@@ -56,7 +64,13 @@ impl Fixture {
         let units = dir.join("units");
         fs::create_dir_all(dir.join("bin")).expect("mkdir bin");
         fs::create_dir_all(&units).expect("mkdir units");
-        for bin in [&mut tools.baton, &mut tools.hello] {
+        if layout == Layout::Packaged {
+            tools.baton = PathBuf::from("/usr/bin/baton");
+        }
+        for bin in [&mut tools.baton, &mut tools.hello]
+            .into_iter()
+            .filter(|b| !b.starts_with("/usr/bin"))
+        {
             let copy = dir.join("bin").join(format!(
                 "real-{}",
                 bin.file_name().expect("binary name").to_string_lossy()
@@ -170,6 +184,23 @@ impl Fixture {
                     ),
                 );
                 fx.unit = TEMPLATE_INSTANCE;
+            }
+            Layout::Packaged => {
+                let template = fs::read_to_string(PACKAGED_TEMPLATE).unwrap_or_else(|e| {
+                    panic!("{PACKAGED_TEMPLATE}: {e} (is the package installed?)")
+                });
+                fx.install(TEMPLATE, &template);
+                let port = free_port();
+                fx.drop_in(
+                    PACKAGED_INSTANCE,
+                    &format!(
+                        "[Service]\nEnvironmentFile=\nEnvironment=BATON_APP={wrapper_s}\n\
+                         Environment=\"BATON_OPTS=--listen http=127.0.0.1:{port}\"\n{logging}"
+                    ),
+                );
+                fx.control = "/run/baton-hello-http/baton.sock".into();
+                fx.unit = PACKAGED_INSTANCE;
+                fx.port = Some(port);
             }
         }
         fx
