@@ -18,7 +18,7 @@ use baton_tests::systemd::repo_root;
 
 /// git with a fixed identity and no user or system config.
 fn git(dir: &Path, args: &[&str]) -> std::process::Output {
-    let out = Command::new("git")
+    Command::new("git")
         .current_dir(dir)
         .args([
             "-c",
@@ -34,8 +34,7 @@ fn git(dir: &Path, args: &[&str]) -> std::process::Output {
         .env("GIT_COMMITTER_NAME", "t")
         .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
         .output()
-        .unwrap();
-    out
+        .unwrap()
 }
 
 fn ok(dir: &Path, args: &[&str]) -> String {
