@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use baton_protocol::{ControlReply, ControlRequest, Status, UpgradeReport};
+use baton_protocol::{ControlReply, ControlRequest, ReexecReport, Status, UpgradeReport};
 use baton_tests::harness::{Baton, pid_alive};
 use baton_tests::load::{LoadHandle, LoadOpts, LoadSnapshot, find_pid};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -92,6 +92,20 @@ impl Control {
         match reply {
             ControlReply::Upgrade(report) => Ok((report, took)),
             other => bail!("upgrade: unexpected reply {other:?}"),
+        }
+    }
+
+    /// Re-executes baton and waits for the outcome; returns the report and the wall
+    /// time from the request to the reply (sent by the new image).
+    pub async fn reexec(&self) -> anyhow::Result<(ReexecReport, Duration)> {
+        let started = Instant::now();
+        let reply = self
+            .request(&ControlRequest::Reexec { wait: true }, UPGRADE_TIMEOUT)
+            .await?;
+        let took = started.elapsed();
+        match reply {
+            ControlReply::Reexec(report) => Ok((report, took)),
+            other => bail!("reexec: unexpected reply {other:?}"),
         }
     }
 

@@ -12,6 +12,7 @@
 mod common;
 mod migration;
 mod overhead;
+mod reexec;
 mod report;
 mod restart;
 mod soak;
@@ -44,7 +45,7 @@ struct Args {
     /// Run only this scenario (repeatable); default: all, in the order listed here.
     #[arg(long = "scenario", value_enum, value_name = "NAME")]
     scenarios: Vec<Scenario>,
-    /// swap-under-load: number of upgrades [quick: 10, full: 100]; soak [quick: 100, full: 1000].
+    /// swap-under-load and reexec: number of upgrades (reexecs) [quick: 10, full: 100]; soak [quick: 100, full: 1000].
     #[arg(long, value_name = "K")]
     upgrades: Option<usize>,
     /// baseline-restart: number of restarts [default: as many as swap-under-load upgrades].
@@ -87,6 +88,8 @@ enum Scenario {
     Stateful,
     Migration,
     BaselineRestart,
+    /// baton re-executing itself under load.
+    Reexec,
     /// Not in the default run (it takes minutes): `--scenario soak`.
     Soak,
     /// Not in the default run either: `--scenario soak-stateful`.
@@ -285,6 +288,10 @@ async fn run(scenario: Scenario, a: &Args, bins: &Bins, nofile: u64) -> Vec<Row>
                 },
             )
             .await,
+        ),
+        Scenario::Reexec => one(
+            "reexec",
+            reexec::run(bins, upgrades, load, requests_between).await,
         ),
         Scenario::SoakStateful => one(
             "soak-stateful",
