@@ -152,16 +152,8 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    // One thread: children are forked from it, so PR_SET_PDEATHSIG tracks baton's life.
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("baton: error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let me = reexec::state::SelfOver {
         exe_path: std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| "/proc/self/exe".into()),
@@ -229,15 +221,8 @@ fn take_over(fd: &std::ffi::OsStr) -> ExitCode {
         }
     };
     drop(prev);
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("baton: error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let inherited = supervise::Inherited {
         state,
@@ -249,6 +234,21 @@ fn take_over(fd: &std::ffi::OsStr) -> ExitCode {
         Err(e) => {
             eprintln!("baton: error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// baton's runtime. One thread: children are forked from it, so PR_SET_PDEATHSIG
+/// tracks baton's life (and a reexec, made from it, keeps them).
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("baton: error: cannot start the runtime: {e}");
+            None
         }
     }
 }

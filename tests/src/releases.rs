@@ -37,6 +37,18 @@ impl StoreDir {
         self.store().display().to_string()
     }
 
+    /// `baton release --releases STORE permanent VERSION`, which must succeed.
+    ///
+    /// # Panics
+    /// When it fails, with its output.
+    pub async fn permanent(&self, version: &str) {
+        let out = self.offline(&["permanent", version]).await;
+        assert!(
+            out.as_ref().is_ok_and(|o| o.status.success()),
+            "release permanent {version}: {out:?}"
+        );
+    }
+
     /// A path for things outside the store.
     pub fn join(&self, name: &str) -> PathBuf {
         self.dir.join(name)

@@ -241,13 +241,7 @@ async fn releases_exec_by_fd_binary_and_script_leave_no_fd_behind() {
     )
     .unwrap();
     s.add("script", &tree).await.unwrap();
-    assert!(
-        s.offline(&["permanent", "elf"])
-            .await
-            .unwrap()
-            .status
-            .success()
-    );
+    s.permanent("elf").await;
 
     let dir = TestDir::new("fds-rel-run").unwrap();
     let unix_path = dir.join("app.sock");

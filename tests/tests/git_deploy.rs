@@ -95,13 +95,7 @@ async fn a_push_deploys_and_a_broken_push_is_reported_while_the_old_release_serv
     }
     let s = StoreDir::new("git-store").unwrap();
     s.add_hello("v0", "", true).await.unwrap();
-    assert!(
-        s.offline(&["permanent", "v0"])
-            .await
-            .unwrap()
-            .status
-            .success()
-    );
+    s.permanent("v0").await;
     let store = s.arg();
     let baton = Baton::start_in(
         TestDir::new("git-run").unwrap(),

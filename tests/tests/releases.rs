@@ -16,8 +16,7 @@ async fn store_v1_v2(tag: &str, v2_args: &str, v2_healthy: bool) -> StoreDir {
     let s = StoreDir::new(tag).unwrap();
     s.add_hello("v1", "", true).await.unwrap();
     s.add_hello("v2", v2_args, v2_healthy).await.unwrap();
-    let out = s.offline(&["permanent", "v1"]).await.unwrap();
-    assert!(out.status.success(), "{out:?}");
+    s.permanent("v1").await;
     s
 }
 
@@ -572,13 +571,7 @@ async fn kv_store_and_baton(tag: &str) -> (StoreDir, Baton) {
     s.add("kv1", &v1).await.unwrap();
     let v2 = s.kv_tree("kv2", 2, true).unwrap();
     s.add("kv2", &v2).await.unwrap();
-    assert!(
-        s.offline(&["permanent", "kv1"])
-            .await
-            .unwrap()
-            .status
-            .success()
-    );
+    s.permanent("kv1").await;
     let store = s.arg();
     let baton = Baton::start_in(
         TestDir::new("rel-kv-run").unwrap(),
@@ -743,13 +736,7 @@ async fn check_refuses_what_cannot_run_on_this_machine() {
         assert!(out.stderr.contains(want), "{v}: {out:?}");
     }
     assert!(s.offline(&["check", "v1"]).await.unwrap().status.success());
-    assert!(
-        s.offline(&["permanent", "v1"])
-            .await
-            .unwrap()
-            .status
-            .success()
-    );
+    s.permanent("v1").await;
     let baton = start(&s, &[]).await;
     let out = release(&baton, &["install", "arm", "--wait"], INSTALL_TIMEOUT)
         .await
