@@ -28,6 +28,19 @@ pub enum ControlRequest {
         #[serde(default)]
         wait: bool,
     },
+    /// The recent events, one [`crate::Event`] per line; with `follow`, then every
+    /// new one as it happens (the reply never ends).
+    Events {
+        /// Keep streaming.
+        #[serde(default)]
+        follow: bool,
+    },
+    /// The last upgrades, oldest first.
+    History {
+        /// At most this many (all kept: 100).
+        #[serde(default)]
+        n: Option<usize>,
+    },
 }
 
 /// A reply on the control socket.
@@ -46,6 +59,14 @@ pub enum ControlReply {
     Release(crate::release::ReleaseReply),
     /// Answer to [`ControlRequest::Reexec`].
     Reexec(crate::reexec::ReexecReport),
+    /// Answer to [`ControlRequest::History`].
+    History {
+        /// Oldest first.
+        entries: Vec<crate::events::HistoryEntry>,
+        /// Where it is persisted, if anywhere.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        file: Option<String>,
+    },
     /// The request could not be served.
     Error {
         /// Why.

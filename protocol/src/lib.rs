@@ -3,6 +3,7 @@
 //! - [`child`]: the child contract (environment variables, and the messages
 //!   on each child's control socket);
 //! - [`control`]: baton's own control socket (`baton status|upgrade|stop`);
+//! - [`events`]: what happens to generations (`baton events`, `baton history`);
 //! - [`release`]: the release lifecycle (`baton release ...`);
 //! - [`reexec`]: baton re-executing itself in place (`baton reexec`);
 //! - [`wire`]: the framing both use (one JSON object per line, fds as
@@ -23,6 +24,7 @@
 
 pub mod child;
 pub mod control;
+pub mod events;
 pub mod reexec;
 pub mod release;
 mod sys;
@@ -30,5 +32,6 @@ pub mod wire;
 
 pub use crate::child::*;
 pub use crate::control::*;
+pub use crate::events::*;
 pub use crate::reexec::*;
 pub use crate::release::*;

@@ -143,6 +143,26 @@ pub fn prepare_dir(socket: &Path, group: Option<u32>) -> io::Result<()> {
     Ok(())
 }
 
+/// Creates `dir` if missing (mode 0700; its parents as usual), then checks it and
+/// everything above it ([`check_dir`]): for baton's state directory.
+///
+/// # Errors
+/// It cannot be created, or [`check_dir`] refuses it.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    if !dir.exists() {
+        if let Some(up) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(up)?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    check_dir(dir)?;
+    Ok(())
+}
+
 /// For clients: checks the socket's directory, and that the socket itself belongs
 /// to us, root, or the directory's owner.
 ///

@@ -29,6 +29,9 @@ pub enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Keep it current: redraw every second until interrupted.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
         #[command(flatten)]
         control: ControlArg,
     },
@@ -52,6 +55,31 @@ pub enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Show every state change: spawned, ready, promoted, rolled back, draining,
+    /// exited, crashed, snapshot and restore figures (the recent ones, then with
+    /// --follow each new one as it happens).
+    Events {
+        /// Keep streaming new events until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Show the last upgrades (kept across restarts with --state-dir): result,
+    /// reason, durations, accept gap, snapshot bytes, migrated connections, release.
+    History {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Only the last N.
+        #[arg(short = 'n', value_name = "N")]
+        n: Option<usize>,
         #[command(flatten)]
         control: ControlArg,
     },
@@ -233,6 +261,12 @@ pub struct RunArgs {
     /// Keep at most N old releases in the store; older ones are deleted [default: keep all].
     #[arg(long, value_name = "N")]
     pub keep: Option<String>,
+    /// Serve Prometheus metrics at ADDR (HOST:PORT or unix:PATH), GET /metrics; baton's own socket, not the app's.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Keep the upgrade history (history.jsonl) in DIR, across restarts [default: $STATE_DIRECTORY (systemd's StateDirectory=), else in memory only].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     /// TOML file with the same settings (keys like `ready_timeout`, `listen = [...]`, `command = [...]`).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,

@@ -42,6 +42,31 @@ pub fn ask(
     Ok(reply)
 }
 
+/// `status --watch`: the status, redrawn every second until interrupted.
+pub fn watch(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let tty = std::io::stdout().is_terminal();
+    loop {
+        let ControlReply::Status(s) = ask(
+            path.clone(),
+            ControlRequest::Status,
+            Some(Duration::from_secs(10)),
+        )?
+        else {
+            anyhow::bail!("unexpected reply to status");
+        };
+        if tty {
+            // Clear the screen and go home: redraw in place.
+            print!("\x1b[2J\x1b[H");
+        }
+        print_status(&s);
+        if !tty {
+            println!();
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 pub fn status(path: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
     let ControlReply::Status(s) = ask(path, ControlRequest::Status, Some(Duration::from_secs(10)))?
     else {
@@ -97,20 +122,27 @@ fn print_status(s: &Status) {
             }
         );
     }
-    println!("generations:");
+    println!(
+        "  {:>4}  {:<8} {:<10} {:>8} {:>6}  release",
+        "gen", "pid", "phase", "uptime", "conns"
+    );
+    let now = crate::events::now_ms();
     for g in &s.generations {
         let conns = g
             .connections
-            .map(|c| format!(", {c} connections"))
-            .unwrap_or_default();
-        let release = g
-            .release
-            .as_deref()
-            .map(|r| format!(" release {r}"))
-            .unwrap_or_default();
+            .map_or_else(|| "-".to_string(), |c| c.to_string());
+        let uptime = humantime::format_duration(std::time::Duration::from_secs(
+            now.saturating_sub(g.started_at) / 1000,
+        ))
+        .to_string();
         println!(
-            "  {:>4}  pid {:<8} {:?}{conns}{release}",
-            g.generation, g.pid, g.phase
+            "  {:>4}  {:<8} {:<10} {:>8} {:>6}  {}",
+            g.generation,
+            g.pid,
+            format!("{:?}", g.phase).to_lowercase(),
+            uptime,
+            conns,
+            g.release.as_deref().unwrap_or("-")
         );
     }
     if let Some(u) = &s.last_upgrade {
@@ -164,7 +196,12 @@ fn print_status(s: &Status) {
 }
 
 pub fn upgrade(path: Option<PathBuf>, wait: bool) -> anyhow::Result<ExitCode> {
-    match ask(path, ControlRequest::Upgrade { wait }, None)? {
+    let progress = wait.then(|| crate::observe::Progress::start(&control_path(path.clone())));
+    let reply = ask(path, ControlRequest::Upgrade { wait }, None)?;
+    if let Some(p) = progress {
+        p.finish();
+    }
+    match reply {
         ControlReply::Queued => {
             println!("upgrade requested");
             Ok(ExitCode::SUCCESS)

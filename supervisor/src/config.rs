@@ -42,6 +42,8 @@ struct File {
     preflight: Option<String>,
     preflight_timeout: Option<String>,
     keep: Option<toml::Value>,
+    metrics: Option<String>,
+    state_dir: Option<PathBuf>,
     command: Option<Vec<String>>,
 }
 
@@ -103,6 +105,12 @@ pub struct RunConfig {
     pub release: ReleaseConfig,
     /// The fd limit baton started with, for its children (set by `main`).
     pub child_nofile: Option<(u64, u64)>,
+    /// Where `/metrics` is served.
+    #[serde(default)]
+    pub metrics: Option<ListenSpec>,
+    /// Where the history is kept.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// A signal as its number.
@@ -363,7 +371,26 @@ impl RunConfig {
             )?,
             keep,
         };
+        let metrics = match pick(a.metrics.clone(), f.metrics.clone(), "metrics", "metrics") {
+            Some((v, what)) => Some(ListenSpec::parse(&format!("metrics={v}")).map_err(
+                |e| match e {
+                    crate::listeners::ListenError::Parse { why, .. } => {
+                        ConfigError(format!("invalid {what} '{v}': {why}"))
+                    }
+                    other => ConfigError(other.to_string()),
+                },
+            )?),
+            None => None,
+        };
+        let state_dir = a.state_dir.clone().or(f.state_dir.clone()).or_else(|| {
+            // systemd's StateDirectory= (the first, when several are set).
+            std::env::var_os("STATE_DIRECTORY")
+                .and_then(|v| std::env::split_paths(&v).next())
+                .filter(|p| !p.as_os_str().is_empty())
+        });
         Ok(RunConfig {
+            metrics,
+            state_dir,
             listen,
             unix_mode: unix_mode as u32,
             backlog: backlog as i32,

@@ -18,6 +18,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::access;
+use crate::events::EventLog;
 use crate::sys;
 
 /// Control connections open at once (most are `upgrade --wait`s); more are
@@ -125,8 +126,9 @@ impl ControlServer {
         })
     }
 
-    /// Accepts clients forever, passing their requests to `tx`.
-    pub async fn serve(&self, tx: mpsc::Sender<Incoming>) {
+    /// Accepts clients forever, passing their requests to `tx`; `events` requests
+    /// are streamed from `events` here, without the main loop.
+    pub async fn serve(&self, tx: mpsc::Sender<Incoming>, events: EventLog) {
         let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
         // Eviction handles of the connections still waiting for their request line;
         // a handle whose receiver is gone belongs to one that has moved on.
@@ -168,8 +170,9 @@ impl ControlServer {
             let (evict, evicted) = oneshot::channel();
             idle.push_back(evict);
             let tx = tx.clone();
+            let events = events.clone();
             tokio::spawn(async move {
-                if let Err(e) = handle(stream, tx, evicted).await {
+                if let Err(e) = handle(stream, tx, evicted, events).await {
                     tracing::debug!(error = %e, "control client");
                 }
                 drop(slot);
@@ -188,6 +191,7 @@ async fn handle(
     stream: UnixStream,
     tx: mpsc::Sender<Incoming>,
     mut evicted: oneshot::Receiver<()>,
+    events: EventLog,
 ) -> io::Result<()> {
     let conn = stream.as_fd().try_clone_to_owned().ok();
     let (r, mut w) = stream.into_split();
@@ -207,6 +211,7 @@ async fn handle(
         Err(e) => ControlReply::Error {
             message: format!("bad request: {e}"),
         },
+        Ok(ControlRequest::Events { follow }) => return stream_events(w, &events, follow).await,
         Ok(request) => {
             let (reply, rx) = oneshot::channel();
             if tx
@@ -232,6 +237,72 @@ async fn handle(
     out.push(b'\n');
     w.write_all(&out).await?;
     w.shutdown().await
+}
+
+/// Writes the recent events, then (with `follow`) every new one, a JSON line each.
+async fn stream_events(
+    mut w: tokio::net::unix::OwnedWriteHalf,
+    events: &EventLog,
+    follow: bool,
+) -> io::Result<()> {
+    let (recent, mut rx) = events.subscribe();
+    let mut out = Vec::new();
+    for e in &recent {
+        serde_json::to_writer(&mut out, e).map_err(io::Error::other)?;
+        out.push(b'\n');
+    }
+    w.write_all(&out).await?;
+    if !follow {
+        return w.shutdown().await;
+    }
+    loop {
+        let e = match rx.recv().await {
+            Ok(e) => e,
+            // A follower too slow for the stream misses some; it is told how many.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                w.write_all(format!("{{\"event\":\"lagged\",\"missed\":{n}}}\n").as_bytes())
+                    .await?;
+                continue;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        };
+        let mut line = serde_json::to_vec(&e).map_err(io::Error::other)?;
+        line.push(b'\n');
+        w.write_all(&line).await?;
+    }
+    w.shutdown().await
+}
+
+/// Sends `req` and hands every reply line to `each` until the connection ends or
+/// `each` returns false (`baton events --follow`).
+///
+/// # Errors
+/// [`ClientError`] when baton cannot be reached.
+pub fn stream(
+    path: &Path,
+    req: &ControlRequest,
+    mut each: impl FnMut(&str) -> bool,
+) -> Result<(), ClientError> {
+    let perr = |why: String| ClientError::Protocol {
+        path: path.to_path_buf(),
+        why,
+    };
+    access::check_client(path)?;
+    let mut s =
+        std::os::unix::net::UnixStream::connect(path).map_err(|err| ClientError::Connect {
+            path: path.to_path_buf(),
+            err,
+        })?;
+    let mut line = serde_json::to_vec(req).map_err(|e| perr(e.to_string()))?;
+    line.push(b'\n');
+    s.write_all(&line).map_err(|e| perr(e.to_string()))?;
+    for l in BufReader::new(s).lines() {
+        let l = l.map_err(|e| perr(e.to_string()))?;
+        if !each(&l) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Answers a client handed over by a reexec (it sent its request to the image

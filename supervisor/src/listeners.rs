@@ -235,6 +235,14 @@ pub fn open_all(specs: &[ListenSpec], opts: BindOptions) -> Result<Vec<Listener>
     Ok(out)
 }
 
+/// Binds baton's own metrics socket (never passed to a child).
+///
+/// # Errors
+/// As for a listener: in use, permission, a path that is not a socket.
+pub fn bind_own(spec: &ListenSpec, opts: BindOptions) -> Result<Listener, ListenError> {
+    bind_one(spec, opts)
+}
+
 fn same_kind(a: &ListenAddr, b: &ListenAddr) -> bool {
     match (a, b) {
         (ListenAddr::Tcp(x), ListenAddr::Tcp(y)) => x.is_ipv4() == y.is_ipv4(),

@@ -7,13 +7,17 @@ mod client;
 mod clock;
 mod config;
 mod control;
+mod events;
 mod exe;
 mod generate;
 mod generation;
 mod health;
+mod history;
 mod lifecycle;
 mod listeners;
+mod metrics;
 mod notify;
+mod observe;
 mod reexec;
 mod release_cmd;
 mod spawn;
@@ -65,7 +69,17 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => run(*args),
-        Command::Status { json, control } => client::run(|| client::status(control.control, json)),
+        Command::Status {
+            json,
+            watch,
+            control,
+        } => client::run(|| {
+            if watch {
+                client::watch(control.control)
+            } else {
+                client::status(control.control, json)
+            }
+        }),
         Command::Upgrade { wait, control } => {
             client::run(|| client::upgrade(control.control, wait))
         }
@@ -75,6 +89,14 @@ fn main() -> ExitCode {
             control,
         } => client::run(|| client::reexec(control.control, wait, json)),
         Command::Stop { control } => client::run(|| client::stop(control.control)),
+        Command::Events {
+            follow,
+            json,
+            control,
+        } => client::run(|| observe::events(control.control, follow, json)),
+        Command::History { json, n, control } => {
+            client::run(|| observe::history(control.control, n, json))
+        }
         Command::Release(args) => client::run(|| release_cmd::run(args)),
         Command::Generate { what } => client::run(|| {
             match what {
@@ -165,7 +187,17 @@ fn run(args: RunArgs) -> ExitCode {
         reexecs: 0,
         last_reexec: None,
     };
-    match rt.block_on(supervise::run(cfg, listeners, sd, boot, me)) {
+    let metrics = match &cfg.metrics {
+        Some(spec) => match listeners::bind_own(spec, opts) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("baton: error: --metrics: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        None => None,
+    };
+    match rt.block_on(supervise::run(cfg, listeners, sd, boot, me, metrics)) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             eprintln!("baton: error: {e}");

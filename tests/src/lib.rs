@@ -4,6 +4,7 @@
 pub mod harness;
 pub mod http;
 pub mod load;
+pub mod metrics;
 pub mod packaging;
 pub mod releases;
 pub mod resp;

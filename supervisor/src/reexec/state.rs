@@ -75,6 +75,15 @@ pub struct HandOver {
     pub boot_note: String,
     /// Versions recorded as in use in the store.
     pub in_use: Vec<String>,
+    /// baton's `--metrics` socket.
+    #[serde(default)]
+    pub metrics: Option<ListenerOver>,
+    /// The upgrade history (also in `--state-dir`, when there is one).
+    #[serde(default)]
+    pub history: Vec<baton_protocol::HistoryEntry>,
+    /// The recent events, for `baton events`.
+    #[serde(default)]
+    pub events: Vec<baton_protocol::Event>,
 }
 
 /// baton's own record, across reexecs.
@@ -182,6 +191,7 @@ impl HandOver {
     pub fn fds(&self) -> Vec<RawFd> {
         let mut v = vec![self.control.fd, self.notify.fd];
         v.extend(self.listeners.iter().map(|l| l.fd));
+        v.extend(self.metrics.iter().map(|l| l.fd));
         for g in &self.gens {
             v.push(g.control_fd);
             v.extend(&g.buffered_fds);

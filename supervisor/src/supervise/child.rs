@@ -109,6 +109,7 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                                 slots,
                             );
                             m.note_migrated(1);
+                            d.metrics.migrated(1);
                         }
                         None => {
                             tracing::error!(

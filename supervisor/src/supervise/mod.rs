@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use baton_protocol::{
-    BatonBuild, ControlReply, ReleaseReply, ReleaseResultKind, SupervisorMsg, UpgradeReport,
-    UpgradeResult, WaitFor,
+    BatonBuild, ControlReply, Event, EventKind, HistoryEntry, ReleaseReply, ReleaseResultKind,
+    SupervisorMsg, UpgradeReport, UpgradeResult, WaitFor,
 };
 use futures_util::StreamExt;
 use nix::sys::signal::Signal;
@@ -18,10 +18,13 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use crate::cgroup::Containment;
 use crate::config::RunConfig;
 use crate::control::{ControlServer, Incoming};
+use crate::events::EventLog;
 use crate::exe::Exe;
 use crate::generation::{GenEvent, GenHandle};
+use crate::history::History;
 use crate::lifecycle::{Boot, Lifecycle};
 use crate::listeners::{ListenAddr, Listener};
+use crate::metrics::{Metrics, Present};
 use crate::notify::{self, NotifyIn, SystemdOut};
 use crate::reexec::state::{SelfOver, WaitKind};
 use crate::spawn::{self, SpawnConfig};
@@ -95,6 +98,16 @@ struct Driver {
     reexec: Option<reexec::Pending>,
     /// The listeners went to systemd's fd store.
     fd_stored: bool,
+    /// Every state change, for `baton events`.
+    event_log: EventLog,
+    /// The last upgrades, for `baton history`.
+    history: History,
+    /// `--metrics`.
+    metrics: Metrics,
+    /// Something changed that the metrics' gauges describe.
+    metrics_dirty: bool,
+    /// The `--metrics` socket (a duplicate serves it), kept for a reexec.
+    metrics_listener: Option<Listener>,
 }
 
 /// Someone waiting on the control socket for an outcome.
@@ -125,6 +138,19 @@ enum LoopEvent {
 }
 
 impl Driver {
+    /// Records an event: the stream, the metrics.
+    fn emit(&mut self, generation: GenId, pid: Option<u32>, kind: EventKind) {
+        let e = Event {
+            at_ms: crate::events::now_ms(),
+            generation,
+            pid,
+            kind,
+        };
+        self.metrics.on_event(&e);
+        self.event_log.emit(e);
+        self.metrics_dirty = true;
+    }
+
     fn add_waiter(
         &mut self,
         tx: oneshot::Sender<ControlReply>,
@@ -312,9 +338,41 @@ impl Host for Driver {
     }
 
     fn release(&mut self, event: ReleaseEvent<'_>) {
-        if let Some(lc) = &self.lifecycle {
-            lc.persist(&event);
+        let Some(lc) = &self.lifecycle else {
+            // Without a store there are no releases to speak of.
+            return;
+        };
+        lc.persist(&event);
+        let kind = match &event {
+            ReleaseEvent::Permanent(v) => Some(EventKind::Permanent {
+                release: (*v).clone(),
+            }),
+            ReleaseEvent::Failed { image, reason } => Some(EventKind::ReleaseFailed {
+                release: (*image).clone(),
+                reason: (*reason).to_string(),
+            }),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            self.emit(0, None, kind);
         }
+    }
+
+    fn event(&mut self, gen_id: GenId, pid: u32, mut kind: EventKind) {
+        if let EventKind::Draining { connections } = &mut kind {
+            *connections = self.handles.get(&gen_id).and_then(|h| h.connections);
+        }
+        if let EventKind::Promoted { why, image, report }
+        | EventKind::RolledBack { why, image, report } = &kind
+        {
+            self.history.push(HistoryEntry {
+                at_ms: crate::events::now_ms(),
+                why: *why,
+                release: image.clone(),
+                report: report.clone(),
+            });
+        }
+        self.emit(gen_id, (pid != 0).then_some(pid), kind);
     }
 
     fn probation_over(&mut self, outcome: &ProbationOutcome, waiters: Vec<WaiterId>) {
@@ -368,6 +426,8 @@ struct DriverParts {
     boot_note: String,
     images: HashMap<Image, Exe>,
     me: SelfOver,
+    history: History,
+    metrics_listener: Option<Listener>,
 }
 
 impl Driver {
@@ -413,9 +473,14 @@ impl Driver {
             loop_tx,
             health_running: false,
             me: p.me,
+            metrics: Metrics::new(&build),
             build,
             reexec: None,
             fd_stored: false,
+            event_log: EventLog::default(),
+            history: p.history,
+            metrics_dirty: true,
+            metrics_listener: p.metrics_listener,
         };
         (d, ev_rx, loop_rx)
     }
@@ -431,6 +496,7 @@ pub async fn run(
     sd: SystemdOut,
     boot: Option<(Lifecycle, Boot)>,
     me: SelfOver,
+    metrics_listener: Option<Listener>,
 ) -> Result<i32, RunError> {
     let signals = signals()?;
     let control = ControlServer::bind(&cfg.control, cfg.control_group)
@@ -451,6 +517,7 @@ pub async fn run(
         }
         None => (None, String::new()),
     };
+    let history = History::open(cfg.state_dir.as_deref()).map_err(RunError::Setup)?;
     let parts = DriverParts {
         listeners,
         sd,
@@ -459,6 +526,8 @@ pub async fn run(
         boot_note,
         images,
         me,
+        history,
+        metrics_listener,
     };
     let (mut d, ev_rx, loop_rx) = Driver::new(&cfg, parts);
     // Park the listeners we bound in systemd's fd store: a crash of baton loses no socket.
@@ -510,8 +579,18 @@ async fn serve(
     let watchdog = d.sd.watchdog_interval();
     let mut health_timer = tokio::time::interval(cfg.release.health_interval);
     health_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let serve = control.serve(ctl_tx);
+    let serve = control.serve(ctl_tx, d.event_log.clone());
     tokio::pin!(serve);
+    if let Some(l) = &d.metrics_listener {
+        match l.fd().try_clone_to_owned() {
+            Ok(fd) => {
+                let tcp = matches!(l.addr, ListenAddr::Tcp(_));
+                tracing::info!(addr = %l.addr, "serving metrics");
+                tokio::spawn(crate::metrics::serve(fd, tcp, d.metrics.clone()));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot serve metrics"),
+        }
+    }
     let mut housekeeping = tokio::time::interval(
         watchdog
             .unwrap_or(Duration::from_secs(1))
@@ -520,6 +599,7 @@ async fn serve(
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     while d.exit.is_none() {
+        refresh_metrics(&m, &mut d);
         if reexec::due(&m, &d) {
             reexec::perform(&mut m, &mut d, &mut ev_rx, &control, &notify_in, cfg).await;
             continue;
@@ -574,6 +654,7 @@ async fn serve(
                     d.sd.send("WATCHDOG=1");
                 }
                 rearm_listeners(&d.listeners, cfg.backlog);
+                d.metrics_dirty = true;
                 d.containment.sweep();
                 d.housekeep_images(&m);
                 if m.on_probation().is_some() && d.sd.enabled() {
@@ -606,6 +687,32 @@ async fn serve(
         eprintln!("baton: error: {reason}");
     }
     code
+}
+
+/// Sets the metrics' gauges from the machine, when something changed.
+fn refresh_metrics(m: &Machine, d: &mut Driver) {
+    if !std::mem::take(&mut d.metrics_dirty) {
+        return;
+    }
+    let now = Instant::now();
+    let probation = m.on_probation().map(|(v, until, _)| {
+        (
+            v.as_str(),
+            until.map(|t| t.saturating_duration_since(now).as_secs_f64()),
+        )
+    });
+    let present = Present {
+        active: m.active().unwrap_or(0),
+        phases: m.gens().map(|(_, g)| g.phase).collect(),
+        connections: d
+            .handles
+            .iter()
+            .filter_map(|(id, h)| h.connections.map(|c| (*id, c)))
+            .collect(),
+        probation,
+        permanent: m.permanent_image().map(String::as_str),
+    };
+    d.metrics.set_present(&present);
 }
 
 /// Starts a health check of the generation on probation, unless one runs.

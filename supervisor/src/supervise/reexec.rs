@@ -119,6 +119,7 @@ fn fail(m: &mut Machine, d: &mut Driver, reason: String, tried: Option<BatonBuil
     };
     d.me.last_reexec = Some(report.clone());
     d.reply_reexec(&p.waiters, &report);
+    d.emit(0, None, baton_protocol::EventKind::Reexec { report });
     m.hold(d, Instant::now(), false);
 }
 
@@ -294,6 +295,15 @@ fn hand_over(
         machine: serde_json::to_value(m).unwrap_or_default(),
         boot_note: d.boot_note.clone(),
         in_use: d.in_use.clone(),
+        metrics: d.metrics_listener.as_ref().map(|l| ListenerOver {
+            name: l.name.clone(),
+            addr: l.addr.clone(),
+            inherited: l.inherited,
+            fd: l.fd().as_raw_fd(),
+            bound_file: l.bound_file().cloned(),
+        }),
+        history: d.history.entries(),
+        events: d.event_log.subscribe().0,
     }
 }
 
@@ -364,6 +374,16 @@ pub async fn resume(inh: Inherited) -> Result<i32, super::RunError> {
         .map_err(setup)?;
         images.insert(i.label.clone(), exe);
     }
+    let metrics_listener = match &state.metrics {
+        Some(l) => Some(Listener::from_handover(
+            l.name.clone(),
+            l.addr.clone(),
+            l.inherited,
+            take(l.fd).map_err(setup)?,
+            l.bound_file.clone(),
+        )),
+        None => None,
+    };
     let lifecycle = match &cfg.release.store {
         Some(dir) => Some(
             Lifecycle::reopen(
@@ -384,8 +404,14 @@ pub async fn resume(inh: Inherited) -> Result<i32, super::RunError> {
         boot_note: state.boot_note.clone(),
         images,
         me: state.me.clone(),
+        history: crate::history::History::open(cfg.state_dir.as_deref()).map_err(setup)?,
+        metrics_listener,
     };
     let (mut d, ev_rx, loop_rx) = Driver::new(&cfg, parts);
+    d.history.adopt(state.history.clone());
+    for e in &state.events {
+        d.event_log.emit(e.clone());
+    }
     d.next_exe = state.next_exe;
     d.next_waiter = state.next_waiter;
     d.in_use = state.in_use.clone();
@@ -459,6 +485,13 @@ pub async fn resume(inh: Inherited) -> Result<i32, super::RunError> {
     }
     d.me.last_reexec = Some(report.clone());
     d.reply_reexec(&reexec_waiters, &report);
+    d.emit(
+        0,
+        None,
+        baton_protocol::EventKind::Reexec {
+            report: report.clone(),
+        },
+    );
     for l in &d.listeners {
         tracing::debug!(name = %l.name, addr = %l.addr, "listening (handed over)");
     }

@@ -15,17 +15,6 @@ use crate::reexec::state::WaitKind;
 use crate::upgrade::{Machine, Waiters};
 use std::os::fd::OwnedFd;
 
-fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 pub(super) fn status(m: &Machine, d: &Driver) -> Status {
     let active = m.active();
     Status {
@@ -56,7 +45,7 @@ pub(super) fn status(m: &Machine, d: &Driver) -> Status {
                 inherited: l.inherited,
             })
             .collect(),
-        rss_kb: rss_kb(),
+        rss_kb: crate::sys::own_rss_kb(),
         containment: d.containment.describe(),
         strays_killed: d.containment.strays_killed(),
         releases: d.lifecycle.as_ref().map(|lc| {
@@ -100,6 +89,18 @@ pub(super) fn on_control(m: &mut Machine, d: &mut Driver, req: Incoming) {
             m.request_stop(d, now);
         }
         ControlRequest::Release(r) => on_release(m, d, r, req.reply, conn),
+        ControlRequest::History { n } => {
+            let _ = req.reply.send(ControlReply::History {
+                entries: d.history.last(n),
+                file: d.history.file().map(|f| f.display().to_string()),
+            });
+        }
+        // Streamed by the control server itself.
+        ControlRequest::Events { .. } => {
+            let _ = req.reply.send(ControlReply::Error {
+                message: "events are streamed by the control server".into(),
+            });
+        }
         ControlRequest::Reexec { wait } => {
             tracing::info!(wait, "reexec requested on the control socket");
             let waiter = if wait {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use baton_protocol::{SupervisorMsg, UpgradeReport};
+use baton_protocol::{EventKind, SupervisorMsg, UpgradeReport};
 
 use super::probation::Probation;
 use super::{GenId, Image, ProbationOutcome, ReleaseEvent, WaiterId};
@@ -51,6 +51,11 @@ pub trait Host {
     fn release(&mut self, event: ReleaseEvent<'_>);
     /// A probation ended; answer these waiters.
     fn probation_over(&mut self, outcome: &ProbationOutcome, waiters: Vec<WaiterId>);
+    /// Something happened to generation `gen_id` (for `baton events`, history and
+    /// metrics).
+    fn event(&mut self, gen_id: GenId, pid: u32, kind: EventKind) {
+        let _ = (gen_id, pid, kind);
+    }
 }
 
 /// How readiness is decided.

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use baton_protocol::{Feature, Phase, SupervisorMsg, UpgradeReport, UpgradeResult};
+use baton_protocol::{EventKind, Feature, Phase, SupervisorMsg, UpgradeReport, UpgradeResult};
 
 mod host;
 mod probation;
@@ -338,6 +338,14 @@ impl Machine {
         match host.spawn(id, image.as_ref()) {
             Ok((pid, image)) => {
                 tracing::info!(generation = id, pid, "spawned");
+                host.event(
+                    id,
+                    pid,
+                    EventKind::Spawned {
+                        why: why.reason(),
+                        image: image.clone(),
+                    },
+                );
                 let (ready_at, ready_by) = match self.s.ready {
                     ReadyMode::Notify => (None, Some(later(now, self.s.ready_timeout))),
                     ReadyMode::Delay(d) => (Some(later(now, d)), None),
@@ -384,6 +392,7 @@ impl Machine {
         }
         if let Some(g) = self.gens.get_mut(&gen_id) {
             g.ready_at = None;
+            host.event(gen_id, g.pid, EventKind::Ready);
         }
         match u.stage {
             Stage::Restored => self.promote(host, now),
@@ -421,6 +430,17 @@ impl Machine {
         let Some(g) = self.gens.remove(&gen_id) else {
             return;
         };
+        let how_s = how.to_string();
+        let crashed = self.active == Some(gen_id) && !self.stopping;
+        host.event(
+            gen_id,
+            g.pid,
+            if crashed {
+                EventKind::Crashed { how: how_s }
+            } else {
+                EventKind::Exited { how: how_s }
+            },
+        );
         let was_candidate = self.upgrade.as_ref().is_some_and(|u| u.candidate == gen_id);
         if was_candidate {
             tracing::warn!(
@@ -676,10 +696,10 @@ impl Machine {
             // baseline a probation reverts to.
             self.permanent = Some(image.clone());
         }
-        if let Some(image) = image {
-            self.after_promotion(host, now, &image, waiters.permanent, revert, &report);
+        if let Some(image) = &image {
+            self.after_promotion(host, now, image, waiters.permanent, revert, &report);
         }
-        self.conclude(host, now, why, report, waiters.promoted);
+        self.conclude(host, now, why, image, report, waiters.promoted);
     }
 
     /// The candidate failed: roll back.
@@ -736,22 +756,38 @@ impl Machine {
             revert,
             &report,
         );
-        self.conclude(host, now, why, report, waiters.promoted);
+        self.conclude(host, now, why, image, report, waiters.promoted);
     }
 
-    fn conclude(
+    fn conclude<H: Host>(
         &mut self,
-        host: &mut impl Host,
+        host: &mut H,
         now: Instant,
         why: Why,
+        image: Option<Image>,
         mut report: UpgradeReport,
         waiters: Vec<WaiterId>,
     ) {
         let promoted = report.result == UpgradeResult::Promoted;
+        let (gen_id, pid) = (report.generation, report.pid.unwrap_or(0));
+        let finished = |host: &mut H, report: &mut UpgradeReport, waiters| {
+            host.finished(report, waiters);
+            let (why, report) = (why.reason(), report.clone());
+            let image = image.clone().unwrap_or_default();
+            host.event(
+                gen_id,
+                pid,
+                if promoted {
+                    EventKind::Promoted { why, image, report }
+                } else {
+                    EventKind::RolledBack { why, image, report }
+                },
+            );
+        };
         match why {
             Why::Initial if !promoted => {
                 let reason = report.reason.clone().unwrap_or_default();
-                host.finished(&mut report, waiters);
+                finished(host, &mut report, waiters);
                 self.last = Some(report);
                 self.stopping = true;
                 self.exited = true;
@@ -759,13 +795,13 @@ impl Machine {
                 return;
             }
             Why::Initial | Why::Replace => {
-                host.finished(&mut report, waiters);
+                finished(host, &mut report, waiters);
                 if why == Why::Replace && !promoted {
                     self.last = Some(report);
                 }
             }
             Why::Upgrade | Why::Revert => {
-                host.finished(&mut report, waiters);
+                finished(host, &mut report, waiters);
                 self.last = Some(report);
             }
         }
@@ -798,6 +834,7 @@ impl Machine {
         }
         let pid = g.pid;
         tracing::info!(generation = id, pid, "draining");
+        host.event(id, pid, EventKind::Draining { connections: None });
         if quiesced {
             host.send(
                 id,

@@ -121,6 +121,19 @@ pub(super) struct Upgrade {
     pub(super) state_lost: Option<String>,
 }
 
+impl Why {
+    /// As the event stream says it.
+    pub(super) fn reason(self) -> baton_protocol::StartReason {
+        use baton_protocol::StartReason as R;
+        match self {
+            Why::Initial => R::Initial,
+            Why::Upgrade => R::Upgrade,
+            Why::Replace => R::Replace,
+            Why::Revert => R::Revert,
+        }
+    }
+}
+
 impl Upgrade {
     /// The outcome of this upgrade, with the timings gathered so far.
     pub(super) fn report(

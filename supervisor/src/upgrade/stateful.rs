@@ -67,6 +67,15 @@ impl Machine {
         u.snapshot_ms = u.quiesced_at.map(|t| ms_f(now - t));
         u.snapshot_bytes = Some(size);
         let to = u.candidate;
+        let kind = baton_protocol::EventKind::Snapshot {
+            bytes: size,
+            ms: u.snapshot_ms.unwrap_or(0.0),
+        };
+        let pid = self.gens.get(&from).map_or(0, |g| g.pid);
+        host.event(from, pid, kind);
+        let Some(u) = self.upgrade.as_mut() else {
+            return;
+        };
         match host.pass_snapshot(from, to) {
             Ok(()) => {
                 u.stage = Stage::Restoring;
@@ -109,6 +118,12 @@ impl Machine {
         u.restore_ms = u.restore_sent_at.map(|t| ms_f(now - t));
         u.stage = Stage::Restored;
         u.stage_deadline = None;
+        let ms = u.restore_ms.unwrap_or(0.0);
+        let pid = self.gens.get(&gen_id).map_or(0, |g| g.pid);
+        host.event(gen_id, pid, baton_protocol::EventKind::Restored { ms });
+        let Some(u) = self.upgrade.as_mut() else {
+            return;
+        };
         // The ready timeout restarts: restoring a large state is not a hang.
         if let Some(g) = self.gens.get_mut(&gen_id) {
             if g.ready_by.is_some() {

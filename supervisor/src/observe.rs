@@ -1,0 +1,238 @@
+//! `baton events` and `baton history`: what happened, for people and scripts.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use baton_protocol::{ControlReply, ControlRequest, Event, EventKind, HistoryEntry, UpgradeResult};
+
+use crate::client::{ask, control_path};
+use crate::control;
+
+/// `baton events [--follow] [--json]`.
+pub fn events(path: Option<PathBuf>, follow: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let path = control_path(path);
+    control::stream(&path, &ControlRequest::Events { follow }, |line| {
+        if json {
+            println!("{line}");
+        } else {
+            match serde_json::from_str::<Event>(line) {
+                Ok(e) => println!("{}", describe(&e)),
+                Err(_) => println!("{line}"),
+            }
+        }
+        true
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `2026-12-02T01:02:03.456Z`.
+fn when(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn why_name(why: baton_protocol::StartReason) -> &'static str {
+    use baton_protocol::StartReason as R;
+    match why {
+        R::Initial => "initial",
+        R::Upgrade => "upgrade",
+        R::Replace => "replacement",
+        R::Revert => "revert",
+    }
+}
+
+/// One line for an event.
+pub fn describe(e: &Event) -> String {
+    let who = match (e.generation, e.pid) {
+        (0, _) => "baton".to_string(),
+        (g, Some(p)) => format!("generation {g} (pid {p})"),
+        (g, None) => format!("generation {g}"),
+    };
+    let what = match &e.kind {
+        EventKind::Spawned { why, image } => format!("spawned ({}, {image})", why_name(*why)),
+        EventKind::Ready => "ready".into(),
+        EventKind::Snapshot { bytes, ms } => format!("snapshot: {bytes} bytes in {ms:.1} ms"),
+        EventKind::Restored { ms } => format!("restored in {ms:.1} ms"),
+        EventKind::Promoted { why, report, .. } => {
+            let gap = report
+                .accept_gap_ms
+                .map(|g| format!(", accept gap {g:.1} ms"))
+                .unwrap_or_default();
+            format!(
+                "promoted ({}) in {} ms{gap}",
+                why_name(*why),
+                report.duration_ms
+            )
+        }
+        EventKind::RolledBack { report, .. } => format!(
+            "rolled back: {}",
+            report.reason.as_deref().unwrap_or("unknown reason")
+        ),
+        EventKind::Draining { connections } => match connections {
+            Some(n) => format!("draining {n} connections"),
+            None => "draining".into(),
+        },
+        EventKind::Exited { how } => format!("exited ({how})"),
+        EventKind::Crashed { how } => format!("CRASHED ({how})"),
+        EventKind::Permanent { release } => format!("release {release} is permanent"),
+        EventKind::ReleaseFailed { release, reason } => {
+            format!("release {release} failed: {reason}")
+        }
+        EventKind::Reexec { report } => match &report.reason {
+            None => format!(
+                "re-executed {} (build {}) in {:.0} ms",
+                report.new.as_ref().map_or("?", |b| b.version.as_str()),
+                report
+                    .new
+                    .as_ref()
+                    .map_or("?", |b| b.build_id.get(..12).unwrap_or(&b.build_id)),
+                report.duration_ms
+            ),
+            Some(why) => format!("reexec failed: {why}"),
+        },
+    };
+    format!("{} {who}: {what}", when(e.at_ms))
+}
+
+/// `baton history [--json] [-n N]`.
+pub fn history(path: Option<PathBuf>, n: Option<usize>, json: bool) -> anyhow::Result<ExitCode> {
+    let reply = ask(
+        path,
+        ControlRequest::History { n },
+        Some(Duration::from_secs(10)),
+    )?;
+    let ControlReply::History { entries, file } = reply else {
+        anyhow::bail!("unexpected reply to history");
+    };
+    if json {
+        for e in &entries {
+            println!("{}", serde_json::to_string(e)?);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<24} {:>4} {:<11} {:<14} {:<11} {:>8} {:>9} {:>12} {:>8}  reason",
+        "when", "gen", "why", "release", "result", "ms", "gap ms", "snapshot B", "migrated"
+    );
+    for e in &entries {
+        println!("{}", row(e));
+    }
+    match file {
+        Some(f) => println!("({} upgrades; kept in {f})", entries.len()),
+        None => println!(
+            "({} upgrades; in memory only: start baton with --state-dir to keep them)",
+            entries.len()
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn row(e: &HistoryEntry) -> String {
+    let r = &e.report;
+    let result = match r.result {
+        UpgradeResult::Promoted => "promoted",
+        UpgradeResult::RolledBack => "rolled back",
+    };
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    format!(
+        "{:<24} {:>4} {:<11} {:<14} {:<11} {:>8} {:>9} {:>12} {:>8}  {}",
+        when(e.at_ms),
+        r.generation,
+        why_name(e.why),
+        e.release,
+        result,
+        r.duration_ms,
+        opt(r.accept_gap_ms.map(|g| format!("{g:.1}"))),
+        opt(r.snapshot_bytes.map(|b| b.to_string())),
+        r.migrated_connections,
+        r.reason.as_deref().unwrap_or("")
+    )
+}
+
+/// Follows the events of an upgrade asked for now, printing each phase with its
+/// time since the request: a spinner on a terminal, plain lines otherwise. Returns
+/// a handle that waits (briefly) until the outcome was shown.
+pub struct Progress {
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl Progress {
+    /// Starts following `path`'s events (best effort: no progress if that fails).
+    pub fn start(path: &std::path::Path) -> Progress {
+        let (tx, done) = std::sync::mpsc::channel();
+        let path = path.to_path_buf();
+        let since = crate::events::now_ms();
+        let started = std::time::Instant::now();
+        std::thread::spawn(move || {
+            use std::io::IsTerminal;
+            let bar = if std::io::stderr().is_terminal() {
+                let b = indicatif::ProgressBar::new_spinner();
+                b.enable_steady_tick(Duration::from_millis(100));
+                b.set_message("upgrade requested");
+                b
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            let say = |line: String| {
+                let line = format!("  +{:>6} ms  {line}", started.elapsed().as_millis());
+                if bar.is_hidden() {
+                    println!("{line}");
+                } else {
+                    bar.println(line);
+                }
+            };
+            let _ = control::stream(&path, &ControlRequest::Events { follow: true }, |l| {
+                let Ok(e) = serde_json::from_str::<Event>(l) else {
+                    return true;
+                };
+                if e.at_ms < since {
+                    return true;
+                }
+                let g = e.generation;
+                let (line, end) = match &e.kind {
+                    EventKind::Spawned { image, .. } => (
+                        format!(
+                            "spawned generation {g} (pid {}, {image})",
+                            e.pid.unwrap_or(0)
+                        ),
+                        false,
+                    ),
+                    EventKind::Ready => (format!("generation {g} ready"), false),
+                    EventKind::Snapshot { bytes, ms } => {
+                        (format!("snapshot: {bytes} bytes in {ms:.1} ms"), false)
+                    }
+                    EventKind::Restored { ms } => (format!("restored in {ms:.1} ms"), false),
+                    EventKind::Draining { connections } => (
+                        match connections {
+                            Some(n) => format!("generation {g} draining {n} connections"),
+                            None => format!("generation {g} draining"),
+                        },
+                        false,
+                    ),
+                    EventKind::Promoted { .. } => (format!("generation {g} promoted"), true),
+                    EventKind::RolledBack { report, .. } => (
+                        format!(
+                            "generation {g} rolled back: {}",
+                            report.reason.as_deref().unwrap_or("?")
+                        ),
+                        true,
+                    ),
+                    _ => return true,
+                };
+                bar.set_message(line.clone());
+                say(line);
+                if end {
+                    bar.finish_and_clear();
+                    let _ = tx.send(());
+                }
+                !end
+            });
+        });
+        Progress { done }
+    }
+
+    /// Waits until the outcome was shown (at most 500 ms: the reply is what counts).
+    pub fn finish(self) {
+        let _ = self.done.recv_timeout(Duration::from_millis(500));
+    }
+}
