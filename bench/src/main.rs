@@ -12,6 +12,7 @@
 mod common;
 mod migration;
 mod overhead;
+mod plot;
 mod reexec;
 mod report;
 mod restart;
@@ -42,6 +43,10 @@ struct Args {
     /// One JSON object per scenario per line on stdout, instead of the table.
     #[arg(long)]
     json: bool,
+    /// Write SVG timelines (requests/s and p99 latency per 100 ms, upgrades shaded) of
+    /// swap-under-load into DIR.
+    #[arg(long, value_name = "DIR")]
+    plot: Option<PathBuf>,
     /// Run only this scenario (repeatable); default: all, in the order listed here.
     #[arg(long = "scenario", value_enum, value_name = "NAME")]
     scenarios: Vec<Scenario>,
@@ -215,6 +220,7 @@ async fn run(scenario: Scenario, a: &Args, bins: &Bins, nofile: u64) -> Vec<Row>
                     load,
                     requests_between,
                     interval,
+                    plot: a.plot.clone(),
                 },
             )
             .await,
@@ -285,6 +291,7 @@ async fn run(scenario: Scenario, a: &Args, bins: &Bins, nofile: u64) -> Vec<Row>
                     load,
                     requests_between,
                     interval: Duration::ZERO,
+                    plot: None,
                 },
             )
             .await,

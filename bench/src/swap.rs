@@ -24,6 +24,8 @@ pub struct Opts {
     /// Upgrades start on this schedule (one every `interval`), or as soon as the previous
     /// one has settled if that takes longer.
     pub interval: Duration,
+    /// `--plot DIR`: write the run's timeline there.
+    pub plot: Option<std::path::PathBuf>,
 }
 
 const SCENARIO: &str = "swap-under-load";
@@ -86,11 +88,17 @@ async fn measure(
     let mut promoted = 0u64;
     let mut rollbacks = Vec::new();
     let mut samples = Vec::with_capacity(opts.upgrades);
+    let mut spans = Vec::with_capacity(opts.upgrades);
     let mut next = tokio::time::Instant::now();
     for i in 1..=opts.upgrades {
         next += opts.interval;
         tokio::time::sleep_until(next).await;
+        let from = load.elapsed().as_secs_f64();
         let (report, took) = control.upgrade().await?;
+        spans.push(crate::plot::Span {
+            from,
+            to: load.elapsed().as_secs_f64(),
+        });
         wall_ms.push(took.as_secs_f64() * 1000.0);
         if let Some(ms) = report.supervisor_ms {
             supervisor_ms.push(ms);
@@ -148,6 +156,14 @@ async fn measure(
     rss_kb = rss_kb.max(control.status().await?.rss_kb);
 
     let mut row = Row::new(name);
+    if let Some(dir) = &opts.plot {
+        let title = format!(
+            "{name}: {} upgrades of hello-http under load, {} requests, {} failed",
+            promoted, report.requests, report.failed
+        );
+        let path = crate::plot::timeline(dir, name, &title, &report.timeline, &spans)?;
+        row.note(format!("timeline: {}", path.display()));
+    }
     row.set("requests", report.requests)
         .set("failed", report.failed)
         .target("failed", Target::Eq(0.0))

@@ -347,10 +347,12 @@ impl LoadHandle {
         let mut hist = Histogram::new();
         let mut pid_counts: BTreeMap<u32, u64> = BTreeMap::new();
         let mut keepalive_reconnects = Vec::new();
+        let mut samples = Vec::new();
         for task in std::mem::take(&mut self.tasks) {
             match task.await {
                 Ok(result) => {
                     hist.merge(&result.hist);
+                    samples.extend(result.samples);
                     for (pid, n) in result.pid_counts {
                         *pid_counts.entry(pid).or_default() += n;
                     }
@@ -388,7 +390,13 @@ impl LoadHandle {
             pids: pid_counts.keys().copied().collect(),
             pid_counts,
             keepalive_reconnects,
+            timeline: timeline(&samples),
         }
+    }
+
+    /// Time since the load started.
+    pub fn elapsed(&self) -> Duration {
+        self.shared.started.elapsed()
     }
 }
 
@@ -446,6 +454,9 @@ pub struct LoadReport {
     pub pid_counts: BTreeMap<u32, u64>,
     /// Per keep-alive client: connections opened after its first one.
     pub keepalive_reconnects: Vec<u64>,
+    /// Every [`SLOT`] of the run (not serialized: `--plot` draws it).
+    #[serde(skip)]
+    pub timeline: Vec<Slot>,
 }
 
 impl fmt::Display for LoadReport {
@@ -487,6 +498,7 @@ impl fmt::Display for LoadReport {
 /// What one client hands back when it stops.
 struct ClientResult {
     hist: Histogram,
+    samples: Vec<Sample>,
     pid_counts: HashMap<u32, u64>,
     /// `Some` for keep-alive clients.
     keepalive_reconnects: Option<u64>,
@@ -500,8 +512,67 @@ struct Client {
     request: Arc<[u8]>,
     buf: Vec<u8>,
     hist: Histogram,
+    samples: Vec<Sample>,
     pid_counts: HashMap<u32, u64>,
     published: HashSet<u32>,
+}
+
+/// One attempt, for the timeline: its [`SLOT`], latency and outcome.
+#[derive(Clone, Copy)]
+struct Sample {
+    slot: u32,
+    latency_us: u32,
+    failed: bool,
+}
+
+/// The timeline's resolution.
+pub const SLOT: Duration = Duration::from_millis(100);
+
+/// One [`SLOT`] of the timeline: the attempts that started in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slot {
+    /// Its start, in ms since the load started.
+    pub t_ms: u64,
+    /// Attempts.
+    pub requests: u64,
+    /// Failed ones.
+    pub failed: u64,
+    /// Their p99 latency.
+    pub p99_us: u64,
+}
+
+/// Groups `samples` by slot, with every slot up to the last present (empty ones
+/// are zero: a stall shows as a dip, not as a gap in the line).
+fn timeline(samples: &[Sample]) -> Vec<Slot> {
+    let n = samples
+        .iter()
+        .map(|s| s.slot as usize + 1)
+        .max()
+        .unwrap_or(0);
+    let mut lat: Vec<Vec<u32>> = vec![Vec::new(); n];
+    let mut failed = vec![0u64; n];
+    for s in samples {
+        lat[s.slot as usize].push(s.latency_us);
+        failed[s.slot as usize] += u64::from(s.failed);
+    }
+    lat.into_iter()
+        .zip(failed)
+        .enumerate()
+        .map(|(i, (mut l, failed))| {
+            l.sort_unstable();
+            let p99 = if l.is_empty() {
+                0
+            } else {
+                l[((l.len() - 1) as f64 * 0.99).round() as usize]
+            };
+            Slot {
+                t_ms: i as u64 * SLOT.as_millis() as u64,
+                requests: l.len() as u64,
+                failed,
+                p99_us: u64::from(p99),
+            }
+        })
+        .collect()
 }
 
 /// The parsed outcome of one exchange.
@@ -521,6 +592,7 @@ impl Client {
             request,
             buf: Vec::with_capacity(4096),
             hist: Histogram::new(),
+            samples: Vec::new(),
             pid_counts: HashMap::new(),
             published: HashSet::new(),
         }
@@ -560,6 +632,7 @@ impl Client {
         let reconnects = connects.saturating_sub(1);
         ClientResult {
             hist: self.hist,
+            samples: self.samples,
             pid_counts: self.pid_counts,
             keepalive_reconnects: Some(reconnects),
         }
@@ -578,13 +651,26 @@ impl Client {
         }
         ClientResult {
             hist: self.hist,
+            samples: self.samples,
             pid_counts: self.pid_counts,
             keepalive_reconnects: None,
         }
     }
 
     async fn record(&mut self, started: Instant, attempt: Result<Response, FailureKind>) {
-        self.hist.record(duration_us(started.elapsed()));
+        let latency = duration_us(started.elapsed());
+        self.hist.record(latency);
+        self.samples.push(Sample {
+            slot: u32::try_from(
+                started
+                    .saturating_duration_since(self.shared.started)
+                    .as_millis()
+                    / SLOT.as_millis(),
+            )
+            .unwrap_or(u32::MAX),
+            latency_us: u32::try_from(latency).unwrap_or(u32::MAX),
+            failed: !matches!(&attempt, Ok(r) if r.status == 200),
+        });
         match attempt {
             Ok(resp) => {
                 if let Some(pid) = resp.pid {
@@ -984,6 +1070,32 @@ impl Histogram {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_timeline_has_every_slot_and_its_p99() {
+        let mut samples = Vec::new();
+        for i in 0..100u32 {
+            samples.push(Sample {
+                slot: 0,
+                latency_us: i + 1,
+                failed: false,
+            });
+        }
+        samples.push(Sample {
+            slot: 3,
+            latency_us: 7,
+            failed: true,
+        });
+        let t = timeline(&samples);
+        assert_eq!(t.len(), 4);
+        assert_eq!((t[0].requests, t[0].failed, t[0].p99_us), (100, 0, 99));
+        assert_eq!((t[1].requests, t[2].requests), (0, 0));
+        assert_eq!(
+            (t[3].t_ms, t[3].requests, t[3].failed, t[3].p99_us),
+            (300, 1, 1, 7)
+        );
+    }
+
     use super::*;
     use tokio::net::TcpListener;
 
