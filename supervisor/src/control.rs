@@ -287,15 +287,7 @@ pub fn stream(
         path: path.to_path_buf(),
         why,
     };
-    access::check_client(path)?;
-    let mut s =
-        std::os::unix::net::UnixStream::connect(path).map_err(|err| ClientError::Connect {
-            path: path.to_path_buf(),
-            err,
-        })?;
-    let mut line = serde_json::to_vec(req).map_err(|e| perr(e.to_string()))?;
-    line.push(b'\n');
-    s.write_all(&line).map_err(|e| perr(e.to_string()))?;
+    let s = send(path, req)?;
     for l in BufReader::new(s).lines() {
         let l = l.map_err(|e| perr(e.to_string()))?;
         if !each(&l) {
@@ -363,6 +355,24 @@ pub enum ClientError {
     },
 }
 
+/// Connects to the control socket at `path` (checked first) and sends `req`.
+fn send(path: &Path, req: &ControlRequest) -> Result<std::os::unix::net::UnixStream, ClientError> {
+    let perr = |why: String| ClientError::Protocol {
+        path: path.to_path_buf(),
+        why,
+    };
+    access::check_client(path)?;
+    let mut s =
+        std::os::unix::net::UnixStream::connect(path).map_err(|err| ClientError::Connect {
+            path: path.to_path_buf(),
+            err,
+        })?;
+    let mut line = serde_json::to_vec(req).map_err(|e| perr(e.to_string()))?;
+    line.push(b'\n');
+    s.write_all(&line).map_err(|e| perr(e.to_string()))?;
+    Ok(s)
+}
+
 /// Sends one request and waits for the reply (`timeout` None = wait as long as it takes).
 ///
 /// # Errors
@@ -376,17 +386,9 @@ pub fn request(
         path: path.to_path_buf(),
         why,
     };
-    access::check_client(path)?;
-    let mut s =
-        std::os::unix::net::UnixStream::connect(path).map_err(|err| ClientError::Connect {
-            path: path.to_path_buf(),
-            err,
-        })?;
+    let s = send(path, req)?;
     s.set_read_timeout(timeout)
         .map_err(|e| perr(e.to_string()))?;
-    let mut line = serde_json::to_vec(req).map_err(|e| perr(e.to_string()))?;
-    line.push(b'\n');
-    s.write_all(&line).map_err(|e| perr(e.to_string()))?;
     let mut reply = String::new();
     BufReader::new(s)
         .read_line(&mut reply)

@@ -110,7 +110,33 @@ fn main() -> ExitCode {
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = || EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Under systemd, straight to journald with the fields as journal fields
+    // (GENERATION=, PID=, RELEASE=, ...), so `journalctl GENERATION=3` works; plain
+    // lines on stderr when there is no journald to talk to.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            use tracing_journald::{Priority, PriorityMappings};
+            // As syslog means them: routine information is 6, not a notice (5).
+            let priorities = PriorityMappings {
+                info: Priority::Informational,
+                debug: Priority::Debug,
+                ..PriorityMappings::new()
+            };
+            let journald = journald
+                .with_field_prefix(None)
+                .with_syslog_identifier("baton".into())
+                .with_priority_mappings(priorities);
+            tracing_subscriber::registry()
+                .with(filter())
+                .with(journald)
+                .init();
+            return;
+        }
+    }
+    let filter = filter();
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

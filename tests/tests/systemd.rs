@@ -737,3 +737,61 @@ fn reload_installs_the_newest_release_with_probation_in_status() {
     eprintln!("{report}");
     fx.check(report.failed == 0, || format!("requests failed:\n{report}"));
 }
+
+/// Under systemd (`JOURNAL_STREAM` set) baton writes to journald's native socket,
+/// with its fields as journal fields: `journalctl GENERATION=2` finds the promotion.
+/// The sandbox has no journald, so a stand-in (`fixtures/fake_journald.py`) binds
+/// the socket inside it and records what arrives.
+#[test]
+fn baton_logs_to_journald_with_its_fields() {
+    let _serial = serial();
+    let Some(tools) = tools("baton_logs_to_journald_with_its_fields") else {
+        return;
+    };
+    let mut fx = Fixture::new("journald", tools, Layout::Template, &[]);
+    fx.drop_in_named(
+        TEMPLATE_INSTANCE,
+        "60-journal.conf",
+        "[Service]\nEnvironment=JOURNAL_STREAM=8:1\n",
+    );
+    fx.boot();
+    let out = fx.dir.join("journal.jsonl");
+    let fake = baton_tests::harness::fixture("fake_journald.py");
+    let mut journald = std::process::Command::new(&fx.tools.sandbox)
+        .args(["exec", &fx.sb().name, "python3"])
+        .arg(&fake)
+        .arg(&out)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + SHORT;
+    while !std::fs::read_to_string(&out).is_ok_and(|t| t.contains("listening")) {
+        fx.check(std::time::Instant::now() < deadline, || {
+            "the fake journald did not start".into()
+        });
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fx.ctl_ok(&["start", TEMPLATE_INSTANCE]);
+    fx.ctl_ok(&["reload", TEMPLATE_INSTANCE]);
+    let entries: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let _ = journald.kill();
+    let _ = journald.wait();
+    let promoted = entries.iter().find(|e| {
+        e["MESSAGE"] == "promoted" && e["GENERATION"] == "2" && e["SYSLOG_IDENTIFIER"] == "baton"
+    });
+    fx.check(promoted.is_some(), || {
+        format!("no promotion of generation 2 in {entries:#?}")
+    });
+    let p = promoted.unwrap_or(&serde_json::Value::Null);
+    fx.check(
+        p["PID"].as_str().is_some_and(|s| s.parse::<u32>().is_ok()),
+        || format!("no PID field: {p}"),
+    );
+    fx.check(p["PRIORITY"] == "6", || format!("info is priority 6: {p}"));
+    // baton's own lines went to journald, not to stdout/stderr.
+    let log = fx.unit_log();
+    fx.check(!log.contains("promoted generation=2"), || log.clone());
+}
