@@ -254,6 +254,14 @@ fn take_over(fd: &std::ffi::OsStr) -> ExitCode {
         .ok()
         .and_then(|p| p.parse::<i32>().ok())
         .and_then(|p| sys::take_handed_fd(p).ok());
+    if let (Some(p), None) = (&prev, &failed) {
+        if let Err(e) = reexec::arm_crash_fallback(p, &memfd) {
+            tracing::warn!(error = %e, "a crash while taking over would not be recovered");
+        }
+        if std::env::var("BATON_FAULT").as_deref() == Ok("reexec-crash") {
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSEGV);
+        }
+    }
     let checked = reexec::HandOver::decode(&data).and_then(|state| {
         if failed.is_none() && std::env::var("BATON_FAULT").as_deref() == Ok("reexec-takeover") {
             return Err("fault injected (BATON_FAULT=reexec-takeover)".into());
@@ -278,7 +286,6 @@ fn take_over(fd: &std::ffi::OsStr) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    drop(prev);
     let Some(rt) = runtime() else {
         return ExitCode::FAILURE;
     };
@@ -286,6 +293,7 @@ fn take_over(fd: &std::ffi::OsStr) -> ExitCode {
         state,
         memfd,
         failed,
+        prev,
     };
     match rt.block_on(supervise::resume(inherited)) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

@@ -368,3 +368,77 @@ async fn stateful_kv_keeps_fifty_pipelining_clients_through_five_reexecs() {
         other => panic!("{other}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_baton_that_crashes_taking_over_execs_the_old_one_back() {
+    let _serial = exclusive().await;
+    let (dir, exe) = own_baton("reexec-crash");
+    // The new image gets SIGSEGV after its probe passed, while taking over.
+    let baton = start_hello(dir, &exe, &[("BATON_FAULT", "reexec-crash")]).await;
+    let addr = baton.tcp_addr("http").await.unwrap();
+    let app = baton.status().await.unwrap().pid;
+    let (ok, r) = baton.reexec_wait().await.unwrap();
+    assert!(!ok, "{r:?}");
+    let why = r.reason.unwrap_or_default();
+    assert!(why.contains("crashed while taking over (SIGSEGV)"), "{why}");
+    let st = baton.status().await.unwrap();
+    assert_eq!(st.supervisor_pid, baton.pid());
+    assert_eq!(st.pid, app);
+    assert_eq!(
+        http_get(addr, "/", Duration::from_secs(5)).unwrap().pid(),
+        app
+    );
+    assert!(matches!(
+        baton.upgrade_wait().await.unwrap(),
+        UpgradeOutcome::Promoted(_)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_history_carry_over_a_reexec() {
+    let _serial = exclusive().await;
+    let (dir, exe) = own_baton("reexec-obs");
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let hello = hello_http_bin().unwrap();
+    let m = metrics.to_string();
+    let baton = Baton::spawn_with(
+        &exe,
+        &[],
+        dir,
+        ["--listen", "http=127.0.0.1:0", "--metrics", m.as_str()],
+        [&hello],
+    )
+    .unwrap();
+    baton.wait_active(WAIT).await.unwrap();
+    assert!(matches!(
+        baton.upgrade_wait().await.unwrap(),
+        UpgradeOutcome::Promoted(_)
+    ));
+    let (ok, r) = baton.reexec_wait().await.unwrap();
+    assert!(ok, "{r:?}");
+    // The same metrics socket answers (handed over, not bound again).
+    let r = http_get(metrics, "/metrics", Duration::from_secs(5)).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body.contains("baton_reexecs_total{result=\"done\"} 1"),
+        "{}",
+        r.body
+    );
+    // History and events from before the reexec are still there (no --state-dir).
+    let h = baton
+        .cli(&["history", "--json"], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(h.stdout.lines().count(), 2, "{h:?}");
+    let e = baton
+        .cli(&["events", "--json"], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(
+        e.stdout.contains("\"event\":\"promoted\"") && e.stdout.contains("\"event\":\"reexec\""),
+        "{e:?}"
+    );
+}

@@ -166,6 +166,28 @@ pub fn exec_forward(exe: &Exe, state: &HandOver, argv: &[OsString]) -> String {
     }
 }
 
+/// Until the take-over is done, a crash of this image (a fatal signal or a panic)
+/// execs the previous executable back with the same hand-over, saying so.
+///
+/// # Errors
+/// The handlers cannot be installed.
+pub fn arm_crash_fallback(prev: &OwnedFd, memfd: &OwnedFd) -> Result<(), String> {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let argv = cstrings(argv.iter().map(OsString::as_os_str))?;
+    let state = memfd.as_raw_fd().to_string();
+    sys::arm_crash_exec(prev.as_fd(), argv, |sig| {
+        next_env(&[
+            (ENV_STATE, state.clone()),
+            (
+                ENV_FAILED,
+                format!("the new baton crashed while taking over ({sig})"),
+            ),
+        ])
+        .unwrap_or_default()
+    })
+    .map_err(|e| format!("cannot arm the crash fallback: {e}"))
+}
+
 /// The new image cannot take over: exec the previous executable with the same
 /// hand-over and the reason. Returns only when that failed too.
 pub fn exec_back(

@@ -316,6 +316,8 @@ pub struct Inherited {
     /// Why the image that exec'd this one back could not take over (this image
     /// is the previous executable, resumed).
     pub failed: Option<String>,
+    /// The previous executable, exec'd back if this image crashes taking over.
+    pub prev: Option<OwnedFd>,
 }
 
 /// Runs the supervisor from a hand-over until it is stopped.
@@ -327,6 +329,7 @@ pub async fn resume(inh: Inherited) -> Result<i32, super::RunError> {
         state,
         memfd,
         failed,
+        prev,
     } = inh;
     let all_fds = {
         let mut v = state.fds();
@@ -439,6 +442,9 @@ pub async fn resume(inh: Inherited) -> Result<i32, super::RunError> {
         let _ = sys::set_inheritable_raw(*fd, false);
     }
     drop(memfd);
+    // Taken over: a crash from here on is this image's own.
+    sys::disarm_crash_exec();
+    drop(prev);
     let mut m: Machine = serde_json::from_value(state.machine.clone())
         .map_err(|e| setup(format!("malformed hand-over: the machine: {e}")))?;
     let reexec_waiters: Vec<WaiterId> = state

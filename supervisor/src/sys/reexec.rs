@@ -211,3 +211,109 @@ pub fn async_pidfd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>>
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into())
 }
+
+/// What a crash during a take-over execs: the previous executable, with an
+/// environment per fatal signal saying which. Built before it can be needed, so the
+/// signal handler only reads it (no allocation, no locks).
+struct CrashExec {
+    exe: RawFd,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    envs: Vec<(libc::c_int, Vec<CString>, Vec<*const libc::c_char>)>,
+}
+
+static CRASH: std::sync::atomic::AtomicPtr<CrashExec> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+/// The signals that mean this image crashed.
+pub const CRASH_SIGNALS: [Signal; 5] = [
+    Signal::SIGSEGV,
+    Signal::SIGBUS,
+    Signal::SIGILL,
+    Signal::SIGFPE,
+    Signal::SIGABRT,
+];
+
+extern "C" fn on_crash(sig: libc::c_int) {
+    let p = CRASH.load(std::sync::atomic::Ordering::Acquire);
+    if !p.is_null() {
+        // SAFETY: `p` came from `Box::leak` in `arm_crash_exec` and is never freed.
+        let c = unsafe { &*p };
+        if let Some((_, _, envp)) = c.envs.iter().find(|(s, _, _)| *s == sig) {
+            // SAFETY: execveat is async-signal-safe; the pointers are NUL-terminated
+            // arrays of NUL-terminated strings that live forever.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_execveat,
+                    c.exe,
+                    c"".as_ptr(),
+                    c.argv_ptrs.as_ptr(),
+                    envp.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                )
+            };
+        }
+    }
+    // SAFETY: _exit is async-signal-safe.
+    unsafe { libc::_exit(128 + sig) }
+}
+
+/// Until [`disarm_crash_exec`]: a crash (a fatal signal, or a panic) execs `prev`
+/// with `argv` and `env(signal name)` instead of killing the process, so that a new
+/// image that dies while taking over hands everything back.
+///
+/// # Errors
+/// A handler could not be installed.
+pub fn arm_crash_exec(
+    prev: BorrowedFd<'_>,
+    argv: Vec<CString>,
+    env: impl Fn(&str) -> Vec<CString>,
+) -> io::Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, sigaction};
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let envs = CRASH_SIGNALS
+        .iter()
+        .map(|s| {
+            let e = env(s.as_str());
+            let mut ptrs: Vec<*const libc::c_char> = e.iter().map(|x| x.as_ptr()).collect();
+            ptrs.push(std::ptr::null());
+            (*s as libc::c_int, e, ptrs)
+        })
+        .collect();
+    let c = Box::leak(Box::new(CrashExec {
+        exe: prev.as_raw_fd(),
+        _argv: argv,
+        argv_ptrs,
+        envs,
+    }));
+    CRASH.store(c, std::sync::atomic::Ordering::Release);
+    let action = SigAction::new(
+        SigHandler::Handler(on_crash),
+        SaFlags::SA_RESETHAND,
+        SigSet::empty(),
+    );
+    for s in CRASH_SIGNALS {
+        // SAFETY: `on_crash` only makes async-signal-safe calls on memory prepared above.
+        unsafe { sigaction(s, &action) }?;
+    }
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        hook(info);
+        if !CRASH.load(std::sync::atomic::Ordering::Acquire).is_null() {
+            on_crash(libc::SIGABRT);
+        }
+    }));
+    Ok(())
+}
+
+/// The take-over is done: crashes are crashes again.
+pub fn disarm_crash_exec() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, sigaction};
+    CRASH.store(std::ptr::null_mut(), std::sync::atomic::Ordering::Release);
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for s in CRASH_SIGNALS {
+        // SAFETY: restoring the default action is always sound.
+        let _ = unsafe { sigaction(s, &default) };
+    }
+}
