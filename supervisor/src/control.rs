@@ -193,7 +193,6 @@ async fn handle(
     mut evicted: oneshot::Receiver<()>,
     events: EventLog,
 ) -> io::Result<()> {
-    let conn = stream.as_fd().try_clone_to_owned().ok();
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let mut r = tokio::io::BufReader::new(r).take_lines_limit();
@@ -211,8 +210,14 @@ async fn handle(
         Err(e) => ControlReply::Error {
             message: format!("bad request: {e}"),
         },
-        Ok(ControlRequest::Events { follow }) => return stream_events(w, &events, follow).await,
+        Ok(ControlRequest::Events { follow }) => {
+            return stream_events(&mut r, w, &events, follow).await;
+        }
         Ok(request) => {
+            // Only a client that may wait for an outcome can outlive this image.
+            let conn = may_wait(&request)
+                .then(|| w.as_ref().as_fd().try_clone_to_owned().ok())
+                .flatten();
             let (reply, rx) = oneshot::channel();
             if tx
                 .send(Incoming {
@@ -239,12 +244,25 @@ async fn handle(
     w.shutdown().await
 }
 
+/// Whether the reply to `r` may wait for an outcome (so a reexec hands the client
+/// over).
+fn may_wait(r: &ControlRequest) -> bool {
+    use baton_protocol::ReleaseRequest as R;
+    match r {
+        ControlRequest::Upgrade { wait } | ControlRequest::Reexec { wait } => *wait,
+        ControlRequest::Release(R::Install { .. } | R::Rollback { .. }) => true,
+        _ => false,
+    }
+}
+
 /// Writes the recent events, then (with `follow`) every new one, a JSON line each.
 async fn stream_events(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
     mut w: tokio::net::unix::OwnedWriteHalf,
     events: &EventLog,
     follow: bool,
 ) -> io::Result<()> {
+    use tokio::io::AsyncReadExt;
     let (recent, mut rx) = events.subscribe();
     let mut out = Vec::new();
     for e in &recent {
@@ -255,8 +273,17 @@ async fn stream_events(
     if !follow {
         return w.shutdown().await;
     }
+    let mut scratch = [0u8; 256];
     loop {
-        let e = match rx.recv().await {
+        // A follower that went away frees its slot now, not at the next event.
+        let next = tokio::select! {
+            n = r.read(&mut scratch) => match n {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => continue,
+            },
+            e = rx.recv() => e,
+        };
+        let e = match next {
             Ok(e) => e,
             // A follower too slow for the stream misses some; it is told how many.
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {

@@ -808,3 +808,52 @@ async fn baton_raises_its_fd_limit_and_its_children_keep_the_original() {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// Control connections past their request (here: 1,100 `events --follow` streams, which
+/// never end) are capped at `MAX_CLIENTS` (1,024): the rest are closed at accept, baton's
+/// fds stay bounded, and once the streams go away an operator gets in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_control_connections_are_capped_and_baton_recovers() {
+    use std::io::Write;
+    const CAP: usize = 1024;
+    let _serial = exclusive().await;
+    let baton = hello_baton().await;
+    let before = fd_count(baton.pid());
+    let mut streams = Vec::new();
+    let mut refused = 0;
+    for _ in 0..(CAP + 76) {
+        let Ok(mut s) = UnixStream::connect(baton.control()) else {
+            refused += 1;
+            continue;
+        };
+        s.write_all(b"{\"cmd\":\"events\",\"follow\":true}\n")
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // The recent events arrive on every stream baton serves; one it refused at
+        // the cap is closed without a byte.
+        let mut first = [0u8; 1];
+        match s.read(&mut first) {
+            Ok(1) => streams.push(s),
+            _ => refused += 1,
+        }
+    }
+    println!("{} streams served, {refused} refused", streams.len());
+    assert!(streams.len() <= CAP, "{} served", streams.len());
+    assert!(refused >= 76 - 8, "only {refused} refused past the cap");
+    let fds = fd_count(baton.pid());
+    assert!(
+        fds <= before + CAP + 16,
+        "baton went from {before} to {fds} fds"
+    );
+    drop(streams);
+    // The slots come back as the streams end.
+    baton
+        .wait_for(
+            "the control socket to answer again",
+            Duration::from_secs(20),
+            |_| true,
+        )
+        .await
+        .unwrap();
+    baton.status().await.unwrap();
+}
