@@ -398,10 +398,7 @@ async fn a_new_baton_that_crashes_taking_over_execs_the_old_one_back() {
 async fn metrics_and_history_carry_over_a_reexec() {
     let _serial = exclusive().await;
     let (dir, exe) = own_baton("reexec-obs");
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], baton_tests::systemd::free_port()));
     let hello = hello_http_bin().unwrap();
     let m = metrics.to_string();
     let baton = Baton::spawn_with(

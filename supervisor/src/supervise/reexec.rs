@@ -199,6 +199,17 @@ pub(super) async fn perform(
     fail(m, d, err, Some(to));
 }
 
+/// How a listener goes over.
+fn listener_over(l: &Listener) -> ListenerOver {
+    ListenerOver {
+        name: l.name.clone(),
+        addr: l.addr.clone(),
+        inherited: l.inherited,
+        fd: l.fd().as_raw_fd(),
+        bound_file: l.bound_file().cloned(),
+    }
+}
+
 fn resume_readers(d: &mut Driver, mut readers: HashMap<GenId, FrameReader>) {
     for (id, h) in d.handles.iter_mut() {
         h.resume(readers.remove(id).unwrap_or_default());
@@ -243,17 +254,7 @@ fn hand_over(
         requested,
         me: d.me.clone(),
         config: cfg.clone(),
-        listeners: d
-            .listeners
-            .iter()
-            .map(|l| ListenerOver {
-                name: l.name.clone(),
-                addr: l.addr.clone(),
-                inherited: l.inherited,
-                fd: l.fd().as_raw_fd(),
-                bound_file: l.bound_file().cloned(),
-            })
-            .collect(),
+        listeners: d.listeners.iter().map(listener_over).collect(),
         control: SocketOver {
             fd: cfd.as_raw_fd(),
             path: cpath.to_path_buf(),
@@ -295,13 +296,7 @@ fn hand_over(
         machine: serde_json::to_value(m).unwrap_or_default(),
         boot_note: d.boot_note.clone(),
         in_use: d.in_use.clone(),
-        metrics: d.metrics_listener.as_ref().map(|l| ListenerOver {
-            name: l.name.clone(),
-            addr: l.addr.clone(),
-            inherited: l.inherited,
-            fd: l.fd().as_raw_fd(),
-            bound_file: l.bound_file().cloned(),
-        }),
+        metrics: d.metrics_listener.as_ref().map(listener_over),
         history: d.history.entries(),
         events: d.event_log.subscribe().0,
     }
@@ -339,20 +334,21 @@ pub async fn resume(inh: Inherited) -> Result<i32, super::RunError> {
     let setup = |e: String| super::RunError::Setup(e);
     let cfg = state.config.clone();
     let take = |fd: RawFd| sys::take_handed_fd(fd).map_err(|e| e.to_string());
+    let listener = |l: &ListenerOver| {
+        take(l.fd).map(|fd| {
+            Listener::from_handover(
+                l.name.clone(),
+                l.addr.clone(),
+                l.inherited,
+                fd,
+                l.bound_file.clone(),
+            )
+        })
+    };
     let listeners = state
         .listeners
         .iter()
-        .map(|l| {
-            take(l.fd).map(|fd| {
-                Listener::from_handover(
-                    l.name.clone(),
-                    l.addr.clone(),
-                    l.inherited,
-                    fd,
-                    l.bound_file.clone(),
-                )
-            })
-        })
+        .map(listener)
         .collect::<Result<Vec<_>, _>>()
         .map_err(setup)?;
     let control = ControlServer::from_handover(
@@ -377,16 +373,12 @@ pub async fn resume(inh: Inherited) -> Result<i32, super::RunError> {
         .map_err(setup)?;
         images.insert(i.label.clone(), exe);
     }
-    let metrics_listener = match &state.metrics {
-        Some(l) => Some(Listener::from_handover(
-            l.name.clone(),
-            l.addr.clone(),
-            l.inherited,
-            take(l.fd).map_err(setup)?,
-            l.bound_file.clone(),
-        )),
-        None => None,
-    };
+    let metrics_listener = state
+        .metrics
+        .as_ref()
+        .map(listener)
+        .transpose()
+        .map_err(setup)?;
     let lifecycle = match &cfg.release.store {
         Some(dir) => Some(
             Lifecycle::reopen(
