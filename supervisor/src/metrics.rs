@@ -325,8 +325,13 @@ impl Metrics {
     }
 }
 
+/// Scrape connections served at once; more are closed at accept, so that nobody who
+/// can reach the port can fill baton's fd table.
+pub const MAX_SCRAPERS: usize = 16;
+
 /// Answers `GET /metrics` (anything else: 404) on `listener`, a TCP or Unix one.
 pub async fn serve(listener: std::os::fd::OwnedFd, tcp: bool, metrics: Metrics) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPERS));
     let r = if tcp {
         let l = std::net::TcpListener::from(listener);
         match l
@@ -335,7 +340,7 @@ pub async fn serve(listener: std::os::fd::OwnedFd, tcp: bool, metrics: Metrics) 
         {
             Ok(l) => loop {
                 match l.accept().await {
-                    Ok((s, _)) => connection(s, metrics.clone()),
+                    Ok((s, _)) => connection(s, metrics.clone(), &slots),
                     Err(e) => backoff(e).await,
                 }
             },
@@ -349,7 +354,7 @@ pub async fn serve(listener: std::os::fd::OwnedFd, tcp: bool, metrics: Metrics) 
         {
             Ok(l) => loop {
                 match l.accept().await {
-                    Ok((s, _)) => connection(s, metrics.clone()),
+                    Ok((s, _)) => connection(s, metrics.clone(), &slots),
                     Err(e) => backoff(e).await,
                 }
             },
@@ -364,11 +369,19 @@ async fn backoff(e: std::io::Error) {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 }
 
-fn connection<S>(stream: S, metrics: Metrics)
+fn connection<S>(stream: S, metrics: Metrics, slots: &Arc<tokio::sync::Semaphore>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let Ok(slot) = slots.clone().try_acquire_owned() else {
+        tracing::debug!(
+            max = MAX_SCRAPERS,
+            "too many metrics connections; closing a new one"
+        );
+        return;
+    };
     tokio::spawn(async move {
+        let _slot = slot;
         let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             let metrics = metrics.clone();
             async move { Ok::<_, Infallible>(respond(&req, &metrics)) }

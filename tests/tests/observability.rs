@@ -30,8 +30,7 @@ fn app_dir(tag: &str) -> (TestDir, PathBuf, PathBuf) {
 }
 
 fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    SocketAddr::from(([127, 0, 0, 1], baton_tests::systemd::free_port()))
 }
 
 fn scrape(python: &PathBuf, addr: SocketAddr) -> Scrape {
@@ -429,6 +428,33 @@ async fn an_idle_baton_with_metrics_is_small_and_quiet() {
     .unwrap();
     let (status, _, _) = scrape_text(addr.parse().unwrap());
     assert_eq!(status, 200);
+    // Anyone who can reach the port: 200 silent connections cost at most the cap.
+    // Those past it are closed at accept: their EOF comes well before the 10 s
+    // header timeout that would close a held one.
+    let before = baton_tests::harness::proc_fds(baton.pid()).unwrap().len();
+    let held: Vec<_> = (0..200)
+        .filter_map(|_| std::net::TcpStream::connect(addr.as_str()).ok())
+        .collect();
+    let mut closed = 0;
+    for c in held.iter().skip(16) {
+        let mut c = c;
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 1];
+        if matches!(std::io::Read::read(&mut c, &mut b), Ok(0)) {
+            closed += 1;
+        }
+    }
+    let fds = baton_tests::harness::proc_fds(baton.pid()).unwrap().len();
+    assert_eq!(
+        closed,
+        held.len() - 16,
+        "connections past the cap were held open"
+    );
+    assert!(
+        fds <= before + 16 + 8,
+        "baton went from {before} to {fds} fds"
+    );
+    drop(held);
     let switches = |pid: u32| -> u64 {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .unwrap()
