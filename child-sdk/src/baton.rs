@@ -17,12 +17,14 @@ use crate::events::Event;
 use crate::incoming::Incoming;
 use crate::listeners::Listeners;
 use crate::notify::Notifier;
+use crate::precopy::Credit;
 use crate::send::ControlTx;
 
 /// Configures a [`Baton`] before it says hello to the supervisor.
 #[derive(Debug, Clone)]
 pub struct Builder {
     adopt: bool,
+    precopy: bool,
     state_version: Option<u32>,
     restores: Option<Vec<u32>>,
     signals: bool,
@@ -33,6 +35,7 @@ impl Default for Builder {
     fn default() -> Self {
         Builder {
             adopt: false,
+            precopy: false,
             state_version: None,
             restores: None,
             signals: true,
@@ -57,6 +60,17 @@ impl Builder {
     /// given to [`stateful`](Self::stateful).
     pub fn restores(mut self, versions: impl IntoIterator<Item = u32>) -> Self {
         self.restores = Some(versions.into_iter().collect());
+        self
+    }
+
+    /// Announces the `precopy` feature (with [`stateful`](Self::stateful)):
+    /// as the old generation, answer [`Event::Precopy`] and
+    /// [`Event::PrecopyFinal`] with [`Baton::chunks`]; as a candidate,
+    /// restore with [`Baton::restore_chunked`]. baton then moves the state
+    /// while the old generation serves, and pauses it only for the last
+    /// changes.
+    pub fn precopy(mut self) -> Self {
+        self.precopy = true;
         self
     }
 
@@ -90,6 +104,9 @@ impl Builder {
         }
         if self.adopt {
             f.push(Feature::Adopt);
+        }
+        if self.precopy && self.state_version.is_some() {
+            f.push(Feature::Precopy);
         }
         f
     }
@@ -134,6 +151,7 @@ impl Builder {
         // Adoption needs a supervisor to relay connections.
         let adopt = (self.adopt && control.is_some()).then(AdoptRoutes::default);
         let mut state_rx = None;
+        let credit = Arc::new(Credit::default());
         let control = match control {
             None => None,
             Some(fd) => {
@@ -153,6 +171,7 @@ impl Builder {
                     drain: trigger.clone(),
                     state: state_tx,
                     adopt: adopt.clone(),
+                    credit: Arc::clone(&credit),
                 };
                 let tx = dispatch::start(fd, &hello, dispatch)?;
                 conns.spawn_reporter(tx.clone());
@@ -187,6 +206,7 @@ impl Builder {
                 }),
                 successor: Mutex::new(None),
                 adopt,
+                credit,
             }),
         })
     }
@@ -238,6 +258,7 @@ pub(crate) struct Inner {
     /// The schema versions the successor restores, from the last quiesce.
     pub(crate) successor: Mutex<Option<Vec<u32>>>,
     adopt: Option<AdoptRoutes>,
+    pub(crate) credit: Arc<Credit>,
 }
 
 /// The stateful side's queue, and what has been handed to the app.

@@ -14,15 +14,40 @@ use tokio::sync::mpsc;
 use crate::adopt::{self, AdoptRoutes, AdoptedConn};
 use crate::drain::{DrainCause, DrainInfo, DrainTrigger};
 use crate::error::{Error, Result};
+use crate::precopy::Credit;
 use crate::send::ControlTx;
 
 /// What the reader forwards to the stateful side of [`Baton`](crate::Baton).
 #[derive(Debug)]
 pub(crate) enum StateMsg {
-    Restore { fd: OwnedFd, size: u64 },
-    Fresh { reason: String },
-    Quiesce { accept: Option<Vec<u32>> },
-    Resume { reason: String },
+    Restore {
+        fd: OwnedFd,
+        size: u64,
+    },
+    Fresh {
+        reason: String,
+    },
+    Quiesce {
+        accept: Option<Vec<u32>>,
+    },
+    Resume {
+        reason: String,
+    },
+    Precopy {
+        round: u32,
+    },
+    PrecopyFinal {
+        round: u32,
+    },
+    Chunk {
+        fd: OwnedFd,
+        size: u64,
+        round: u32,
+        seq: u64,
+    },
+    Complete {
+        chunks: u64,
+    },
 }
 
 /// Where the reader delivers what the supervisor says.
@@ -33,6 +58,8 @@ pub(crate) struct Dispatch {
     pub(crate) state: Option<mpsc::UnboundedSender<StateMsg>>,
     /// Set when the child announced `adopt`.
     pub(crate) adopt: Option<AdoptRoutes>,
+    /// Pre-copy flow control (acks from the candidate, via baton).
+    pub(crate) credit: Arc<Credit>,
 }
 
 impl Dispatch {
@@ -51,7 +78,36 @@ impl Dispatch {
                 migrate,
             } => self.drain_by(DrainCause::Supervisor, deadline_ms, migrate),
             SupervisorMsg::Quiesce { accept } => self.to_state(StateMsg::Quiesce { accept }),
-            SupervisorMsg::Resume { reason } => self.to_state(StateMsg::Resume { reason }),
+            SupervisorMsg::Resume { reason } => {
+                // A pre-copy round in progress stops: its senders are blocked on credit.
+                self.credit.abort(&reason);
+                self.to_state(StateMsg::Resume { reason })
+            }
+            SupervisorMsg::Precopy { round } => {
+                if round == 0 {
+                    self.credit.reset();
+                }
+                self.to_state(StateMsg::Precopy { round })
+            }
+            SupervisorMsg::PrecopyFinal { round } => {
+                if round == 0 {
+                    self.credit.reset();
+                }
+                self.to_state(StateMsg::PrecopyFinal { round })
+            }
+            SupervisorMsg::Acked { seq } => self.credit.ack(seq),
+            SupervisorMsg::Chunk {
+                size, round, seq, ..
+            } => match frame.fds.pop() {
+                Some(fd) if frame.fds.is_empty() => self.to_state(StateMsg::Chunk {
+                    fd,
+                    size,
+                    round,
+                    seq,
+                }),
+                _ => tracing::error!("chunk must carry exactly one fd; ignored"),
+            },
+            SupervisorMsg::Complete { chunks } => self.to_state(StateMsg::Complete { chunks }),
             SupervisorMsg::Commit {
                 deadline_ms,
                 migrate,
@@ -149,6 +205,7 @@ async fn reader(stream: Arc<UnixStream>, dispatch: Dispatch) {
                 // The supervisor is gone or dropped us. If it died, the
                 // kernel sends our parent-death signal, which drains.
                 tracing::warn!("control socket closed by the supervisor");
+                dispatch.credit.abort("the supervisor is gone");
                 return;
             }
             Err(e) if !e.is_fatal() => {
@@ -156,6 +213,7 @@ async fn reader(stream: Arc<UnixStream>, dispatch: Dispatch) {
             }
             Err(e) => {
                 tracing::error!(error = %e, "control socket unusable; no more supervisor messages");
+                dispatch.credit.abort("the control socket is unusable");
                 return;
             }
         }
@@ -187,6 +245,7 @@ mod tests {
                 drain: trigger,
                 state: None,
                 adopt: None,
+                credit: Arc::default(),
             },
         )
         .unwrap();
@@ -231,6 +290,7 @@ mod tests {
             drain: DrainTrigger::new(),
             state: None,
             adopt: None,
+            credit: Arc::default(),
         };
         let _tx = start(OwnedFd::from(ours), &hello, dispatch).unwrap();
         // No await point since start(): a non-blocking read must find it.
@@ -257,6 +317,7 @@ mod tests {
                 drain: DrainTrigger::new(),
                 state: None,
                 adopt: None,
+                credit: Arc::default(),
             },
         )
         .unwrap();

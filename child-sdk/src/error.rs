@@ -68,6 +68,10 @@ pub enum Error {
     /// Writing a state snapshot failed.
     #[error("snapshot: {0}")]
     Snapshot(String),
+    /// A pre-copy round could not be sent (aborted, or the supervisor is
+    /// gone).
+    #[error("pre-copy: {0}")]
+    Precopy(String),
     /// The predecessor's snapshot was rejected (and `rejected` was sent):
     /// the upgrade aborts and the supervisor kills this process.
     #[error("snapshot rejected: {0}")]

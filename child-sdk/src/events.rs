@@ -12,6 +12,22 @@ pub enum Event {
     /// [`Baton::snapshot`](crate::Baton::snapshot) (or
     /// [`Baton::snapshot_failed`](crate::Baton::snapshot_failed)).
     Quiesce,
+    /// Pre-copy (announced with [`Builder::precopy`](crate::Builder::precopy)):
+    /// **keep serving** and send round `round` with
+    /// [`Baton::chunks`](crate::Baton::chunks). Round 0 is the whole state:
+    /// start tracking the keys written or deleted first. Round `n` is what
+    /// changed since round `n - 1` started.
+    Precopy {
+        /// The round.
+        round: u32,
+    },
+    /// Pre-copy's last round: quiesce as for [`Event::Quiesce`], then send
+    /// what changed since the last round (round 0: everything) with
+    /// [`Baton::chunks`](crate::Baton::chunks). Commit or resume follows.
+    PrecopyFinal {
+        /// The round.
+        round: u32,
+    },
     /// The upgrade was aborted: accept again, state intact.
     Resume {
         /// Why it was aborted.

@@ -16,6 +16,7 @@ use crate::dispatch::StateMsg;
 use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::send::ControlTx;
+use tokio::sync::mpsc;
 
 /// How long a candidate that rejected the snapshot waits for the supervisor
 /// to stop it, so that baton reports the rejection rather than "exited".
@@ -77,6 +78,13 @@ impl Baton {
         E: fmt::Display,
         F: FnOnce(u32, serde_json::Value) -> std::result::Result<T, E>,
     {
+        let migrate = |v, json| migrate(v, json).map_err(|e| e.to_string());
+        self.restore_with(OneShot(migrate)).await
+    }
+
+    /// Says `prepared`, receives the state through `how`, and reports
+    /// `restored` or `rejected`.
+    pub(crate) async fn restore_with<T, R: Receive<T>>(&self, how: R) -> Result<Option<T>> {
         let version = self.state_version()?;
         let mut state = self.inner.state.lock().await;
         if state.restored {
@@ -89,44 +97,31 @@ impl Baton {
         control.send(&ChildMsg::Prepared, None)?;
         tracing::debug!("prepared: waiting for the predecessor's state");
         let mut early = Vec::new();
-        let result = loop {
-            match rx.recv().await.ok_or(Error::ControlClosed)? {
-                StateMsg::Fresh { reason } => {
-                    tracing::info!(%reason, "no predecessor state: starting fresh");
-                    break Ok(None);
-                }
-                StateMsg::Restore { fd, size } => {
-                    let started = Instant::now();
-                    let migrate = |v, json| migrate(v, json).map_err(|e| e.to_string());
-                    break match codec::read_snapshot(&fd, size, version, migrate) {
-                        Ok((value, from_version)) => {
-                            let restore_ms =
-                                u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                            tracing::info!(from_version, size, restore_ms, "state restored");
-                            let msg = ChildMsg::Restored {
-                                from_version,
-                                restore_ms,
-                            };
-                            control.send(&msg, None)?;
-                            Ok(Some(value))
-                        }
-                        Err(reason) => Err(reason),
-                    };
-                }
-                StateMsg::Quiesce { accept } => {
-                    self.set_successor(accept);
-                    early.push(Event::Quiesce);
-                }
-                StateMsg::Resume { reason } => early.push(Event::Resume { reason }),
-            }
+        let ctx = Control {
+            baton: self.clone(),
+            tx: control.clone(),
+            version,
         };
+        let result = how.receive(rx, &mut early, &ctx).await?;
         if !early.is_empty() {
             tracing::warn!(events = ?early, "state events before restore; kept for later");
             state.pending.extend(early);
         }
         drop(state);
         match result {
-            Ok(v) => Ok(v),
+            Ok(None) => Ok(None),
+            Ok(Some(got)) => {
+                let restore_ms =
+                    u64::try_from(got.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                let from_version = got.from_version;
+                tracing::info!(from_version, size = got.bytes, restore_ms, "state restored");
+                let msg = ChildMsg::Restored {
+                    from_version,
+                    restore_ms,
+                };
+                control.send(&msg, None)?;
+                Ok(Some(got.state))
+            }
             Err(reason) => {
                 tracing::error!(%reason, "rejecting the snapshot");
                 // On the socket before we go on: the process is about to exit, and an
@@ -200,8 +195,17 @@ impl Baton {
                     return Event::Quiesce;
                 }
                 Ok(Some(StateMsg::Resume { reason })) => return Event::Resume { reason },
-                Ok(Some(StateMsg::Restore { .. } | StateMsg::Fresh { .. })) => {
-                    tracing::warn!("restore/fresh outside restore(); ignored");
+                Ok(Some(StateMsg::Precopy { round })) => return Event::Precopy { round },
+                Ok(Some(StateMsg::PrecopyFinal { round })) => {
+                    return Event::PrecopyFinal { round };
+                }
+                Ok(Some(
+                    StateMsg::Restore { .. }
+                    | StateMsg::Fresh { .. }
+                    | StateMsg::Chunk { .. }
+                    | StateMsg::Complete { .. },
+                )) => {
+                    tracing::warn!("restore message outside restore(); ignored");
                 }
                 Ok(None) => state.rx = None,
             }
@@ -327,6 +331,103 @@ impl Baton {
         })?;
         tracing::warn!(version, size, "sending an unchecked snapshot");
         send_snapshot(control, version, fd, size)
+    }
+}
+
+/// What a candidate needs to answer while it receives state.
+pub(crate) struct Control {
+    pub(crate) baton: Baton,
+    pub(crate) tx: ControlTx,
+    /// This program's schema version.
+    pub(crate) version: u32,
+}
+
+/// The state a candidate received.
+pub(crate) struct Got<T> {
+    pub(crate) state: T,
+    pub(crate) from_version: u32,
+    pub(crate) bytes: u64,
+    /// When the first of it arrived.
+    pub(crate) started: Instant,
+}
+
+/// The state, none (`fresh`), or why it is refused.
+pub(crate) type Received<T> = std::result::Result<Option<Got<T>>, String>;
+
+/// How a candidate receives its state: one snapshot, or chunks.
+pub(crate) trait Receive<T> {
+    /// Reads state messages until the state is complete; quiesce and resume
+    /// (which may come early) go to `early`.
+    async fn receive(
+        self,
+        rx: &mut mpsc::UnboundedReceiver<StateMsg>,
+        early: &mut Vec<Event>,
+        control: &Control,
+    ) -> Result<Received<T>>;
+}
+
+/// [`Baton::restore`]: one snapshot, migrated if older.
+struct OneShot<F>(F);
+
+impl<T, F> Receive<T> for OneShot<F>
+where
+    T: DeserializeOwned,
+    F: FnOnce(u32, serde_json::Value) -> std::result::Result<T, String>,
+{
+    async fn receive(
+        self,
+        rx: &mut mpsc::UnboundedReceiver<StateMsg>,
+        early: &mut Vec<Event>,
+        control: &Control,
+    ) -> Result<Received<T>> {
+        loop {
+            match rx.recv().await.ok_or(Error::ControlClosed)? {
+                StateMsg::Fresh { reason } => {
+                    tracing::info!(%reason, "no predecessor state: starting fresh");
+                    return Ok(Ok(None));
+                }
+                StateMsg::Restore { fd, size } => {
+                    return Ok(decode_one(&fd, size, control.version, self.0));
+                }
+                StateMsg::Chunk { .. } | StateMsg::Complete { .. } => {
+                    return Ok(Err(
+                        "state arrived in chunks, and this program restores one snapshot (restore_chunked reads chunks)".to_owned(),
+                    ));
+                }
+                other => keep_early(&control.baton, other, early),
+            }
+        }
+    }
+}
+
+/// Decodes a one-shot snapshot.
+pub(crate) fn decode_one<T, F>(fd: &OwnedFd, size: u64, version: u32, migrate: F) -> Received<T>
+where
+    T: DeserializeOwned,
+    F: FnOnce(u32, serde_json::Value) -> std::result::Result<T, String>,
+{
+    let started = Instant::now();
+    codec::read_snapshot(fd, size, version, migrate).map(|(state, from_version)| {
+        Some(Got {
+            state,
+            from_version,
+            bytes: size,
+            started,
+        })
+    })
+}
+
+/// Keeps an old-generation event that arrived while restoring.
+pub(crate) fn keep_early(baton: &Baton, msg: StateMsg, early: &mut Vec<Event>) {
+    match msg {
+        StateMsg::Quiesce { accept } => {
+            baton.set_successor(accept);
+            early.push(Event::Quiesce);
+        }
+        StateMsg::Resume { reason } => early.push(Event::Resume { reason }),
+        StateMsg::Precopy { round } => early.push(Event::Precopy { round }),
+        StateMsg::PrecopyFinal { round } => early.push(Event::PrecopyFinal { round }),
+        other => tracing::warn!(?other, "unexpected state message while restoring; ignored"),
     }
 }
 

@@ -36,7 +36,14 @@ pub enum Feature {
     State,
     /// Adopts live connections handed over by the previous generation.
     Adopt,
+    /// Pre-copy, version 1 (with `state`): sends its state in chunks and
+    /// deltas while it serves, and restores from them as a candidate.
+    Precopy,
 }
+
+/// Chunks a pre-copying generation may send before the candidate has applied
+/// them ([`SupervisorMsg::Acked`] returns credit): bounds the memfds in flight.
+pub const PRECOPY_WINDOW: u64 = 4;
 
 /// A message from the supervisor to a child.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,6 +99,47 @@ pub enum SupervisorMsg {
         /// Whether the successor accepts migrated connections.
         #[serde(default)]
         migrate: bool,
+    },
+    /// Pre-copy, old generation: keep serving and send round `round` as
+    /// [`ChildMsg::Chunk`]s, then [`ChildMsg::RoundDone`]. Round 0 is the whole
+    /// state (start tracking changes first); round `n` is what changed since
+    /// round `n - 1` started (values written, keys deleted).
+    Precopy {
+        /// The round to send.
+        round: u32,
+    },
+    /// Pre-copy, old generation: quiesce as for [`SupervisorMsg::Quiesce`],
+    /// then send what changed since the last round as round `round`
+    /// (chunks, then `round_done`). `round` 0: nothing was sent yet, so this
+    /// is the whole state, chunked (the one-shot path for chunked apps).
+    PrecopyFinal {
+        /// The round to send.
+        round: u32,
+    },
+    /// Pre-copy, old generation: the candidate applied chunk `seq`; one more
+    /// may be sent (at most [`PRECOPY_WINDOW`] unapplied).
+    Acked {
+        /// The chunk's sequence number.
+        seq: u64,
+    },
+    /// Pre-copy, candidate: apply this chunk (one fd: a sealed memfd holding
+    /// `{"version": V, "state": ...}`, with `state` the app's chunk), in
+    /// `seq` order, then answer [`ChildMsg::Applied`]. `fds` is 1.
+    Chunk {
+        /// Number of fds attached (always 1).
+        fds: u32,
+        /// Size in bytes.
+        size: u64,
+        /// The round it belongs to.
+        round: u32,
+        /// 0, 1, 2, ... across all rounds.
+        seq: u64,
+    },
+    /// Pre-copy, candidate: every chunk was sent (`chunks` in all); finish
+    /// and answer [`ChildMsg::Restored`] (or [`ChildMsg::Rejected`]).
+    Complete {
+        /// How many chunks were sent.
+        chunks: u64,
     },
     /// Connection migration, new generation: adopt this live connection (one
     /// fd) as if it had just been accepted on `listener`.
@@ -158,6 +206,37 @@ pub enum ChildMsg {
     Rejected {
         /// Why; shown in `baton status`.
         reason: String,
+    },
+    /// Pre-copy, old generation: one chunk of the current round (one fd, a
+    /// sealed memfd as in [`SupervisorMsg::Chunk`]). `fds` is 1.
+    Chunk {
+        /// Number of fds attached (always 1).
+        fds: u32,
+        /// Size in bytes.
+        size: u64,
+        /// The round it belongs to.
+        round: u32,
+        /// 0, 1, 2, ... across all rounds.
+        seq: u64,
+    },
+    /// Pre-copy, old generation: round `round` is complete.
+    RoundDone {
+        /// The round.
+        round: u32,
+        /// Chunks in it.
+        chunks: u64,
+        /// Their total size in bytes.
+        bytes: u64,
+    },
+    /// Pre-copy, old generation: could not send a round; the upgrade aborts.
+    PrecopyFailed {
+        /// Why.
+        reason: String,
+    },
+    /// Pre-copy, candidate: chunk `seq` is applied.
+    Applied {
+        /// The chunk's sequence number.
+        seq: u64,
     },
     /// Old generation: hand this live connection (one fd) to the successor.
     Migrate {

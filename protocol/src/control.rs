@@ -183,6 +183,54 @@ pub struct UpgradeReport {
     /// Of `supervisor_ms`: from the candidate's READY to the old generation told to drain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_to_drain_ms: Option<f64>,
+    /// Pre-copy: rounds sent while the old generation served (round 0, the
+    /// full copy, included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precopy_rounds: Option<u32>,
+    /// Pre-copy: bytes sent in those rounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precopy_bytes: Option<u64>,
+    /// Pre-copy: why the live rounds stopped ("converged", "round limit",
+    /// "timeout", "not converging ...").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precopy_stop: Option<String>,
+    /// Pre-copy: bytes of the last round, sent while quiesced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_delta_bytes: Option<u64>,
+    /// Stateful: peak resident memory (VmHWM) of the old generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_peak_rss_bytes: Option<u64>,
+    /// Stateful: peak resident memory (VmHWM) of the candidate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_peak_rss_bytes: Option<u64>,
+}
+
+impl UpgradeReport {
+    /// A report with no timings yet.
+    pub fn new(result: UpgradeResult, generation: u64, pid: Option<u32>) -> Self {
+        UpgradeReport {
+            result,
+            reason: None,
+            duration_ms: 0,
+            generation,
+            pid,
+            accept_gap_ms: None,
+            snapshot_bytes: None,
+            snapshot_ms: None,
+            restore_ms: None,
+            migrated_connections: 0,
+            supervisor_ms: None,
+            cgroup_ms: None,
+            spawn_ms: None,
+            ready_to_drain_ms: None,
+            precopy_rounds: None,
+            precopy_bytes: None,
+            precopy_stop: None,
+            final_delta_bytes: None,
+            old_peak_rss_bytes: None,
+            new_peak_rss_bytes: None,
+        }
+    }
 }
 
 /// One listener in [`Status`].

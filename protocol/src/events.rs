@@ -54,6 +54,20 @@ pub enum EventKind {
         /// From quiesce to the snapshot, in ms.
         ms: f64,
     },
+    /// A pre-copy round arrived whole from the old generation.
+    Precopy {
+        /// The round (0: the full copy).
+        round: u32,
+        /// Its size.
+        bytes: u64,
+        /// Its chunks.
+        chunks: u64,
+        /// How long it took, in ms.
+        ms: f64,
+        /// Sent while the old generation was quiesced (the last one).
+        #[serde(default)]
+        quiesced: bool,
+    },
     /// The candidate restored the snapshot.
     Restored {
         /// From handing it over to `restored`, in ms.

@@ -234,6 +234,16 @@ pub struct RunArgs {
     /// Stateful: the candidate must restore the snapshot within DUR [default: 60s].
     #[arg(long, value_name = "DUR")]
     pub restore_timeout: Option<String>,
+    /// Stateful: pre-copy (the state streams while the old generation serves) when both
+    /// generations support it; `off` sends it all while quiesced [default: auto].
+    #[arg(long, value_name = "auto|off")]
+    pub precopy: Option<String>,
+    /// Pre-copy: at most N delta rounds after the full copy [default: 8].
+    #[arg(long, value_name = "N")]
+    pub precopy_rounds: Option<String>,
+    /// Pre-copy: start no new round after DUR; the rest is copied while quiesced [default: 60s].
+    #[arg(long, value_name = "DUR")]
+    pub precopy_timeout: Option<String>,
     /// Members of GROUP (name or gid) may use the control socket too (mode 0660).
     #[arg(long, value_name = "GROUP")]
     pub control_group: Option<String>,

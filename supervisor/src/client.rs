@@ -165,6 +165,17 @@ fn print_status(s: &Status) {
                 u.snapshot_bytes.unwrap_or(0)
             );
         }
+        if let Some(rounds) = u.precopy_rounds {
+            println!(
+                "  pre-copy: {rounds} rounds, {} bytes while serving, last delta {} bytes ({})",
+                u.precopy_bytes.unwrap_or(0),
+                u.final_delta_bytes.unwrap_or(0),
+                u.precopy_stop.as_deref().unwrap_or("?")
+            );
+        }
+        if let (Some(old), Some(new)) = (u.old_peak_rss_bytes, u.new_peak_rss_bytes) {
+            println!("  peak RSS: old {} MiB, new {} MiB", old >> 20, new >> 20);
+        }
     }
     if let Some(r) = &s.releases {
         println!(

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::cli::RunArgs;
 use crate::health::HealthCheck;
 use crate::listeners::ListenSpec;
-use crate::upgrade::{Probation, ReadyMode};
+use crate::upgrade::{PrecopySettings, Probation, ReadyMode};
 
 /// A setting that is wrong; the message names the flag or key and why.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,9 @@ struct File {
     state: Option<bool>,
     snapshot_timeout: Option<String>,
     restore_timeout: Option<String>,
+    precopy: Option<String>,
+    precopy_rounds: Option<toml::Value>,
+    precopy_timeout: Option<String>,
     control: Option<PathBuf>,
     control_group: Option<String>,
     releases: Option<PathBuf>,
@@ -93,6 +96,9 @@ pub struct RunConfig {
     pub snapshot_timeout: Duration,
     /// Restore timeout.
     pub restore_timeout: Duration,
+    /// Pre-copy.
+    #[serde(default)]
+    pub precopy: PrecopySettings,
     /// Control socket path.
     pub control: PathBuf,
     /// Group (gid) whose members may use the control socket too.
@@ -350,6 +356,25 @@ impl RunConfig {
         let health_failures =
             int(&a.health_failures, &f.health_failures, "health-failures", 1)?.unwrap_or(3) as u32;
         let keep = int(&a.keep, &f.keep, "keep", 0)?.map(|n| n as usize);
+        let precopy = PrecopySettings {
+            enabled: match a.precopy.as_deref().or(f.precopy.as_deref()) {
+                None | Some("auto") => true,
+                Some("off") => false,
+                Some(other) => {
+                    return Err(ConfigError(format!(
+                        "invalid --precopy {other:?}: expected auto or off"
+                    )));
+                }
+            },
+            rounds: int(&a.precopy_rounds, &f.precopy_rounds, "precopy-rounds", 0)?.unwrap_or(8)
+                as u32,
+            timeout: dur(
+                a.precopy_timeout.clone(),
+                f.precopy_timeout.clone(),
+                "precopy-timeout",
+                Duration::from_secs(60),
+            )?,
+        };
         let release = ReleaseConfig {
             store,
             probation,
@@ -421,6 +446,7 @@ impl RunConfig {
                 "restore-timeout",
                 Duration::from_secs(60),
             )?,
+            precopy,
             control: a
                 .control
                 .control

@@ -78,6 +78,8 @@ pub struct GenHandle {
     pub status_text: Option<String>,
     /// Its snapshot, held only between receipt and hand-over (never read by baton).
     pub snapshot: Option<(OwnedFd, u64)>,
+    /// A pre-copy chunk, held the same way.
+    pub chunk: Option<OwnedFd>,
     /// READY arrived while a message (its SDK's hello) was still unread.
     pub ready_deferred: bool,
     /// Messages the read task has passed on that the main loop has not handled yet.
@@ -127,6 +129,7 @@ impl GenHandle {
             connections: None,
             status_text: None,
             snapshot: None,
+            chunk: None,
             ready_deferred: false,
             queued: Arc::new(AtomicUsize::new(0)),
             tx,

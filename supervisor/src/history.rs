@@ -157,20 +157,8 @@ mod tests {
             why: StartReason::Upgrade,
             release: "v".into(),
             report: UpgradeReport {
-                result: UpgradeResult::Promoted,
-                reason: None,
                 duration_ms: 3,
-                generation,
-                pid: Some(1),
-                accept_gap_ms: None,
-                snapshot_bytes: None,
-                snapshot_ms: None,
-                restore_ms: None,
-                migrated_connections: 0,
-                supervisor_ms: None,
-                cgroup_ms: None,
-                spawn_ms: None,
-                ready_to_drain_ms: None,
+                ..UpgradeReport::new(UpgradeResult::Promoted, generation, Some(1))
             },
         }
     }

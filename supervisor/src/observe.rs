@@ -53,6 +53,7 @@ pub fn describe(e: &Event) -> String {
         EventKind::Ready => "ready".into(),
         EventKind::Snapshot { bytes, ms } => format!("snapshot: {bytes} bytes in {ms:.1} ms"),
         EventKind::Restored { ms } => format!("restored in {ms:.1} ms"),
+        EventKind::Precopy { .. } => precopy_line(&e.kind),
         EventKind::Promoted { why, report, .. } => {
             let gap = report
                 .accept_gap_ms
@@ -92,6 +93,28 @@ pub fn describe(e: &Event) -> String {
         },
     };
     format!("{} {who}: {what}", when(e.at_ms))
+}
+
+/// One pre-copy round, as `baton events` and `upgrade --wait` show it.
+fn precopy_line(kind: &EventKind) -> String {
+    let EventKind::Precopy {
+        round,
+        bytes,
+        chunks,
+        ms,
+        quiesced,
+    } = kind
+    else {
+        return String::new();
+    };
+    let when = if *quiesced {
+        "last round, quiesced"
+    } else if *round == 0 {
+        "full copy, serving"
+    } else {
+        "delta, serving"
+    };
+    format!("pre-copy round {round} ({when}): {bytes} bytes in {chunks} chunks, {ms:.1} ms")
 }
 
 /// `baton history [--json] [-n N]`.
@@ -202,6 +225,7 @@ impl Progress {
                         (format!("snapshot: {bytes} bytes in {ms:.1} ms"), false)
                     }
                     EventKind::Restored { ms } => (format!("restored in {ms:.1} ms"), false),
+                    EventKind::Precopy { .. } => (precopy_line(&e.kind), false),
                     EventKind::Draining { connections } => (
                         match connections {
                             Some(n) => format!("generation {g} draining {n} connections"),

@@ -308,6 +308,8 @@ where
 
 /// How `baton upgrade --wait` ended.
 #[derive(Debug, Clone)]
+// One per upgrade in a test: the size does not matter, and a box would clutter every match.
+#[allow(clippy::large_enum_variant)]
 pub enum UpgradeOutcome {
     /// Exit 0. The report comes from the command's JSON output when it prints one, else
     /// from `status.last_upgrade` right after.

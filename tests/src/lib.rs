@@ -3,6 +3,7 @@
 
 pub mod harness;
 pub mod http;
+pub mod kv;
 pub mod load;
 pub mod metrics;
 pub mod packaging;

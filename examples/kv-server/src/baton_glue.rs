@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::Options;
 use crate::db::Db;
 use crate::fault::{self, Fault};
+use crate::precopy;
 use crate::server::{Client, ConnHook, ConnToken, HandOver, HandOverFuture, Listener, Server};
 use crate::state::{self, Schema, StateOf};
 
@@ -41,20 +42,51 @@ impl<'de, const V: u32> Deserialize<'de> for Own<V> {
     }
 }
 
+impl<const V: u32> Default for Own<V> {
+    fn default() -> Self {
+        Own(Db::new())
+    }
+}
+
+/// Pre-copy: chunks of the full copy and the deltas, applied in order.
+impl<const V: u32> baton_child::Chunked for Own<V> {
+    type Chunk = Piece;
+
+    fn apply(&mut self, Piece(chunk): Piece) -> Result<(), String> {
+        chunk.apply_to(&mut self.0);
+        Ok(())
+    }
+}
+
+/// A pre-copy chunk; receiving one is where the restore faults fire.
+struct Piece(state::Chunk);
+
+impl<'de> Deserialize<'de> for Piece {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        fault::on_restore();
+        state::Chunk::deserialize(d).map(Piece)
+    }
+}
+
 /// The predecessor's keyspace and the schema it was written with: this binary's own schema
-/// (version `V`) is decoded directly, any other goes through [`state::restore`].
+/// (version `V`) is decoded directly, any other goes through [`state::restore`]. With
+/// pre-copy, it may arrive in chunks.
 async fn restore_as<const V: u32>(
     baton: &Baton,
     schema: Schema,
+    precopy: bool,
 ) -> Result<Option<(Db, u32)>, baton_child::Error> {
     let mut from_version = schema.version();
-    let restored = baton
-        .restore(|version, value| {
-            fault::on_restore();
-            from_version = version;
-            state::restore(schema, version, value).map(Own::<V>)
-        })
-        .await?;
+    let migrate = |version, value| {
+        fault::on_restore();
+        from_version = version;
+        state::restore(schema, version, value).map(Own::<V>)
+    };
+    let restored = if precopy {
+        baton.restore_chunked(migrate).await?
+    } else {
+        baton.restore(migrate).await?
+    };
     Ok(restored.map(|Own(db)| (db, from_version)))
 }
 
@@ -66,6 +98,11 @@ pub async fn run(opts: Options, env: Env) -> anyhow::Result<()> {
     let mut builder = Baton::builder().stateful(schema.version());
     if !opts.no_adopt {
         builder = builder.adopt();
+    }
+    // Chunks carry schema-2 entries.
+    let precopy = schema == Schema::V2 && !opts.no_precopy;
+    if precopy {
+        builder = builder.precopy();
     }
     let baton = builder.start(env).context("starting baton-child")?;
     // TCP or Unix, as the operator configured it; standalone, `--listen-fallback` decides.
@@ -94,8 +131,8 @@ pub async fn run(opts: Options, env: Env) -> anyhow::Result<()> {
     // As a candidate: take the predecessor's state before accepting anything or saying READY.
     // A rejection is reported by the SDK, which returns once baton has stopped the upgrade.
     let restored = match schema {
-        Schema::V1 => restore_as::<1>(&baton, schema).await,
-        Schema::V2 => restore_as::<2>(&baton, schema).await,
+        Schema::V1 => restore_as::<1>(&baton, schema, precopy).await,
+        Schema::V2 => restore_as::<2>(&baton, schema, precopy).await,
     };
     match restored {
         Ok(Some((db, from_version))) => {
@@ -188,8 +225,34 @@ fn handle_state_event(server: &Arc<Server>, baton: &Baton, schema: Schema, event
                 }
             }
         }
+        Event::Precopy { round } => {
+            // Serving goes on on the other workers meanwhile.
+            let sent =
+                tokio::task::block_in_place(|| precopy::send_round(server, baton, round, false));
+            if let Err(e) = sent {
+                tracing::warn!(round, error = %e, "pre-copy round not sent");
+            }
+        }
+        Event::PrecopyFinal { round } => {
+            server.quiesce();
+            let sent =
+                tokio::task::block_in_place(|| precopy::send_round(server, baton, round, true));
+            match sent {
+                Ok(()) => tracing::info!(
+                    round,
+                    "quiesced and the last round sent; paused until commit or resume"
+                ),
+                Err(e) => {
+                    tracing::error!(round, error = %e, "cannot send the last round; resuming");
+                    let _ = baton.precopy_failed(&e.to_string());
+                    server.with_db_mut(Db::stop_tracking);
+                    server.resume();
+                }
+            }
+        }
         Event::Resume { reason } => {
             tracing::info!(%reason, "upgrade aborted: accepting again");
+            server.with_db_mut(Db::stop_tracking);
             server.resume();
         }
         other => tracing::warn!(event = ?other, "unknown state event ignored"),

@@ -173,6 +173,7 @@ pub fn execute(
             None => resp::error(out, NOT_INTEGER),
         },
         "client" => client(session, args, out),
+        "debug" => debug(db, args, out),
         "quit" => {
             resp::simple(out, "OK");
             return After::Close;
@@ -206,6 +207,7 @@ fn lookup(lower: &[u8]) -> Option<(&'static str, i64)> {
         ("select", 2),
         ("client", -2),
         ("quit", -1),
+        ("debug", -2),
     ];
     TABLE
         .iter()
@@ -319,6 +321,55 @@ fn incr_by(db: &mut Db, key: &[u8], delta: i64) -> Result<i64, &'static str> {
             Ok(delta)
         }
     }
+}
+
+/// `DEBUG POPULATE count [prefix] [size]`, as Redis has it: keys `prefix:0` .. `prefix:N-1`
+/// (prefix `key`) with values `value:I`, padded with zero bytes or cut to `size` when given.
+/// Existing keys are left alone.
+fn debug(db: &mut Db, args: &[Cow<'_, [u8]>], out: &mut Vec<u8>) {
+    if !args[1].eq_ignore_ascii_case(b"populate") {
+        resp::error(out, "ERR DEBUG subcommand must be POPULATE");
+        return;
+    }
+    if !(3..=5).contains(&args.len()) {
+        wrong_arity(out, "debug|populate");
+        return;
+    }
+    let Some(count) = parse_i64(&args[2]).and_then(|n| u64::try_from(n).ok()) else {
+        resp::error(out, "ERR count should be a non-negative integer");
+        return;
+    };
+    let prefix = args.get(3).map_or(&b"key"[..], |p| p.as_ref());
+    let size = match args
+        .get(4)
+        .map(|a| parse_i64(a).and_then(|n| usize::try_from(n).ok()))
+    {
+        None => None,
+        Some(Some(n)) => Some(n),
+        Some(None) => {
+            resp::error(out, "ERR size should be a non-negative integer");
+            return;
+        }
+    };
+    db.reserve(usize::try_from(count).unwrap_or(0));
+    let mut key = Vec::with_capacity(prefix.len() + 21);
+    for i in 0..count {
+        key.clear();
+        key.extend_from_slice(prefix);
+        key.push(b':');
+        push_i64(&mut key, i as i64);
+        if db.contains(&key) {
+            continue;
+        }
+        let mut value = Vec::with_capacity(size.unwrap_or(26));
+        value.extend_from_slice(b"value:");
+        push_i64(&mut value, i as i64);
+        if let Some(n) = size {
+            value.resize(n, 0);
+        }
+        db.insert(key.clone(), value);
+    }
+    resp::simple(out, "OK");
 }
 
 fn flush(db: &mut Db, out: &mut Vec<u8>) {
@@ -471,6 +522,38 @@ mod tests {
             "-ERR wrong number of arguments for 'ping' command\r\n"
         );
         assert_eq!(run(&mut db, &["EcHo", "x y"]), "$3\r\nx y\r\n");
+    }
+
+    #[test]
+    fn debug_populate_fills_like_redis_and_keeps_existing_keys() {
+        let mut db = Db::new();
+        assert_eq!(run(&mut db, &["SET", "key:1", "mine"]), "+OK\r\n");
+        assert_eq!(run(&mut db, &["DEBUG", "POPULATE", "3"]), "+OK\r\n");
+        assert_eq!(run(&mut db, &["GET", "key:0"]), "$7\r\nvalue:0\r\n");
+        assert_eq!(run(&mut db, &["GET", "key:1"]), "$4\r\nmine\r\n");
+        assert_eq!(
+            run(&mut db, &["debug", "populate", "2", "big", "10"]),
+            "+OK\r\n"
+        );
+        assert_eq!(run(&mut db, &["GET", "big:1"]), "$10\r\nvalue:1\0\0\0\r\n");
+        assert_eq!(
+            run(&mut db, &["DEBUG", "POPULATE", "1", "cut", "3"]),
+            "+OK\r\n"
+        );
+        assert_eq!(run(&mut db, &["GET", "cut:0"]), "$3\r\nval\r\n");
+        assert_eq!(run(&mut db, &["DBSIZE"]), ":6\r\n");
+        for (bad, want) in [
+            (&["DEBUG", "POPULATE", "-1"][..], "count should be"),
+            (&["DEBUG", "POPULATE", "1", "p", "x"], "size should be"),
+            (&["DEBUG", "SLEEP", "1"], "POPULATE"),
+            (&["DEBUG", "POPULATE"], "wrong number"),
+        ] {
+            let got = run(&mut db, bad);
+            assert!(
+                got.starts_with("-ERR") && got.contains(want),
+                "{bad:?}: {got}"
+            );
+        }
     }
 
     #[test]

@@ -27,6 +27,13 @@ pub enum Fault {
     /// Old generation: quiesce, then abort the process before sending the snapshot. The
     /// state is lost; baton starts the candidate empty and reports "STATE LOST".
     DieDuringSnapshot,
+    /// Old generation: answer pre-copy round 1 (the first delta) with `precopy_failed`.
+    FailDeltaRound,
+    /// Old generation: abort the process in pre-copy round 1, while it serves.
+    DieDuringPrecopy,
+    /// Old generation: take 150 ms per chunk in live pre-copy rounds (a slow link), so that
+    /// writers outpace the deltas. Fires every time.
+    SlowPrecopy,
 }
 
 /// Set once in `main`, read where the fault fires. A global because one of those places is a
@@ -49,6 +56,11 @@ pub fn arm(fault: Option<Fault>) {
 /// Call it where the fault would take effect, once per pass through that code path.
 pub fn fire(fault: Fault) -> bool {
     ACTIVE.get() == Some(&fault) && !FIRED.swap(true, Ordering::AcqRel)
+}
+
+/// Whether `fault` is armed (for faults that act every time).
+pub fn armed(fault: Fault) -> bool {
+    ACTIVE.get() == Some(&fault)
 }
 
 /// Candidate side, called once the snapshot has arrived and is being read (before the SDK

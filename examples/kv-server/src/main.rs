@@ -7,6 +7,7 @@ mod baton_glue;
 mod cmd;
 mod db;
 mod fault;
+mod precopy;
 mod resp;
 mod server;
 mod state;
@@ -41,6 +42,10 @@ pub struct Options {
     /// previous generation nor hand them to the next (they close at a command boundary).
     #[arg(long, hide = true)]
     no_adopt: bool,
+
+    /// Behave like a build without pre-copy: the state goes in one snapshot while quiesced.
+    #[arg(long, hide = true)]
+    no_precopy: bool,
 
     /// Test only: break one step of the stateful upgrade on purpose (see README).
     #[arg(long, value_enum, hide = true)]

@@ -182,6 +182,11 @@ impl Server {
         f(&self.lock().db)
     }
 
+    /// Runs `f` on the keyspace under its lock, mutably (pre-copy's change tracking).
+    pub fn with_db_mut<R>(&self, f: impl FnOnce(&mut Db) -> R) -> R {
+        f(&mut self.lock().db)
+    }
+
     /// Stateful quiesce: stop accepting, let the command running on each connection finish,
     /// and hold back every later one. When this returns, the keyspace is final until
     /// [`Server::resume`]; take the snapshot with [`Server::with_db`].

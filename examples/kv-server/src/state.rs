@@ -40,7 +40,7 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{self, SerializeMap, SerializeSeq, SerializeStruct, Serializer};
 use serde::{Deserialize, Serialize};
 
-use crate::db::{Db, Stats};
+use crate::db::{Db, Pair, Stats};
 use crate::resp::{parse_i64, push_i64};
 
 /// A state schema version this binary can write.
@@ -133,15 +133,175 @@ struct EntriesV2<'a>(&'a Db);
 
 impl Serialize for EntriesV2<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        entries_v2(s, self.0.len(), self.0.iter())
+    }
+}
+
+/// Pairs as schema-2 entries.
+struct PairsV2<'a>(&'a [Pair]);
+
+impl Serialize for PairsV2<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let pairs = self.0.iter().map(|(k, v)| (k.as_slice(), v.as_slice()));
+        entries_v2(s, self.0.len(), pairs)
+    }
+}
+
+/// Keys as `{"k": text}` or `{"kb": base64}`.
+struct KeysV2<'a>(&'a [Vec<u8>]);
+
+impl Serialize for KeysV2<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut seq = s.serialize_seq(Some(self.0.len()))?;
-        for (k, v) in self.0.iter() {
+        for k in self.0 {
+            let key = match std::str::from_utf8(k) {
+                Ok(text) => KeyOut {
+                    k: Some(text),
+                    kb: None,
+                },
+                Err(_) => KeyOut {
+                    k: None,
+                    kb: Some(B64.encode(k)),
+                },
+            };
+            seq.serialize_element(&key)?;
+        }
+        seq.end()
+    }
+}
+
+#[derive(Serialize)]
+struct KeyOut<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    k: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kb: Option<String>,
+}
+
+/// One pre-copy chunk (schema 2 only): pairs set, keys deleted, and the counters when they
+/// were copied. `{"entries": [...], "deleted": [{"k"|"kb"}], "stats": {...}}`; the full copy
+/// is chunks without deletions.
+pub struct ChunkOut<'a> {
+    /// Pairs to set.
+    pub set: &'a [Pair],
+    /// Keys to delete.
+    pub deleted: &'a [Vec<u8>],
+    /// The counters.
+    pub stats: Stats,
+}
+
+impl Serialize for ChunkOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("ChunkV2", 3)?;
+        st.serialize_field("entries", &PairsV2(self.set))?;
+        st.serialize_field("deleted", &KeysV2(self.deleted))?;
+        st.serialize_field("stats", &StatsV2::from(self.stats))?;
+        st.end()
+    }
+}
+
+/// A received chunk, validated, ready to apply.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Chunk {
+    /// Pairs to set.
+    pub set: Vec<Pair>,
+    /// Keys to delete.
+    pub deleted: Vec<Vec<u8>>,
+    /// The counters, when the chunk carried them.
+    pub stats: Option<Stats>,
+}
+
+impl Chunk {
+    /// Applies the chunk to `db`.
+    pub fn apply_to(self, db: &mut Db) {
+        db.reserve(self.set.len());
+        for (k, v) in self.set {
+            db.insert(k, v);
+        }
+        for k in &self.deleted {
+            db.remove(k);
+        }
+        if let Some(stats) = self.stats {
+            db.stats = stats;
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Chunk {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct ChunkIn {
+            #[serde(default)]
+            entries: Vec<EntryIn>,
+            #[serde(default)]
+            deleted: Vec<KeyIn>,
+            #[serde(default)]
+            stats: Option<StatsV2>,
+        }
+        let c = ChunkIn::deserialize(d)?;
+        let set = c
+            .entries
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                e.into_pair()
+                    .map_err(|e| de::Error::custom(format!("entry {i}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let deleted = c
+            .deleted
+            .into_iter()
+            .map(|k| key_of(k.k, k.kb).map_err(de::Error::custom))
+            .collect::<Result<_, _>>()?;
+        Ok(Chunk {
+            set,
+            deleted,
+            stats: c.stats.map(Stats::from),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyIn {
+    #[serde(default)]
+    k: Option<String>,
+    #[serde(default)]
+    kb: Option<String>,
+}
+
+fn key_of(k: Option<String>, kb: Option<String>) -> Result<Vec<u8>, String> {
+    match (k, kb) {
+        (Some(k), None) => Ok(k.into_bytes()),
+        (None, Some(kb)) => B64.decode(kb).map_err(|e| format!("bad base64 in kb: {e}")),
+        _ => Err("exactly one of k and kb is required".to_owned()),
+    }
+}
+
+/// Writes `pairs` as schema-2 entries.
+fn entries_v2<'a, S: Serializer>(
+    s: S,
+    len: usize,
+    pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+) -> Result<S::Ok, S::Error> {
+    {
+        let mut seq = s.serialize_seq(Some(len))?;
+        for (k, v) in pairs {
             let (k, kb) = match std::str::from_utf8(k) {
                 Ok(text) => (Some(text), None),
                 Err(_) => (None, Some(B64.encode(k))),
             };
             let (kind, v) = if let Some(n) = parse_i64(v) {
                 (Kind::Int, ScalarOut::Int(n))
-            } else if let Ok(text) = std::str::from_utf8(v) {
+            } else if let Ok(text) = std::str::from_utf8(v).map_err(drop).and_then(|t| {
+                // Control bytes take six in a JSON string (`\u0000`); base64 takes 1.33.
+                if t.bytes().any(|b| b < 0x20) {
+                    Err(())
+                } else {
+                    Ok(t)
+                }
+            }) {
                 (Kind::Str, ScalarOut::Text(text))
             } else {
                 (Kind::Bytes, ScalarOut::Owned(B64.encode(v)))
@@ -301,13 +461,7 @@ struct EntryIn {
 
 impl EntryIn {
     fn into_pair(self) -> Result<(Vec<u8>, Vec<u8>), String> {
-        let key = match (self.k, self.kb) {
-            (Some(k), None) => k.into_bytes(),
-            (None, Some(kb)) => B64
-                .decode(kb)
-                .map_err(|e| format!("bad base64 in kb: {e}"))?,
-            _ => return Err("exactly one of k and kb is required".to_owned()),
-        };
+        let key = key_of(self.k, self.kb)?;
         let value = match (self.kind, self.v) {
             (Kind::Int, serde_json::Value::Number(n)) => {
                 let n = n.as_i64().ok_or("int value is not a 64-bit integer")?;
@@ -392,6 +546,41 @@ mod tests {
     fn text_round_trip(db: &Db, schema: Schema) -> Db {
         let text = serde_json::to_vec(&StateOf::new(db, schema)).unwrap();
         deserialize_state(schema, &mut serde_json::Deserializer::from_slice(&text)).unwrap()
+    }
+
+    #[test]
+    fn chunks_round_trip_and_apply_sets_deletes_and_counters() {
+        let db = binary_sample();
+        let set: Vec<Pair> = db.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        let deleted = vec![b"gone".to_vec(), b"\xfe\xff".to_vec()];
+        let text = serde_json::to_vec(&ChunkOut {
+            set: &set,
+            deleted: &deleted,
+            stats: db.stats,
+        })
+        .unwrap();
+        let chunk: Chunk = serde_json::from_slice(&text).unwrap();
+        assert_eq!(chunk.set.len(), set.len());
+        assert_eq!(chunk.deleted, deleted);
+        let mut target = Db::new();
+        target.set(b"gone", b"x");
+        target.set(b"\xfe\xff", b"y");
+        target.set(b"name", b"stale");
+        chunk.apply_to(&mut target);
+        assert_eq!(target, db);
+        for (bad, want) in [
+            (
+                &br#"{"entries":[{"k":"a","kind":"int","v":"x"}]}"#[..],
+                "entry 0",
+            ),
+            (br#"{"deleted":[{}]}"#, "exactly one of k and kb"),
+            (br#"{"nope":1}"#, "unknown field"),
+        ] {
+            let err = serde_json::from_slice::<Chunk>(bad)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{err}");
+        }
     }
 
     #[test]

@@ -68,6 +68,22 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                     }
                     m.on_snapshot(d, now, gen_id, size);
                 }
+                ChildMsg::Chunk {
+                    size, round, seq, ..
+                } => {
+                    let Some(fd) = fds.pop() else { return };
+                    if let Some(h) = d.handles.get_mut(&gen_id) {
+                        h.chunk = Some(fd);
+                    }
+                    m.on_chunk(d, now, gen_id, round, seq, size);
+                    // Not passed on (not pre-copying, or out of order): closed here.
+                    if let Some(h) = d.handles.get_mut(&gen_id) {
+                        h.chunk = None;
+                    }
+                }
+                ChildMsg::RoundDone { round, .. } => m.on_round_done(d, now, gen_id, round),
+                ChildMsg::PrecopyFailed { reason } => m.on_precopy_failed(d, now, gen_id, &reason),
+                ChildMsg::Applied { seq } => m.on_applied(d, gen_id, seq),
                 ChildMsg::SnapshotFailed { reason } => {
                     m.on_snapshot_failed(d, now, gen_id, &reason)
                 }

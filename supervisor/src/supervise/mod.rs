@@ -293,6 +293,35 @@ impl Host for Driver {
         Ok(())
     }
 
+    fn pass_chunk(
+        &mut self,
+        from: GenId,
+        to: GenId,
+        round: u32,
+        seq: u64,
+        size: u64,
+    ) -> Result<(), String> {
+        let fd = self
+            .handles
+            .get_mut(&from)
+            .and_then(|h| h.chunk.take())
+            .ok_or("no chunk received")?;
+        let h = self.handles.get(&to).ok_or("candidate is gone")?;
+        let msg = SupervisorMsg::Chunk {
+            fds: 1,
+            size,
+            round,
+            seq,
+        };
+        h.send(msg, vec![fd]);
+        Ok(())
+    }
+
+    fn peak_rss(&mut self, gen_id: GenId) -> Option<u64> {
+        let pid = self.handles.get(&gen_id)?.pid;
+        crate::sys::peak_rss(pid)
+    }
+
     fn systemd(&mut self, event: SdEvent, status: &str) {
         let status = notify::one_line(status);
         match event {
@@ -414,6 +443,7 @@ fn settings(cfg: &RunConfig) -> Settings {
         backoff_max: Duration::from_secs(10),
         probation: cfg.release.probation,
         health_failures: cfg.release.health_failures,
+        precopy: cfg.precopy,
     }
 }
 

@@ -631,16 +631,23 @@ pub fn install_exec(cmd: &mut tokio::process::Command, mut plan: ExecPlan) {
     }
 }
 
+/// A `/proc/<pid>/status` field in KiB (`VmRSS:`, `VmHWM:`).
+fn status_kb(pid: &str, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+}
+
 /// This process's resident memory in KiB (`VmRSS`), 0 if unknown.
 pub fn own_rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    status_kb("self", "VmRSS:").unwrap_or(0)
+}
+
+/// A process's peak resident memory in bytes (`VmHWM`), if it can be read.
+pub fn peak_rss(pid: u32) -> Option<u64> {
+    status_kb(&pid.to_string(), "VmHWM:").map(|kb| kb * 1024)
 }
 
 /// This process's open fds, 0 if unknown.

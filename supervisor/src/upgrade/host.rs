@@ -41,6 +41,16 @@ pub trait Host {
     /// Hands the snapshot received from `from` to `to` (a `Restore` message with the
     /// fd). Returns an error if there is no snapshot to pass.
     fn pass_snapshot(&mut self, from: GenId, to: GenId) -> Result<(), String>;
+    /// Pre-copy: forwards chunk `seq` of `round` received from `from` to `to`
+    /// (a `Chunk` message with the fd). Returns an error if there is none to pass.
+    fn pass_chunk(
+        &mut self,
+        from: GenId,
+        to: GenId,
+        round: u32,
+        seq: u64,
+        size: u64,
+    ) -> Result<(), String>;
     /// Notifies systemd; `status` is the new `STATUS=` text.
     fn systemd(&mut self, event: SdEvent, status: &str);
     /// An upgrade finished; answer these waiters.
@@ -55,6 +65,11 @@ pub trait Host {
     /// metrics).
     fn event(&mut self, gen_id: GenId, pid: u32, kind: EventKind) {
         let _ = (gen_id, pid, kind);
+    }
+    /// The peak resident memory of generation `gen_id`, in bytes, if known.
+    fn peak_rss(&mut self, gen_id: GenId) -> Option<u64> {
+        let _ = gen_id;
+        None
     }
 }
 
@@ -90,4 +105,28 @@ pub struct Settings {
     pub probation: Probation,
     /// Consecutive failed health checks that revert a generation on probation.
     pub health_failures: u32,
+    /// Pre-copy, when both generations support it.
+    #[serde(default)]
+    pub precopy: PrecopySettings,
+}
+
+/// `--precopy`, `--precopy-rounds`, `--precopy-timeout`.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct PrecopySettings {
+    /// Off: chunked apps send their whole state while quiesced (one-shot).
+    pub enabled: bool,
+    /// Delta rounds after the full copy, at most.
+    pub rounds: u32,
+    /// No new live round starts once pre-copy has run this long.
+    pub timeout: Duration,
+}
+
+impl Default for PrecopySettings {
+    fn default() -> Self {
+        PrecopySettings {
+            enabled: true,
+            rounds: 8,
+            timeout: Duration::from_secs(60),
+        }
+    }
 }

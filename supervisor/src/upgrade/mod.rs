@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use baton_protocol::{EventKind, Feature, Phase, SupervisorMsg, UpgradeReport, UpgradeResult};
 
 mod host;
+mod precopy;
 mod probation;
 mod record;
 mod stateful;
 
-pub use host::{Host, Kill, ReadyMode, SdEvent, Settings};
+pub use host::{Host, Kill, PrecopySettings, ReadyMode, SdEvent, Settings};
 pub use record::{Gen, Waiters};
 use record::{Revert, Stage, Upgrade, Why};
 
@@ -272,20 +273,8 @@ impl Machine {
 
     fn report_for_refusal(&self, reason: &str) -> UpgradeReport {
         UpgradeReport {
-            result: UpgradeResult::RolledBack,
             reason: Some(reason.to_string()),
-            duration_ms: 0,
-            generation: self.next_gen,
-            pid: None,
-            accept_gap_ms: None,
-            snapshot_bytes: None,
-            snapshot_ms: None,
-            restore_ms: None,
-            migrated_connections: 0,
-            supervisor_ms: None,
-            cgroup_ms: None,
-            spawn_ms: None,
-            ready_to_drain_ms: None,
+            ..UpgradeReport::new(UpgradeResult::RolledBack, self.next_gen, None)
         }
     }
 
@@ -331,6 +320,7 @@ impl Machine {
             restore_ms: None,
             ready_early: false,
             state_lost: self.lost_state.take(),
+            precopy: None,
         });
         if matches!(why, Why::Upgrade | Why::Revert) {
             host.systemd(SdEvent::Reloading, &self.status_line(now));
@@ -396,7 +386,7 @@ impl Machine {
         }
         match u.stage {
             Stage::Restored => self.promote(host, now),
-            Stage::Snapshotting | Stage::Restoring => u.ready_early = true,
+            Stage::Precopy | Stage::Snapshotting | Stage::Restoring => u.ready_early = true,
             Stage::Starting => {
                 let needs_state = self.s.stateful
                     && self
@@ -489,6 +479,19 @@ impl Machine {
                         format!("generation {gen_id} exited during probation ({how})"),
                     )
                 {
+                    self.maybe_exit(host);
+                    return;
+                }
+                if self.precopy_from() == Some(gen_id) {
+                    // The candidate holds part of a state that is gone: abort it, and
+                    // replace the dead generation as after any crash.
+                    self.restart_image = Some(g.image.clone());
+                    let why = format!(
+                        "STATE LOST: generation {gen_id} died ({how}) during pre-copy; the candidate is aborted"
+                    );
+                    tracing::error!(generation = gen_id, "{why}");
+                    self.lost_state = Some(why.clone());
+                    self.fail(host, now, why);
                     self.maybe_exit(host);
                     return;
                 }
@@ -630,6 +633,12 @@ impl Machine {
         if let Some(u) = self.upgrade.as_ref() {
             if u.stage_deadline.is_some_and(|t| t <= now) {
                 let why = match u.stage {
+                    Stage::Precopy => format!(
+                        "pre-copy did not finish within {}",
+                        humantime::format_duration(
+                            self.s.precopy.timeout + self.s.snapshot_timeout
+                        )
+                    ),
                     Stage::Snapshotting => format!(
                         "old generation did not deliver its snapshot within {}",
                         humantime::format_duration(self.s.snapshot_timeout)
@@ -675,7 +684,8 @@ impl Machine {
                 self.retire(host, now, o, migrate);
             }
         }
-        let report = u.report(UpgradeResult::Promoted, u.state_lost.clone(), now);
+        let mut report = u.report(UpgradeResult::Promoted, u.state_lost.clone(), now);
+        self.peak_rss(host, &u, &mut report);
         tracing::info!(
             generation = id,
             pid = u.pid.unwrap_or(0),
@@ -725,7 +735,9 @@ impl Machine {
                 self.retire(host, now, id, false);
             }
         }
-        if let Some(old) = u.quiesced {
+        // A pre-copy sender serves still, but its round must stop.
+        let resume = u.quiesced.or(u.precopy.as_ref().map(|p| p.from));
+        if let Some(old) = resume {
             if let Some(g) = self.gens.get_mut(&old) {
                 g.phase = Phase::Active;
                 host.send(
@@ -736,7 +748,8 @@ impl Machine {
                 );
             }
         }
-        let report = u.report(UpgradeResult::RolledBack, Some(reason.clone()), now);
+        let mut report = u.report(UpgradeResult::RolledBack, Some(reason.clone()), now);
+        self.peak_rss(host, &u, &mut report);
         if !matches!(u.why, Why::Upgrade | Why::Revert) {
             self.consecutive_crashes += 1;
         }
@@ -816,6 +829,14 @@ impl Machine {
             self.schedule_replacement(now);
         } else if !self.held {
             self.start_queued(host, now);
+        }
+    }
+
+    /// A stateful upgrade's memory peaks, from the host.
+    fn peak_rss(&self, host: &mut impl Host, u: &Upgrade, report: &mut UpgradeReport) {
+        if let Some(old) = u.quiesced.or(u.precopy.as_ref().map(|p| p.from)) {
+            report.old_peak_rss_bytes = host.peak_rss(old);
+            report.new_peak_rss_bytes = host.peak_rss(u.candidate);
         }
     }
 

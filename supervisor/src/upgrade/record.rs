@@ -57,7 +57,9 @@ pub(super) enum Why {
 pub(super) enum Stage {
     /// Waiting for READY (stateless) or `prepared` (stateful).
     Starting,
-    /// Old generation quiesced; waiting for its snapshot.
+    /// Pre-copy: the old generation serves and sends rounds.
+    Precopy,
+    /// Old generation quiesced; waiting for its snapshot (or last round).
     Snapshotting,
     /// Candidate has the snapshot; waiting for `restored`.
     Restoring,
@@ -119,6 +121,9 @@ pub(super) struct Upgrade {
     pub(super) ready_early: bool,
     /// Set when the old generation died with its state.
     pub(super) state_lost: Option<String>,
+    /// The chunked hand-over, when both generations do it.
+    #[serde(default)]
+    pub(super) precopy: Option<super::precopy::Run>,
 }
 
 impl Why {
@@ -142,21 +147,18 @@ impl Upgrade {
         reason: Option<String>,
         now: Instant,
     ) -> UpgradeReport {
-        UpgradeReport {
-            result,
+        let mut r = UpgradeReport {
             reason,
             duration_ms: ms(now - self.started),
-            generation: self.candidate,
-            pid: self.pid,
             accept_gap_ms: self.quiesced_at.map(|t| ms_f(now - t)),
             snapshot_bytes: self.snapshot_bytes,
             snapshot_ms: self.snapshot_ms,
             restore_ms: self.restore_ms,
-            migrated_connections: 0,
-            supervisor_ms: None,
-            cgroup_ms: None,
-            spawn_ms: None,
-            ready_to_drain_ms: None,
+            ..UpgradeReport::new(result, self.candidate, self.pid)
+        };
+        if let Some(p) = &self.precopy {
+            p.fill(&mut r);
         }
+        r
     }
 }

@@ -22,6 +22,14 @@ impl Machine {
         let old = self
             .active
             .filter(|a| self.gens.get(a).is_some_and(|g| g.has(Feature::State)));
+        if let (true, Some(old)) = (self.s.stateful, old) {
+            if self.try_precopy(host, now, old, gen_id) {
+                return;
+            }
+        }
+        let Some(u) = self.upgrade.as_mut() else {
+            return;
+        };
         match (self.s.stateful, old) {
             (true, Some(old)) => {
                 u.stage = Stage::Snapshotting;

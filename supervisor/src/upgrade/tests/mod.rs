@@ -2,6 +2,7 @@ use super::*;
 use baton_protocol::ReleaseResultKind;
 
 mod hold;
+mod precopy;
 mod probation;
 
 #[test]
@@ -20,6 +21,7 @@ enum Call {
     Kill(GenId, Kill),
     Send(GenId, SupervisorMsg),
     Pass(GenId, GenId),
+    PassChunk(GenId, GenId, u64),
     Sd(SdEvent),
     Finished(UpgradeResult, Option<String>, Vec<WaiterId>),
     Exit(i32),
@@ -73,6 +75,17 @@ impl Host for Fake {
         self.calls.push(Call::Pass(from, to));
         Ok(())
     }
+    fn pass_chunk(
+        &mut self,
+        from: GenId,
+        to: GenId,
+        _round: u32,
+        seq: u64,
+        _size: u64,
+    ) -> Result<(), String> {
+        self.calls.push(Call::PassChunk(from, to, seq));
+        Ok(())
+    }
     fn systemd(&mut self, event: SdEvent, _status: &str) {
         self.calls.push(Call::Sd(event));
     }
@@ -103,6 +116,7 @@ fn settings() -> Settings {
         backoff_max: Duration::from_secs(5),
         probation: Probation::Off,
         health_failures: 3,
+        precopy: PrecopySettings::default(),
     }
 }
 
@@ -347,13 +361,18 @@ fn stop_drains_everything_and_exits_when_all_are_gone() {
 }
 
 fn stateful() -> (Machine, Fake, Instant) {
+    stateful_with(&[Feature::State])
+}
+
+/// A `--state` machine whose generation 1 announced `features` and is active.
+fn stateful_with(features: &[Feature]) -> (Machine, Fake, Instant) {
     let mut s = settings();
     s.stateful = true;
     let mut m = Machine::new(s);
     let mut h = Fake::default();
     let t = Instant::now();
     m.start(&mut h, t);
-    m.on_hello(1, vec![Feature::State], None);
+    m.on_hello(1, features.to_vec(), None);
     m.on_prepared(&mut h, t, 1);
     assert!(h.take().contains(&Call::Send(
         1,
