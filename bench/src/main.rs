@@ -13,6 +13,7 @@ mod common;
 mod migration;
 mod overhead;
 mod plot;
+mod precopy;
 mod reexec;
 mod report;
 mod restart;
@@ -95,6 +96,8 @@ enum Scenario {
     BaselineRestart,
     /// baton re-executing itself under load.
     Reexec,
+    /// Pre-copy against the one-shot snapshot, by state size.
+    Precopy,
     /// Not in the default run (it takes minutes): `--scenario soak`.
     Soak,
     /// Not in the default run either: `--scenario soak-stateful`.
@@ -253,6 +256,23 @@ async fn run(scenario: Scenario, a: &Args, bins: &Bins, nofile: u64) -> Vec<Row>
             stateful::run(
                 bins,
                 &stateful::Opts {
+                    sizes_mb,
+                    upgrades: a.state_upgrades.unwrap_or(if q { 1 } else { 3 }),
+                },
+            )
+            .await
+        }
+        Scenario::Precopy => {
+            let sizes_mb = if !a.state_mb.is_empty() {
+                a.state_mb.clone()
+            } else if q {
+                vec![10, 100]
+            } else {
+                vec![100, 1000]
+            };
+            precopy::run(
+                bins,
+                &precopy::Opts {
                     sizes_mb,
                     upgrades: a.state_upgrades.unwrap_or(if q { 1 } else { 3 }),
                 },

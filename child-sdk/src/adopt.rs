@@ -73,11 +73,43 @@ pub(crate) fn encode_buffered(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// Decodes the `buffered` field of `migrate` and `adopt`.
-pub(crate) fn decode_buffered(b64: &str) -> std::result::Result<Vec<u8>, String> {
-    base64::engine::general_purpose::STANDARD
+/// Bytes read and not processed above this travel in a sealed memfd, not in the line
+/// (lines are at most 1 MiB, and base64 grows them by a third).
+pub(crate) const INLINE_BUFFERED: usize = 64 * 1024;
+
+/// The `buffered` field for `bytes`, and the sealed memfd that carries them instead when
+/// they are more than [`INLINE_BUFFERED`].
+pub(crate) fn spill_buffered(bytes: Vec<u8>) -> crate::Result<(String, Option<OwnedFd>)> {
+    if bytes.len() <= INLINE_BUFFERED {
+        return Ok((encode_buffered(&bytes), None));
+    }
+    let (fd, _) = crate::codec::write_memfd(|w| {
+        std::io::Write::write_all(w, &bytes).map_err(|e| format!("writing buffered bytes: {e}"))
+    })?;
+    Ok((String::new(), Some(fd)))
+}
+
+/// Decodes the `buffered` field of `migrate` and `adopt`, followed by the bytes of the
+/// memfd that carries the rest when there were many.
+pub(crate) fn decode_buffered(
+    b64: &str,
+    spilled: Option<OwnedFd>,
+) -> std::result::Result<Vec<u8>, String> {
+    let mut bytes = base64::engine::general_purpose::STANDARD
         .decode(b64)
-        .map_err(|e| format!("buffered is not base64: {e}"))
+        .map_err(|e| format!("buffered is not base64: {e}"))?;
+    if let Some(fd) = spilled {
+        let seals = crate::sys::seals(fd.as_fd()).map_err(|e| format!("buffered memfd: {e}"))?;
+        if !seals.contains(crate::sys::immutable_seals()) {
+            return Err("buffered memfd is not sealed".into());
+        }
+        let mut file = std::fs::File::from(fd);
+        // The writer's offset is at the end: the open file description is shared.
+        std::io::Seek::rewind(&mut file)
+            .and_then(|()| std::io::Read::read_to_end(&mut file, &mut bytes))
+            .map_err(|e| format!("reading the buffered memfd: {e}"))?;
+    }
+    Ok(bytes)
 }
 
 /// Which kind of stream a listener yields.

@@ -133,11 +133,12 @@ impl Dispatch {
                     );
                     return;
                 };
-                let (Some(fd), true) = (frame.fds.pop(), frame.fds.is_empty()) else {
-                    tracing::error!("adopt must carry exactly one fd; ignored");
+                let mut fds = std::mem::take(&mut frame.fds).into_iter();
+                let (Some(fd), spilled, None) = (fds.next(), fds.next(), fds.next()) else {
+                    tracing::error!("adopt must carry one or two fds; ignored");
                     return;
                 };
-                match adopt::decode_buffered(&buffered) {
+                match adopt::decode_buffered(&buffered, spilled) {
                     Ok(buffered) => routes.deliver(&listener, AdoptedConn { fd, buffered, meta }),
                     Err(e) => {
                         tracing::error!(listener, error = %e, "bad adopt message; connection closed")

@@ -48,12 +48,14 @@ impl Baton {
             .into_fd()
             .map_err(|e| Error::io("taking the connection out of tokio", e))?;
         buffered.extend_from_slice(already_read);
+        let (buffered, spilled) = adopt::spill_buffered(buffered)?;
+        let fds: Vec<_> = std::iter::once(fd).chain(spilled).collect();
         let msg = ChildMsg::Migrate {
-            fds: 1,
+            fds: fds.len() as u32,
             listener,
-            buffered: adopt::encode_buffered(&buffered),
+            buffered,
             meta,
         };
-        control.send_and_wait(&msg, Some(fd)).await
+        control.send_fds_and_wait(&msg, fds).await
     }
 }

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 #[derive(Debug)]
 pub(crate) struct Outgoing {
     line: Vec<u8>,
-    fd: Option<OwnedFd>,
+    fds: Vec<OwnedFd>,
     /// Told once the line is written (dropped unsent if writing fails).
     written: Option<oneshot::Sender<()>>,
 }
@@ -30,26 +30,31 @@ pub(crate) struct ControlTx {
 impl ControlTx {
     /// Queues `msg`, with `fd` attached when the message carries one.
     pub(crate) fn send(&self, msg: &ChildMsg, fd: Option<OwnedFd>) -> Result<()> {
-        self.queue(msg, fd, None)
+        self.queue(msg, fd.into_iter().collect(), None)
     }
 
     /// Like [`send`](Self::send), but resolves once the message is written
     /// to the socket (so the process may exit right after).
     pub(crate) async fn send_and_wait(&self, msg: &ChildMsg, fd: Option<OwnedFd>) -> Result<()> {
+        self.send_fds_and_wait(msg, fd.into_iter().collect()).await
+    }
+
+    /// [`send_and_wait`](Self::send_and_wait) with several fds, in order.
+    pub(crate) async fn send_fds_and_wait(&self, msg: &ChildMsg, fds: Vec<OwnedFd>) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.queue(msg, fd, Some(tx))?;
+        self.queue(msg, fds, Some(tx))?;
         rx.await.map_err(|_| Error::ControlClosed)
     }
 
     fn queue(
         &self,
         msg: &ChildMsg,
-        fd: Option<OwnedFd>,
+        fds: Vec<OwnedFd>,
         written: Option<oneshot::Sender<()>>,
     ) -> Result<()> {
         let line = wire::encode(msg).map_err(|e| Error::Protocol(e.to_string()))?;
         self.tx
-            .send(Outgoing { line, fd, written })
+            .send(Outgoing { line, fds, written })
             .map_err(|_| Error::ControlClosed)
     }
 }
@@ -65,7 +70,7 @@ impl ControlTx {
 
 async fn writer(stream: Arc<UnixStream>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
     while let Some(out) = rx.recv().await {
-        let fds: Vec<_> = out.fd.iter().map(AsFd::as_fd).collect();
+        let fds: Vec<_> = out.fds.iter().map(AsFd::as_fd).collect();
         if let Err(e) = wire::write_line(&stream, &out.line, &fds).await {
             // Closing the receiver makes later sends fail with ControlClosed.
             tracing::warn!(error = %e, "control socket write failed; no more reports to the supervisor");

@@ -316,12 +316,12 @@ impl FakeSupervisor {
     ///
     /// Writing failed.
     pub async fn send(&self, msg: &SupervisorMsg) -> io::Result<()> {
-        self.send_with(msg, None).await
+        self.send_with(msg, &[]).await
     }
 
-    async fn send_with(&self, msg: &SupervisorMsg, fd: Option<&OwnedFd>) -> io::Result<()> {
+    async fn send_with(&self, msg: &SupervisorMsg, fds: &[&OwnedFd]) -> io::Result<()> {
         let line = wire::encode(msg).map_err(io::Error::other)?;
-        let fds: Vec<_> = fd.iter().map(|f| f.as_fd()).collect();
+        let fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
         wire::write_line(&self.control, &line, &fds).await
     }
 
@@ -454,7 +454,7 @@ impl FakeSupervisor {
             fds: 1,
             size: snapshot.size,
         };
-        self.send_with(&msg, Some(&snapshot.fd)).await?;
+        self.send_with(&msg, &[&snapshot.fd]).await?;
         let (answer, _) = self
             .expect("restored or rejected", |m| {
                 matches!(m, ChildMsg::Restored { .. } | ChildMsg::Rejected { .. })
@@ -473,9 +473,22 @@ impl FakeSupervisor {
     ///
     /// Timed out, or a `migrate` without its fd or with bad `buffered`.
     pub async fn migrated(&mut self) -> io::Result<Migrated> {
-        let (msg, mut fds) = self
+        let (msg, fds) = self
             .expect("migrate", |m| matches!(m, ChildMsg::Migrate { .. }))
             .await?;
+        Migrated::from_message(msg, fds)
+    }
+}
+
+impl Migrated {
+    /// A `migrate` message and its fds (the connection, and the memfd of its
+    /// unread bytes when there are many), decoded.
+    ///
+    /// # Errors
+    ///
+    /// Not a `migrate`, no fd, or bad `buffered`.
+    pub fn from_message(msg: ChildMsg, fds: Vec<OwnedFd>) -> io::Result<Migrated> {
+        let mut fds = fds.into_iter();
         let (
             ChildMsg::Migrate {
                 listener,
@@ -484,11 +497,11 @@ impl FakeSupervisor {
                 ..
             },
             Some(fd),
-        ) = (msg, fds.pop())
+        ) = (msg, fds.next())
         else {
             return Err(protocol("migrate without its fd".to_owned()));
         };
-        let buffered = adopt::decode_buffered(&buffered).map_err(protocol)?;
+        let buffered = adopt::decode_buffered(&buffered, fds.next()).map_err(protocol)?;
         Ok(Migrated {
             listener,
             buffered,
@@ -496,20 +509,24 @@ impl FakeSupervisor {
             fd,
         })
     }
+}
 
+impl FakeSupervisor {
     /// Hands `conn` to this child, as baton relays a migrated connection.
     ///
     /// # Errors
     ///
     /// Writing failed.
     pub async fn adopt(&self, conn: Migrated) -> io::Result<()> {
+        let (buffered, spilled) = adopt::spill_buffered(conn.buffered).map_err(io::Error::other)?;
         let msg = SupervisorMsg::Adopt {
-            fds: 1,
+            fds: 1 + u32::from(spilled.is_some()),
             listener: conn.listener,
-            buffered: adopt::encode_buffered(&conn.buffered),
+            buffered,
             meta: conn.meta,
         };
-        self.send_with(&msg, Some(&conn.fd)).await
+        let fds: Vec<&OwnedFd> = std::iter::once(&conn.fd).chain(spilled.as_ref()).collect();
+        self.send_with(&msg, &fds).await
     }
 
     /// The next message other than a connection count, with its fds.

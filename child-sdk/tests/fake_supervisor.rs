@@ -70,6 +70,44 @@ async fn a_live_tcp_connection_moves_between_generations_with_its_unread_bytes()
 }
 
 #[tokio::test]
+async fn megabytes_read_and_not_processed_move_whole_in_a_memfd() {
+    let mut old_sup = FakeSupervisor::new(1).unwrap();
+    let old = start(&mut old_sup, Baton::builder());
+    let mut new_sup = FakeSupervisor::new(2).unwrap();
+    let new = start(&mut new_sup, Baton::builder().adopt());
+    old_sup.hello().await.unwrap();
+    new_sup.hello().await.unwrap();
+    let mut old_in = old.incoming("kv", "127.0.0.1:0").unwrap();
+    let addr = old_in.local_addr().unwrap();
+    let _client = TcpStream::connect(&addr).await.unwrap();
+    let stream = within(old_in.accept()).await.unwrap();
+    // More than a control line can hold, even before base64.
+    let unread: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
+    old.hand_over(stream, &unread, &()).await.unwrap();
+    let (msg, fds) = old_sup.next_message().await.unwrap();
+    assert!(
+        matches!(msg, baton_protocol::ChildMsg::Migrate { fds: 2, ref buffered, .. } if buffered.is_empty()),
+        "{msg:?}"
+    );
+    let m = baton_child::testing::Migrated::from_message(msg, fds).unwrap();
+    assert!(
+        m.buffered == unread,
+        "{} bytes came, not {}",
+        m.buffered.len(),
+        unread.len()
+    );
+    let mut new_in = new.incoming("kv", "127.0.0.1:0").unwrap();
+    new_sup.adopt(m).await.unwrap();
+    let mut adopted = within(new_in.accept()).await.unwrap();
+    let mut got = vec![0u8; unread.len()];
+    adopted.read_exact(&mut got).await.unwrap();
+    assert!(
+        got == unread,
+        "the adopted stream reads the unread bytes first"
+    );
+}
+
+#[tokio::test]
 async fn unix_connections_move_the_same_way_and_wrong_kinds_are_skipped() {
     let dir = std::env::temp_dir().join(format!("baton-fake-unix-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -95,11 +95,15 @@ pub async fn connect(addr: SocketAddr) -> RespClient<TcpStream> {
 
 /// One command with a bound; the connection must stay up.
 pub async fn command<A: AsRef<[u8]>>(c: &mut RespClient<TcpStream>, args: &[A]) -> Reply {
-    let shown = args
+    let mut shown = args
         .iter()
+        .take(6)
         .map(|a| String::from_utf8_lossy(&a.as_ref()[..a.as_ref().len().min(40)]).into_owned())
         .collect::<Vec<_>>()
         .join(" ");
+    if args.len() > 6 {
+        shown.push_str(&format!(" ... ({} arguments)", args.len()));
+    }
     tokio::time::timeout(CMD_TIMEOUT, c.command(args))
         .await
         .unwrap_or_else(|_| panic!("`{shown}`: no reply within {CMD_TIMEOUT:?}"))

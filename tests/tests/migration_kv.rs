@@ -880,3 +880,53 @@ async fn candidate_without_migration_falls_back_to_closing() {
         reconnected()
     );
 }
+
+/// A command cut by the drain after megabytes of it were read moves with its connection: the
+/// bytes read and not run go in a memfd (a control line could not hold them), the successor
+/// reads them first, then the rest from the socket, and runs the command once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_cut_by_the_drain_moves_with_megabytes_read() {
+    let _serial = exclusive().await;
+    let kv = kv_server_bin().unwrap();
+    let baton = start_kv(TestDir::new("kv-big-partial").unwrap(), &kv).await;
+    let addr = baton.tcp_addr("kv").await.unwrap();
+    let old = baton.status().await.unwrap().pid.unwrap();
+    let value: String = (0..3 << 20)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let mut whole = Vec::new();
+    baton_tests::resp::encode_into(
+        &mut whole,
+        &["SET".to_owned(), "big".to_owned(), value.clone()],
+    );
+    let (first, rest) = whole.split_at(2 << 20);
+    let mut raw = Raw::connect(addr).await.unwrap();
+    // Socket buffers hold a few hundred KiB: once this returns, kv-server has read most of it.
+    tokio::time::timeout(IO_TIMEOUT, raw.stream.write_all(first))
+        .await
+        .unwrap()
+        .unwrap();
+    let (report, _) = upgrade_promoted(&baton, "big partial").await;
+    let new = report.pid.unwrap();
+    baton_tests::upgrade::wait_replaced(&baton, old, new, PROMPT_EXIT, "big partial").await;
+    tokio::time::timeout(IO_TIMEOUT, raw.stream.write_all(rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(raw.reply().await.unwrap(), Some(Reply::Simple("OK".into())));
+    raw.send(&[vec!["GET".into(), "big".into()], vec!["INFO".into()]])
+        .await
+        .unwrap();
+    let got = raw.reply().await.unwrap().unwrap();
+    assert!(
+        got.as_bytes() == Some(value.as_bytes()),
+        "GET big: {} bytes",
+        got.as_bytes().map_or(0, <[u8]>::len)
+    );
+    let info = raw.reply().await.unwrap().unwrap();
+    assert_eq!(
+        info_pid(&info),
+        Some(new),
+        "the same connection is served by the new generation"
+    );
+}

@@ -107,7 +107,16 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                     meta,
                     ..
                 } => {
-                    let Some(fd) = fds.pop() else { return };
+                    // The connection, and a memfd with the bytes read when they are many.
+                    if fds.is_empty() || fds.len() > 2 {
+                        tracing::error!(
+                            generation = gen_id,
+                            pid,
+                            fds = fds.len(),
+                            "migrate must carry 1 or 2 fds; closed"
+                        );
+                        return;
+                    }
                     let target = m
                         .active()
                         .filter(|a| *a != gen_id)
@@ -116,12 +125,12 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                         Some(h) => {
                             h.relay(
                                 SupervisorMsg::Adopt {
-                                    fds: 1,
+                                    fds: fds.len() as u32,
                                     listener,
                                     buffered,
                                     meta,
                                 },
-                                vec![fd],
+                                fds,
                                 slots,
                             );
                             m.note_migrated(1);
