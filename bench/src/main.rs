@@ -44,8 +44,8 @@ struct Args {
     /// One JSON object per scenario per line on stdout, instead of the table.
     #[arg(long)]
     json: bool,
-    /// Write SVG timelines (requests/s and p99 latency per 100 ms, upgrades shaded) of
-    /// swap-under-load into DIR.
+    /// Write SVG plots into DIR: timelines of swap-under-load (requests/s and p99 latency
+    /// per 100 ms, upgrades shaded), and precopy's accept gap against state size.
     #[arg(long, value_name = "DIR")]
     plot: Option<PathBuf>,
     /// Run only this scenario (repeatable); default: all, in the order listed here.
@@ -270,14 +270,26 @@ async fn run(scenario: Scenario, a: &Args, bins: &Bins, nofile: u64) -> Vec<Row>
             } else {
                 vec![100, 1000]
             };
-            precopy::run(
+            let rows = precopy::run(
                 bins,
                 &precopy::Opts {
                     sizes_mb,
                     upgrades: a.state_upgrades.unwrap_or(if q { 1 } else { 3 }),
                 },
             )
-            .await
+            .await;
+            if let Some(dir) = &a.plot {
+                match plot::by_size(
+                    dir,
+                    "precopy-gap",
+                    "Accept gap against state size, 8 writers (kv-server, 2 cores)",
+                    &precopy::series(&rows),
+                ) {
+                    Ok(p) => tracing::info!(path = %p.display(), "plot written"),
+                    Err(e) => tracing::warn!(error = %e, "cannot write the plot"),
+                }
+            }
+            rows
         }
         Scenario::Migration => {
             let connections = a.connections.unwrap_or(if q { 1000 } else { 10_000 });

@@ -124,6 +124,68 @@ fn draw(path: &Path, title: &str, slots: &[Slot], spans: &[Span]) -> anyhow::Res
     Ok(())
 }
 
+/// One line of [`by_size`]: a label and its (state MiB, gap ms) points.
+pub type Series = (String, Vec<(f64, f64)>);
+
+/// Writes `DIR/<name>.svg`: the accept gap (log scale) against the state size, one line
+/// per way of handing the state over.
+///
+/// # Errors
+/// The file cannot be written.
+pub fn by_size(
+    dir: &Path,
+    name: &str,
+    title: &str,
+    series: &[Series],
+) -> anyhow::Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!("{name}.svg"));
+    let err = |e: DrawingAreaErrorKind<std::io::Error>| anyhow::anyhow!("{e}");
+    let points = || series.iter().flat_map(|(_, p)| p.iter().copied());
+    let max_mb = points().map(|p| p.0).fold(1.0, f64::max) * 1.1;
+    let max_ms = points().map(|p| p.1).fold(10.0, f64::max) * 2.0;
+    let min_ms = points()
+        .map(|p| p.1)
+        .fold(f64::MAX, f64::min)
+        .clamp(0.1, 1.0)
+        / 2.0;
+    let root = SVGBackend::new(&path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut c = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..max_mb, (min_ms..max_ms).log_scale())
+        .map_err(err)?;
+    c.configure_mesh()
+        .x_desc("state, MiB")
+        .y_desc("accept gap p50, ms (log)")
+        .y_label_formatter(&|v| format!("{v}"))
+        .draw()
+        .map_err(err)?;
+    let colours = [RED, BLUE, GREEN, MAGENTA];
+    for (i, (label, pts)) in series.iter().enumerate() {
+        let colour = colours[i % colours.len()];
+        c.draw_series(LineSeries::new(pts.iter().copied(), colour.stroke_width(2)))
+            .map_err(err)?
+            .label(label.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], colour));
+        c.draw_series(pts.iter().map(|p| Circle::new(*p, 4, colour.filled())))
+            .map_err(err)?;
+    }
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    drop(c);
+    drop(root);
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -64,6 +64,21 @@ pub async fn run(bins: &Bins, opts: &Opts) -> Vec<Row> {
     rows
 }
 
+/// The rows as plot lines: accept gap p50 by state size, one line per mode.
+pub fn series(rows: &[Row]) -> Vec<crate::plot::Series> {
+    [Mode::Classic, Mode::Chunked, Mode::Precopy]
+        .iter()
+        .map(|m| {
+            let pts = rows
+                .iter()
+                .filter(|r| r.get("mode").and_then(|v| v.as_str()) == Some(m.name()))
+                .filter_map(|r| Some((r.get_f64("state_mb")?, r.get_f64("accept_gap_ms_p50")?)))
+                .collect();
+            (m.name().to_owned(), pts)
+        })
+        .collect()
+}
+
 async fn run_one(bins: &Bins, opts: &Opts, mb: u64, mode: Mode) -> anyhow::Result<Row> {
     let mut args = vec![
         "--state",
@@ -174,10 +189,13 @@ async fn measure(
     Ok(row)
 }
 
+/// What one writer saw: latencies (ms), the acknowledged `n`, connect failures.
+type Written = (Vec<f64>, Vec<u64>, u64);
+
 /// Eight writers, one connection each, `SET w{i}:{n} n` one at a time.
 struct Writers {
     stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<(Vec<f64>, Vec<u64>, u64)>>,
+    tasks: Vec<tokio::task::JoinHandle<Written>>,
 }
 
 impl Writers {

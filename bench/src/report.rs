@@ -115,12 +115,14 @@ impl Row {
         self.fields.iter().any(|(k, _)| k == "skipped")
     }
 
+    /// A figure of the row.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
     /// A numeric figure of the row.
     pub fn get_f64(&self, key: &str) -> Option<f64> {
-        self.fields
-            .iter()
-            .find(|(k, _)| k == key)
-            .and_then(|(_, v)| v.as_f64())
+        self.get(key).and_then(Value::as_f64)
     }
 
     /// The keys whose value misses its target.

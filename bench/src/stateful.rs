@@ -1,5 +1,6 @@
 //! `stateful`: kv-server holding S MB under `baton run --state`; the accept gap of a
-//! two-phase upgrade against a plain in-process serialise + parse of the same state.
+//! two-phase upgrade with the one-shot snapshot (kv-server `--no-precopy`) against a plain
+//! in-process serialise + parse of the same state.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -79,7 +80,9 @@ async fn run_size(bins: &Bins, opts: &Opts, mb: u64) -> anyhow::Result<Row> {
             "--drain-timeout",
             "30s",
         ],
-        [bins.kv.as_os_str()],
+        // The one-shot snapshot this scenario compares with serde in-process; the
+        // `precopy` scenario measures the other paths.
+        [bins.kv.as_os_str(), std::ffi::OsStr::new("--no-precopy")],
     )
     .await?;
     let control = Control::new(baton.control());

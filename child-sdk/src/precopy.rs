@@ -294,7 +294,22 @@ where
         let (mut next_seq, mut bytes, mut started) = (0u64, 0u64, None);
         let ours = control.version;
         loop {
-            match rx.recv().await.ok_or(Error::ControlClosed)? {
+            // Apply each chunk as soon as it is decoded (and acknowledge it): baton waits
+            // for a caught-up candidate before it pauses the old generation.
+            let msg = match decoding.front_mut() {
+                Some((_, job)) => tokio::select! {
+                    done = job => {
+                        let seq = decoding.pop_front().map_or(0, |(s, _)| s);
+                        if let Err(why) = apply(&mut state, seq, done, control)? {
+                            return Ok(Err(why));
+                        }
+                        continue;
+                    }
+                    msg = rx.recv() => msg,
+                },
+                None => rx.recv().await,
+            };
+            match msg.ok_or(Error::ControlClosed)? {
                 StateMsg::Fresh { reason } => {
                     tracing::info!(%reason, "no predecessor state: starting fresh");
                     return Ok(Ok(None));
@@ -353,7 +368,7 @@ where
     }
 }
 
-/// Applies the oldest decoded chunk and acknowledges it.
+/// Waits for the oldest chunk's decoding, then applies and acknowledges it.
 async fn apply_next<T: Chunked>(
     state: &mut T,
     decoding: &mut VecDeque<(u64, Decoding<T::Chunk>)>,
@@ -362,7 +377,17 @@ async fn apply_next<T: Chunked>(
     let Some((seq, job)) = decoding.pop_front() else {
         return Ok(Ok(()));
     };
-    let chunk = match job.await {
+    apply(state, seq, job.await, control)
+}
+
+/// Applies decoded chunk `seq` and acknowledges it.
+fn apply<T: Chunked>(
+    state: &mut T,
+    seq: u64,
+    decoded: std::result::Result<std::result::Result<T::Chunk, String>, tokio::task::JoinError>,
+    control: &Control,
+) -> Result<std::result::Result<(), String>> {
+    let chunk = match decoded {
         Ok(Ok(c)) => c,
         Ok(Err(why)) => return Ok(Err(format!("chunk {seq}: {why}"))),
         Err(e) => return Ok(Err(format!("chunk {seq}: decoding panicked: {e}"))),

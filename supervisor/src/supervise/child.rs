@@ -83,7 +83,7 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                 }
                 ChildMsg::RoundDone { round, .. } => m.on_round_done(d, now, gen_id, round),
                 ChildMsg::PrecopyFailed { reason } => m.on_precopy_failed(d, now, gen_id, &reason),
-                ChildMsg::Applied { seq } => m.on_applied(d, gen_id, seq),
+                ChildMsg::Applied { seq } => m.on_applied(d, now, gen_id, seq),
                 ChildMsg::SnapshotFailed { reason } => {
                     m.on_snapshot_failed(d, now, gen_id, &reason)
                 }

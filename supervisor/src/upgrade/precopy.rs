@@ -31,6 +31,13 @@ pub struct Run {
     round_chunks: u64,
     /// The next chunk's sequence number.
     next_seq: u64,
+    /// Chunks the candidate has applied.
+    #[serde(default)]
+    applied: u64,
+    /// The last round, waiting for the candidate to apply what it has: quiescing
+    /// earlier would put its backlog inside the accept gap.
+    #[serde(default)]
+    final_due: Option<u32>,
     /// Rounds completed while serving, and their bytes.
     live_rounds: u32,
     live_bytes: u64,
@@ -121,6 +128,8 @@ impl Machine {
             round_bytes: 0,
             round_chunks: 0,
             next_seq: 0,
+            applied: 0,
+            final_due: None,
             live_rounds: 0,
             live_bytes: 0,
             last_delta: None,
@@ -196,12 +205,20 @@ impl Machine {
     }
 
     /// Pre-copy: the candidate applied chunk `seq`; the old generation may send one more.
-    pub fn on_applied(&mut self, host: &mut impl Host, gen_id: GenId, seq: u64) {
-        let Some(u) = self.upgrade.as_ref().filter(|u| u.candidate == gen_id) else {
+    pub fn on_applied(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId, seq: u64) {
+        let Some(u) = self.upgrade.as_mut().filter(|u| u.candidate == gen_id) else {
             return;
         };
-        if let Some(p) = &u.precopy {
-            host.send(p.from, SupervisorMsg::Acked { seq });
+        let Some(p) = u.precopy.as_mut() else {
+            return;
+        };
+        host.send(p.from, SupervisorMsg::Acked { seq });
+        p.applied = p.applied.max(seq + 1);
+        if p.applied >= p.next_seq {
+            if let Some(round) = p.final_due.take() {
+                let from = p.from;
+                self.quiesce_for_last_round(host, now, from, round);
+            }
         }
     }
 
@@ -259,7 +276,11 @@ impl Machine {
                     tracing::info!(generation = from, reason = why, "pre-copy rounds stop");
                     p.stop = Some(why);
                     p.last = true;
-                    self.quiesce_for_last_round(host, now, from, round + 1);
+                    if p.applied >= p.next_seq {
+                        self.quiesce_for_last_round(host, now, from, round + 1);
+                    } else {
+                        p.final_due = Some(round + 1);
+                    }
                 }
                 None => host.send(from, SupervisorMsg::Precopy { round: round + 1 }),
             }

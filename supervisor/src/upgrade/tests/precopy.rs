@@ -32,6 +32,22 @@ fn send_round(
     chunks: u64,
     size: u64,
 ) {
+    send_round_unapplied(m, h, t, round, seq, chunks, size);
+    for i in 0..chunks {
+        m.on_applied(h, t, 2, seq + i);
+    }
+}
+
+/// Like [`send_round`], but the candidate applies nothing yet.
+fn send_round_unapplied(
+    m: &mut Machine,
+    h: &mut Fake,
+    t: Instant,
+    round: u32,
+    seq: u64,
+    chunks: u64,
+    size: u64,
+) {
     for i in 0..chunks {
         m.on_chunk(h, t, 1, round, seq + i, size);
     }
@@ -48,7 +64,7 @@ fn rounds_shrink_until_converged_then_the_last_one_is_quiesced() {
     }
     assert!(calls.contains(&Call::Send(1, SupervisorMsg::Precopy { round: 1 })));
     // The candidate applied one: the sender gets its credit back.
-    m.on_applied(&mut h, 2, 0);
+    m.on_applied(&mut h, t, 2, 0);
     assert_eq!(
         h.take(),
         vec![Call::Send(1, SupervisorMsg::Acked { seq: 0 })]
@@ -86,6 +102,27 @@ fn rounds_shrink_until_converged_then_the_last_one_is_quiesced() {
     // The gap runs from the last quiesce, not from the start of pre-copy.
     let gap = r.accept_gap_ms.unwrap();
     assert!((15.0..16.0).contains(&gap), "{gap}");
+}
+
+#[test]
+fn the_last_round_waits_until_the_candidate_has_applied_everything() {
+    let (mut m, mut h, t) = precopying(|_| {});
+    send_round(&mut m, &mut h, t, 0, 0, 4, 64 * MIB);
+    send_round_unapplied(&mut m, &mut h, t, 1, 4, 1, 100);
+    let calls = h.take();
+    assert!(
+        !calls
+            .iter()
+            .any(|c| matches!(c, Call::Send(1, SupervisorMsg::PrecopyFinal { .. }))),
+        "quiesced with a backlog: {calls:?}"
+    );
+    assert_eq!(m.generation(1).unwrap().phase, Phase::Active);
+    m.on_applied(&mut h, t, 2, 4);
+    assert!(
+        h.take()
+            .contains(&Call::Send(1, SupervisorMsg::PrecopyFinal { round: 2 }))
+    );
+    assert_eq!(m.generation(1).unwrap().phase, Phase::Quiesced);
 }
 
 #[test]

@@ -34,6 +34,8 @@
 //! # Ok(()) }
 //! ```
 
+mod precopy;
+pub use precopy::Round;
 use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
