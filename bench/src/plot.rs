@@ -160,11 +160,12 @@ pub fn by_size(
         .map_err(err)?;
     c.configure_mesh()
         .x_desc("state, MiB")
+        .x_label_formatter(&|v| format!("{v:.0}"))
         .y_desc("accept gap p50, ms (log)")
         .y_label_formatter(&|v| format!("{v}"))
         .draw()
         .map_err(err)?;
-    let colours = [RED, BLUE, GREEN, MAGENTA];
+    let colours = [RED, BLUE, RGBColor(0, 150, 0), MAGENTA];
     for (i, (label, pts)) in series.iter().enumerate() {
         let colour = colours[i % colours.len()];
         c.draw_series(LineSeries::new(pts.iter().copied(), colour.stroke_width(2)))
@@ -189,6 +190,21 @@ pub fn by_size(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn by_size_draws_every_series_with_its_label() {
+        let dir = std::env::temp_dir().join(format!("baton-plot-size-{}", std::process::id()));
+        let series = vec![
+            ("one-shot".to_owned(), vec![(100.0, 300.0), (1000.0, 4000.0)]),
+            ("pre-copy".to_owned(), vec![(100.0, 8.0), (1000.0, 3.0)]),
+        ];
+        let path = by_size(&dir, "gap", "Accept gap", &series).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        for want in ["Accept gap", "one-shot", "pre-copy", "state, MiB"] {
+            assert!(svg.contains(want), "{want} missing");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn draws_the_title_the_lines_and_the_upgrades() {

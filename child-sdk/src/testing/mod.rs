@@ -457,6 +457,11 @@ impl FakeSupervisor {
             size: snapshot.size,
         };
         self.send_with(&msg, &[&snapshot.fd]).await?;
+        self.restore_answer().await
+    }
+
+    /// The candidate's `restored` or `rejected`.
+    async fn restore_answer(&mut self) -> io::Result<Restore> {
         let (answer, _) = self
             .expect("restored or rejected", |m| {
                 matches!(m, ChildMsg::Restored { .. } | ChildMsg::Rejected { .. })

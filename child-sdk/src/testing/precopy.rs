@@ -120,16 +120,7 @@ impl FakeSupervisor {
             }
         }
         self.send(&SupervisorMsg::Complete { chunks: seq }).await?;
-        let (answer, _) = self
-            .expect("restored or rejected", |m| {
-                matches!(m, ChildMsg::Restored { .. } | ChildMsg::Rejected { .. })
-            })
-            .await?;
-        Ok(match answer {
-            ChildMsg::Restored { from_version, .. } => Restore::Restored { from_version },
-            ChildMsg::Rejected { reason } => Restore::Rejected { reason },
-            other => return Err(protocol(format!("unexpected {other:?}"))),
-        })
+        self.restore_answer().await
     }
 
     /// Waits for `applied{seq}`; a rejection instead is returned.

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use baton_protocol::{EventKind, Feature, Phase, SupervisorMsg, UpgradeReport};
+use baton_protocol::{EventKind, Feature, SupervisorMsg, UpgradeReport};
 
 use super::{GenId, Host, Machine, Stage, later, ms_f};
 
@@ -157,16 +157,7 @@ impl Machine {
         old: GenId,
         round: u32,
     ) {
-        let Some(u) = self.upgrade.as_mut() else {
-            return;
-        };
-        u.stage = Stage::Snapshotting;
-        u.stage_deadline = Some(later(now, self.s.snapshot_timeout));
-        u.quiesced = Some(old);
-        u.quiesced_at = Some(now);
-        if let Some(g) = self.gens.get_mut(&old) {
-            g.phase = Phase::Quiesced;
-        }
+        self.quiesce_old(now, old);
         tracing::info!(generation = old, round, "quiescing for the last round");
         host.send(old, SupervisorMsg::PrecopyFinal { round });
     }

@@ -32,13 +32,7 @@ impl Machine {
         };
         match (self.s.stateful, old) {
             (true, Some(old)) => {
-                u.stage = Stage::Snapshotting;
-                u.stage_deadline = Some(later(now, self.s.snapshot_timeout));
-                u.quiesced = Some(old);
-                u.quiesced_at = Some(now);
-                if let Some(g) = self.gens.get_mut(&old) {
-                    g.phase = Phase::Quiesced;
-                }
+                self.quiesce_old(now, old);
                 tracing::info!(generation = old, "quiescing for snapshot");
                 let accept = self.gens.get(&gen_id).and_then(|g| g.restores.clone());
                 host.send(old, SupervisorMsg::Quiesce { accept });
@@ -61,6 +55,20 @@ impl Machine {
                 );
                 u.stage = Stage::Restored;
             }
+        }
+    }
+
+    /// The old generation stops accepting now: the snapshot (or last round) is due and the
+    /// accept gap starts.
+    pub(super) fn quiesce_old(&mut self, now: Instant, old: GenId) {
+        if let Some(u) = self.upgrade.as_mut() {
+            u.stage = Stage::Snapshotting;
+            u.stage_deadline = Some(later(now, self.s.snapshot_timeout));
+            u.quiesced = Some(old);
+            u.quiesced_at = Some(now);
+        }
+        if let Some(g) = self.gens.get_mut(&old) {
+            g.phase = Phase::Quiesced;
         }
     }
 
