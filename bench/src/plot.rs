@@ -195,7 +195,10 @@ mod tests {
     fn by_size_draws_every_series_with_its_label() {
         let dir = std::env::temp_dir().join(format!("baton-plot-size-{}", std::process::id()));
         let series = vec![
-            ("one-shot".to_owned(), vec![(100.0, 300.0), (1000.0, 4000.0)]),
+            (
+                "one-shot".to_owned(),
+                vec![(100.0, 300.0), (1000.0, 4000.0)],
+            ),
             ("pre-copy".to_owned(), vec![(100.0, 8.0), (1000.0, 3.0)]),
         ];
         let path = by_size(&dir, "gap", "Accept gap", &series).unwrap();

@@ -134,8 +134,17 @@ pub fn history(path: Option<PathBuf>, n: Option<usize>, json: bool) -> anyhow::R
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<24} {:>4} {:<11} {:<14} {:<11} {:>8} {:>9} {:>12} {:>8}  reason",
-        "when", "gen", "why", "release", "result", "ms", "gap ms", "snapshot B", "migrated"
+        "{:<24} {:>4} {:<11} {:<14} {:<11} {:>8} {:>9} {:>12} {:>6} {:>8}  reason",
+        "when",
+        "gen",
+        "why",
+        "release",
+        "result",
+        "ms",
+        "gap ms",
+        "snapshot B",
+        "rounds",
+        "migrated"
     );
     for e in &entries {
         println!("{}", row(e));
@@ -158,7 +167,7 @@ fn row(e: &HistoryEntry) -> String {
     };
     let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     format!(
-        "{:<24} {:>4} {:<11} {:<14} {:<11} {:>8} {:>9} {:>12} {:>8}  {}",
+        "{:<24} {:>4} {:<11} {:<14} {:<11} {:>8} {:>9} {:>12} {:>6} {:>8}  {}",
         when(e.at_ms),
         r.generation,
         why_name(e.why),
@@ -167,6 +176,7 @@ fn row(e: &HistoryEntry) -> String {
         r.duration_ms,
         opt(r.accept_gap_ms.map(|g| format!("{g:.1}"))),
         opt(r.snapshot_bytes.map(|b| b.to_string())),
+        opt(r.precopy_rounds.map(|n| n.to_string())),
         r.migrated_connections,
         r.reason.as_deref().unwrap_or("")
     )

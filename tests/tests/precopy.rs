@@ -117,6 +117,34 @@ async fn precopy_upgrades_of_a_256mb_state_lose_nothing_and_pause_less_than_one_
         worst < best_one_shot,
         "pre-copy gaps {precopy:?} ms, one-shot gaps {one_shot:?} ms"
     );
+    // The figures are in the history and the rounds in the event stream too.
+    let out = baton
+        .cli(&["history", "--json", "-n", "5"], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let history: Vec<baton_protocol::HistoryEntry> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(history.len(), 5);
+    assert!(
+        history.iter().all(|e| e.report.precopy_rounds.is_some()
+            && e.report.final_delta_bytes.is_some()
+            && e.report.new_peak_rss_bytes.is_some()),
+        "{history:#?}"
+    );
+    let out = baton
+        .cli(&["events", "--json"], Duration::from_secs(10))
+        .await
+        .unwrap();
+    let rounds = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains(r#""event":"precopy""#))
+        .count();
+    assert!(rounds >= 5 * 2, "{rounds} pre-copy round events");
     let rss = proc_rss_kb(baton.pid()).unwrap();
     assert!(rss <= MAX_BATON_RSS_KB, "baton RSS {rss} KiB");
     eprintln!(
