@@ -190,23 +190,10 @@ impl Baton {
                     state.drain_told = true;
                     return Event::Drain(info);
                 }
-                Ok(Some(StateMsg::Quiesce { accept })) => {
-                    self.set_successor(accept);
-                    return Event::Quiesce;
-                }
-                Ok(Some(StateMsg::Resume { reason })) => return Event::Resume { reason },
-                Ok(Some(StateMsg::Precopy { round })) => return Event::Precopy { round },
-                Ok(Some(StateMsg::PrecopyFinal { round })) => {
-                    return Event::PrecopyFinal { round };
-                }
-                Ok(Some(
-                    StateMsg::Restore { .. }
-                    | StateMsg::Fresh { .. }
-                    | StateMsg::Chunk { .. }
-                    | StateMsg::Complete { .. },
-                )) => {
-                    tracing::warn!("restore message outside restore(); ignored");
-                }
+                Ok(Some(msg)) => match self.event_of(msg) {
+                    Some(e) => return e,
+                    None => tracing::warn!("restore message outside restore(); ignored"),
+                },
                 Ok(None) => state.rx = None,
             }
         }
@@ -417,17 +404,31 @@ where
     })
 }
 
+impl Baton {
+    /// The old-generation event a state message is (a quiesce records what the
+    /// successor restores), or `None` for the candidate's restore messages.
+    fn event_of(&self, msg: StateMsg) -> Option<Event> {
+        Some(match msg {
+            StateMsg::Quiesce { accept } => {
+                self.set_successor(accept);
+                Event::Quiesce
+            }
+            StateMsg::Resume { reason } => Event::Resume { reason },
+            StateMsg::Precopy { round } => Event::Precopy { round },
+            StateMsg::PrecopyFinal { round } => Event::PrecopyFinal { round },
+            StateMsg::Restore { .. }
+            | StateMsg::Fresh { .. }
+            | StateMsg::Chunk { .. }
+            | StateMsg::Complete { .. } => return None,
+        })
+    }
+}
+
 /// Keeps an old-generation event that arrived while restoring.
 pub(crate) fn keep_early(baton: &Baton, msg: StateMsg, early: &mut Vec<Event>) {
-    match msg {
-        StateMsg::Quiesce { accept } => {
-            baton.set_successor(accept);
-            early.push(Event::Quiesce);
-        }
-        StateMsg::Resume { reason } => early.push(Event::Resume { reason }),
-        StateMsg::Precopy { round } => early.push(Event::Precopy { round }),
-        StateMsg::PrecopyFinal { round } => early.push(Event::PrecopyFinal { round }),
-        other => tracing::warn!(?other, "unexpected state message while restoring; ignored"),
+    match baton.event_of(msg) {
+        Some(e) => early.push(e),
+        None => tracing::warn!("unexpected state message while restoring; ignored"),
     }
 }
 

@@ -78,8 +78,9 @@ pub struct GenHandle {
     pub status_text: Option<String>,
     /// Its snapshot, held only between receipt and hand-over (never read by baton).
     pub snapshot: Option<(OwnedFd, u64)>,
-    /// A pre-copy chunk, held the same way.
-    pub chunk: Option<OwnedFd>,
+    /// A pre-copy chunk, held the same way, with the relay slot it holds until the
+    /// candidate's channel has written it (see [`RELAY_SLOTS`]).
+    pub chunk: Option<(OwnedFd, Option<OwnedSemaphorePermit>)>,
     /// READY arrived while a message (its SDK's hello) was still unread.
     pub ready_deferred: bool,
     /// Messages the read task has passed on that the main loop has not handled yet.

@@ -245,7 +245,6 @@ fn handle_state_event(server: &Arc<Server>, baton: &Baton, schema: Schema, event
                 Err(e) => {
                     tracing::error!(round, error = %e, "cannot send the last round; resuming");
                     let _ = baton.precopy_failed(&e.to_string());
-                    server.with_db_mut(Db::stop_tracking);
                     server.resume();
                 }
             }

@@ -130,7 +130,8 @@ impl Db {
 
     /// Mutable access to an existing value (used by INCR); counts as a write.
     pub fn get_mut(&mut self, key: &[u8]) -> Option<&mut Vec<u8>> {
-        if self.contains(key) {
+        // The extra look-up only while a pre-copy tracks changes: INCR is a hot path.
+        if self.dirty.is_some() && self.contains(key) {
             self.touch(key);
         }
         self.shards[shard_of(key)].get_mut(key)

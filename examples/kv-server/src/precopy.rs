@@ -67,16 +67,18 @@ pub fn send_round(
         }
     }
     let work = server.with_db_mut(|db| {
-        if round == 0 {
+        let work = if round == 0 {
             db.track_changes();
             Work::Shards
         } else {
             Work::Keys(db.take_dirty())
+        };
+        // Quiesced: nothing changes any more.
+        if last {
+            db.stop_tracking();
         }
+        work
     });
-    if last {
-        server.with_db_mut(Db::stop_tracking);
-    }
     let tx = baton.chunks(round)?;
     let next = AtomicUsize::new(0);
     let pieces = work.pieces();

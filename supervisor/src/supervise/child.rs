@@ -73,7 +73,7 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                 } => {
                     let Some(fd) = fds.pop() else { return };
                     if let Some(h) = d.handles.get_mut(&gen_id) {
-                        h.chunk = Some(fd);
+                        h.chunk = Some((fd, slots));
                     }
                     m.on_chunk(d, now, gen_id, round, seq, size);
                     // Not passed on (not pre-copying, or out of order): closed here.

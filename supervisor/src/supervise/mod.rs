@@ -301,7 +301,7 @@ impl Host for Driver {
         seq: u64,
         size: u64,
     ) -> Result<(), String> {
-        let fd = self
+        let (fd, slots) = self
             .handles
             .get_mut(&from)
             .and_then(|h| h.chunk.take())
@@ -313,7 +313,8 @@ impl Host for Driver {
             round,
             seq,
         };
-        h.send(msg, vec![fd]);
+        // A sender that ignores the window waits for relay slots, like a migration.
+        h.relay(msg, vec![fd], slots);
         Ok(())
     }
 

@@ -110,6 +110,14 @@ pub struct Settings {
     pub precopy: PrecopySettings,
 }
 
+impl Settings {
+    /// How long the live pre-copy rounds may run before the upgrade is given up: no new
+    /// round starts after `--precopy-timeout`, and the one under way has a snapshot's time.
+    pub fn precopy_deadline(&self) -> Duration {
+        self.precopy.timeout + self.snapshot_timeout
+    }
+}
+
 /// `--precopy`, `--precopy-rounds`, `--precopy-timeout`.
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct PrecopySettings {

@@ -635,9 +635,7 @@ impl Machine {
                 let why = match u.stage {
                     Stage::Precopy => format!(
                         "pre-copy did not finish within {}",
-                        humantime::format_duration(
-                            self.s.precopy.timeout + self.s.snapshot_timeout
-                        )
+                        humantime::format_duration(self.s.precopy_deadline())
                     ),
                     Stage::Snapshotting => format!(
                         "old generation did not deliver its snapshot within {}",
@@ -736,8 +734,7 @@ impl Machine {
             }
         }
         // A pre-copy sender serves still, but its round must stop.
-        let resume = u.quiesced.or(u.precopy.as_ref().map(|p| p.from));
-        if let Some(old) = resume {
+        if let Some(old) = u.old_gen() {
             if let Some(g) = self.gens.get_mut(&old) {
                 g.phase = Phase::Active;
                 host.send(
@@ -834,7 +831,7 @@ impl Machine {
 
     /// A stateful upgrade's memory peaks, from the host.
     fn peak_rss(&self, host: &mut impl Host, u: &Upgrade, report: &mut UpgradeReport) {
-        if let Some(old) = u.quiesced.or(u.precopy.as_ref().map(|p| p.from)) {
+        if let Some(old) = u.old_gen() {
             report.old_peak_rss_bytes = host.peak_rss(old);
             report.new_peak_rss_bytes = host.peak_rss(u.candidate);
         }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use baton_protocol::{EventKind, Feature, SupervisorMsg, UpgradeReport};
 
-use super::{GenId, Host, Machine, Stage, later, ms_f};
+use super::{GenId, Host, Machine, Stage, Upgrade, later, ms_f};
 
 /// A live round this small means the deltas have converged: the last one,
 /// sent while quiesced, is smaller still.
@@ -34,10 +34,6 @@ pub struct Run {
     /// Chunks the candidate has applied.
     #[serde(default)]
     applied: u64,
-    /// The last round, waiting for the candidate to apply what it has: quiescing
-    /// earlier would put its backlog inside the accept gap.
-    #[serde(default)]
-    final_due: Option<u32>,
     /// Rounds completed while serving, and their bytes.
     live_rounds: u32,
     live_bytes: u64,
@@ -129,7 +125,6 @@ impl Machine {
             round_chunks: 0,
             next_seq: 0,
             applied: 0,
-            final_due: None,
             live_rounds: 0,
             live_bytes: 0,
             last_delta: None,
@@ -138,7 +133,7 @@ impl Machine {
         });
         if live {
             u.stage = Stage::Precopy;
-            u.stage_deadline = Some(later(now, self.s.precopy.timeout + self.s.snapshot_timeout));
+            u.stage_deadline = Some(later(now, self.s.precopy_deadline()));
             tracing::info!(
                 generation = old,
                 "pre-copy: sending the state while serving"
@@ -205,11 +200,22 @@ impl Machine {
         };
         host.send(p.from, SupervisorMsg::Acked { seq });
         p.applied = p.applied.max(seq + 1);
-        if p.applied >= p.next_seq {
-            if let Some(round) = p.final_due.take() {
-                let from = p.from;
-                self.quiesce_for_last_round(host, now, from, round);
-            }
+        self.quiesce_when_caught_up(host, now);
+    }
+
+    /// Once the live rounds have stopped and the candidate has applied everything sent,
+    /// quiesces the old generation for the last round. Quiescing earlier would put the
+    /// candidate's backlog inside the accept gap.
+    fn quiesce_when_caught_up(&mut self, host: &mut impl Host, now: Instant) {
+        let Some(u) = self.upgrade.as_ref() else {
+            return;
+        };
+        let Some(p) = u.precopy.as_ref() else {
+            return;
+        };
+        if p.last && u.quiesced.is_none() && p.applied >= p.next_seq {
+            let (from, round) = (p.from, p.round);
+            self.quiesce_for_last_round(host, now, from, round);
         }
     }
 
@@ -267,11 +273,7 @@ impl Machine {
                     tracing::info!(generation = from, reason = why, "pre-copy rounds stop");
                     p.stop = Some(why);
                     p.last = true;
-                    if p.applied >= p.next_seq {
-                        self.quiesce_for_last_round(host, now, from, round + 1);
-                    } else {
-                        p.final_due = Some(round + 1);
-                    }
+                    self.quiesce_when_caught_up(host, now);
                 }
                 None => host.send(from, SupervisorMsg::Precopy { round: round + 1 }),
             }
@@ -308,9 +310,6 @@ impl Machine {
 
     /// The old generation that is sending, if pre-copy runs.
     pub(super) fn precopy_from(&self) -> Option<GenId> {
-        self.upgrade
-            .as_ref()
-            .and_then(|u| u.precopy.as_ref())
-            .map(|p| p.from)
+        self.upgrade.as_ref().and_then(Upgrade::precopy_from)
     }
 }

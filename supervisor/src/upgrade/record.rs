@@ -140,6 +140,16 @@ impl Why {
 }
 
 impl Upgrade {
+    /// The old generation sending a pre-copy, if one runs.
+    pub(super) fn precopy_from(&self) -> Option<GenId> {
+        self.precopy.as_ref().map(|p| p.from)
+    }
+
+    /// The old generation handing its state over: quiesced, or still serving a pre-copy.
+    pub(super) fn old_gen(&self) -> Option<GenId> {
+        self.quiesced.or(self.precopy_from())
+    }
+
     /// The outcome of this upgrade, with the timings gathered so far.
     pub(super) fn report(
         &self,
