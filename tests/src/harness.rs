@@ -90,7 +90,8 @@ impl fmt::Debug for HarnessError {
 /// Result of harness operations.
 pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> HarnessError {
+/// Maps an I/O error to a [`HarnessError::Io`] saying what was being done.
+pub fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> HarnessError {
     let what = what.into();
     move |source| HarnessError::Io { what, source }
 }

@@ -1,6 +1,7 @@
 //! End-to-end test support for baton: the load generator, a RESP client and the harness
 //! that runs the real `baton` binary around the example apps.
 
+pub mod fleet;
 pub mod harness;
 pub mod http;
 pub mod kv;
@@ -12,3 +13,4 @@ pub mod resp;
 mod sys;
 pub mod systemd;
 pub mod upgrade;
+pub mod venv;

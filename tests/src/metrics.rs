@@ -12,7 +12,6 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::harness::fixture;
-use crate::systemd::repo_root;
 
 /// One sample.
 #[derive(Debug, Clone, Deserialize)]
@@ -65,10 +64,7 @@ impl Scrape {
 
 /// The venv's python, or why there is none.
 pub fn venv_python() -> Result<PathBuf, String> {
-    let venv = std::env::var_os("BATON_TEST_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target/test-venv"));
-    let py = venv.join("bin/python");
+    let py = crate::venv::venv_tool("python")?;
     let ok = Command::new(&py)
         .args(["-c", "import prometheus_client"])
         .status()

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use baton_protocol::{Release, ReleaseStatus};
 
-use crate::harness::{Baton, CliOutput, Result, TestDir, baton_cli, hello_http_bin, write_script};
+use crate::harness::{
+    Baton, CliOutput, Result, TestDir, baton_cli, hello_http_bin, io_err, write_script,
+};
 
 /// Bound on one `baton release` call that does not wait for an outcome.
 pub const RELEASE_CLI_TIMEOUT: Duration = Duration::from_secs(30);
@@ -75,13 +77,13 @@ impl StoreDir {
 
     fn tree(&self, version: &str, bin: &Path, args: &str, healthy: bool) -> Result<PathBuf> {
         let tree = self.dir.join(format!("src-{version}"));
-        std::fs::create_dir_all(tree.join("bin")).map_err(io("mkdir"))?;
+        std::fs::create_dir_all(tree.join("bin")).map_err(io_err("mkdir"))?;
         write_script(
             &tree.join("bin/app"),
             &format!("#!/bin/sh\nexec {} {args} \"$@\"\n", bin.display()),
         )?;
         if healthy {
-            std::fs::write(tree.join("healthy"), "").map_err(io("write healthy"))?;
+            std::fs::write(tree.join("healthy"), "").map_err(io_err("write healthy"))?;
         }
         Ok(tree)
     }
@@ -135,13 +137,6 @@ impl StoreDir {
     pub async fn list(&self) -> Result<Vec<Release>> {
         let out = ok(self.offline(&["list", "--json"]).await?, "release list")?;
         parse_list(&out)
-    }
-}
-
-fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> crate::harness::HarnessError {
-    move |source| crate::harness::HarnessError::Io {
-        what: what.into(),
-        source,
     }
 }
 
