@@ -327,6 +327,52 @@ impl Baton {
         Incoming::new(name, listening, adopted)
     }
 
+    /// The UDP socket called `name` (`baton run --listen NAME=udp:HOST:PORT`, or
+    /// systemd's `ListenDatagram=`), for tokio; when none is inherited,
+    /// `fallback` (`HOST:PORT`) is bound.
+    ///
+    /// Every generation shares the one socket and so the one kernel receive
+    /// buffer: a datagram waits there until some generation reads it. To drain,
+    /// stop reading (drop the socket) when [`wait_drain`](Self::wait_drain)
+    /// fires, after answering what was read already: the successor has been
+    /// reading since before it said READY. Never `connect()` the shared socket.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ListenerTaken`] on a second call for the same name,
+    /// [`Error::InheritedFd`] if the inherited fd is not a UDP socket,
+    /// [`Error::Bind`] if the fallback cannot be bound, [`Error::Io`] if
+    /// tokio cannot register it (outside a runtime).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn f(baton: baton_child::Baton) -> Result<(), baton_child::Error> {
+    /// let udp = baton.udp_socket("dns", "127.0.0.1:5353")?;
+    /// baton.ready()?;
+    /// let mut buf = [0u8; 1500];
+    /// loop {
+    ///     tokio::select! {
+    ///         r = udp.recv_from(&mut buf) => {
+    ///             let (n, peer) = r?;
+    ///             udp.send_to(&buf[..n], peer).await?;
+    ///         }
+    ///         _ = baton.wait_drain() => break,
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn udp_socket(&self, name: &str, fallback: &str) -> Result<tokio::net::UdpSocket> {
+        let s = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .udp(name, fallback)?;
+        tokio::net::UdpSocket::from_std(s)
+            .map_err(|e| Error::io(format!("registering UDP socket {name:?} with tokio"), e))
+    }
+
     /// The raw inherited listener called `name`, unchecked, for socket kinds
     /// [`incoming`](Self::incoming) does not cover. `Ok(None)` if none of
     /// that name is inherited.

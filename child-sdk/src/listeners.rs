@@ -87,6 +87,23 @@ impl Listeners {
         Ok(Listening::Tcp(l))
     }
 
+    /// The UDP socket called `name`: the inherited one, or else `fallback`
+    /// (`HOST:PORT`) freshly bound. Non-blocking either way.
+    pub(crate) fn udp(&mut self, name: &str, fallback: &str) -> Result<std::net::UdpSocket> {
+        if let Some(fd) = self.take(name)? {
+            return check_inherited_udp(name, fd);
+        }
+        self.warn_fallback(name, fallback);
+        let bind_err = |source: io::Error| Error::Bind {
+            name: name.to_owned(),
+            addr: fallback.to_owned(),
+            source,
+        };
+        let s = std::net::UdpSocket::bind(fallback).map_err(bind_err)?;
+        s.set_nonblocking(true).map_err(bind_err)?;
+        Ok(s)
+    }
+
     fn warn_fallback(&self, name: &str, fallback: &str) {
         if self.entries.is_empty() {
             tracing::debug!(
@@ -147,6 +164,30 @@ fn check_inherited(name: &str, fd: OwnedFd) -> Result<Listening> {
     })
 }
 
+/// Checks an inherited fd is a UDP socket, and makes it non-blocking.
+fn check_inherited_udp(name: &str, fd: OwnedFd) -> Result<std::net::UdpSocket> {
+    use std::os::fd::AsRawFd;
+    let fail = |reason: String| Error::InheritedFd {
+        fd: fd.as_raw_fd(),
+        what: format!("UDP socket {name:?}"),
+        reason,
+    };
+    let info = sys::socket_info(fd.as_fd()).map_err(|e| fail(e.to_string()))?;
+    let inet = matches!(
+        info.family,
+        Some(AddressFamily::Inet | AddressFamily::Inet6)
+    );
+    if !inet || info.ty != SockType::Datagram {
+        return Err(fail(format!(
+            "expected a UDP socket, found {:?} {:?}",
+            info.family, info.ty
+        )));
+    }
+    // As for stream listeners: set, never clear, O_NONBLOCK on the shared socket.
+    sys::ensure_nonblocking(fd.as_fd()).map_err(|e| fail(e.to_string()))?;
+    Ok(fd.into())
+}
+
 fn remove_stale_socket(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     let meta = match std::fs::symlink_metadata(path) {
@@ -186,6 +227,31 @@ mod tests {
             Ok(Listening::Tcp(l)) => l,
             other => panic!("expected TCP, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn udp_sockets_are_taken_by_type() {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = u.local_addr().unwrap();
+        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut ls = Listeners::new(vec![
+            ("dns".to_owned(), OwnedFd::from(u)),
+            ("http".to_owned(), OwnedFd::from(t)),
+        ]);
+        assert_eq!(
+            ls.udp("dns", "127.0.0.1:0").unwrap().local_addr().unwrap(),
+            addr
+        );
+        // A stream listener is not a UDP socket, nor the other way round.
+        let e = ls.udp("http", "127.0.0.1:0").unwrap_err().to_string();
+        assert!(e.contains("expected a UDP socket"), "{e}");
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut ls = Listeners::new(vec![("dns".to_owned(), OwnedFd::from(u))]);
+        let e = ls.listen("dns", "127.0.0.1:0").unwrap_err().to_string();
+        assert!(e.contains("Datagram"), "{e}");
+        // Not inherited: the fallback is bound.
+        let mut ls = Listeners::new(vec![]);
+        assert!(ls.udp("dns", "127.0.0.1:0").is_ok());
     }
 
     #[test]

@@ -203,7 +203,7 @@ pub struct ControlArg {
 /// `baton run` options. Every option can also come from `--config`; flags win.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// A listening socket NAME=ADDR; ADDR is HOST:PORT, [V6]:PORT or unix:PATH (repeatable).
+    /// A listening socket NAME=ADDR; ADDR is HOST:PORT, [V6]:PORT, unix:PATH or udp:HOST:PORT (repeatable).
     /// Sockets passed by systemd (LISTEN_FDS) are matched by name and not bound again.
     #[arg(long, value_name = "NAME=ADDR")]
     pub listen: Vec<String>,

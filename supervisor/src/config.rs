@@ -397,14 +397,20 @@ impl RunConfig {
             keep,
         };
         let metrics = match pick(a.metrics.clone(), f.metrics.clone(), "metrics", "metrics") {
-            Some((v, what)) => Some(ListenSpec::parse(&format!("metrics={v}")).map_err(
-                |e| match e {
+            Some((v, what)) => {
+                let spec = ListenSpec::parse(&format!("metrics={v}")).map_err(|e| match e {
                     crate::listeners::ListenError::Parse { why, .. } => {
                         ConfigError(format!("invalid {what} '{v}': {why}"))
                     }
                     other => ConfigError(other.to_string()),
-                },
-            )?),
+                })?;
+                if spec.addr.is_datagram() {
+                    return Err(ConfigError(format!(
+                        "invalid {what} '{v}': metrics are served over HTTP (TCP or unix:PATH)"
+                    )));
+                }
+                Some(spec)
+            }
             None => None,
         };
         let state_dir = a.state_dir.clone().or(f.state_dir.clone()).or_else(|| {

@@ -16,6 +16,16 @@ pub enum ListenAddr {
     Tcp(SocketAddr),
     /// A Unix stream socket at this path.
     Unix(PathBuf),
+    /// A UDP socket bound to this address (shared by every generation: each reads
+    /// the one kernel receive buffer).
+    Udp(SocketAddr),
+}
+
+impl ListenAddr {
+    /// Whether it is a datagram socket (no `listen()`, no connections).
+    pub fn is_datagram(&self) -> bool {
+        matches!(self, ListenAddr::Udp(_))
+    }
 }
 
 impl fmt::Display for ListenAddr {
@@ -23,6 +33,7 @@ impl fmt::Display for ListenAddr {
         match self {
             ListenAddr::Tcp(a) => write!(f, "{a}"),
             ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ListenAddr::Udp(a) => write!(f, "udp:{a}"),
         }
     }
 }
@@ -92,7 +103,8 @@ pub enum ListenError {
 }
 
 impl ListenSpec {
-    /// Parses `NAME=ADDR`, ADDR being `HOST:PORT`, `[V6]:PORT` or `unix:PATH`.
+    /// Parses `NAME=ADDR`, ADDR being `HOST:PORT`, `[V6]:PORT`, `unix:PATH` or
+    /// `udp:HOST:PORT` (`udp:[V6]:PORT`).
     ///
     /// # Errors
     /// [`ListenError::Parse`] naming the spec and the problem.
@@ -110,9 +122,13 @@ impl ListenSpec {
                 return Err(err("unix: needs a path"));
             }
             ListenAddr::Unix(PathBuf::from(path))
+        } else if let Some(addr) = addr.strip_prefix("udp:") {
+            ListenAddr::Udp(addr.parse().map_err(|_| {
+                err("udp: needs HOST:PORT with an IP address (e.g. udp:127.0.0.1:5353, udp:[::1]:5353)")
+            })?)
         } else {
             ListenAddr::Tcp(addr.parse().map_err(|_| {
-                err("ADDR must be HOST:PORT with an IP address (e.g. 127.0.0.1:8080, [::1]:8080) or unix:PATH")
+                err("ADDR must be HOST:PORT with an IP address (e.g. 127.0.0.1:8080, [::1]:8080), unix:PATH or udp:HOST:PORT")
             })?)
         };
         Ok(ListenSpec {
@@ -219,7 +235,7 @@ pub fn open_all(specs: &[ListenSpec], opts: BindOptions) -> Result<Vec<Listener>
         if let Some(spec) = specs.iter().find(|s| s.name == l.name) {
             if !same_kind(&spec.addr, &l.addr) {
                 return Err(ListenError::BadInherited {
-                    fd: -1,
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&l.fd()),
                     name: l.name.clone(),
                     why: format!("it is {} but --listen asks for {}", l.addr, spec.addr),
                 });
@@ -247,6 +263,7 @@ fn same_kind(a: &ListenAddr, b: &ListenAddr) -> bool {
     match (a, b) {
         (ListenAddr::Tcp(x), ListenAddr::Tcp(y)) => x.is_ipv4() == y.is_ipv4(),
         (ListenAddr::Unix(_), ListenAddr::Unix(_)) => true,
+        (ListenAddr::Udp(x), ListenAddr::Udp(y)) => x.is_ipv4() == y.is_ipv4(),
         _ => false,
     }
 }
@@ -267,6 +284,20 @@ fn bind_one(spec: &ListenSpec, opts: BindOptions) -> Result<Listener, ListenErro
             Ok(Listener {
                 name: spec.name.clone(),
                 addr: ListenAddr::Tcp(addr),
+                inherited: false,
+                fd,
+                bound_file: None,
+            })
+        }
+        ListenAddr::Udp(addr) => {
+            let fd = sys::bind_udp(*addr).map_err(bind_err)?;
+            let addr = match sys::inspect_listener(fd.as_fd()) {
+                Ok(SocketKind::Udp(real)) => real,
+                _ => *addr,
+            };
+            Ok(Listener {
+                name: spec.name.clone(),
+                addr: ListenAddr::Udp(addr),
                 inherited: false,
                 fd,
                 bound_file: None,
@@ -385,6 +416,7 @@ fn inherit_from_env() -> Result<Vec<Listener>, ListenError> {
         let addr = match kind {
             SocketKind::Tcp(a) => ListenAddr::Tcp(a),
             SocketKind::Unix(p) => ListenAddr::Unix(p.unwrap_or_else(|| PathBuf::from("@"))),
+            SocketKind::Udp(a) => ListenAddr::Udp(a),
         };
         tracing::info!(fd = fd_num, name, %addr, "inherited listener");
         out.push(Listener {
@@ -415,6 +447,29 @@ mod tests {
         assert_eq!(s.addr, ListenAddr::Tcp("[::1]:0".parse().unwrap()));
         let s = ListenSpec::parse("admin=unix:/run/x.sock").unwrap();
         assert_eq!(s.addr, ListenAddr::Unix("/run/x.sock".into()));
+        let s = ListenSpec::parse("dns=udp:127.0.0.1:5353").unwrap();
+        assert_eq!(s.addr, ListenAddr::Udp("127.0.0.1:5353".parse().unwrap()));
+        assert_eq!(s.addr.to_string(), "udp:127.0.0.1:5353");
+        let s = ListenSpec::parse("dns=udp:[::1]:0").unwrap();
+        assert_eq!(s.addr, ListenAddr::Udp("[::1]:0".parse().unwrap()));
+    }
+
+    #[test]
+    fn binds_udp_and_reports_the_real_port() {
+        let spec = ListenSpec::parse("dns=udp:127.0.0.1:0").unwrap();
+        let opts = BindOptions {
+            backlog: 16,
+            unix_mode: None,
+        };
+        let l = bind_one(&spec, opts).unwrap();
+        let ListenAddr::Udp(a) = l.addr else {
+            panic!("{:?}", l.addr)
+        };
+        assert_ne!(a.port(), 0);
+        // Taken: a second bind of the same port names the listener.
+        let again = ListenSpec::parse(&format!("dns2=udp:{a}")).unwrap();
+        let e = bind_one(&again, opts).unwrap_err().to_string();
+        assert!(e.contains("dns2") && e.contains(&a.to_string()), "{e}");
     }
 
     #[test]
@@ -427,6 +482,9 @@ mod tests {
             "a:b=127.0.0.1:1",
             "http=unix:",
             "http=127.0.0.1:99999",
+            "dns=udp:",
+            "dns=udp:localhost:53",
+            "dns=udp:unix:/x",
         ] {
             let e = ListenSpec::parse(bad).unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");

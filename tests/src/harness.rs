@@ -152,6 +152,11 @@ pub fn kv_server_bin() -> Result<PathBuf> {
     bin("kv-server")
 }
 
+/// The `udp-echo` example binary.
+pub fn udp_echo_bin() -> Result<PathBuf> {
+    bin("udp-echo")
+}
+
 /// A file under `tests/fixtures/`.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -614,6 +619,18 @@ impl Baton {
                 HarnessError::Setup(format!(
                     "no listener named {name:?} in status: {:?}",
                     status.listeners
+                ))
+            })
+    }
+
+    /// The address of the UDP listener `name` (status shows `udp:HOST:PORT`).
+    pub async fn udp_addr(&self, name: &str) -> Result<SocketAddr> {
+        let addr = self.listener_addr(name).await?;
+        addr.strip_prefix("udp:")
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| {
+                HarnessError::Setup(format!(
+                    "listener {name} address {addr:?} is not udp:HOST:PORT"
                 ))
             })
     }

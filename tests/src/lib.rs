@@ -12,5 +12,6 @@ pub mod releases;
 pub mod resp;
 mod sys;
 pub mod systemd;
+pub mod udp;
 pub mod upgrade;
 pub mod venv;

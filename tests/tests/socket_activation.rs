@@ -1,6 +1,7 @@
 //! Issue 2: baton started with `LISTEN_FDS` (socket activation, here by
 //! `systemd-socket-activate`) takes the sockets by `LISTEN_FDNAMES`, binds only the names
-//! that were not passed, and refuses an inherited fd that is not a listening stream socket.
+//! that were not passed, takes a datagram socket (`ListenDatagram=`) as UDP, and refuses an
+//! inherited socket of another kind than its `--listen` asks for.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -9,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use baton_tests::harness::{
-    TestDir, baton_bin, baton_cli, descendants, exclusive, hello_http_bin, which,
+    TestDir, baton_bin, baton_cli, descendants, exclusive, hello_http_bin, udp_echo_bin, which,
 };
 
 /// Kills the process and everything below it on drop.
@@ -146,7 +147,7 @@ async fn inherited_listeners_are_matched_by_name() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_inherited_datagram_socket_is_refused() {
+async fn an_inherited_datagram_socket_is_refused_where_a_stream_is_asked_for() {
     let _serial = exclusive().await;
     let Some(activate) = activator() else { return };
     let dir = TestDir::new("activate-dgram").unwrap();
@@ -182,7 +183,64 @@ async fn an_inherited_datagram_socket_is_refused() {
     let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
     assert_eq!(lines.len(), 1, "{stderr}");
     assert!(
-        lines[0].contains("inherited fd 3 ('http')") && lines[0].contains("stream"),
+        lines[0].contains("inherited fd 3 ('http')")
+            && lines[0].contains(&format!(
+                "it is udp:127.0.0.1:{port} but --listen asks for 127.0.0.1:{port}"
+            )),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inherited_datagram_socket_serves_as_a_udp_listener() {
+    let _serial = exclusive().await;
+    let Some(activate) = activator() else { return };
+    let dir = TestDir::new("activate-udp").unwrap();
+    let control = dir.join("baton.sock");
+    let port = free_port();
+    let log = std::fs::File::create(dir.join("baton.log")).unwrap();
+    let tree = Tree(
+        Command::new(activate)
+            .arg("--datagram")
+            .arg(format!("--listen=127.0.0.1:{port}"))
+            .arg("--fdname=udp")
+            .arg(baton_bin().unwrap())
+            .args(["run", "--control", control.to_str().unwrap()])
+            .arg(format!("--listen=udp=udp:127.0.0.1:{port}"))
+            .arg("--")
+            .arg(udp_echo_bin().unwrap())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    // The activator execs baton on the first datagram, which must then be answered by
+    // the child from the socket's buffer.
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 512];
+    let reply = loop {
+        let _ = client.send_to(b"seq=1", ("127.0.0.1", port));
+        if let Ok((n, _)) = client.recv_from(&mut buf) {
+            break String::from_utf8_lossy(&buf[..n]).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reply: {}",
+            std::fs::read_to_string(dir.join("baton.log")).unwrap_or_default()
+        );
+    };
+    let status = status_json(&control).await.expect("status");
+    let child = status["pid"].as_u64().unwrap();
+    assert!(reply.starts_with("seq=1 pid="), "{reply}");
+    assert!(reply.contains(&format!("pid={child}")), "{reply}");
+    let l = &status["listeners"][0];
+    assert_eq!(l["name"], "udp", "{status}");
+    assert_eq!(l["inherited"], true, "{status}");
+    assert_eq!(l["addr"], format!("udp:127.0.0.1:{port}"), "{status}");
+    drop(tree);
 }

@@ -780,7 +780,8 @@ fn start_health_check(m: &Machine, d: &mut Driver, cfg: &RunConfig) {
 
 fn rearm_listeners(listeners: &[Listener], backlog: i32) {
     for l in listeners {
-        if !sys::is_listening(l.fd()) {
+        // A datagram socket never listens; there is nothing to re-arm.
+        if !l.addr.is_datagram() && !sys::is_listening(l.fd()) {
             match sys::relisten(l.fd(), backlog) {
                 Ok(()) => match sys::inspect_listener(l.fd()) {
                     Ok(sys::SocketKind::Tcp(now)) if ListenAddr::Tcp(now) != l.addr => {

@@ -26,6 +26,30 @@ pub enum SocketKind {
     Tcp(SocketAddr),
     /// A Unix stream listener, bound to this path (None if abstract/unnamed).
     Unix(Option<std::path::PathBuf>),
+    /// A bound UDP socket.
+    Udp(SocketAddr),
+}
+
+/// Creates a UDP socket bound to `addr`, with `O_NONBLOCK` and `O_CLOEXEC`.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(
+        family,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    match addr {
+        SocketAddr::V4(a) => bind(fd.as_raw_fd(), &SockaddrIn::from(a))?,
+        SocketAddr::V6(a) => {
+            setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+            bind(fd.as_raw_fd(), &SockaddrIn6::from(a))?
+        }
+    }
+    Ok(fd)
 }
 
 /// Creates a TCP listener with `SO_REUSEADDR`, `O_NONBLOCK` and `O_CLOEXEC`.
@@ -118,8 +142,23 @@ pub fn inspect_listener(fd: BorrowedFd<'_>) -> Result<SocketKind, String> {
         return Err("not a socket".into());
     }
     let ty = getsockopt(&fd, sockopt::SockType).map_err(|e| format!("SO_TYPE: {e}"))?;
+    if ty == SockType::Datagram {
+        // systemd's ListenDatagram=: only UDP (a Unix datagram socket has no peer to
+        // answer that every generation could share).
+        let addr: SockaddrStorage =
+            socket::getsockname(fd.as_raw_fd()).map_err(|e| format!("getsockname: {e}"))?;
+        return match sockaddr_kind(&addr) {
+            Some(SocketKind::Tcp(a)) => Ok(SocketKind::Udp(a)),
+            _ => Err(format!(
+                "a datagram socket of family {:?}, expected UDP",
+                addr.family()
+            )),
+        };
+    }
     if ty != SockType::Stream {
-        return Err(format!("a {ty:?} socket, expected a stream socket"));
+        return Err(format!(
+            "a {ty:?} socket, expected a stream socket or a UDP socket"
+        ));
     }
     let listening =
         getsockopt(&fd, sockopt::AcceptConn).map_err(|e| format!("SO_ACCEPTCONN: {e}"))?;
