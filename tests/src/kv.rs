@@ -33,13 +33,24 @@ pub struct App {
 }
 
 impl App {
-    /// Writes every wrapper script into `dir` and points `app` at `initial`.
+    /// Writes every wrapper script (kv-server with those arguments) into `dir` and points
+    /// `app` at `initial`.
     pub fn prepare(dir: &TestDir, scripts: &[(&str, &str)], initial: &str) -> App {
         let kv = kv_server_bin().unwrap();
-        for (name, args) in scripts {
+        let commands: Vec<(&str, String)> = scripts
+            .iter()
+            .map(|(name, args)| (*name, format!("'{}' {args}", kv.display())))
+            .collect();
+        Self::prepare_commands(dir, &commands, initial)
+    }
+
+    /// Writes a wrapper script `exec <command> "$@"` per entry into `dir` and points
+    /// `app` at `initial`.
+    pub fn prepare_commands(dir: &TestDir, scripts: &[(&str, String)], initial: &str) -> App {
+        for (name, command) in scripts {
             write_script(
                 &dir.join(format!("{name}.sh")),
-                &format!("#!/bin/sh\nexec '{}' {args} \"$@\"\n", kv.display()),
+                &format!("#!/bin/sh\nexec {command} \"$@\"\n"),
             )
             .unwrap();
         }

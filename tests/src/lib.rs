@@ -1,6 +1,7 @@
 //! End-to-end test support for baton: the load generator, a RESP client and the harness
 //! that runs the real `baton` binary around the example apps.
 
+pub mod conformance;
 pub mod fleet;
 pub mod harness;
 pub mod http;
@@ -8,6 +9,7 @@ pub mod kv;
 pub mod load;
 pub mod metrics;
 pub mod packaging;
+pub mod python;
 pub mod releases;
 pub mod resp;
 mod sys;

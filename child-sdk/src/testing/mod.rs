@@ -321,6 +321,18 @@ impl FakeSupervisor {
         self.send_with(msg, &[]).await
     }
 
+    /// Sends `line` as it is (one JSON object and its newline) with `fds`: a
+    /// message type the SDK does not know, or a malformed one, to test that the
+    /// child skips it (and closes its fds) or stops at it.
+    ///
+    /// # Errors
+    ///
+    /// Writing failed.
+    pub async fn send_raw(&self, line: &[u8], fds: &[&OwnedFd]) -> io::Result<()> {
+        let fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        wire::write_line(&self.control, line, &fds).await
+    }
+
     async fn send_with(&self, msg: &SupervisorMsg, fds: &[&OwnedFd]) -> io::Result<()> {
         let line = wire::encode(msg).map_err(io::Error::other)?;
         let fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();

@@ -1,0 +1,277 @@
+"""The SDK against a fake supervisor: every message of PROTOCOL.md, both directions."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import time
+
+import pytest
+
+from baton_child import Baton, BatonError, Commit, Quiesce, RejectSnapshot, Resume
+from baton_child._env import parse
+from baton_child._memfd import sealed
+from baton_child.testing import FakeSupervisor
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_the_environment_is_ours_only_when_listen_pid_is() -> None:
+    env = {"LISTEN_PID": "7", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "http:dns", "BATON_GENERATION": "3"}
+    spec = parse(env.get, 7)
+    assert spec.listeners == [("http", 3), ("dns", 4)]
+    assert spec.generation == 3
+    assert parse(env.get, 8).listeners == []
+    # The notify and control sockets do not depend on LISTEN_PID.
+    other = {"NOTIFY_SOCKET": "/run/n", "BATON_CONTROL_FD": "3"}
+    assert (parse(other.get, 8).notify_socket, parse(other.get, 8).control_fd) == ("/run/n", 3)
+    with pytest.raises(BatonError, match="LISTEN_FDS='x' is not a number"):
+        parse({"LISTEN_PID": "7", "LISTEN_FDS": "x"}.get, 7)
+    with pytest.raises(BatonError, match="overlaps"):
+        parse({"LISTEN_PID": "7", "LISTEN_FDS": "2", "BATON_CONTROL_FD": "4"}.get, 7)
+
+
+def test_hello_ready_and_drain() -> None:
+    with FakeSupervisor() as sup:
+        baton = sup.baton(stateful=2, adopt=True)
+        hello = sup.expect("hello").body
+        assert hello == {"type": "hello", "protocol": 1, "features": ["state", "adopt"], "restores": [1, 2]}
+        baton.ready()
+        assert sup.notified() == "READY=1"
+        assert baton.draining is None
+        sup.send({"type": "drain", "deadline_ms": 30000, "migrate": True})
+        d = baton.wait_drain(5)
+        assert d is not None and d.migrate and d.cause == "supervisor"
+        assert d.deadline is not None and 29 < d.deadline - time.monotonic() <= 30
+
+
+def test_drain_wakes_an_event_loop() -> None:
+    with FakeSupervisor() as sup:
+        baton = sup.baton()
+        sup.expect("hello")
+
+        async def main() -> str:
+            waiter = asyncio.ensure_future(baton.wait_drain_async())
+            await asyncio.sleep(0.05)
+            assert not waiter.done()
+            sup.send({"type": "drain", "deadline_ms": 100})
+            return (await asyncio.wait_for(waiter, 5)).cause
+
+        assert asyncio.run(main()) == "supervisor"
+
+
+def test_end_of_stream_drains() -> None:
+    sup = FakeSupervisor()
+    baton = sup.baton()
+    sup.expect("hello")
+    sup.close()
+    d = baton.wait_drain(5)
+    assert d is not None and d.cause == "supervisor gone"
+
+
+def test_connection_counts_are_rate_limited_to_the_latest() -> None:
+    with FakeSupervisor() as sup:
+        baton = sup.baton()
+        sup.expect("hello")
+        for n in range(1, 101):
+            baton.connections(n)
+        seen: list[int] = []
+        while not seen or seen[-1] != 100:
+            seen.append(sup.expect("connections").body["active"])
+        assert seen[0] == 1 and len(seen) <= 3, seen
+
+
+def test_restore_migrates_an_older_schema() -> None:
+    with FakeSupervisor() as sup:
+        baton = sup.baton(stateful=2, restores=[2, 1])
+        assert sup.expect("hello").body["restores"] == [1, 2]
+
+        def decode(version: int, state: object) -> dict[str, int]:
+            assert isinstance(state, dict)
+            if version == 1:
+                return {k: int(v) for k, v in state.items()}
+            raise RejectSnapshot(f"schema {version} is not one of 1, 2")
+
+        got: list[object] = []
+        import threading
+
+        t = threading.Thread(target=lambda: got.append(baton.restore(decode, timeout=5)))
+        t.start()
+        sup.expect("prepared")
+        sup.restore(1, {"a": "3"})
+        restored = sup.expect("restored").body
+        t.join(5)
+        assert got == [{"a": 3}]
+        assert restored["from_version"] == 1 and restored["restore_ms"] >= 0
+
+
+@pytest.mark.parametrize(
+    "send, reason",
+    [
+        (lambda sup: sup.restore(9, {}), "schema 9"),
+        (lambda sup: sup.send({"type": "restore", "fds": 1, "size": 2}, [os.open("/dev/null", os.O_RDONLY)]), "not a regular file"),
+        (lambda sup: sup.send({"type": "restore", "fds": 1, "size": 99}, [sealed("x", b"{}")]), "holds 2 bytes, 99 announced"),
+        (lambda sup: sup.send({"type": "restore", "fds": 1, "size": 4}, [sealed("x", b"null")]), "not {"),
+    ],
+)
+def test_a_bad_snapshot_is_rejected(send: object, reason: str) -> None:
+    with FakeSupervisor() as sup:
+        baton = sup.baton(stateful=2)
+        sup.expect("hello")
+        errors: list[str] = []
+        import threading
+
+        def run() -> None:
+            def decode(version: int, state: object) -> object:
+                raise RejectSnapshot(f"schema {version} is newer than 2")
+
+            try:
+                baton.restore(decode, timeout=5)
+            except BatonError as e:
+                errors.append(str(e))
+
+        t = threading.Thread(target=run)
+        t.start()
+        sup.expect("prepared")
+        assert callable(send)
+        send(sup)
+        rejected = sup.expect("rejected").body
+        sup.send({"type": "drain", "deadline_ms": 1000})
+        t.join(5)
+        assert reason in rejected["reason"], rejected
+        assert errors and reason in errors[0]
+
+
+def test_fresh_and_outside_baton_restore_nothing() -> None:
+    with FakeSupervisor() as sup:
+        baton = sup.baton(stateful=1)
+        sup.expect("hello")
+        sup.send({"type": "fresh", "reason": "first generation"})
+        assert baton.restore(lambda v, s: s, timeout=5) is None
+    from baton_child import Env
+
+    assert Baton(Env(), stateful=1).restore(lambda v, s: s) is None
+
+
+def test_quiesce_snapshot_then_resume_or_commit() -> None:
+    with FakeSupervisor() as sup:
+        baton = sup.baton(stateful=2)
+        sup.expect("hello")
+        sup.send({"type": "quiesce", "accept": [1, 2]})
+        ev = baton.next_state_event(5)
+        assert ev == Quiesce([1, 2])
+        baton.snapshot(2, {"n": 7})
+        snap = sup.expect("snapshot")
+        assert snap.body["version"] == 2 and snap.body["fds"] == 1
+        assert FakeSupervisor.read_snapshot(snap) == {"version": 2, "state": {"n": 7}}
+        sup.send({"type": "resume", "reason": "candidate rejected the snapshot"})
+        assert baton.next_state_event(5) == Resume("candidate rejected the snapshot")
+        sup.send({"type": "quiesce", "accept": [7]})
+        assert baton.next_state_event(5) == Quiesce([7])
+        baton.snapshot_failed("cannot write schema 7")
+        assert sup.expect("snapshot_failed").body["reason"] == "cannot write schema 7"
+        sup.send({"type": "commit", "deadline_ms": 1000, "migrate": True})
+        ev = baton.next_state_event(5)
+        assert isinstance(ev, Commit) and ev.migrate
+        d = baton.draining
+        assert d is not None and d.cause == "commit"
+
+
+@pytest.mark.parametrize("size", [10, 200_000])
+def test_migrate_and_adopt_carry_the_bytes_read(size: int) -> None:
+    with FakeSupervisor() as old_sup, FakeSupervisor() as new_sup:
+        old = old_sup.baton(adopt=True)
+        new = new_sup.baton(adopt=True)
+        old_sup.expect("hello")
+        new_sup.expect("hello")
+        a, b = socket.socketpair()
+        buffered = b"x" * size
+        old.migrate(a, "tcp", buffered, {"requests": 3})
+        assert a.fileno() == -1, "the old generation's copy is closed"
+        m = old_sup.expect("migrate")
+        assert m.body["fds"] == (2 if size > 65536 else 1)
+        assert m.body["listener"] == "tcp" and m.body["meta"] == {"requests": 3}
+        # baton relays it as adopt, fds and fields unchanged.
+        relay = dict(m.body, type="adopt")
+        new_sup.send(relay, m.fds)
+        m.close_fds()
+        got = new.adopted(5)
+        assert got is not None
+        assert got.buffered == buffered and got.listener == "tcp" and got.meta == {"requests": 3}
+        got.sock.setblocking(True)
+        got.sock.sendall(b"hi")
+        assert b.recv(2) == b"hi"
+        got.sock.close()
+        b.close()
+
+
+def test_unknown_messages_are_skipped_and_their_fds_closed() -> None:
+    with FakeSupervisor() as sup:
+        baton = sup.baton()
+        sup.expect("hello")
+        before = open_fds()
+        fd = os.open("/dev/null", os.O_RDONLY)
+        sup.send({"type": "from_the_future", "fds": 1, "x": 1}, [fd])
+        os.close(fd)
+        sup.send({"type": "drain", "deadline_ms": 10})
+        assert baton.wait_drain(5) is not None
+        assert open_fds() == before
+
+
+def test_fds_nobody_claims_are_closed_and_a_broken_line_closes_the_channel() -> None:
+    with FakeSupervisor() as sup:
+        baton = sup.baton()
+        sup.expect("hello")
+        before = open_fds()
+        # A message that announces no fds but carries some loses them.
+        fd = os.open("/dev/null", os.O_RDONLY)
+        sup.send({"type": "connections_ack"}, [fd])
+        os.close(fd)
+        # One announcing more than arrived breaks the protocol.
+        sup.send({"type": "adopt", "fds": 3, "listener": "tcp"})
+        d = baton.wait_drain(5)
+        assert d is not None and d.cause == "supervisor gone"
+        assert open_fds() <= before
+
+
+def test_listeners_are_checked_by_kind_and_taken_once() -> None:
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    port = tcp.getsockname()[1]
+    with FakeSupervisor({"http": tcp, "dns": udp}) as sup:
+        baton = sup.baton()
+        s = baton.listener("http", "127.0.0.1:1")
+        assert s.getsockname()[1] == port and s.gettimeout() == 0.0
+        with pytest.raises(BatonError, match="taken already"):
+            baton.listener("http", "127.0.0.1:1")
+        with pytest.raises(BatonError, match="expected a stream socket"):
+            baton.listener("dns", "127.0.0.1:1")
+        # Not inherited: the fallback.
+        f = baton.udp_socket("other", "127.0.0.1:0")
+        assert f.type == socket.SOCK_DGRAM
+        for x in (s, f):
+            x.close()
+
+
+def test_outside_baton_everything_is_a_no_op() -> None:
+    from baton_child import Env
+
+    baton = Baton(Env())
+    assert not baton.supervised
+    baton.ready()
+    baton.connections(3)
+    s = baton.listener("http", "127.0.0.1:0")
+    assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    with pytest.raises(BatonError, match="not under baton"):
+        a, b = socket.socketpair()
+        baton.migrate(a, "http", b"")
+    s.close()
+    b.close()
+    assert base64.b64encode(b"") == b""
