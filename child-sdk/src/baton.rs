@@ -347,7 +347,7 @@ impl Baton {
     /// # Example
     ///
     /// ```no_run
-    /// # async fn f(baton: baton_child::Baton) -> Result<(), baton_child::Error> {
+    /// # async fn f(baton: baton_child::Baton) -> Result<(), Box<dyn std::error::Error>> {
     /// let udp = baton.udp_socket("dns", "127.0.0.1:5353")?;
     /// baton.ready()?;
     /// let mut buf = [0u8; 1500];
