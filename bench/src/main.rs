@@ -9,6 +9,7 @@
 //! target/release/baton-bench --scenario overhead --scenario stateful
 //! ```
 
+mod chaos;
 mod common;
 mod migration;
 mod overhead;
@@ -81,6 +82,9 @@ struct Args {
     /// migration: upgrades [quick: 2, full: 5].
     #[arg(long, value_name = "K")]
     migration_upgrades: Option<usize>,
+    /// chaos: trials per app [quick: 10, full: 50].
+    #[arg(long, value_name = "N")]
+    chaos_trials: Option<usize>,
     /// migration: the app holding the connections.
     #[arg(long, value_enum, default_value = "http")]
     migration_app: migration::App,
@@ -102,6 +106,8 @@ enum Scenario {
     Soak,
     /// Not in the default run either: `--scenario soak-stateful`.
     SoakStateful,
+    /// Seeded fault trials (`BATON_CHAOS_SEED`); not in the default run: `--scenario chaos`.
+    Chaos,
 }
 
 /// The release binaries under test, next to this executable.
@@ -146,7 +152,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::value_variants()
             .iter()
             .copied()
-            .filter(|s| !matches!(s, Scenario::Soak | Scenario::SoakStateful))
+            .filter(|s| !matches!(s, Scenario::Soak | Scenario::SoakStateful | Scenario::Chaos))
             .collect()
     } else {
         args.scenarios.clone()
@@ -331,6 +337,14 @@ async fn run(scenario: Scenario, a: &Args, bins: &Bins, nofile: u64) -> Vec<Row>
         Scenario::Reexec => one(
             "reexec",
             reexec::run(bins, upgrades, load, requests_between).await,
+        ),
+        Scenario::Chaos => one(
+            "chaos",
+            chaos::run(
+                baton_tests::chaos::seed(),
+                a.chaos_trials.unwrap_or(if q { 10 } else { 50 }),
+            )
+            .await,
         ),
         Scenario::SoakStateful => one(
             "soak-stateful",

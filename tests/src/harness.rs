@@ -722,6 +722,14 @@ fn proc_stat(pid: u32) -> Option<(char, u32)> {
     Some((state, ppid))
 }
 
+/// Sends `sig` to `pid`; `Ok(false)` when it is gone already.
+///
+/// # Errors
+/// Any other failure of kill(2).
+pub fn signal_pid(pid: u32, sig: Signal) -> Result<bool> {
+    sys::signal(pid, sig).map_err(io_err(format!("kill -{sig} {pid}")))
+}
+
 /// Whether `pid` exists and has not exited (a zombie counts as exited).
 pub fn pid_alive(pid: u32) -> bool {
     matches!(proc_stat(pid), Some((state, _)) if state != 'Z' && state != 'X')

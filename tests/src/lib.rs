@@ -1,6 +1,7 @@
 //! End-to-end test support for baton: the load generator, a RESP client and the harness
 //! that runs the real `baton` binary around the example apps.
 
+pub mod chaos;
 pub mod conformance;
 pub mod fleet;
 pub mod harness;
