@@ -196,7 +196,10 @@ async fn handle(
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let mut r = tokio::io::BufReader::new(r).take_lines_limit();
+    // Read first: a client whose request has arrived is not idle, and is never evicted
+    // for a flood of connections that came after it.
     tokio::select! {
+        biased;
         read = tokio::time::timeout(REQUEST_TIMEOUT, r.read_line(&mut line)) => match read {
             Ok(read) => read?,
             Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "no request in time")),

@@ -412,6 +412,13 @@ impl Baton {
         })
     }
 
+    /// The notify socket baton made beside its control socket (`<control>.notify`).
+    pub fn notify_path(&self) -> PathBuf {
+        let mut p = self.control.as_os_str().to_owned();
+        p.push(".notify");
+        PathBuf::from(p)
+    }
+
     /// baton's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -24,12 +24,6 @@ fn fd_count(pid: u32) -> usize {
     proc_fds(pid).unwrap().len()
 }
 
-fn notify_path(b: &Baton) -> PathBuf {
-    let mut p = b.control().as_os_str().to_owned();
-    p.push(".notify");
-    PathBuf::from(p)
-}
-
 async fn hello_baton() -> Baton {
     Baton::start(
         ["--listen", "http=127.0.0.1:0", "--drain-timeout", "5s"],
@@ -46,7 +40,7 @@ async fn notify_socket_fd_flood_leaks_nothing() {
     let baton = hello_baton().await;
     let before = fd_count(baton.pid());
     let sock = UnixDatagram::unbound().unwrap();
-    let to = UnixAddr::new(&notify_path(&baton)).unwrap();
+    let to = UnixAddr::new(&baton.notify_path()).unwrap();
     let null = std::fs::File::open("/dev/null").unwrap();
     let fds = [null.as_raw_fd(); 200];
     let (mut sent, mut refused) = (0, 0);
@@ -210,7 +204,7 @@ async fn hijackable_control_dir_is_refused() {
 async fn notify_flood_does_not_starve_control() {
     let _serial = exclusive().await;
     let baton = hello_baton().await;
-    let path = notify_path(&baton);
+    let path = baton.notify_path();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flooders: Vec<_> = (0..2)
         .map(|_| {
@@ -480,7 +474,7 @@ async fn ready_from_an_unrelated_process_is_ignored() {
         })
         .await
         .unwrap();
-    let path = notify_path(&baton);
+    let path = baton.notify_path();
     let s = UnixDatagram::unbound().unwrap();
     for _ in 0..50 {
         s.send_to(b"READY=1", &path).unwrap();

@@ -1,0 +1,139 @@
+//! Issue 14: a live hostile-input test. While clients load hello-http and baton upgrades
+//! it, a local user throws everything at baton's sockets at once: garbage, invalid UTF-8,
+//! huge and deeply nested lines, thousands of connections, and fds attached to control
+//! requests and to notify datagrams. baton must keep serving and upgrading, and its fds
+//! and memory must stay bounded and come back.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use baton_tests::harness::{
+    Baton, UpgradeOutcome, exclusive, fixture, hello_http_bin, proc_fds, proc_rss_kb, python3,
+};
+use baton_tests::load::{LoadGen, LoadOpts};
+
+/// How long the attack lasts; the upgrades run inside it.
+const ATTACK_SECS: &str = "8";
+const UPGRADES: usize = 3;
+/// baton's RSS may grow by this much under the attack (its buffers are bounded).
+const RSS_GROWTH_KB: u64 = 24 * 1024;
+/// ...and must come back to within this of where it was.
+const RSS_AFTER_KB: u64 = 4 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baton_keeps_serving_and_upgrading_under_hostile_input_with_bounded_fds_and_memory() {
+    let _serial = exclusive().await;
+    let python = python3().await.unwrap();
+    let baton = Baton::start(
+        ["--listen", "http=127.0.0.1:0", "--drain-timeout", "5s"],
+        [hello_http_bin().unwrap()],
+    )
+    .await
+    .unwrap();
+    let pid = baton.pid();
+    let fds_before = proc_fds(pid).unwrap().len();
+    let rss_before = proc_rss_kb(pid).unwrap();
+    let addr = baton.tcp_addr("http").await.unwrap();
+    let load = LoadGen::start(addr, LoadOpts::default());
+    load.wait_until(Duration::from_secs(10), |s| s.ok >= 200)
+        .await
+        .unwrap();
+
+    // Peaks while it lasts.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (peak_rss, peak_fds) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let sampler = {
+        let (stop, rss, fds) = (stop.clone(), peak_rss.clone(), peak_fds.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                rss.fetch_max(proc_rss_kb(pid).unwrap_or(0), Ordering::Relaxed);
+                let n = proc_fds(pid).map(|f| f.len() as u64).unwrap_or(0);
+                fds.fetch_max(n, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let attack = tokio::process::Command::new(&python)
+        .arg(fixture("hostile_inputs.py"))
+        .arg(baton.control())
+        .arg(baton.notify_path())
+        .arg(ATTACK_SECS)
+        .kill_on_drop(true)
+        .output();
+    let upgrades = async {
+        let mut outcomes = Vec::new();
+        for _ in 0..UPGRADES {
+            outcomes.push(baton.upgrade_wait().await);
+        }
+        outcomes
+    };
+    let (attack, outcomes) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(120), attack),
+        upgrades
+    );
+    let attack = attack.expect("the attack ran past its time").unwrap();
+    assert!(
+        attack.status.success(),
+        "the attack could not run: {}",
+        String::from_utf8_lossy(&attack.stderr)
+    );
+    println!("attack: {}", String::from_utf8_lossy(&attack.stdout).trim());
+    for (i, o) in outcomes.iter().enumerate() {
+        assert!(
+            matches!(o, Ok(UpgradeOutcome::Promoted(_))),
+            "upgrade {} under attack: {o:?}",
+            i + 1
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    sampler.await.unwrap();
+
+    // Still serving, with nothing failed, and still upgrading.
+    let ok = load.snapshot().ok;
+    load.wait_until(Duration::from_secs(10), |s| s.ok >= ok + 200)
+        .await
+        .unwrap();
+    assert!(matches!(
+        baton.upgrade_wait().await,
+        Ok(UpgradeOutcome::Promoted(_))
+    ));
+    let report = load.stop().await;
+    println!("{report}");
+    assert_eq!(report.failed, 0, "{report}");
+
+    // Bounded while it lasted, and back afterwards.
+    let (rss_peak, fds_peak) = (
+        peak_rss.load(Ordering::Relaxed),
+        peak_fds.load(Ordering::Relaxed),
+    );
+    let settle = std::time::Instant::now() + Duration::from_secs(15);
+    let (fds_after, rss_after) = loop {
+        let fds = proc_fds(pid).unwrap().len();
+        let rss = proc_rss_kb(pid).unwrap();
+        if (fds <= fds_before + 2 && rss <= rss_before + RSS_AFTER_KB)
+            || std::time::Instant::now() > settle
+        {
+            break (fds, rss);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "baton: fds {fds_before} -> peak {fds_peak} -> {fds_after}; \
+         RSS {rss_before} KiB -> peak {rss_peak} KiB -> {rss_after} KiB"
+    );
+    // The control cap (1,024 clients) and the 16-fd read bound the fds.
+    assert!(
+        fds_peak <= (fds_before + 1024 + 64) as u64,
+        "fd peak {fds_peak}"
+    );
+    assert!(
+        rss_peak <= rss_before + RSS_GROWTH_KB,
+        "RSS peak {rss_peak} KiB"
+    );
+    assert!(fds_after <= fds_before + 2, "fds after: {fds_after}");
+    assert!(
+        rss_after <= rss_before + RSS_AFTER_KB,
+        "RSS after: {rss_after} KiB (before: {rss_before} KiB)"
+    );
+}
