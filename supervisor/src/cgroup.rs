@@ -217,6 +217,8 @@ pub struct GenCgroup {
     dir: PathBuf,
     /// Open before fork: the child writes `0` here to join, before it execs.
     procs: OwnedFd,
+    /// The directory, for `clone3(CLONE_INTO_CGROUP)`.
+    dir_fd: OwnedFd,
 }
 
 impl GenCgroup {
@@ -238,7 +240,13 @@ impl GenCgroup {
             .write(true)
             .open(dir.join("cgroup.procs"))?
             .into();
-        Ok(GenCgroup { dir, procs })
+        let dir_fd = std::fs::File::open(&dir)?.into();
+        Ok(GenCgroup { dir, procs, dir_fd })
+    }
+
+    /// The cgroup's directory, to create a child in it.
+    pub fn dir_fd(&self) -> &OwnedFd {
+        &self.dir_fd
     }
 
     /// The `cgroup.procs` fd the child joins through.

@@ -64,6 +64,13 @@ pub enum ExitWatch {
     Child(tokio::process::Child),
     /// Adopted.
     Pidfd(OwnedFd),
+    /// Spawned here by clone3, with the read end of its exec-error pipe.
+    Cloned {
+        /// The child's pidfd.
+        pidfd: OwnedFd,
+        /// Its errno if the exec failed.
+        exec_error: OwnedFd,
+    },
 }
 
 /// A running generation as the driver holds it.
@@ -116,7 +123,11 @@ impl GenHandle {
             }
             ExitWatch::Pidfd(fd) => {
                 let fd = crate::sys::async_pidfd(fd)?;
-                tokio::spawn(wait_pidfd(gen_id, fd, events.clone()));
+                tokio::spawn(wait_pidfd(gen_id, fd, None, events.clone()));
+            }
+            ExitWatch::Cloned { pidfd, exec_error } => {
+                let fd = crate::sys::async_pidfd(pidfd)?;
+                tokio::spawn(wait_pidfd(gen_id, fd, Some(exec_error), events.clone()));
             }
         }
         tokio::spawn(write_loop(gen_id, stream.clone(), rx));
@@ -233,10 +244,12 @@ async fn wait_exit(
     let _ = events.send(GenEvent::Exited { gen_id, how });
 }
 
-/// Waits for an adopted child's exit through its pidfd, and reaps it.
+/// Waits for a child's exit through its pidfd, and reaps it; a cloned child that
+/// could not exec is reported with its errno.
 async fn wait_pidfd(
     gen_id: GenId,
     fd: tokio::io::unix::AsyncFd<OwnedFd>,
+    exec_error: Option<OwnedFd>,
     events: mpsc::UnboundedSender<GenEvent>,
 ) {
     let how = loop {
@@ -248,6 +261,13 @@ async fn wait_pidfd(
             },
             Err(e) => break format!("wait failed: {e}"),
         }
+    };
+    let how = match exec_error
+        .as_ref()
+        .and_then(|p| crate::sys::exec_errno(p.as_fd()))
+    {
+        Some(e) => format!("could not exec: {e}"),
+        None => how,
     };
     let _ = events.send(GenEvent::Exited { gen_id, how });
 }

@@ -56,8 +56,8 @@ pub struct SpawnConfig {
 
 /// A started child.
 pub struct Spawned {
-    /// The process.
-    pub child: tokio::process::Child,
+    /// How to wait for it.
+    pub exit: crate::generation::ExitWatch,
     /// Its pid.
     pub pid: u32,
     /// baton's end of the child's control socket.
@@ -139,7 +139,7 @@ pub fn spawn(
     fds.push(theirs.as_fd());
     let mut argv: Vec<&OsStr> = vec![cfg.program.as_os_str()];
     argv.extend(cfg.args.iter().map(OsString::as_os_str));
-    let plan = sys::ExecPlan::new(
+    let mut plan = sys::ExecPlan::new(
         exe.fd(),
         exe.script,
         &argv,
@@ -150,6 +150,29 @@ pub fn spawn(
         cgroup.map(|c| c.procs_fd().as_fd()),
         cfg.child_nofile,
     )?;
+    let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    if let Some(cg) = cgroup {
+        let stdin = std::fs::File::open("/dev/null")?;
+        match sys::spawn_into_cgroup(&mut plan, cg.dir_fd().as_fd(), stdin.as_fd())
+            .map_err(with_path)?
+        {
+            sys::Clone3::Spawned {
+                pid,
+                pidfd,
+                exec_error,
+            } => {
+                drop(theirs);
+                return Ok(Spawned {
+                    exit: crate::generation::ExitWatch::Cloned { pidfd, exec_error },
+                    pid,
+                    control: ours,
+                });
+            }
+            sys::Clone3::Unsupported(e) => {
+                tracing::debug!(error = %e, "clone3 into the cgroup refused: fork, then join");
+            }
+        }
+    }
     let mut cmd = tokio::process::Command::new(path);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::inherit())
@@ -159,13 +182,11 @@ pub fn spawn(
         .process_group(0)
         .kill_on_drop(false);
     sys::install_exec(&mut cmd, plan);
-    let child = cmd
-        .spawn()
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let child = cmd.spawn().map_err(with_path)?;
     drop(theirs);
     let pid = child.id().unwrap_or(0);
     Ok(Spawned {
-        child,
+        exit: crate::generation::ExitWatch::Child(child),
         pid,
         control: ours,
     })

@@ -250,7 +250,7 @@ impl Host for Driver {
         self.last_spawn = t.elapsed();
         let h = GenHandle::start(
             gen_id,
-            crate::generation::ExitWatch::Child(s.child),
+            s.exit,
             s.pid,
             s.control,
             baton_protocol::wire::FrameReader::new(),

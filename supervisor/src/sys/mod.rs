@@ -16,7 +16,9 @@ use nix::sys::socket::{
 };
 use nix::sys::stat::{SFlag, fstat};
 
+mod clone;
 mod reexec;
+pub use clone::*;
 pub use reexec::*;
 
 /// What an inherited or bound listening socket turned out to be.
@@ -549,6 +551,12 @@ impl ExecPlan {
                 rlim_max: hard as libc::rlim_t,
             }),
         })
+    }
+
+    /// Replaces the `cgroup.procs` the child joins through (None: clone3 creates it
+    /// in the cgroup), returning the previous one.
+    fn replace_cgroup_join(&mut self, procs: Option<RawFd>) -> Option<RawFd> {
+        std::mem::replace(&mut self.cgroup_procs, procs)
     }
 
     /// Runs in the forked child (from `pre_exec`): lays out the fds, arms the
