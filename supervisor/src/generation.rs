@@ -127,7 +127,8 @@ impl GenHandle {
             }
             ExitWatch::Cloned { pidfd, exec_error } => {
                 let fd = crate::sys::async_pidfd(pidfd)?;
-                tokio::spawn(wait_pidfd(gen_id, fd, Some(exec_error), events.clone()));
+                let pipe = crate::sys::async_readable(exec_error)?;
+                tokio::spawn(wait_cloned(gen_id, fd, pipe, events.clone()));
             }
         }
         tokio::spawn(write_loop(gen_id, stream.clone(), rx));
@@ -244,12 +245,34 @@ async fn wait_exit(
     let _ = events.send(GenEvent::Exited { gen_id, how });
 }
 
-/// Waits for a child's exit through its pidfd, and reaps it; a cloned child that
-/// could not exec is reported with its errno.
+/// A cloned child: learns from its error pipe whether the exec worked (then closes
+/// the pipe, which must not outlive the exec), then waits for the exit.
+async fn wait_cloned(
+    gen_id: GenId,
+    fd: tokio::io::unix::AsyncFd<OwnedFd>,
+    pipe: tokio::io::unix::AsyncFd<OwnedFd>,
+    events: mpsc::UnboundedSender<GenEvent>,
+) {
+    let failed = loop {
+        let Ok(mut guard) = pipe.readable().await else {
+            break None;
+        };
+        match crate::sys::exec_outcome(pipe.get_ref().as_fd()) {
+            crate::sys::ExecOutcome::Pending => guard.clear_ready(),
+            crate::sys::ExecOutcome::Execed => break None,
+            crate::sys::ExecOutcome::Failed(e) => break Some(e),
+        }
+    };
+    drop(pipe);
+    wait_pidfd(gen_id, fd, failed, events).await;
+}
+
+/// Waits for a child's exit through its pidfd, and reaps it; `exec_failed` names why
+/// a cloned child could not exec.
 async fn wait_pidfd(
     gen_id: GenId,
     fd: tokio::io::unix::AsyncFd<OwnedFd>,
-    exec_error: Option<OwnedFd>,
+    exec_failed: Option<std::io::Error>,
     events: mpsc::UnboundedSender<GenEvent>,
 ) {
     let how = loop {
@@ -262,10 +285,7 @@ async fn wait_pidfd(
             Err(e) => break format!("wait failed: {e}"),
         }
     };
-    let how = match exec_error
-        .as_ref()
-        .and_then(|p| crate::sys::exec_errno(p.as_fd()))
-    {
+    let how = match exec_failed {
         Some(e) => format!("could not exec: {e}"),
         None => how,
     };

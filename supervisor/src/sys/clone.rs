@@ -39,8 +39,8 @@ pub enum Clone3 {
         pid: u32,
         /// A pidfd for it, to wait on and reap.
         pidfd: OwnedFd,
-        /// Read end of the child's close-on-exec error pipe (non-blocking): empty after
-        /// a successful exec, else the errno; read it with [`exec_errno`] once it exited.
+        /// Read end of the child's close-on-exec error pipe (non-blocking): end of file
+        /// after a successful exec, else the errno; see [`exec_outcome`].
         exec_error: OwnedFd,
     },
     /// This kernel or cgroup refuses clone3 into it: use the fallback.
@@ -114,12 +114,34 @@ pub fn spawn_into_cgroup(
     })
 }
 
-/// The errno a child that exited wrote to its error pipe: `Some` when its exec failed.
-pub fn exec_errno(pipe: BorrowedFd<'_>) -> Option<io::Error> {
+/// What a cloned child's error pipe says so far.
+pub enum ExecOutcome {
+    /// Nothing yet: the child has not exec'd or failed.
+    Pending,
+    /// End of file: the exec closed the pipe, the program runs.
+    Execed,
+    /// The exec failed with this error (the child exits 127).
+    Failed(io::Error),
+}
+
+/// The error pipe, registered with tokio to wait until it is readable.
+///
+/// # Errors
+/// Registering failed.
+pub fn async_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // Registration is the same for any fd read with readiness: see `async_pidfd`.
+    super::async_pidfd(fd)
+}
+
+/// Reads the error pipe of a cloned child without blocking.
+pub fn exec_outcome(pipe: BorrowedFd<'_>) -> ExecOutcome {
     let mut buf = [0u8; 4];
     match nix::unistd::read(pipe, &mut buf) {
-        Ok(4) => Some(io::Error::from_raw_os_error(i32::from_ne_bytes(buf))),
-        _ => None,
+        Ok(0) => ExecOutcome::Execed,
+        Ok(4) => ExecOutcome::Failed(io::Error::from_raw_os_error(i32::from_ne_bytes(buf))),
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => ExecOutcome::Pending,
+        // A short or failed read: the errno is unknown, the exit says the rest.
+        _ => ExecOutcome::Execed,
     }
 }
 
