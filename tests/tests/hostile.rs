@@ -137,3 +137,84 @@ async fn baton_keeps_serving_and_upgrading_under_hostile_input_with_bounded_fds_
         "RSS after: {rss_after} KiB (before: {rss_before} KiB)"
     );
 }
+
+/// The stranger cache: while an unrelated process floods the notify socket with READY=1
+/// (each datagram after the first costs baton a map lookup), a candidate whose READY
+/// comes from its own child, not from the generation's pid, is still found through its
+/// ancestry and promoted; the flood promotes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_flood_neither_promotes_nor_hides_a_descendants_ready() {
+    use baton_tests::harness::{TestDir, replace_symlink, write_script};
+    let _serial = exclusive().await;
+    let python = python3().await.unwrap();
+    let dir = TestDir::new("strangers").unwrap();
+    let current = dir.join("current");
+    let helper_ready = dir.join("helper-ready");
+    // The candidate's READY comes from a child it starts, half a second in (its start-up
+    // time: an earlier promotion would be the flood's); then it only sleeps.
+    write_script(
+        &helper_ready,
+        &format!(
+            "#!/bin/sh\n'{}' -c \"import os, socket, time; time.sleep(0.5); socket.socket(socket.AF_UNIX, \
+             socket.SOCK_DGRAM).sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\" &\n\
+             exec sleep 60\n",
+            python.display()
+        ),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(hello_http_bin().unwrap(), &current).unwrap();
+    let baton = Baton::start_in(
+        dir,
+        [
+            "--listen",
+            "http=127.0.0.1:0",
+            "--ready-timeout",
+            "10s",
+            "--drain-timeout",
+            "5s",
+        ],
+        [current.as_os_str()],
+    )
+    .await
+    .unwrap();
+    let old = baton.status().await.unwrap().pid.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let flood = {
+        let (path, stop, sent) = (baton.notify_path(), stop.clone(), sent.clone());
+        std::thread::spawn(move || {
+            let s = std::os::unix::net::UnixDatagram::unbound().unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                if s.send_to(b"READY=1", &path).is_ok() {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    replace_symlink(&current, &helper_ready).unwrap();
+    let outcome = baton.upgrade_wait().await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+    let report = match outcome {
+        UpgradeOutcome::Promoted(r) => r,
+        UpgradeOutcome::RolledBack { message } => {
+            panic!("the descendant's READY was lost in the flood: {message}")
+        }
+    };
+    let new = report.pid.unwrap();
+    assert_ne!(new, old);
+    println!(
+        "{} stranger datagrams; the candidate was promoted {} ms after the upgrade began",
+        sent.load(Ordering::Relaxed),
+        report.duration_ms
+    );
+    assert!(sent.load(Ordering::Relaxed) > 100, "the flood did not run");
+    assert!(
+        report.duration_ms >= 500,
+        "promoted after {} ms, before the candidate said READY: the flood promoted it",
+        report.duration_ms
+    );
+    // Nothing but the candidate is a generation now.
+    let st = baton.wait_settled(Duration::from_secs(15)).await.unwrap();
+    assert_eq!(st.pid, Some(new));
+}
