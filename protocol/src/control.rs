@@ -275,6 +275,10 @@ pub struct Status {
     /// grandchild, say) and were killed with its cgroup.
     #[serde(default)]
     pub strays_killed: u64,
+    /// Without cgroups: processes outside every generation that still hold one of the
+    /// listeners (left behind by a retired generation), which baton cannot contain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub strays: Vec<u32>,
     /// The release lifecycle, with `--releases`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub releases: Option<ReleasesStatus>,

@@ -55,7 +55,11 @@ impl Containment {
     /// Finds out whether generations can get cgroups of their own, and says so in
     /// the log.
     pub fn detect() -> Self {
-        let base = usable_base();
+        let base = if std::env::var_os("BATON_NO_CGROUPS").is_some_and(|v| v == "1") {
+            Err("cgroups turned off by BATON_NO_CGROUPS=1".to_owned())
+        } else {
+            usable_base()
+        };
         match &base {
             Ok(_) => tracing::info!("each generation runs in its own cgroup"),
             Err(why) => tracing::info!(why, "generations are contained by process group only"),
@@ -172,6 +176,11 @@ impl Containment {
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+    }
+
+    /// Whether generations run in cgroups (else strays can only be detected).
+    pub fn contains(&self) -> bool {
+        self.base.is_ok()
     }
 
     /// For status: `cgroup`, or `process group (<why>)`.

@@ -111,6 +111,12 @@ fn print_status(s: &Status) {
             String::new()
         };
         println!("containment: {}{strays}", s.containment);
+        if !s.strays.is_empty() {
+            println!(
+                "strays: pids {:?} outlived their generation and hold a listener (not contained: stop them)",
+                s.strays
+            );
+        }
     }
     if s.upgrading {
         println!(

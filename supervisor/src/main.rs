@@ -22,6 +22,7 @@ mod reexec;
 mod release_cmd;
 mod spawn;
 mod store;
+mod strays;
 mod supervise;
 mod sys;
 mod upgrade;

@@ -278,13 +278,10 @@ async fn idle_control_connections_are_bounded() {
     baton.status().await.unwrap();
 }
 
-/// Defect 7: a grandchild that calls setsid() and keeps the listener dies with its
-/// generation (cgroup containment), and never serves after retirement.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn setsid_grandchild_is_killed_with_its_generation() {
-    let _serial = exclusive().await;
+/// An app (`<dir>/current`) whose generation forks a `setsid()` grandchild that keeps the
+/// listener; the grandchild's pid lands in the returned pid file.
+async fn setsid_app(dir: &TestDir) -> (PathBuf, PathBuf) {
     let python = python3().await.unwrap();
-    let dir = TestDir::new("setsid").unwrap();
     let pidfile = dir.join("grandchild.pid");
     let app = dir.join("app");
     write_script(
@@ -299,6 +296,92 @@ async fn setsid_grandchild_is_killed_with_its_generation() {
     .unwrap();
     let current = dir.join("current");
     std::os::unix::fs::symlink(&app, &current).unwrap();
+    (current, pidfile)
+}
+
+fn read_pid(pidfile: &std::path::Path) -> u32 {
+    std::fs::read_to_string(pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Defect 7 without cgroups: baton cannot contain the setsid grandchild, but it finds it
+/// (it holds a listener outside every generation) and says so in status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cgroups_a_setsid_grandchild_is_detected_and_shown_in_status() {
+    let _serial = exclusive().await;
+    let dir = TestDir::new("setsid-nocg").unwrap();
+    let (current, pidfile) = setsid_app(&dir).await;
+    let baton = Baton::spawn_with(
+        &baton_tests::harness::baton_bin().unwrap(),
+        &[("BATON_NO_CGROUPS", "1")],
+        dir,
+        ["--listen", "http=127.0.0.1:0", "--drain-timeout", "3s"],
+        [current.as_os_str()],
+    )
+    .unwrap();
+    baton.wait_active(BOUND).await.unwrap();
+    let grandchild = read_pid(&pidfile);
+    let _reap = KillOnDrop(grandchild);
+    let status = baton.status().await.unwrap();
+    assert!(
+        status
+            .containment
+            .starts_with("process group (cgroups turned off"),
+        "{}",
+        status.containment
+    );
+    assert!(status.strays.is_empty(), "{:?}", status.strays);
+    baton_tests::harness::replace_symlink(&current, &hello_http_bin().unwrap()).unwrap();
+    match baton.upgrade_wait().await.unwrap() {
+        UpgradeOutcome::Promoted(_) => {}
+        UpgradeOutcome::RolledBack { message } => panic!("upgrade: {message}"),
+    }
+    let st = baton
+        .wait_for("the stray in status", BOUND, |s| {
+            s.strays.contains(&grandchild)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        st.strays,
+        vec![grandchild],
+        "only the grandchild: {:?}",
+        st.strays
+    );
+    assert!(
+        pid_alive(grandchild),
+        "nothing killed it: there is no cgroup to kill"
+    );
+    let out = baton.cli(&["status"], BOUND).await.unwrap();
+    assert!(
+        out.stdout.contains(&format!("strays: pids [{grandchild}]")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        baton
+            .log()
+            .contains("outlived its generation and holds a listener")
+    );
+    // Once it is gone, status forgets it.
+    baton_tests::harness::signal_pid(grandchild, baton_tests::harness::Signal::SIGKILL).unwrap();
+    wait_pid_gone(grandchild, BOUND).await.unwrap();
+    baton
+        .wait_for("the stray gone from status", BOUND, |s| s.strays.is_empty())
+        .await
+        .unwrap();
+}
+
+/// Defect 7: a grandchild that calls setsid() and keeps the listener dies with its
+/// generation (cgroup containment), and never serves after retirement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setsid_grandchild_is_killed_with_its_generation() {
+    let _serial = exclusive().await;
+    let dir = TestDir::new("setsid").unwrap();
+    let (current, pidfile) = setsid_app(&dir).await;
     let baton = Baton::start_in(
         dir,
         ["--listen", "http=127.0.0.1:0", "--drain-timeout", "3s"],
@@ -307,11 +390,7 @@ async fn setsid_grandchild_is_killed_with_its_generation() {
     .await
     .unwrap();
     let status = baton.status().await.unwrap();
-    let grandchild: u32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let grandchild = read_pid(&pidfile);
     let _reap = KillOnDrop(grandchild);
     if status.containment != "cgroup" {
         eprintln!(

@@ -21,6 +21,9 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
             d.handles.remove(&gen_id);
             d.containment.reap(gen_id);
             m.on_exit(d, now, gen_id, &how);
+            if !d.containment.contains() {
+                find_strays(m, d, gen_id);
+            }
         }
         GenEvent::BadMessage { gen_id, why } => {
             tracing::warn!(generation = gen_id, why, "bad control message");
@@ -157,6 +160,26 @@ fn deferred_ready(m: &mut Machine, d: &mut Driver, gen_id: GenId) {
     };
     if std::mem::take(&mut h.ready_deferred) {
         ready(m, d, gen_id);
+    }
+}
+
+/// Without cgroups: after generation `gen_id` exited, looks for processes that still
+/// hold a listener outside every live generation, and says so (log and status).
+fn find_strays(m: &Machine, d: &mut Driver, gen_id: GenId) {
+    let inodes = crate::strays::inodes(&d.listeners);
+    let found = crate::strays::holders(&inodes, |p| {
+        notify::owning_pid(p, |q| m.gen_by_pid(q).is_some()).is_some()
+    });
+    for pid in found {
+        if !d.strays.contains(&pid) {
+            tracing::warn!(
+                generation = gen_id,
+                pid,
+                "a process outlived its generation and holds a listener (setsid?); \
+                 without cgroups baton cannot contain it: stop it yourself"
+            );
+            d.strays.push(pid);
+        }
     }
 }
 

@@ -76,6 +76,8 @@ struct Driver {
     relay_slots: Arc<Semaphore>,
     /// Generation cgroups.
     containment: Containment,
+    /// Without cgroups: processes outside every generation that hold a listener.
+    strays: Vec<u32>,
     /// Every executable a generation runs or may run next (a revert), open.
     images: HashMap<Image, Exe>,
     /// Labels for executables opened from PROGRAM (without a store).
@@ -496,6 +498,7 @@ impl Driver {
             strangers: HashMap::new(),
             relay_slots: Arc::new(Semaphore::new(crate::generation::RELAY_SLOTS)),
             containment: Containment::detect(),
+            strays: Vec::new(),
             images: p.images,
             next_exe: 0,
             lifecycle: p.lifecycle,
@@ -687,6 +690,7 @@ async fn serve(
                 rearm_listeners(&d.listeners, cfg.backlog);
                 d.metrics_dirty = true;
                 d.containment.sweep();
+                d.strays.retain(|&p| crate::strays::alive(p));
                 d.housekeep_images(&m);
                 if m.on_probation().is_some() && d.sd.enabled() {
                     let line = notify::one_line(&m.status_line(Instant::now()));

@@ -48,6 +48,7 @@ pub(super) fn status(m: &Machine, d: &Driver) -> Status {
         rss_kb: crate::sys::own_rss_kb(),
         containment: d.containment.describe(),
         strays_killed: d.containment.strays_killed(),
+        strays: d.strays.clone(),
         releases: d.lifecycle.as_ref().map(|lc| {
             let now = Instant::now();
             ReleasesStatus {

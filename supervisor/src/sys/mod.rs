@@ -183,6 +183,11 @@ fn sockaddr_kind(addr: &SockaddrStorage) -> Option<SocketKind> {
         .map(|u| SocketKind::Unix(u.path().map(Path::to_path_buf)))
 }
 
+/// The inode of the file `fd` refers to (a socket's is what `/proc/<pid>/fd` shows).
+pub fn fd_inode(fd: BorrowedFd<'_>) -> Option<u64> {
+    fstat(fd).ok().map(|st| st.st_ino)
+}
+
 /// Whether a listening socket still listens (a child may have `shutdown()` it).
 pub fn is_listening(fd: BorrowedFd<'_>) -> bool {
     getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false)
