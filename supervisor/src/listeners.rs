@@ -275,29 +275,26 @@ fn bind_one(spec: &ListenSpec, opts: BindOptions) -> Result<Listener, ListenErro
         source,
     };
     match &spec.addr {
-        ListenAddr::Tcp(addr) => {
-            let fd = sys::bind_tcp(*addr, opts.backlog).map_err(bind_err)?;
-            let addr = match sys::inspect_listener(fd.as_fd()) {
-                Ok(SocketKind::Tcp(real)) => real,
+        ListenAddr::Tcp(addr) | ListenAddr::Udp(addr) => {
+            let udp = spec.addr.is_datagram();
+            let fd = if udp {
+                sys::bind_udp(*addr)
+            } else {
+                sys::bind_tcp(*addr, opts.backlog)
+            }
+            .map_err(bind_err)?;
+            // The real port when `:0` was asked for.
+            let real = match sys::inspect_listener(fd.as_fd()) {
+                Ok(SocketKind::Tcp(a) | SocketKind::Udp(a)) => a,
                 _ => *addr,
             };
             Ok(Listener {
                 name: spec.name.clone(),
-                addr: ListenAddr::Tcp(addr),
-                inherited: false,
-                fd,
-                bound_file: None,
-            })
-        }
-        ListenAddr::Udp(addr) => {
-            let fd = sys::bind_udp(*addr).map_err(bind_err)?;
-            let addr = match sys::inspect_listener(fd.as_fd()) {
-                Ok(SocketKind::Udp(real)) => real,
-                _ => *addr,
-            };
-            Ok(Listener {
-                name: spec.name.clone(),
-                addr: ListenAddr::Udp(addr),
+                addr: if udp {
+                    ListenAddr::Udp(real)
+                } else {
+                    ListenAddr::Tcp(real)
+                },
                 inherited: false,
                 fd,
                 bound_file: None,

@@ -5,14 +5,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use baton_protocol::{Release, ReleaseStatus};
 
 use crate::harness::{
     Baton, CliOutput, HarnessError, Result, TestDir, descendants, hello_http_bin, io_err,
-    write_script,
+    run_to_exit, write_script,
 };
 use crate::releases::{StoreDir, list};
 use crate::systemd::repo_root;
@@ -183,29 +182,13 @@ impl Fleet {
             .env("ANSIBLE_REMOTE_TEMP", &tmp)
             .env("ANSIBLE_RETRY_FILES_ENABLED", "false")
             .env("ANSIBLE_NOCOLOR", "1")
-            .env_remove("ANSIBLE_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let started = Instant::now();
-        let child = cmd
-            .spawn()
-            .map_err(io_err(format!("spawn ansible-playbook {playbook}")))?;
-        let out = tokio::time::timeout(PLAYBOOK_TIMEOUT, child.wait_with_output())
-            .await
-            .map_err(|_| HarnessError::Timeout {
-                what: format!("ansible-playbook {playbook} to exit"),
-                timeout: PLAYBOOK_TIMEOUT,
-                last: "still running (killed)".into(),
-            })?
-            .map_err(io_err(format!("wait for ansible-playbook {playbook}")))?;
-        Ok(CliOutput {
-            status: out.status,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            elapsed: started.elapsed(),
-        })
+            .env_remove("ANSIBLE_CONFIG");
+        run_to_exit(
+            cmd,
+            &format!("ansible-playbook {playbook}"),
+            PLAYBOOK_TIMEOUT,
+        )
+        .await
     }
 
     /// Every process the fleet runs: the batons and everything under them.

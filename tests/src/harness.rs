@@ -284,26 +284,40 @@ where
         .map(|a| a.to_string_lossy())
         .collect::<Vec<_>>()
         .join(" ");
-    let started = Instant::now();
-    let child = tokio::process::Command::new(baton_bin()?)
-        .args(&args)
+    let mut cmd = tokio::process::Command::new(baton_bin()?);
+    cmd.args(&args)
         // One-shot invocations are checked for their exact output (bad input must print
         // one line): a developer's BATON_LOG=debug must not change that.
-        .env_remove("BATON_LOG")
+        .env_remove("BATON_LOG");
+    run_to_exit(cmd, &format!("baton {shown}"), timeout).await
+}
+
+/// Runs `cmd` (stdin from /dev/null, stdout and stderr captured) to completion, killing
+/// it if it runs longer than `timeout`; `what` names it in errors.
+///
+/// # Errors
+/// It cannot be spawned or waited for, or it ran past `timeout`.
+pub async fn run_to_exit(
+    mut cmd: tokio::process::Command,
+    what: &str,
+    timeout: Duration,
+) -> Result<CliOutput> {
+    let started = Instant::now();
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(io_err(format!("spawn baton {shown}")))?;
+        .map_err(io_err(format!("spawn {what}")))?;
     let out = tokio::time::timeout(timeout, child.wait_with_output())
         .await
         .map_err(|_| HarnessError::Timeout {
-            what: format!("`baton {shown}` to exit"),
+            what: format!("`{what}` to exit"),
             timeout,
             last: "still running (killed)".into(),
         })?
-        .map_err(io_err(format!("wait for baton {shown}")))?;
+        .map_err(io_err(format!("wait for {what}")))?;
     Ok(CliOutput {
         status: out.status,
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::harness::{HarnessError, Result};
+use crate::harness::{HarnessError, Result, io_err};
 
 /// What the client has seen so far.
 #[derive(Debug, Clone, Default)]
@@ -75,15 +75,12 @@ impl UdpLoad {
     /// # Errors
     /// When the client socket cannot be set up.
     pub fn start(addr: SocketAddr, interval: Duration) -> Result<Self> {
-        let io = |what: &str| {
-            let what = what.to_owned();
-            move |source| HarnessError::Io { what, source }
-        };
-        let sock = UdpSocket::bind("127.0.0.1:0").map_err(io("bind the UDP client"))?;
-        sock.connect(addr).map_err(io("connect the UDP client"))?;
+        let sock = UdpSocket::bind("127.0.0.1:0").map_err(io_err("bind the UDP client"))?;
+        sock.connect(addr)
+            .map_err(io_err("connect the UDP client"))?;
         sock.set_read_timeout(Some(Duration::from_millis(50)))
-            .map_err(io("set a read timeout"))?;
-        let rx = sock.try_clone().map_err(io("clone the UDP client"))?;
+            .map_err(io_err("set a read timeout"))?;
+        let rx = sock.try_clone().map_err(io_err("clone the UDP client"))?;
         let stats = Arc::new(Mutex::new(UdpStats::default()));
         let stop_sending = Arc::new(AtomicBool::new(false));
         let stop_receiving = Arc::new(AtomicBool::new(false));

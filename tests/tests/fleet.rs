@@ -24,6 +24,15 @@ fn shown(out: &CliOutput) -> String {
     )
 }
 
+/// The play failed (exit 2); the `fatal: [host]` line, which must contain `text`.
+fn play_failed_on<'a>(out: &'a CliOutput, host: &str, text: &str) -> &'a str {
+    assert_eq!(out.status.code(), Some(2), "the play fails: {}", shown(out));
+    out.stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("fatal: [{host}]")) && l.contains(text))
+        .unwrap_or_else(|| panic!("no failure on {host} saying {text:?}: {}", shown(out)))
+}
+
 async fn permanents(fleet: &Fleet) -> Vec<String> {
     let mut v = Vec::new();
     for h in &fleet.hosts {
@@ -131,17 +140,7 @@ async fn a_rollout_stops_at_the_host_baton_reverts_and_the_revert_playbook_undoe
         "rollout of v3, stopped at host2: {:.1} s",
         out.elapsed.as_secs_f64()
     );
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "the play fails: {}",
-        shown(&out)
-    );
-    let failed = out
-        .stdout
-        .lines()
-        .find(|l| l.starts_with("fatal: [host2]"))
-        .unwrap_or_else(|| panic!("no failure on host2: {}", shown(&out)));
+    let failed = play_failed_on(&out, "host2", "");
     assert!(
         failed.contains("v3 reverted: health check failed 2 time(s) in a row")
             && failed.contains("reverted to v2"),
@@ -219,17 +218,7 @@ async fn a_rollout_stops_at_the_host_baton_reverts_and_the_revert_playbook_undoe
         )
         .await
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "the play fails: {}",
-        shown(&out)
-    );
-    let failed = out
-        .stdout
-        .lines()
-        .find(|l| l.starts_with("fatal: [host1]") && l.contains("failed the check of http://"))
-        .unwrap_or_else(|| panic!("no HTTP check failure on host1: {}", shown(&out)));
+    let failed = play_failed_on(&out, "host1", "failed the check of http://");
     assert!(
         failed.contains("label=v4") && failed.contains("rolled back"),
         "{failed}"

@@ -34,48 +34,39 @@ pub enum SocketKind {
 
 /// Creates a UDP socket bound to `addr`, with `O_NONBLOCK` and `O_CLOEXEC`.
 pub fn bind_udp(addr: SocketAddr) -> io::Result<OwnedFd> {
-    let family = match addr {
-        SocketAddr::V4(_) => AddressFamily::Inet,
-        SocketAddr::V6(_) => AddressFamily::Inet6,
-    };
-    let fd = socket(
-        family,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
-    match addr {
-        SocketAddr::V4(a) => bind(fd.as_raw_fd(), &SockaddrIn::from(a))?,
-        SocketAddr::V6(a) => {
-            setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
-            bind(fd.as_raw_fd(), &SockaddrIn6::from(a))?
-        }
-    }
-    Ok(fd)
+    bind_inet(addr, SockType::Datagram, false)
 }
 
 /// Creates a TCP listener with `SO_REUSEADDR`, `O_NONBLOCK` and `O_CLOEXEC`.
 pub fn bind_tcp(addr: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
+    let fd = bind_inet(addr, SockType::Stream, true)?;
+    listen(&fd, backlog_of(backlog)?)?;
+    Ok(fd)
+}
+
+/// An inet socket of type `ty` bound to `addr`, non-blocking and close-on-exec.
+fn bind_inet(addr: SocketAddr, ty: SockType, reuse_addr: bool) -> io::Result<OwnedFd> {
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
     };
     let fd = socket(
         family,
-        SockType::Stream,
+        ty,
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
     )?;
-    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if reuse_addr {
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    }
     match addr {
         SocketAddr::V4(a) => bind(fd.as_raw_fd(), &SockaddrIn::from(a))?,
         SocketAddr::V6(a) => {
-            // A `[::]` listener is IPv6 only; IPv4 gets its own `--listen`.
+            // A `[::]` socket is IPv6 only; IPv4 gets its own `--listen`.
             setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
             bind(fd.as_raw_fd(), &SockaddrIn6::from(a))?
         }
     }
-    listen(&fd, backlog_of(backlog)?)?;
     Ok(fd)
 }
 
