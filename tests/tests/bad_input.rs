@@ -175,3 +175,28 @@ async fn malformed_config_file_names_the_line() {
     let out = expect_usage_error(&["--config", cfg.to_str().unwrap()], &[&hello()], "line 2").await;
     assert!(out.stderr.contains("baton.toml"), "{}", out.stderr);
 }
+
+#[tokio::test]
+async fn metrics_on_a_udp_address_is_refused() {
+    expect_usage_error(
+        &[
+            "--listen",
+            "http=127.0.0.1:0",
+            "--metrics",
+            "udp:127.0.0.1:0",
+        ],
+        &[&hello()],
+        "metrics are served over HTTP",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn udp_listener_without_a_port_is_refused() {
+    expect_usage_error(
+        &["--listen", "dns=udp:127.0.0.1"],
+        &[&hello()],
+        "udp: needs HOST:PORT",
+    )
+    .await;
+}
