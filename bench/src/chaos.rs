@@ -2,6 +2,8 @@
 //! which runs a few): hello-http with migrating clients and kv-server with writers, one
 //! random fault per upgrade. Reports, per app, the trials, the faults that hit, the
 //! requests that failed (only in SIGKILLed processes) and the broken invariants (target 0).
+//! As root, it then SIGKILLs baton itself under the systemd sandbox
+//! (`baton_tests::systemd::baton_kills`), one trial per 5 of the others.
 
 use std::collections::BTreeMap;
 
@@ -44,6 +46,8 @@ pub async fn run(seed: u64, trials: usize) -> anyhow::Result<Row> {
     broken.extend(writers.iter().map(|w| format!("kv: {w}")));
     row.note(format!("kv writers: {totals}"));
 
+    baton_kills(&mut row, seed, (trials / 5).max(3), &mut broken);
+
     row.set("violations", broken.len() as u64);
     row.target("violations", Target::Eq(0.0));
     for b in broken.iter().take(10) {
@@ -73,4 +77,47 @@ fn summarise(row: &mut Row, app: &str, reports: &[TrialReport], broken: &mut Vec
             .collect::<Vec<_>>()
             .join(", ")
     ));
+}
+
+/// SIGKILL of baton under systemd, on a thread of its own: the sandbox fixture is blocking
+/// and runs its load on a runtime of its own; a broken invariant panics with the unit's
+/// logs.
+fn baton_kills(row: &mut Row, seed: u64, trials: usize, broken: &mut Vec<String>) {
+    let Some(tools) = baton_tests::systemd::tools("chaos baton kills") else {
+        row.note("baton kills: skipped (see stderr)".to_owned());
+        return;
+    };
+    let run = std::thread::spawn(move || baton_tests::systemd::baton_kills(tools, trials, seed));
+    match run.join() {
+        Ok(r) => {
+            let failed: u64 = r.reports.iter().map(|l| l.failed).sum();
+            let refused: u64 = r
+                .reports
+                .iter()
+                .map(|l| l.failures.get(FailureKind::ConnectRefused))
+                .sum();
+            row.set("baton_kill_trials", r.trials.len() as u64);
+            row.set(
+                "baton_kill_requests",
+                r.reports.iter().map(|l| l.requests).sum::<u64>(),
+            );
+            row.set("baton_kill_failed_requests", failed);
+            row.set("baton_kill_connections_refused", refused);
+            row.target("baton_kill_connections_refused", Target::Eq(0.0));
+            for t in &r.trials {
+                row.note(format!("baton kills: {t}"));
+            }
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            broken.push(format!(
+                "baton kills: {}",
+                what.lines().next().unwrap_or(what)
+            ));
+        }
+    }
 }

@@ -8,8 +8,8 @@
 //! candidate that never finishes its restore. A stateful generation is never SIGKILLed
 //! once it holds the only copy of the state (the old one before commit, the new one after
 //! promotion): that loses the data by definition, and `stateful_kv` tests the STATE LOST
-//! report for it. baton itself is not killed here (the systemd tests restart it with its
-//! fd store).
+//! report for it. baton itself is killed in `crate::systemd::chaos`, under systemd, which
+//! restarts it with its fd store.
 
 use std::collections::BTreeSet;
 use std::fmt;

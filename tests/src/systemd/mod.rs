@@ -5,12 +5,14 @@
 
 #![allow(missing_docs)]
 
+mod chaos;
 mod fixture;
 mod load;
 mod sandbox;
 mod units;
 
 pub use crate::http::{Response as HttpResponse, connect, http_get, read_response, send_get};
+pub use chaos::*;
 pub use fixture::*;
 pub use load::*;
 pub use sandbox::*;
