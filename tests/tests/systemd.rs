@@ -491,12 +491,7 @@ fn crash_restart(mut fx: Fixture, layout: Layout) {
             format!("gap client {i}: {resp:?}, expected 200 from the new app pid {new_app}")
         });
     }
-    let http = after.listeners.iter().find(|l| l.name == "http");
-    fx.check(
-        after.listeners.len() == before.listeners.len()
-            && http.is_some_and(|l| l.inherited && l.addr == addr.to_string()),
-        || format!("after the restart the listener is not the inherited {addr}: {after:?}"),
-    );
+    fx.check_listener_inherited(&before, &after, addr);
     let now = fx.prop("NFileDescriptorStore");
     fx.check(now == stored, || {
         format!("NFileDescriptorStore={now} after the restart, {stored} before")

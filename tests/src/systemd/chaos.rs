@@ -5,11 +5,11 @@
 //! generation the dead baton left (in-flight requests in them are cut: counted, bounded).
 //!
 //! Seeded like `crate::chaos` (`BATON_CHAOS_SEED`). Each trial then checks: no connection
-//! refused, at most two failed requests per client (see below), only cut connections, systemd restarted baton once, exactly
-//! one active generation and no other app process, the same listener (inherited, same
-//! port), the fd store still holding it, and baton's fd count where a fresh start has it.
-//! kv-server is not run here: with baton killed, every generation is killed, and an
-//! in-memory store loses its data by definition.
+//! refused, only cut connections and at most two per client (see below), a new baton
+//! (MainPID) answering status, exactly one active generation and no other app process,
+//! the same listener (inherited, same port), the fd store still holding it, and baton's
+//! fd count where a fresh start has it. kv-server is not run here: with baton killed,
+//! every generation is killed, and an in-memory store loses its data by definition.
 
 use std::thread;
 use std::time::{Duration, Instant};
@@ -149,21 +149,25 @@ pub fn baton_kills(tools: Tools, trials: usize, seed: u64) -> BatonKills {
     };
     let clients = (fast.keepalive + fast.fresh + slow.keepalive) as u64;
     let load = Load::start_with(&fx, addr, vec![fast, slow]);
-    let failed_now = || -> (u64, u64) {
-        let snaps: Vec<_> = load.handles.iter().map(|h| h.snapshot()).collect();
-        (
-            snaps.iter().map(|s| s.failed).sum(),
-            snaps
-                .iter()
-                .map(|s| s.failures.get(FailureKind::ConnectRefused))
-                .sum(),
-        )
+    // Failures over every generator: (all, refused, other than a cut connection).
+    let failed_now = || -> (u64, u64, u64) {
+        load.handles
+            .iter()
+            .fold((0, 0, 0), |(all, refused, odd), h| {
+                let f = h.snapshot().failures;
+                let cut = f.get(FailureKind::Reset) + f.get(FailureKind::EofBeforeResponse);
+                (
+                    all + f.total(),
+                    refused + f.get(FailureKind::ConnectRefused),
+                    odd + f.total() - cut,
+                )
+            })
     };
 
     let mut summary = Vec::new();
     for (i, m) in moments.into_iter().enumerate() {
         let i = i + 1;
-        let (failed_before, _) = failed_now();
+        let (failed_before, _, _) = failed_now();
         let old_main = fx.main_pid();
         let old_app = fx.status().pid.unwrap_or_else(|| fx.fail("no active pid"));
         if m != Moment::Steady {
@@ -206,12 +210,7 @@ pub fn baton_kills(tools: Tools, trials: usize, seed: u64) -> BatonKills {
         fx.check(apps == vec![active], || {
             format!("trial {i} ({m:?}): app processes {apps:?}, only the active {active} may run")
         });
-        let http = st.listeners.iter().find(|l| l.name == "http");
-        fx.check(
-            st.listeners.len() == first.listeners.len()
-                && http.is_some_and(|l| l.inherited && l.addr == addr.to_string()),
-            || format!("trial {i}: the listener is not the inherited {addr}: {st:?}"),
-        );
+        fx.check_listener_inherited(&first, &st, addr);
         let stored = fx.prop("NFileDescriptorStore");
         fx.check(stored == "1", || {
             format!("trial {i}: NFileDescriptorStore={stored} after the restart")
@@ -225,7 +224,7 @@ pub fn baton_kills(tools: Tools, trials: usize, seed: u64) -> BatonKills {
         fx.ctl_ok(&["reset-failed", fx.unit]);
 
         load.progress_any(&fx, 30);
-        let (failed_after, refused) = failed_now();
+        let (failed_after, refused, odd) = failed_now();
         let failed = failed_after - failed_before;
         fx.check(refused == 0, || {
             format!("trial {i} ({m:?}): {refused} connections refused in all")
@@ -239,14 +238,6 @@ pub fn baton_kills(tools: Tools, trials: usize, seed: u64) -> BatonKills {
                  killed generations may ({clients} clients)"
             )
         });
-        let odd: u64 = load
-            .handles
-            .iter()
-            .map(|h| {
-                let f = h.snapshot().failures;
-                f.total() - f.get(FailureKind::Reset) - f.get(FailureKind::EofBeforeResponse)
-            })
-            .sum();
         fx.check(odd == 0, || {
             let all: Vec<String> = load
                 .handles
@@ -261,10 +252,10 @@ pub fn baton_kills(tools: Tools, trials: usize, seed: u64) -> BatonKills {
     }
 
     // The restarted baton upgrades as ever, with no failure.
-    let (failed_before, _) = failed_now();
+    let (failed_before, _, _) = failed_now();
     fx.ctl_ok(&["reload", fx.unit]);
     load.progress_any(&fx, 30);
-    let (failed_after, _) = failed_now();
+    let (failed_after, _, _) = failed_now();
     fx.check(failed_after == failed_before, || {
         format!(
             "{} requests failed in the reload after the trials",

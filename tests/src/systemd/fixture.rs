@@ -357,6 +357,17 @@ impl Fixture {
         }
     }
 
+    /// Fails unless `after` (status after a restart) has as many listeners as `before`,
+    /// and `http` is the inherited `addr`: the fd store (or socket unit) gave it back.
+    pub fn check_listener_inherited(&self, before: &Status, after: &Status, addr: SocketAddr) {
+        let http = after.listeners.iter().find(|l| l.name == "http");
+        self.check(
+            after.listeners.len() == before.listeners.len()
+                && http.is_some_and(|l| l.inherited && l.addr == addr.to_string()),
+            || format!("after the restart the listener is not the inherited {addr}: {after:?}"),
+        );
+    }
+
     /// The commands running in the sandbox (`pid comm`), systemd and this query aside.
     pub fn processes(&self) -> Vec<(u32, String)> {
         let out = self.sb().exec(&["ps", "-e", "-o", "pid=,comm="]);
