@@ -84,22 +84,8 @@ async fn py_counter_keeps_every_increment_and_connection_through_stateful_upgrad
         });
         clients.push((task, rx));
     }
-    let wait_all = |pid: u32, what: String| {
-        let rxs: Vec<_> = clients.iter().map(|(_, rx)| rx.clone()).collect();
-        async move {
-            for mut rx in rxs {
-                tokio::time::timeout(
-                    Duration::from_secs(30),
-                    rx.wait_for(|s| s.pids.contains(&pid)),
-                )
-                .await
-                .unwrap_or_else(|_| panic!("{what}: a client never saw pid {pid}"))
-                .unwrap_or_else(|_| panic!("{what}: a client failed (see its error below)"));
-            }
-        }
-    };
     let mut pid = baton.status().await.unwrap().pid.unwrap();
-    wait_all(pid, "generation 1".into()).await;
+    wait_all(&mut clients, "generation 1", |_, s| s.pids.contains(&pid)).await;
 
     for i in 1..=UPGRADES {
         // The first upgrade migrates schema 1 to 2; the others are 2 to 2.
@@ -111,7 +97,10 @@ async fn py_counter_keeps_every_increment_and_connection_through_stateful_upgrad
         let new = report.pid.unwrap();
         assert_ne!(new, pid);
         wait_pid_gone(pid, Duration::from_secs(15)).await.unwrap();
-        wait_all(new, format!("upgrade {i}")).await;
+        wait_all(&mut clients, &format!("upgrade {i}"), |_, s| {
+            s.pids.contains(&new)
+        })
+        .await;
         pid = new;
     }
 
@@ -130,16 +119,10 @@ async fn py_counter_keeps_every_increment_and_connection_through_stateful_upgrad
     }
     assert_eq!(baton.status().await.unwrap().pid, Some(pid));
     let then: Vec<i64> = clients.iter().map(|(_, rx)| rx.borrow().acked).collect();
-    for ((_, rx), before) in clients.iter().zip(then) {
-        let mut rx = rx.clone();
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            rx.wait_for(|s| s.acked > before + 5),
-        )
-        .await
-        .expect("clients progress after the refused downgrade")
-        .expect("a client failed");
-    }
+    wait_all(&mut clients, "after the refused downgrade", |i, s| {
+        s.acked > then[i] + 5
+    })
+    .await;
     let reply = odd.call("GET debt").await.unwrap();
     assert_eq!(parse_counter_reply(&reply), Some((-1, pid)), "{reply}");
 
@@ -163,4 +146,28 @@ async fn py_counter_keeps_every_increment_and_connection_through_stateful_upgrad
     println!(
         "py-counter: {total} acknowledged increments by {CLIENTS} clients through {UPGRADES} stateful upgrades, all kept"
     );
+}
+
+type Client = (
+    tokio::task::JoinHandle<Result<(Seen, String), baton_tests::harness::HarnessError>>,
+    watch::Receiver<Seen>,
+);
+
+/// Waits (30 s at most) until every client's [`Seen`] passes `done`. A client that
+/// stopped fails the test with its own error or panic, not just "it failed".
+async fn wait_all(clients: &mut [Client], what: &str, done: impl Fn(usize, &Seen) -> bool) {
+    for (i, (task, rx)) in clients.iter_mut().enumerate() {
+        let waited = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|s| done(i, s)))
+            .await
+            .map(|r| r.map(|_| ()));
+        match waited {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => match task.await {
+                Ok(Ok(_)) => panic!("{what}: client {i} ended early"),
+                Ok(Err(e)) => panic!("{what}: client {i} failed: {e}"),
+                Err(e) => panic!("{what}: client {i} panicked: {e}"),
+            },
+            Err(_) => panic!("{what}: client {i} timed out: {:?}", *rx.borrow()),
+        }
+    }
 }
