@@ -244,6 +244,12 @@ pub struct RunArgs {
     /// Pre-copy: start no new round after DUR; the rest is copied while quiesced [default: 60s].
     #[arg(long, value_name = "DUR")]
     pub precopy_timeout: Option<String>,
+    /// baton's own nice value (-20..19), so that it keeps its place on CPUs the app
+    /// saturates; children get back the nice value baton started with; `off` leaves
+    /// baton's alone. Needs CAP_SYS_NICE (root) to go below the start value, else
+    /// baton keeps it and says so [default: -10].
+    #[arg(long, value_name = "N|off", allow_hyphen_values = true)]
+    pub nice: Option<String>,
     /// Members of GROUP (name or gid) may use the control socket too (mode 0660).
     #[arg(long, value_name = "GROUP")]
     pub control_group: Option<String>,

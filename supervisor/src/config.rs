@@ -37,6 +37,7 @@ struct File {
     precopy_timeout: Option<String>,
     control: Option<PathBuf>,
     control_group: Option<String>,
+    nice: Option<toml::Value>,
     releases: Option<PathBuf>,
     probation: Option<String>,
     health: Option<String>,
@@ -111,6 +112,13 @@ pub struct RunConfig {
     pub release: ReleaseConfig,
     /// The fd limit baton started with, for its children (set by `main`).
     pub child_nofile: Option<(u64, u64)>,
+    /// baton's own nice value (`None`: left as started).
+    #[serde(default)]
+    pub nice: Option<i32>,
+    /// The nice value baton started with, for its children, when it changed its own
+    /// (set by `main`).
+    #[serde(default)]
+    pub child_nice: Option<i32>,
     /// Where `/metrics` is served.
     #[serde(default)]
     pub metrics: Option<ListenSpec>,
@@ -178,6 +186,30 @@ fn toml_int(what: &str, v: &toml::Value, radix: u32) -> Result<i64, ConfigError>
         toml::Value::String(s) => i64::from_str_radix(s.trim_start_matches("0o"), radix)
             .map_err(|_| ConfigError(format!("invalid {what} '{s}': not a number"))),
         other => Err(ConfigError(format!("invalid {what} {other}: not a number"))),
+    }
+}
+
+/// baton's nice value unless told otherwise: ahead of an app at the default 0.
+pub const DEFAULT_NICE: i32 = -10;
+
+/// A nice value, -20..=19, or `off` (`None`).
+fn nice_value(what: &str, v: &toml::Value) -> Result<Option<i32>, ConfigError> {
+    if v.as_str() == Some("off") {
+        return Ok(None);
+    }
+    let n = toml_int(what, v, 10).map_err(|_| {
+        let shown = v
+            .as_str()
+            .map_or_else(|| v.to_string(), |s| format!("'{s}'"));
+        ConfigError(format!(
+            "invalid {what} {shown}: expected a nice value from -20 to 19, or off"
+        ))
+    })?;
+    match i32::try_from(n) {
+        Ok(n) if (-20..=19).contains(&n) => Ok(Some(n)),
+        _ => Err(ConfigError(format!(
+            "invalid {what} {n}: a nice value is from -20 to 19 (or off)"
+        ))),
     }
 }
 
@@ -293,6 +325,11 @@ impl RunConfig {
                 "no PROGRAM given: usage: baton run [OPTIONS] -- PROGRAM [ARGS...]".into(),
             ));
         }
+        let nice = match (&a.nice, &f.nice) {
+            (Some(s), _) => nice_value("--nice", &toml::Value::String(s.clone()))?,
+            (None, Some(v)) => nice_value("config key 'nice'", v)?,
+            (None, None) => Some(DEFAULT_NICE),
+        };
         let control_group = match pick(
             a.control_group.clone(),
             f.control_group.clone(),
@@ -464,6 +501,8 @@ impl RunConfig {
             args: command,
             release,
             child_nofile: None,
+            nice,
+            child_nice: None,
         })
     }
 }
@@ -472,6 +511,35 @@ impl RunConfig {
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn nice_defaults_to_minus_ten_and_takes_off_or_a_value() {
+        assert_eq!(parse(&["--", "true"]).unwrap().nice, Some(DEFAULT_NICE));
+        assert_eq!(parse(&["--nice", "off", "--", "true"]).unwrap().nice, None);
+        assert_eq!(
+            parse(&["--nice", "-20", "--", "true"]).unwrap().nice,
+            Some(-20)
+        );
+        assert_eq!(
+            parse(&["--nice", "19", "--", "true"]).unwrap().nice,
+            Some(19)
+        );
+        for bad in ["-21", "20", "x", "2147483648"] {
+            let e = parse(&["--nice", bad, "--", "true"])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--nice") && e.contains("-20 to 19"), "{e}");
+        }
+        let dir = std::env::temp_dir().join(format!("baton-nice-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (value, want) in [("\"off\"", None), ("3", Some(3))] {
+            let p = dir.join("b.toml");
+            std::fs::write(&p, format!("nice = {value}\ncommand = [\"true\"]\n")).unwrap();
+            let c = parse(&["--config", p.to_str().unwrap()]).unwrap();
+            assert_eq!(c.nice, want, "{value}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn huge_durations_are_refused_for_every_flag() {
@@ -596,7 +664,7 @@ mod tests {
         use proptest::prelude::*;
         use std::io::Write;
 
-        const KEYS: [&str; 21] = [
+        const KEYS: [&str; 22] = [
             "listen",
             "unix_mode",
             "backlog",
@@ -609,6 +677,7 @@ mod tests {
             "restore_timeout",
             "control",
             "control_group",
+            "nice",
             "releases",
             "probation",
             "health",

@@ -118,7 +118,9 @@ fn quote(s: &str) -> String {
 /// `timeout`, and its output (stdout and stderr, the last [`MAX_OUTPUT`] bytes) or
 /// why it failed.
 pub async fn run_command(cmd: &str, timeout: Duration) -> (bool, String) {
-    let mut child = match tokio::process::Command::new("/bin/sh")
+    let mut cmd_line = tokio::process::Command::new("/bin/sh");
+    crate::sys::children_nice(&mut cmd_line);
+    let mut child = match cmd_line
         .arg("-c")
         .arg(format!("exec 2>&1\n{cmd}"))
         .stdin(std::process::Stdio::null())

@@ -161,6 +161,15 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     cfg.child_nofile = sys::raise_nofile();
+    // Still one thread: the nice value is per thread, and later threads inherit it.
+    if let Some(want) = cfg.nice {
+        match sys::set_own_nice(want) {
+            Ok(sys::NiceChange::From(n)) => cfg.child_nice = Some(n),
+            Ok(sys::NiceChange::Unchanged) => {}
+            Err(why) => tracing::info!(reason = %why, "baton keeps the nice value it started with"),
+        }
+    }
+    sys::set_child_nice(cfg.child_nice);
     let boot = match &cfg.release.store {
         Some(dir) => {
             let program = cfg.program.to_string_lossy();
@@ -287,6 +296,9 @@ fn take_over(fd: &std::ffi::OsStr) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The nice value came with the exec; children still get back the one the first
+    // baton started with.
+    sys::set_child_nice(state.config.child_nice);
     let Some(rt) = runtime() else {
         return ExitCode::FAILURE;
     };

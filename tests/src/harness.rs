@@ -743,6 +743,15 @@ fn proc_stat(pid: u32) -> Option<(char, u32)> {
     Some((state, ppid))
 }
 
+/// How `pid` is scheduled, from `/proc/<pid>/stat`: (nice, policy), the policy as
+/// `sched_setscheduler` numbers it (0 `SCHED_OTHER`, 3 `SCHED_BATCH`).
+pub fn sched_of(pid: u32) -> Option<(i32, u32)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields 19 (nice) and 41 (policy); the first after the last ')' is field 3.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    Some((fields.get(16)?.parse().ok()?, fields.get(38)?.parse().ok()?))
+}
+
 /// Sends `sig` to `pid`; `Ok(false)` when it is gone already.
 ///
 /// # Errors

@@ -108,6 +108,23 @@ async fn huge_durations() {
     .await;
 }
 
+/// `--nice` takes -20..19 or `off`, from the flag or the config file.
+#[tokio::test]
+async fn bad_nice_values() {
+    for v in ["-21", "20", "abc", "1.5", ""] {
+        expect_usage_error(
+            &["--listen", "http=127.0.0.1:0", "--nice", v],
+            &[&hello()],
+            "--nice",
+        )
+        .await;
+    }
+    let dir = TestDir::new("bad-nice").unwrap();
+    let cfg = dir.join("baton.toml");
+    fs::write(&cfg, "listen = [\"http=127.0.0.1:0\"]\nnice = -99\n").unwrap();
+    expect_usage_error(&["--config", &cfg.to_string_lossy()], &[&hello()], "nice").await;
+}
+
 #[tokio::test]
 async fn port_in_use() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();

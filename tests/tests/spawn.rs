@@ -1,11 +1,12 @@
 //! Issue 14 (baton's share of an upgrade): a generation with a cgroup is created inside
-//! it by `clone3(CLONE_INTO_CGROUP)`, and an exec that fails after baton's checks is a
-//! rollback that names the exec's error.
+//! it by `clone3(CLONE_INTO_CGROUP)`, an exec that fails after baton's checks is a
+//! rollback that names the exec's error, and baton runs ahead of its app (`--nice`)
+//! while every generation gets the start priority back.
 
 use std::path::Path;
 
 use baton_tests::harness::{
-    Baton, TestDir, UpgradeOutcome, exclusive, hello_http_bin, replace_symlink,
+    Baton, TestDir, UpgradeOutcome, exclusive, hello_http_bin, replace_symlink, sched_of,
 };
 
 async fn start(dir: TestDir, current: &Path) -> Option<Baton> {
@@ -81,4 +82,140 @@ async fn a_generation_starts_inside_its_cgroup_and_a_failed_exec_names_its_error
         baton.upgrade_wait().await.unwrap(),
         UpgradeOutcome::Promoted(_)
     ));
+}
+
+/// baton runs at nice -10 by default, so that it keeps its place on CPUs its app
+/// saturates (`supervisor_ms` in BENCHMARKS.md); every generation, the first, an
+/// upgraded one and one started by a reexec'd baton, gets back the nice value baton
+/// started with, in `SCHED_OTHER` (spawns clone as `SCHED_BATCH`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baton_runs_ahead_of_its_app_and_generations_get_the_start_priority() {
+    let _serial = exclusive().await;
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("SKIP: lowering a nice value needs CAP_SYS_NICE (run as root)");
+        return;
+    }
+    let (start, _) = sched_of(std::process::id()).unwrap();
+    let dir = TestDir::new("nice").unwrap();
+    let baton = Baton::start_in(
+        dir,
+        ["--listen", "http=127.0.0.1:0"],
+        [hello_http_bin().unwrap()],
+    )
+    .await
+    .unwrap();
+    let check = |what: &str, app: u32| {
+        assert_eq!(
+            sched_of(baton.pid()).unwrap().0,
+            -10,
+            "baton's nice ({what})"
+        );
+        assert_eq!(
+            sched_of(app),
+            Some((start, 0)),
+            "{what}: the generation gets nice {start} and SCHED_OTHER back"
+        );
+    };
+    check("first", baton.status().await.unwrap().pid.unwrap());
+    let up = match baton.upgrade_wait().await.unwrap() {
+        UpgradeOutcome::Promoted(r) => r.pid.unwrap(),
+        UpgradeOutcome::RolledBack { message } => panic!("rolled back: {message}"),
+    };
+    check("upgraded", up);
+    let (ok, report) = baton.reexec_wait().await.unwrap();
+    assert!(ok, "reexec: {report:?}");
+    let up = match baton.upgrade_wait().await.unwrap() {
+        UpgradeOutcome::Promoted(r) => r.pid.unwrap(),
+        UpgradeOutcome::RolledBack { message } => panic!("rolled back: {message}"),
+    };
+    check("after a reexec", up);
+}
+
+/// `--nice off` leaves baton where it started; `--nice 5` lowers baton's priority
+/// and the generation still gets the start value back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nice_off_leaves_baton_alone_and_a_higher_value_is_baton_s_only() {
+    let _serial = exclusive().await;
+    let (start, _) = sched_of(std::process::id()).unwrap();
+    if start >= 5 {
+        eprintln!("SKIP: the test runs at nice {start}, not below 5");
+        return;
+    }
+    for (flag, want) in [("off", start), ("5", 5)] {
+        let dir = TestDir::new("nice-flag").unwrap();
+        let baton = Baton::start_in(
+            dir,
+            ["--nice", flag, "--listen", "http=127.0.0.1:0"],
+            [hello_http_bin().unwrap()],
+        )
+        .await
+        .unwrap();
+        assert_eq!(sched_of(baton.pid()).unwrap().0, want, "--nice {flag}");
+        let app = baton.status().await.unwrap().pid.unwrap();
+        // Raising it back from 5 needs CAP_SYS_NICE; without it the app keeps 5.
+        let app_nice = sched_of(app).unwrap().0;
+        let root = nix::unistd::getuid().is_root();
+        assert!(
+            app_nice == start || (!root && app_nice == want),
+            "--nice {flag}: the generation runs at {app_nice}, baton started at {start}"
+        );
+    }
+}
+
+/// Without CAP_SYS_NICE baton cannot go below its start value: it says so once and
+/// runs and upgrades as ever, at the value it started with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cap_sys_nice_baton_keeps_its_start_priority_and_says_so() {
+    let _serial = exclusive().await;
+    let Some(setpriv) = baton_tests::harness::which("setpriv") else {
+        eprintln!("SKIP: no setpriv to drop CAP_SYS_NICE with");
+        return;
+    };
+    let (start, _) = sched_of(std::process::id()).unwrap();
+    if start <= -10 {
+        eprintln!("SKIP: the test runs at nice {start} already");
+        return;
+    }
+    let dir = TestDir::new("nice-nocap").unwrap();
+    // A wrapper that drops CAP_SYS_NICE and execs baton: the pid stays baton's.
+    let wrapper = dir.join("baton-nocap");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec {} --bounding-set -sys_nice --inh-caps -sys_nice {} \"$@\"\n",
+            setpriv.display(),
+            baton_tests::harness::baton_bin().unwrap().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let baton = Baton::spawn_with(
+        &wrapper,
+        &[],
+        dir,
+        ["--listen", "http=127.0.0.1:0"],
+        [hello_http_bin().unwrap()],
+    )
+    .unwrap();
+    baton
+        .wait_active(std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(sched_of(baton.pid()).unwrap().0, start);
+    let log = baton.log();
+    assert!(
+        log.contains("baton keeps the nice value it started with")
+            && log.contains("cannot set nice -10"),
+        "{log}"
+    );
+    assert!(matches!(
+        baton.upgrade_wait().await.unwrap(),
+        UpgradeOutcome::Promoted(_)
+    ));
+    let app = baton.status().await.unwrap().pid.unwrap();
+    assert_eq!(sched_of(app).unwrap().0, start);
 }

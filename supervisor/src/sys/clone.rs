@@ -82,13 +82,14 @@ pub fn spawn_into_cgroup(
     // address space and continues here, where it makes only async-signal-safe calls
     // (plan.exec_in_child's, sigprocmask, signal, setpgid, dup2, write, _exit) on memory
     // allocated before the call. `args` is a valid clone_args of the size passed.
-    let r = unsafe {
+    // SCHED_BATCH for the clone: the new child does not take baton's CPU at once.
+    let r = super::fork_as_batch(|| unsafe {
         libc::syscall(
             libc::SYS_clone3,
             &args as *const CloneArgs,
             std::mem::size_of::<CloneArgs>(),
         )
-    };
+    });
     if r < 0 {
         let e = io::Error::last_os_error();
         plan.replace_cgroup_join(join);

@@ -18,8 +18,10 @@ use nix::sys::stat::{SFlag, fstat};
 
 mod clone;
 mod reexec;
+mod sched;
 pub use clone::*;
 pub use reexec::*;
+pub use sched::*;
 
 /// What an inherited or bound listening socket turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -558,8 +560,8 @@ impl ExecPlan {
     /// Runs in the forked child (from `pre_exec`): lays out the fds, arms the
     /// parent-death signal, fills in `LISTEN_PID`, and execs. Returns only on failure.
     ///
-    /// Only async-signal-safe calls are made: `fcntl`, `dup2`, `prctl`, `getppid`,
-    /// `getpid`, `execve`, plus writes into memory allocated before `fork`.
+    /// Only async-signal-safe calls are made: `fcntl`, `dup2`, `setpriority`, `prctl`,
+    /// `getppid`, `getpid`, `execve`, plus writes into memory allocated before `fork`.
     pub fn exec_in_child(&mut self) -> io::Result<()> {
         if let Some(fd) = self.cgroup_procs {
             // First, before the fd layout can reuse this fd's number: join the
@@ -619,6 +621,7 @@ impl ExecPlan {
                 unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
             }
         }
+        restore_nice_in_child();
         if let Some(limit) = &self.nofile {
             // SAFETY: setrlimit is a plain syscall reading one struct owned by `self`;
             // lowering a soft limit is always allowed.
