@@ -366,6 +366,10 @@ async fn without_cgroups_a_setsid_grandchild_is_detected_and_shown_in_status() {
             .log()
             .contains("outlived its generation and holds a listener")
     );
+    // A reexec'd baton still shows it: the list travels in the hand-over.
+    let (ok, report) = baton.reexec_wait().await.unwrap();
+    assert!(ok, "reexec: {report:?}");
+    assert_eq!(baton.status().await.unwrap().strays, vec![grandchild]);
     // Once it is gone, status forgets it.
     baton_tests::harness::signal_pid(grandchild, baton_tests::harness::Signal::SIGKILL).unwrap();
     wait_pid_gone(grandchild, BOUND).await.unwrap();

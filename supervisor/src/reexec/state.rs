@@ -61,6 +61,9 @@ pub struct HandOver {
     pub cgroups: (Vec<(GenId, PathBuf)>, Vec<PathBuf>),
     /// Stray processes killed so far.
     pub strays_killed: u64,
+    /// Strays found without cgroups and still alive: status keeps showing them.
+    #[serde(default)]
+    pub strays: Vec<u32>,
     /// Open executables.
     pub images: Vec<ImageOver>,
     /// Label counter for executables opened from PROGRAM.

@@ -269,6 +269,7 @@ fn hand_over(
         gens,
         cgroups: d.containment.handover(),
         strays_killed: d.containment.strays_killed(),
+        strays: d.strays.clone(),
         images: d
             .images
             .iter()
@@ -411,6 +412,7 @@ pub async fn resume(inh: Inherited) -> Result<i32, super::RunError> {
     d.next_waiter = state.next_waiter;
     d.in_use = state.in_use.clone();
     d.fd_stored = state.fd_stored;
+    d.strays = state.strays.clone();
     d.containment
         .adopt(&state.cgroups.0, &state.cgroups.1, state.strays_killed);
     for w in &state.waiters {
