@@ -90,6 +90,36 @@ class State:
         return f"ERR unknown command pid={pid}"
 
 
+async def readable(sock: socket.socket, stop: Optional[asyncio.Event] = None) -> None:
+    """Returns once ``sock`` is readable (or ``stop`` is set), consuming nothing.
+
+    The caller then reads or accepts without blocking and without an ``await`` in
+    between. Never wait in ``loop.sock_recv`` or ``loop.sock_accept`` in a task that
+    may be cancelled (a pause, a hand-over): if the read completed in the same loop
+    iteration as the cancellation, the task throws its result away, and the bytes
+    read or the connection accepted are lost (a client then waits forever for a reply).
+    """
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    fd = sock.fileno()
+    loop.add_reader(fd, wake)
+    waits: set[asyncio.Future[Any]] = {ready}
+    stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    if stopped is not None:
+        waits.add(stopped)
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loop.remove_reader(fd)
+        if stopped is not None:
+            stopped.cancel()
+
+
 class Conn:
     """One client: its socket, the bytes read and not processed yet, its task."""
 
@@ -115,16 +145,25 @@ class Server:
     def start_accepting(self) -> None:
         self.accepting = asyncio.ensure_future(self.accept_forever())
 
-    def stop_accepting(self) -> None:
-        # A cancelled accept leaves the connection in the shared backlog.
+    async def stop_accepting(self) -> None:
+        # Cancelled while waiting for readability, the accept loop has taken nothing:
+        # pending connections stay in the shared backlog for the other generation.
+        # Awaited, so that the listener is unregistered before anyone closes it.
         if self.accepting is not None:
             self.accepting.cancel()
+            try:
+                await self.accepting
+            except asyncio.CancelledError:
+                pass
             self.accepting = None
 
     async def accept_forever(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            sock, _ = await loop.sock_accept(self.listener)
+            await readable(self.listener)
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue  # another generation took it
             sock.setblocking(False)
             self.add(Conn(sock, b""))
 
@@ -174,20 +213,14 @@ class Server:
                 conn.sock.close()
 
     async def recv_unless_paused(self, conn: Conn) -> Optional[bytes]:
-        loop = asyncio.get_running_loop()
-        recv = asyncio.ensure_future(loop.sock_recv(conn.sock, 65536))
-        pause = asyncio.ensure_future(self.paused.wait())
+        """Bytes read (b"" at end of stream), or None when paused with nothing to
+        read. What is read while a pause begins goes into the buffer that travels
+        with the connection."""
+        await readable(conn.sock, self.paused)
         try:
-            await asyncio.wait({recv, pause}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            pause.cancel()
-        if not recv.done():
-            recv.cancel()
-            try:
-                await recv
-            except asyncio.CancelledError:
-                return None
-        return recv.result()
+            return conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return None
 
     async def pause(self) -> None:
         self.running.clear()
@@ -202,7 +235,7 @@ class Server:
 
     async def hand_over(self, migrate: bool) -> None:
         """Gives every (paused) connection to the successor, or closes it."""
-        self.stop_accepting()
+        await self.stop_accepting()
         self.listener.close()
         await self.pause()
         for conn in list(self.conns):
@@ -223,7 +256,7 @@ class Server:
         while True:
             ev = await self.baton.next_state_event_async()
             if isinstance(ev, Quiesce):
-                self.stop_accepting()
+                await self.stop_accepting()
                 try:
                     await self.pause()
                     version, doc = self.state.encode(ev.accept)
@@ -247,7 +280,7 @@ class Server:
             await self.hand_over(True)
             return
         # Stop accepting and let the clients finish (until the deadline).
-        self.stop_accepting()
+        await self.stop_accepting()
         self.listener.close()
         while self.conns:
             await asyncio.sleep(0.05)

@@ -275,3 +275,22 @@ def test_outside_baton_everything_is_a_no_op() -> None:
     s.close()
     b.close()
     assert base64.b64encode(b"") == b""
+
+
+def test_an_item_handed_to_a_waiter_cancelled_before_it_ran_is_not_lost() -> None:
+    """The reader thread hands an adopted connection to the waiting task, which is
+    cancelled before the loop delivers it: the next get_async still gets it (it was
+    dropped, and the connection closed, before)."""
+    from baton_child._mailbox import Mailbox
+
+    async def run() -> str:
+        box: Mailbox[str] = Mailbox()
+        waiter = asyncio.ensure_future(box.get_async())
+        await asyncio.sleep(0)  # the waiter is registered
+        box.put("connection")  # chooses it and schedules the hand-over
+        waiter.cancel()  # before the loop runs the hand-over
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        return await asyncio.wait_for(box.get_async(), 5)
+
+    assert asyncio.run(run()) == "connection"

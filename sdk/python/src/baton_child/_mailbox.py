@@ -28,15 +28,30 @@ class Mailbox(Generic[T]):
 
     def put(self, item: T) -> None:
         """Delivers ``item`` to the oldest waiter, or queues it."""
+        self._put(item, first=False)
+
+    def _put(self, item: T, first: bool) -> None:
         with self._lock:
             while self._waiters:
                 loop, fut = self._waiters.popleft()
                 if fut.done() or loop.is_closed():
                     continue
-                loop.call_soon_threadsafe(_resolve, fut, item)
+                loop.call_soon_threadsafe(self._hand, fut, item)
                 return
-            self._items.append(item)
+            if first:
+                self._items.appendleft(item)
+            else:
+                self._items.append(item)
             self._cond.notify()
+
+    def _hand(self, fut: asyncio.Future[T], item: T) -> None:
+        # On the waiter's loop. A waiter cancelled since put() chose it must not take
+        # the item down with it (an adopted connection would be closed): it goes to
+        # the next waiter, or back to the head of the queue.
+        if not fut.done():
+            fut.set_result(item)
+            return
+        self._put(item, first=True)
 
     def get(self, timeout: Optional[float] = None) -> Optional[T]:
         """The next item, blocking; None after ``timeout`` seconds."""
