@@ -45,8 +45,22 @@ fn reply(out: &baton_tests::harness::CliOutput) -> ReleaseReply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_that_crashes_on_probation_is_reverted_and_no_connection_is_refused() {
+    crash_after_ready("rel-crash", "3s").await;
+}
+
+/// Issue 14: a candidate that sends READY=1 and exits at once must not take the good
+/// generation with it. Depending on which baton sees first, the exit or READY, it is
+/// rolled back before promotion or reverted right after; either way v1 serves on and
+/// no connection is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_exits_right_after_ready_never_costs_the_good_one() {
+    crash_after_ready("rel-ready-exit", "0s").await;
+}
+
+/// v2 exits `after` its READY=1, during a 10 s probation, under load.
+async fn crash_after_ready(tag: &str, after: &str) {
     let _serial = exclusive().await;
-    let s = store_v1_v2("rel-crash", "--exit-after 3s", true).await;
+    let s = store_v1_v2(tag, &format!("--exit-after {after}"), true).await;
     let baton = start(&s, &["--probation", "10s"]).await;
     let addr = baton.tcp_addr("http").await.unwrap();
     let v1_pid = baton.status().await.unwrap().pid.unwrap();
@@ -69,23 +83,36 @@ async fn a_release_that_crashes_on_probation_is_reverted_and_no_connection_is_re
     .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let r = reply(&out);
-    assert_eq!(r.result, ReleaseResultKind::Reverted, "{r:?}");
-    assert!(
-        r.detail.contains("exited during probation") && r.detail.contains("reverted to v1"),
-        "{r:?}"
-    );
-    let revert = r.upgrade.as_ref().expect("the revert's report");
-    println!(
-        "revert after the crash: v1 ready and promoted {} ms after v2 exited (spawn {:?} ms)",
-        revert.duration_ms, revert.spawn_ms
-    );
-    let after = baton.wait_settled(Duration::from_secs(15)).await.unwrap();
+    let reverted = r.result == ReleaseResultKind::Reverted;
+    if reverted {
+        assert!(
+            r.detail.contains("exited during probation") && r.detail.contains("reverted to v1"),
+            "{r:?}"
+        );
+        let revert = r.upgrade.as_ref().expect("the revert's report");
+        println!(
+            "revert after the crash: v1 ready and promoted {} ms after v2 exited (spawn {:?} ms)",
+            revert.duration_ms, revert.spawn_ms
+        );
+    } else {
+        // Seen before its READY was acted on: a rollback, and v1's process serves on.
+        assert!(
+            after == "0s" && r.result == ReleaseResultKind::RolledBack,
+            "{r:?}"
+        );
+        println!("v2 exited before its promotion: rolled back ({})", r.detail);
+    }
+    let settled = baton.wait_settled(Duration::from_secs(15)).await.unwrap();
     assert_eq!(active_release(&baton).await.unwrap().as_deref(), Some("v1"));
-    assert_ne!(after.pid, Some(v1_pid), "a new process of v1");
+    if reverted {
+        assert_ne!(settled.pid, Some(v1_pid), "a new process of v1");
+    } else {
+        assert_eq!(settled.pid, Some(v1_pid), "v1's process serves on");
+    }
     let l = list(&baton).await.unwrap();
     assert_eq!(status_of(&l, "v1"), ReleaseStatus::Permanent);
     assert_eq!(status_of(&l, "v2"), ReleaseStatus::Failed);
-    // The new v1 serves.
+    // v1 serves.
     let ok_then = load.snapshot().ok;
     load.wait_until(Duration::from_secs(10), |l| l.ok >= ok_then + 200)
         .await
