@@ -217,5 +217,6 @@ async fn without_cap_sys_nice_baton_keeps_its_start_priority_and_says_so() {
         UpgradeOutcome::Promoted(_)
     ));
     let app = baton.status().await.unwrap().pid.unwrap();
-    assert_eq!(sched_of(app).unwrap().0, start);
+    // Back from the batch clone to SCHED_OTHER needs no privilege either.
+    assert_eq!(sched_of(app), Some((start, 0)));
 }
