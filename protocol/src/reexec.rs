@@ -56,4 +56,7 @@ pub struct SupervisorInfo {
     /// The last reexec, successful or not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reexec: Option<ReexecReport>,
+    /// baton's nice value (`--nice`; its children run at the one it started with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nice: Option<i32>,
 }

@@ -85,8 +85,14 @@ fn print_status(s: &Status) {
         Some(pid) => println!("active: generation {} (pid {pid})", s.generation),
         None => println!("active: none"),
     }
+    let nice = s
+        .supervisor
+        .as_ref()
+        .and_then(|me| me.nice)
+        .map(|n| format!(", nice {n}"))
+        .unwrap_or_default();
     println!(
-        "supervisor: pid {}, rss {} KiB, crashes {}",
+        "supervisor: pid {}{nice}, rss {} KiB, crashes {}",
         s.supervisor_pid, s.rss_kb, s.crashes
     );
     if let Some(me) = &s.supervisor {

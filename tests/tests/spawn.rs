@@ -117,6 +117,13 @@ async fn baton_runs_ahead_of_its_app_and_generations_get_the_start_priority() {
         );
     };
     check("first", baton.status().await.unwrap().pid.unwrap());
+    let me = baton.status().await.unwrap().supervisor.unwrap();
+    assert_eq!(me.nice, Some(-10), "status shows it");
+    let out = baton
+        .cli(&["status"], std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(out.stdout.contains(", nice -10,"), "{}", out.stdout);
     let up = match baton.upgrade_wait().await.unwrap() {
         UpgradeOutcome::Promoted(r) => r.pid.unwrap(),
         UpgradeOutcome::RolledBack { message } => panic!("rolled back: {message}"),
@@ -206,6 +213,8 @@ async fn without_cap_sys_nice_baton_keeps_its_start_priority_and_says_so() {
         .await
         .unwrap();
     assert_eq!(sched_of(baton.pid()).unwrap().0, start);
+    let me = baton.status().await.unwrap().supervisor.unwrap();
+    assert_eq!(me.nice, Some(start));
     let log = baton.log();
     assert!(
         log.contains("baton keeps the nice value it started with")

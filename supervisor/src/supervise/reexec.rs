@@ -55,6 +55,7 @@ impl Driver {
             started_at: self.me.started_at,
             reexecs: self.me.reexecs,
             last_reexec: self.me.last_reexec.clone(),
+            nice: crate::sys::own_nice().ok(),
         }
     }
 
