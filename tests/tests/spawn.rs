@@ -186,18 +186,13 @@ async fn without_cap_sys_nice_baton_keeps_its_start_priority_and_says_so() {
     let dir = TestDir::new("nice-nocap").unwrap();
     // A wrapper that drops CAP_SYS_NICE and execs baton: the pid stays baton's.
     let wrapper = dir.join("baton-nocap");
-    std::fs::write(
+    baton_tests::harness::write_script(
         &wrapper,
-        format!(
+        &format!(
             "#!/bin/sh\nexec {} --bounding-set -sys_nice --inh-caps -sys_nice {} \"$@\"\n",
             setpriv.display(),
             baton_tests::harness::baton_bin().unwrap().display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &wrapper,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
     let baton = Baton::spawn_with(

@@ -123,11 +123,13 @@ mod tests {
 
     #[test]
     fn fork_as_batch_returns_to_the_policy_it_had() {
-        let before = unsafe { libc::sched_getscheduler(0) };
-        let inside = fork_as_batch(|| unsafe { libc::sched_getscheduler(0) });
+        // SAFETY: sched_getscheduler(0) takes a plain value and reads this thread's policy.
+        let policy = || unsafe { libc::sched_getscheduler(0) };
+        let before = policy();
+        let inside = fork_as_batch(policy);
         if before == libc::SCHED_OTHER {
             assert_eq!(inside, libc::SCHED_BATCH);
         }
-        assert_eq!(unsafe { libc::sched_getscheduler(0) }, before);
+        assert_eq!(policy(), before);
     }
 }
