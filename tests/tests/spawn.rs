@@ -224,3 +224,64 @@ async fn without_cap_sys_nice_baton_keeps_its_start_priority_and_says_so() {
     // Back from the batch clone to SCHED_OTHER needs no privilege either.
     assert_eq!(sched_of(app), Some((start, 0)));
 }
+
+/// Health commands are baton's children too: they run at the nice value baton started
+/// with, not at baton's -10.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_commands_get_the_start_priority() {
+    let _serial = exclusive().await;
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("SKIP: lowering a nice value needs CAP_SYS_NICE (run as root)");
+        return;
+    }
+    let (start, _) = sched_of(std::process::id()).unwrap();
+    let dir = TestDir::new("nice-health").unwrap();
+    let seen = dir.join("health-nice");
+    // Field 19 of the check's own /proc/self/stat (awk's) is its nice value.
+    let health = format!(
+        "exec:awk '{{print $19}}' /proc/self/stat > {}.tmp && mv {0}.tmp {0}",
+        seen.display()
+    );
+    // Probation (and so the check) needs a new executable: `app` is replaced before
+    // the upgrade.
+    let hello = hello_http_bin().unwrap();
+    let app = dir.join("app");
+    let script = |label: &str| format!("#!/bin/sh\nexec {} --label {label}\n", hello.display());
+    baton_tests::harness::write_script(&app, &script("old")).unwrap();
+    let new = dir.join("app.new");
+    baton_tests::harness::write_script(&new, &script("new")).unwrap();
+    let baton = Baton::start_in(
+        dir,
+        [
+            "--listen",
+            "http=127.0.0.1:0",
+            "--probation",
+            "30s",
+            "--health-interval",
+            "50ms",
+            "--health",
+            health.as_str(),
+        ],
+        [&app],
+    )
+    .await
+    .unwrap();
+    std::fs::rename(&new, &app).unwrap();
+    assert!(matches!(
+        baton.upgrade_wait().await.unwrap(),
+        UpgradeOutcome::Promoted(_)
+    ));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let text = loop {
+        if let Ok(t) = std::fs::read_to_string(&seen) {
+            break t;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no health check ran: {}",
+            baton.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(text.trim(), start.to_string(), "the health check's nice");
+}
