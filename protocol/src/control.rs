@@ -167,9 +167,18 @@ pub struct UpgradeReport {
     /// Stateful only: snapshot handed to the candidate until restored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_ms: Option<f64>,
-    /// Connections handed over from the old generation(s) to this one.
+    /// Connections handed over from the old generation(s) to this one: written
+    /// to its control socket.
     #[serde(default)]
     pub migrated_connections: u64,
+    /// Connections the old generation(s) sent to baton for this one:
+    /// `migrated_connections + lost_connections`.
+    #[serde(default)]
+    pub handed_over_connections: u64,
+    /// Connections handed over that never reached this generation (each one was
+    /// closed, and logged at ERROR with the reason).
+    #[serde(default)]
+    pub lost_connections: u64,
     /// baton's own share of the upgrade, in ms: spawning the candidate (fork + exec)
     /// plus the time from its READY to the old generation being told to drain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -219,6 +228,8 @@ impl UpgradeReport {
             snapshot_ms: None,
             restore_ms: None,
             migrated_connections: 0,
+            handed_over_connections: 0,
+            lost_connections: 0,
             supervisor_ms: None,
             cgroup_ms: None,
             spawn_ms: None,

@@ -119,6 +119,13 @@ pub enum EventKind {
         /// Why.
         reason: String,
     },
+    /// An upgrade's figures are final: every older generation has exited and
+    /// everything it handed over was delivered or counted as lost. Its history
+    /// line is written now.
+    Settled {
+        /// The upgrade's final figures.
+        report: UpgradeReport,
+    },
     /// baton re-executed itself (or tried to).
     Reexec {
         /// The outcome.

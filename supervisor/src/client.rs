@@ -188,6 +188,17 @@ fn print_status(s: &Status) {
         if let (Some(old), Some(new)) = (u.old_peak_rss_bytes, u.new_peak_rss_bytes) {
             println!("  peak RSS: old {} MiB, new {} MiB", old >> 20, new >> 20);
         }
+        if u.handed_over_connections > 0 {
+            let lost = if u.lost_connections > 0 {
+                format!(", LOST {}", u.lost_connections)
+            } else {
+                String::new()
+            };
+            println!(
+                "  connections: {} handed over, {} migrated{lost}",
+                u.handed_over_connections, u.migrated_connections
+            );
+        }
     }
     if let Some(r) = &s.releases {
         println!(

@@ -3,12 +3,12 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use baton_protocol::wire::{self, FrameReader};
 use baton_protocol::{ChildMsg, SupervisorMsg};
 use tokio::net::UnixStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use crate::upgrade::GenId;
 
@@ -39,7 +39,45 @@ pub enum GenEvent {
         /// Why.
         why: String,
     },
+    /// The control channel was read to its end: every message before this one
+    /// was passed on, except `dropped`, discarded when the stall bound ran out.
+    Closed {
+        /// Generation.
+        gen_id: GenId,
+        /// What was discarded unread (see [`STALL_BOUND`]).
+        dropped: Dropped,
+    },
+    /// Adopt messages queued for this generation were all written out, or some
+    /// could not be (`lost`): the generation is gone or stopped reading.
+    Relayed {
+        /// The receiving generation.
+        gen_id: GenId,
+        /// Connections written to it since the last such event.
+        written: u64,
+        /// Connections that were queued for it and never written.
+        lost: u64,
+    },
 }
+
+/// What a generation sent that never reached its destination.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped {
+    /// Migrated connections (each closed, so its client sees a close).
+    pub connections: u64,
+    /// Other messages with fds (snapshots, pre-copy chunks).
+    pub other: u64,
+}
+
+impl Dropped {
+    /// Whether anything was dropped.
+    pub fn any(&self) -> bool {
+        self.connections + self.other > 0
+    }
+}
+
+/// After a generation exited, how long its channel may wait for a relay slot
+/// (its successor not reading) before the rest is discarded, counted and reported.
+pub const STALL_BOUND: Duration = Duration::from_secs(5);
 
 /// Fds from children that baton may hold at once, waiting to be relayed. A child
 /// that sends more waits (its control channel is not read) until some are written
@@ -90,8 +128,17 @@ pub struct GenHandle {
     pub chunk: Option<(OwnedFd, Option<OwnedSemaphorePermit>)>,
     /// READY arrived while a message (its SDK's hello) was still unread.
     pub ready_deferred: bool,
+    /// How it exited, once it has: its exit is handled when its channel is
+    /// read to the end too ([`GenEvent::Closed`]).
+    pub exited: Option<String>,
+    /// Its channel was read to the end.
+    pub closed: bool,
     /// Messages the read task has passed on that the main loop has not handled yet.
     queued: Arc<AtomicUsize>,
+    /// Adopt messages queued for the child and not yet written.
+    adopts: Arc<AtomicUsize>,
+    /// Tells the read task the process has exited (the stall bound applies).
+    exit_tx: watch::Sender<bool>,
     tx: mpsc::UnboundedSender<Outgoing>,
     stream: Arc<UnixStream>,
     /// Asks the read task to stop and hand its reader back (a reexec).
@@ -117,6 +164,7 @@ impl GenHandle {
         std_stream.set_nonblocking(true)?;
         let stream = Arc::new(UnixStream::from_std(std_stream)?);
         let (tx, rx) = mpsc::unbounded_channel();
+        let adopts = Arc::new(AtomicUsize::new(0));
         match exit {
             ExitWatch::Child(child) => {
                 tokio::spawn(wait_exit(gen_id, child, events.clone()));
@@ -131,7 +179,13 @@ impl GenHandle {
                 tokio::spawn(wait_cloned(gen_id, fd, pipe, events.clone()));
             }
         }
-        tokio::spawn(write_loop(gen_id, stream.clone(), rx));
+        tokio::spawn(write_loop(
+            gen_id,
+            stream.clone(),
+            rx,
+            Arc::clone(&adopts),
+            events.clone(),
+        ));
         let started_at = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -144,7 +198,11 @@ impl GenHandle {
             snapshot: None,
             chunk: None,
             ready_deferred: false,
+            exited: None,
+            closed: false,
             queued: Arc::new(AtomicUsize::new(0)),
+            adopts,
+            exit_tx: watch::Sender::new(false),
             tx,
             stream,
             pause: None,
@@ -168,7 +226,37 @@ impl GenHandle {
             self.slots.clone(),
             Arc::clone(&self.queued),
             pause_rx,
+            self.exit_tx.subscribe(),
         ));
+    }
+
+    /// The process exited. From now on its channel ends at what is queued in it
+    /// (a grandchild that kept the fd cannot hold it open), and the stall bound
+    /// applies. Returns whether the channel was read to the end already, so the
+    /// exit can be handled now.
+    pub fn mark_exited(&mut self, how: String) -> bool {
+        if let Err(e) = crate::sys::shut_rd(self.stream.as_fd()) {
+            tracing::debug!(generation = self.gen_id, error = %e, "shutting down the channel's read side");
+        }
+        self.exited = Some(how);
+        self.exit_tx.send_replace(true);
+        self.closed
+    }
+
+    /// Whether the process is known to be gone (its pid may be reused: never
+    /// signal it).
+    pub fn is_gone(&self) -> bool {
+        self.exited.is_some()
+    }
+
+    /// Whether connections handed over to it are still queued, not yet written.
+    pub fn relaying(&self) -> bool {
+        self.adopts.load(Ordering::Acquire) > 0
+    }
+
+    /// Whether its exit or a relay to it is still under way: a reexec waits.
+    pub fn settling(&self) -> bool {
+        self.exited.is_some() || self.relaying()
     }
 
     /// Stops the read task between messages; the receiver gets its reader, with
@@ -225,6 +313,9 @@ impl GenHandle {
         fds: Vec<OwnedFd>,
         slots: Option<OwnedSemaphorePermit>,
     ) {
+        if matches!(msg, SupervisorMsg::Adopt { .. }) {
+            self.adopts.fetch_add(1, Ordering::AcqRel);
+        }
         let _ = self.tx.send(Outgoing::Msg {
             msg,
             fds,
@@ -306,7 +397,9 @@ pub fn describe(st: std::process::ExitStatus) -> String {
 }
 
 /// Reads protocol messages with the SDK's framing (`baton_protocol::wire`), so both ends
-/// pair fds with lines the same way.
+/// pair fds with lines the same way, to the channel's end: a handle dropped meanwhile
+/// does not stop it, since what the child sent must reach its destination.
+#[allow(clippy::too_many_arguments)]
 async fn read_loop(
     gen_id: GenId,
     mut reader: FrameReader,
@@ -314,34 +407,66 @@ async fn read_loop(
     events: mpsc::UnboundedSender<GenEvent>,
     slots: Arc<Semaphore>,
     queued: Arc<AtomicUsize>,
-    mut pause: oneshot::Receiver<oneshot::Sender<FrameReader>>,
+    pause: oneshot::Receiver<oneshot::Sender<FrameReader>>,
+    mut exited: watch::Receiver<bool>,
 ) {
+    // `None` once the handle dropped its end: no pause can come any more.
+    let mut pause = Some(pause);
+    let mut dropped = Dropped::default();
     loop {
         // `next` is cancel-safe: a pause loses nothing it had read.
         let next = tokio::select! {
             biased;
-            p = &mut pause => {
-                if let Ok(back) = p {
-                    let _ = back.send(reader);
+            p = async {
+                match pause.as_mut() {
+                    Some(p) => p.await,
+                    None => std::future::pending().await,
                 }
-                return;
+            }, if pause.is_some() => {
+                match p {
+                    Ok(back) => {
+                        let _ = back.send(reader);
+                        return;
+                    }
+                    Err(_) => {
+                        pause = None;
+                        continue;
+                    }
+                }
             }
             n = reader.next(&stream) => n,
         };
         let ev = match next {
-            Ok(None) => return,
+            Ok(None) => break,
             Ok(Some(frame)) => match frame.parse::<ChildMsg>() {
                 Ok(msg) => {
-                    let permit = if frame.fds.is_empty() {
+                    let permit = if frame.fds.is_empty() || dropped.any() {
                         None
                     } else {
                         // Back-pressure: wait for room before reading on.
                         let n = u32::try_from(frame.fds.len().min(RELAY_SLOTS)).unwrap_or(1);
-                        match slots.clone().acquire_many_owned(n).await {
-                            Ok(p) => Some(p),
-                            Err(_) => return,
+                        match acquire(&slots, n, &mut exited).await {
+                            Some(p) => Some(p),
+                            None => {
+                                tracing::error!(
+                                    generation = gen_id,
+                                    bound = ?STALL_BOUND,
+                                    "the generation exited and its successor takes no more fds; \
+                                     discarding the rest of its channel"
+                                );
+                                None
+                            }
                         }
                     };
+                    if permit.is_none() && !frame.fds.is_empty() {
+                        // The bound ran out (now or before): closed, and counted.
+                        if matches!(msg, ChildMsg::Migrate { .. }) {
+                            dropped.connections += 1;
+                        } else {
+                            dropped.other += 1;
+                        }
+                        continue;
+                    }
                     GenEvent::Message {
                         gen_id,
                         msg,
@@ -362,7 +487,7 @@ async fn read_loop(
                     why: e.to_string(),
                 });
                 if fatal {
-                    return;
+                    break;
                 }
                 continue;
             }
@@ -373,13 +498,48 @@ async fn read_loop(
             return;
         }
     }
+    let _ = events.send(GenEvent::Closed { gen_id, dropped });
 }
 
+/// Waits for `n` relay slots; once the generation has exited, for at most
+/// [`STALL_BOUND`] (`None`: the bound ran out).
+async fn acquire(
+    slots: &Arc<Semaphore>,
+    n: u32,
+    exited: &mut watch::Receiver<bool>,
+) -> Option<OwnedSemaphorePermit> {
+    let acquire = slots.clone().acquire_many_owned(n);
+    tokio::pin!(acquire);
+    loop {
+        if *exited.borrow_and_update() {
+            return tokio::time::timeout(STALL_BOUND, &mut acquire)
+                .await
+                .ok()
+                .and_then(Result::ok);
+        }
+        tokio::select! {
+            p = &mut acquire => return p.ok(),
+            changed = exited.changed() => {
+                if changed.is_err() {
+                    // The handle is gone, so the exit was handled: no bound.
+                    return acquire.await.ok();
+                }
+            }
+        }
+    }
+}
+
+/// Writes messages to the child in order. Adopt messages it cannot write (the
+/// child is gone or its socket failed) are counted and reported as lost.
 async fn write_loop(
     gen_id: GenId,
     stream: Arc<UnixStream>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    adopts: Arc<AtomicUsize>,
+    events: mpsc::UnboundedSender<GenEvent>,
 ) {
+    let mut failed = false;
+    let (mut written, mut lost) = (0u64, 0u64);
     while let Some(out) = rx.recv().await {
         // The permit lives until the fds are written out.
         let (msg, out_fds, _permit) = match out {
@@ -389,14 +549,35 @@ async fn write_loop(
                 continue;
             }
         };
-        let Ok(line) = wire::encode(&msg) else {
-            continue;
-        };
-        let fds: Vec<BorrowedFd<'_>> = out_fds.iter().map(AsFd::as_fd).collect();
-        if let Err(e) = wire::write_line(&stream, &line, &fds).await {
-            tracing::debug!(generation = gen_id, error = %e, "control write failed");
-            return;
+        let is_adopt = matches!(msg, SupervisorMsg::Adopt { .. });
+        if !failed {
+            let written = match wire::encode(&msg) {
+                Ok(line) => {
+                    let fds: Vec<BorrowedFd<'_>> = out_fds.iter().map(AsFd::as_fd).collect();
+                    wire::write_line(&stream, &line, &fds).await
+                }
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            };
+            if let Err(e) = written {
+                tracing::debug!(generation = gen_id, error = %e, "control write failed");
+                failed = true;
+            }
         }
-        // `out_fds` drop here: the child holds its own copies now.
+        // `out_fds` drop here: the child holds its own copies now (or never will).
+        if is_adopt {
+            if failed {
+                lost += 1;
+            } else {
+                written += 1;
+            }
+            if adopts.fetch_sub(1, Ordering::AcqRel) == 1 {
+                let _ = events.send(GenEvent::Relayed {
+                    gen_id,
+                    written,
+                    lost,
+                });
+                (written, lost) = (0, 0);
+            }
+        }
     }
 }

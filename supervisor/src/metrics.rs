@@ -37,6 +37,8 @@ struct Inner {
     accept_gap_seconds: Histogram,
     snapshot_bytes: Histogram,
     migrated: Counter,
+    handed_over: Counter,
+    lost: Counter,
     crashes: Counter,
     restarts: Counter,
     reexecs: Family<Labels, Counter>,
@@ -112,6 +114,8 @@ impl Metrics {
             accept_gap_seconds: accept_gap_seconds.clone(),
             snapshot_bytes: snapshot_bytes.clone(),
             migrated: Counter::default(),
+            handed_over: Counter::default(),
+            lost: Counter::default(),
             crashes: Counter::default(),
             restarts: Counter::default(),
             reexecs: reexecs.clone(),
@@ -158,6 +162,16 @@ impl Metrics {
             "baton_migrated_connections",
             "Live connections handed from a draining generation to the active one",
             inner.migrated.clone(),
+        );
+        registry.register(
+            "baton_handed_over_connections",
+            "Live connections a draining generation sent to baton to hand over",
+            inner.handed_over.clone(),
+        );
+        registry.register(
+            "baton_lost_connections",
+            "Connections handed over that never reached the active generation (each closed)",
+            inner.lost.clone(),
         );
         registry.register(
             "baton_crashes",
@@ -264,9 +278,12 @@ impl Metrics {
         }
     }
 
-    /// `n` connections were migrated.
-    pub fn migrated(&self, n: u64) {
-        self.inner.migrated.inc_by(n);
+    /// A migration tally (see [`crate::upgrade::Handover`]).
+    pub fn handover(&self, h: crate::upgrade::Handover) {
+        let (handed_over, migrated, lost) = h.counts();
+        self.inner.handed_over.inc_by(handed_over);
+        self.inner.migrated.inc_by(migrated);
+        self.inner.lost.inc_by(lost);
     }
 
     /// Sets the gauges that describe the present.

@@ -79,6 +79,17 @@ pub fn describe(e: &Event) -> String {
         EventKind::ReleaseFailed { release, reason } => {
             format!("release {release} failed: {reason}")
         }
+        EventKind::Settled { report } => {
+            let lost = if report.lost_connections > 0 {
+                format!(", LOST {}", report.lost_connections)
+            } else {
+                String::new()
+            };
+            format!(
+                "settled: {} connections handed over, {} migrated{lost}",
+                report.handed_over_connections, report.migrated_connections
+            )
+        }
         EventKind::Reexec { report } => match &report.reason {
             None => format!(
                 "re-executed {} (build {}) in {:.0} ms",
@@ -134,7 +145,7 @@ pub fn history(path: Option<PathBuf>, n: Option<usize>, json: bool) -> anyhow::R
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<24} {:>4} {:<11} {:<14} {:<11} {:>8} {:>9} {:>12} {:>6} {:>8}  reason",
+        "{:<24} {:>4} {:<11} {:<14} {:<11} {:>8} {:>9} {:>12} {:>6} {:>8} {:>6}  reason",
         "when",
         "gen",
         "why",
@@ -144,7 +155,8 @@ pub fn history(path: Option<PathBuf>, n: Option<usize>, json: bool) -> anyhow::R
         "gap ms",
         "snapshot B",
         "rounds",
-        "migrated"
+        "migrated",
+        "lost"
     );
     for e in &entries {
         println!("{}", row(e));
@@ -167,7 +179,7 @@ fn row(e: &HistoryEntry) -> String {
     };
     let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     format!(
-        "{:<24} {:>4} {:<11} {:<14} {:<11} {:>8} {:>9} {:>12} {:>6} {:>8}  {}",
+        "{:<24} {:>4} {:<11} {:<14} {:<11} {:>8} {:>9} {:>12} {:>6} {:>8} {:>6}  {}",
         when(e.at_ms),
         r.generation,
         why_name(e.why),
@@ -178,6 +190,7 @@ fn row(e: &HistoryEntry) -> String {
         opt(r.snapshot_bytes.map(|b| b.to_string())),
         opt(r.precopy_rounds.map(|n| n.to_string())),
         r.migrated_connections,
+        r.lost_connections,
         r.reason.as_deref().unwrap_or("")
     )
 }

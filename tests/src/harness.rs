@@ -760,6 +760,15 @@ pub fn signal_pid(pid: u32, sig: Signal) -> Result<bool> {
     sys::signal(pid, sig).map_err(io_err(format!("kill -{sig} {pid}")))
 }
 
+/// Raises this process's soft fd limit to the hard one, for tests that hold
+/// thousands of connections (baton and its children inherit it).
+///
+/// # Errors
+/// The limit could not be raised.
+pub fn raise_nofile() -> Result<u64> {
+    crate::sys::raise_nofile().map_err(io_err("raising RLIMIT_NOFILE"))
+}
+
 /// Whether `pid` exists and has not exited (a zombie counts as exited).
 pub fn pid_alive(pid: u32) -> bool {
     matches!(proc_stat(pid), Some((state, _)) if state != 'Z' && state != 'X')

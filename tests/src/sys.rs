@@ -18,6 +18,17 @@ pub(crate) fn signal(pid: u32, sig: Signal) -> io::Result<bool> {
     }
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (children inherit it);
+/// returns the new soft limit.
+pub(crate) fn raise_nofile() -> io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io::Error::from)?;
+    }
+    Ok(hard)
+}
+
 /// Clears `FD_CLOEXEC`, so that `fd` is inherited by every process spawned afterwards.
 /// Tests use it to hand baton a stray fd, as a careless parent process would.
 pub(crate) fn clear_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {

@@ -84,6 +84,9 @@ pub struct HandOver {
     /// The upgrade history (also in `--state-dir`, when there is one).
     #[serde(default)]
     pub history: Vec<baton_protocol::HistoryEntry>,
+    /// Promotions whose history line waits for these older generations to go.
+    #[serde(default)]
+    pub settling: Vec<(baton_protocol::HistoryEntry, Vec<u64>)>,
     /// The recent events, for `baton events`.
     #[serde(default)]
     pub events: Vec<baton_protocol::Event>,

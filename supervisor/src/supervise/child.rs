@@ -7,7 +7,7 @@ use baton_protocol::{ChildMsg, PROTOCOL_VERSION, SupervisorMsg};
 use super::{Driver, MAX_STRANGERS, STRANGER_TTL};
 use crate::generation::GenEvent;
 use crate::notify;
-use crate::upgrade::{GenId, Machine};
+use crate::upgrade::{GenId, Handover, Machine};
 
 pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
     let now = Instant::now();
@@ -18,12 +18,55 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
     }
     match ev {
         GenEvent::Exited { gen_id, how } => {
-            d.handles.remove(&gen_id);
-            d.containment.reap(gen_id);
-            m.on_exit(d, now, gen_id, &how);
-            if !d.containment.contains() {
-                find_strays(m, d, gen_id);
+            // Handled once its channel is read to the end too: what it sent
+            // before it exited reaches its destination first.
+            let closed = match d.handles.get_mut(&gen_id) {
+                Some(h) => h.mark_exited(how.clone()),
+                None => true,
+            };
+            if closed {
+                exited(m, d, now, gen_id, &how);
             }
+        }
+        GenEvent::Closed { gen_id, dropped } => {
+            if dropped.any() {
+                let pid = d.handles.get(&gen_id).map_or(0, |h| h.pid);
+                tracing::error!(
+                    generation = gen_id,
+                    pid,
+                    connections = dropped.connections,
+                    other = dropped.other,
+                    "lost what the exited generation sent: its successor took no fds for {:?}",
+                    crate::generation::STALL_BOUND
+                );
+                if dropped.connections > 0 {
+                    let target = m.active().filter(|a| *a != gen_id).unwrap_or(gen_id);
+                    d.note_handover(m, target, Handover::Dropped(dropped.connections));
+                }
+            }
+            let how = d.handles.get_mut(&gen_id).and_then(|h| {
+                h.closed = true;
+                h.exited.clone()
+            });
+            if let Some(how) = how {
+                exited(m, d, now, gen_id, &how);
+            }
+        }
+        GenEvent::Relayed {
+            gen_id,
+            written,
+            lost,
+        } => {
+            if lost > 0 {
+                tracing::error!(
+                    generation = gen_id,
+                    lost,
+                    "connections handed over to this generation were never written to it \
+                     (it is gone or its control socket failed); each was closed"
+                );
+            }
+            d.note_handover(m, gen_id, Handover::Delivered { written, lost });
+            d.settle();
         }
         GenEvent::BadMessage { gen_id, why } => {
             tracing::warn!(generation = gen_id, why, "bad control message");
@@ -124,6 +167,7 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                         .active()
                         .filter(|a| *a != gen_id)
                         .and_then(|a| d.handles.get(&a));
+                    let target_id = m.active().filter(|a| *a != gen_id);
                     match target {
                         Some(h) => {
                             h.relay(
@@ -136,8 +180,9 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                                 fds,
                                 slots,
                             );
-                            m.note_migrated(1);
-                            d.metrics.migrated(1);
+                            if let Some(t) = target_id {
+                                d.note_handover(m, t, Handover::Relayed(1));
+                            }
                         }
                         None => {
                             tracing::error!(
@@ -145,12 +190,26 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                                 pid,
                                 "migrated connection has no active generation to go to; closing it"
                             );
+                            let t = m.active().unwrap_or(gen_id);
+                            d.note_handover(m, t, Handover::Dropped(1));
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// A generation exited and its channel was read to the end: now the machine
+/// hears of it.
+fn exited(m: &mut Machine, d: &mut Driver, now: Instant, gen_id: GenId, how: &str) {
+    d.handles.remove(&gen_id);
+    d.containment.reap(gen_id);
+    m.on_exit(d, now, gen_id, how);
+    if !d.containment.contains() {
+        find_strays(m, d, gen_id);
+    }
+    d.settle();
 }
 
 /// Acts on a READY that waited for the generation's hello.

@@ -36,6 +36,7 @@ use crate::upgrade::{
 mod child;
 mod reexec;
 mod requests;
+mod settle;
 
 pub use reexec::{Inherited, resume};
 
@@ -104,6 +105,8 @@ struct Driver {
     event_log: EventLog,
     /// The last upgrades, for `baton history`.
     history: History,
+    /// Promotions whose history line waits for the older generations to go.
+    settling: settle::Settling,
     /// `--metrics`.
     metrics: Metrics,
     /// Something changed that the metrics' gauges describe.
@@ -265,6 +268,10 @@ impl Host for Driver {
     }
 
     fn kill(&mut self, gen_id: GenId, pid: u32, how: Kill) {
+        if self.handles.get(&gen_id).is_some_and(GenHandle::is_gone) {
+            // Reaped already (its channel is still being read): the pid may be reused.
+            return;
+        }
         let r = match how {
             Kill::Stop => sys::kill(pid, self.stop_signal),
             // The whole process group: nothing of a killed generation lingers.
@@ -397,12 +404,19 @@ impl Host for Driver {
         if let EventKind::Promoted { why, image, report }
         | EventKind::RolledBack { why, image, report } = &kind
         {
-            self.history.push(HistoryEntry {
+            let entry = HistoryEntry {
                 at_ms: crate::events::now_ms(),
                 why: *why,
                 release: image.clone(),
                 report: report.clone(),
-            });
+            };
+            // A promotion's line is final once the old generations are gone.
+            if matches!(kind, EventKind::Promoted { .. }) {
+                self.emit(gen_id, (pid != 0).then_some(pid), kind);
+                self.record_promotion(entry);
+                return;
+            }
+            self.history.push(entry);
         }
         self.emit(gen_id, (pid != 0).then_some(pid), kind);
     }
@@ -513,6 +527,7 @@ impl Driver {
             fd_stored: false,
             event_log: EventLog::default(),
             history: p.history,
+            settling: settle::Settling::default(),
             metrics_dirty: true,
             metrics_listener: p.metrics_listener,
         };
@@ -701,8 +716,12 @@ async fn serve(
         }
     }
     let (code, reason) = d.exit.take().unwrap_or((1, String::new()));
+    d.settle_all();
     // Exiting with children left (the first generation failed): kill them.
     for (gen_id, g) in m.gens() {
+        if d.handles.get(&gen_id).is_some_and(GenHandle::is_gone) {
+            continue;
+        }
         tracing::warn!(
             generation = gen_id,
             pid = g.pid,

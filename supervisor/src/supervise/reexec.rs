@@ -126,7 +126,13 @@ fn fail(m: &mut Machine, d: &mut Driver, reason: String, tried: Option<BatonBuil
 
 /// Whether to reexec now: the new executable is vetted and nothing is under way.
 pub(super) fn due(m: &Machine, d: &Driver) -> bool {
-    d.reexec.as_ref().is_some_and(|p| p.target.is_some()) && m.idle()
+    d.reexec.as_ref().is_some_and(|p| p.target.is_some())
+        && m.idle()
+        // A hand-over in flight (fds in relay, an exit whose channel is still
+        // being read) finishes first: a read task waiting for relay slots
+        // cannot be paused.
+        && d.relay_slots.available_permits() == crate::generation::RELAY_SLOTS
+        && !d.handles.values().any(GenHandle::settling)
 }
 
 /// Pauses every generation's channel, hands everything over and execs. Returns
@@ -300,6 +306,7 @@ fn hand_over(
         in_use: d.in_use.clone(),
         metrics: d.metrics_listener.as_ref().map(listener_over),
         history: d.history.entries(),
+        settling: d.settling.carried(),
         events: d.event_log.subscribe().0,
     }
 }
@@ -406,6 +413,7 @@ pub async fn resume(inh: Inherited) -> Result<i32, super::RunError> {
     };
     let (mut d, ev_rx, loop_rx) = Driver::new(&cfg, parts);
     d.history.adopt(state.history.clone());
+    d.settling = super::settle::Settling::restore(&state.settling);
     for e in &state.events {
         d.event_log.emit(e.clone());
     }

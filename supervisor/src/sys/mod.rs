@@ -320,6 +320,13 @@ pub fn pending_bytes(fd: BorrowedFd<'_>) -> usize {
     }
 }
 
+/// Shuts down the reading side of a stream socket: what is queued stays
+/// readable, then reads see EOF, whoever else still holds the other end.
+pub fn shut_rd(fd: BorrowedFd<'_>) -> io::Result<()> {
+    nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Read)?;
+    Ok(())
+}
+
 /// Sets the group of `path` (owner unchanged).
 pub fn chown_group(path: &Path, gid: u32) -> io::Result<()> {
     nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))?;
