@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use baton_protocol::{ControlReply, ControlRequest, ReexecReport, Status, UpgradeReport};
 use baton_tests::harness::{Baton, pid_alive};
-use baton_tests::load::{LoadHandle, LoadOpts, LoadSnapshot, find_pid};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpStream, UnixStream};
+use baton_tests::load::{LoadHandle, LoadOpts, LoadSnapshot};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
 
 use crate::sys;
 
@@ -335,91 +335,7 @@ pub async fn http_get_pid(addr: SocketAddr) -> anyhow::Result<u32> {
     resp.pid.context("no pid= in the response body")
 }
 
-/// A minimal HTTP/1.1 keep-alive client for the connection-holding scenarios: it must see
-/// exactly when the server closes a connection, which a pooling client library hides.
-pub struct HttpConn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-/// What one exchange returned.
-#[derive(Debug, Clone, Copy)]
-pub struct HttpResp {
-    /// Status code.
-    pub status: u16,
-    /// The server said `Connection: close`.
-    pub close: bool,
-    /// `pid=` from the body.
-    pub pid: Option<u32>,
-}
-
-impl HttpConn {
-    /// Connects (no request yet).
-    pub async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        Ok(Self {
-            stream,
-            buf: Vec::with_capacity(512),
-        })
-    }
-
-    /// `GET /` and its response. An early EOF is an error.
-    pub async fn get(&mut self) -> anyhow::Result<HttpResp> {
-        self.stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: baton-bench\r\n\r\n")
-            .await?;
-        self.buf.clear();
-        let head_end = loop {
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            if self.buf.len() > 64 * 1024 {
-                bail!("response head too large");
-            }
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                bail!("connection closed before a response");
-            }
-        };
-        let head = std::str::from_utf8(&self.buf[..head_end]).context("non-UTF-8 head")?;
-        let mut lines = head.split("\r\n");
-        let status: u16 = lines
-            .next()
-            .and_then(|l| l.split(' ').nth(1))
-            .and_then(|c| c.parse().ok())
-            .context("bad status line")?;
-        let mut len = None;
-        let mut close = false;
-        for line in lines {
-            let Some((name, value)) = line.split_once(':') else {
-                continue;
-            };
-            if name.eq_ignore_ascii_case("content-length") {
-                len = Some(
-                    value
-                        .trim()
-                        .parse::<usize>()
-                        .context("bad content-length")?,
-                );
-            } else if name.eq_ignore_ascii_case("connection") {
-                close |= value
-                    .split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("close"));
-            }
-        }
-        let len = len.context("response without content-length")?;
-        while self.buf.len() < head_end + len {
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                bail!("connection closed inside a response body");
-            }
-        }
-        Ok(HttpResp {
-            status,
-            close,
-            pid: find_pid(&self.buf[head_end..head_end + len]),
-        })
-    }
-}
+pub use baton_tests::idle::HttpConn;
 
 /// The closed-loop HTTP load every HTTP scenario uses ("the same load").
 pub fn http_load(keepalive: usize, fresh: usize) -> LoadOpts {

@@ -79,12 +79,15 @@ struct Args {
     /// migration: persistent connections [quick: 1000, full: 10000].
     #[arg(long, value_name = "P")]
     connections: Option<usize>,
-    /// migration: upgrades [quick: 2, full: 5].
+    /// migration: upgrades [default: --upgrades, else quick: 2, full: 5].
     #[arg(long, value_name = "K")]
     migration_upgrades: Option<usize>,
     /// chaos: trials per app [quick: 10, full: 50].
     #[arg(long, value_name = "N")]
     chaos_trials: Option<usize>,
+    /// Run N busy processes (a CPU hog) beside every scenario.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    hog: usize,
     /// migration: the app holding the connections.
     #[arg(long, value_enum, default_value = "http")]
     migration_app: migration::App,
@@ -139,7 +142,13 @@ fn main() -> anyhow::Result<()> {
         hello: harness::hello_http_bin()?,
         kv: harness::kv_server_bin()?,
     };
-    let nofile = sys::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
+    let want = args.connections.map_or(0, |c| 2 * c as u64 + 4096);
+    let nofile = sys::raise_nofile_limit(want).context("raising RLIMIT_NOFILE")?;
+    // Contention as a dimension: busy processes beside every scenario.
+    let _hog = match args.hog {
+        0 => None,
+        n => Some(baton_tests::hog::CpuHog::start(n).context("starting the CPU hog")?),
+    };
 
     // Two workers: the load generator gets the machine's two cores like the server does;
     // the tables in BENCHMARKS.md say so.
@@ -312,7 +321,11 @@ async fn run(scenario: Scenario, a: &Args, bins: &Bins, nofile: u64) -> Vec<Row>
                     bins,
                     &migration::Opts {
                         connections,
-                        upgrades: a.migration_upgrades.unwrap_or(if q { 2 } else { 5 }),
+                        upgrades: a.migration_upgrades.or(a.upgrades).unwrap_or(if q {
+                            2
+                        } else {
+                            5
+                        }),
                         app: a.migration_app,
                         drain_timeout: Duration::from_secs(if q { 5 } else { 20 }),
                     },

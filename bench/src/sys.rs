@@ -22,9 +22,23 @@ pub fn signal(pid: u32, sig: Signal) -> io::Result<bool> {
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the new soft limit.
 /// The migration scenario holds thousands of connections, and the processes the bench
-/// spawns (baton, and through it the app) inherit the raised limit.
-pub fn raise_nofile_limit() -> io::Result<u64> {
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+/// spawns (baton, and through it the app) inherit the raised limit. As root it first
+/// raises the hard limit to `want` (within `fs.nr_open`), which 100,000 connections need:
+/// the bench, and the app, each hold one fd per connection.
+pub fn raise_nofile_limit(want: u64) -> io::Result<u64> {
+    let (soft, mut hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    if hard < want && nix::unistd::geteuid().is_root() {
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(hard);
+        let to = want.min(nr_open);
+        if setrlimit(Resource::RLIMIT_NOFILE, to, to).is_ok() {
+            tracing::info!(from = hard, to, "raised the hard RLIMIT_NOFILE");
+            hard = to;
+            return Ok(hard);
+        }
+    }
     if soft < hard {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io::Error::from)?;
         return Ok(hard);
