@@ -63,9 +63,20 @@ async fn wait_old_gone(
 /// generation answers on them, and no request fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_connections_survive_twenty_upgrades() {
+    keepalive_across_twenty_upgrades(false).await;
+}
+
+/// The same, with every core contended by a CPU hog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_connections_survive_twenty_upgrades_under_a_cpu_hog() {
+    keepalive_across_twenty_upgrades(true).await;
+}
+
+async fn keepalive_across_twenty_upgrades(hog: bool) {
     const UPGRADES: usize = 20;
     const KEEPALIVE: usize = 8;
     let _serial = exclusive().await;
+    let _hog = hog.then(|| baton_tests::hog::CpuHog::per_core().unwrap());
     let hello = hello_http_bin().unwrap();
     let baton = Baton::start(
         [

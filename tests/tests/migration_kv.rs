@@ -311,10 +311,21 @@ where
 /// connections to it: those queue in the SDK and must be handed on, not dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_connections_survive_twenty_stateful_upgrades() {
+    persistent_across_twenty_stateful_upgrades(false).await;
+}
+
+/// The same, with every core contended by a CPU hog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_connections_survive_twenty_stateful_upgrades_under_a_cpu_hog() {
+    persistent_across_twenty_stateful_upgrades(true).await;
+}
+
+async fn persistent_across_twenty_stateful_upgrades(hog: bool) {
     const CLIENTS: usize = 200;
     const UPGRADES: usize = 20;
     const BURSTS: usize = 5;
     let _serial = exclusive().await;
+    let _hog = hog.then(|| baton_tests::hog::CpuHog::per_core().unwrap());
     let kv = kv_server_bin().unwrap();
     let baton = start_kv(TestDir::new("kv-migrate").unwrap(), &kv).await;
     let addr = baton.tcp_addr("kv").await.unwrap();

@@ -56,7 +56,7 @@ fn gap(r: &UpgradeReport) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn precopy_upgrades_of_a_256mb_state_lose_nothing_and_pause_less_than_one_shot() {
-    let _x = exclusive();
+    let _x = exclusive().await;
     let (baton, app, addr) = kv::start("precopy-256", SCRIPTS, "kv2", &[]).await;
     const KEYS: u64 = 256 * 1024;
     const SIZE: u64 = 1000;
@@ -155,7 +155,13 @@ async fn precopy_upgrades_of_a_256mb_state_lose_nothing_and_pause_less_than_one_
 /// Upgrades out of `initial` into `candidate` with writers running; the upgrade must roll
 /// back with `want` in its reason, nothing may be lost, and the next upgrade must work.
 async fn abort_case(tag: &str, initial: &str, candidate: &str, want: &str) {
-    let _x = exclusive();
+    abort_case_with(false, tag, initial, candidate, want).await;
+}
+
+/// [`abort_case`], under a CPU hog when `hog`.
+async fn abort_case_with(hog: bool, tag: &str, initial: &str, candidate: &str, want: &str) {
+    let _x = exclusive().await;
+    let _hog = hog.then(|| baton_tests::hog::CpuHog::per_core().unwrap());
     let (baton, app, addr) = kv::start(tag, SCRIPTS, initial, &["--snapshot-timeout", "5s"]).await;
     const KEYS: u64 = 20_000;
     populate(addr, KEYS, 1000).await;
@@ -181,7 +187,17 @@ async fn abort_case(tag: &str, initial: &str, candidate: &str, want: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_candidate_crashes_mid_precopy() {
-    abort_case("precopy-crash", "kv2", "kv2-crash", "candidate exited").await;
+    candidate_crashes_mid_precopy(false).await;
+}
+
+/// The same, with every core contended by a CPU hog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_candidate_crashes_mid_precopy_under_a_cpu_hog() {
+    candidate_crashes_mid_precopy(true).await;
+}
+
+async fn candidate_crashes_mid_precopy(hog: bool) {
+    abort_case_with(hog, "precopy-crash", "kv2", "kv2-crash", "candidate exited").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,7 +213,7 @@ async fn abort_a_delta_round_fails() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_old_generation_dying_mid_precopy_is_a_crash_and_the_candidate_is_aborted() {
-    let _x = exclusive();
+    let _x = exclusive().await;
     let (baton, app, addr) = kv::start("precopy-die", SCRIPTS, "kv2-die", &[]).await;
     populate(addr, 20_000, 1000).await;
     let old = serving_pid(addr).await;
@@ -228,7 +244,7 @@ async fn the_old_generation_dying_mid_precopy_is_a_crash_and_the_candidate_is_ab
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_faster_than_the_deltas_fall_back_to_stop_and_copy_with_the_reason() {
-    let _x = exclusive();
+    let _x = exclusive().await;
     let (baton, app, addr) = kv::start("precopy-slow", SCRIPTS, "kv2-slow", &[]).await;
     // A hot set rewritten whole by each MSET: every delta round (150 ms a chunk in this
     // build) finds all of it dirty again, so the deltas never shrink.

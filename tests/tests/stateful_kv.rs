@@ -112,7 +112,18 @@ const NO_ADOPT_BLOCKS: [usize; 3] = [1, 3, 5];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_stateful_upgrades_lose_no_acknowledged_write() {
+    thirty_stateful_upgrades(false).await;
+}
+
+/// The same, with every core contended by a CPU hog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_stateful_upgrades_lose_no_acknowledged_write_under_a_cpu_hog() {
+    thirty_stateful_upgrades(true).await;
+}
+
+async fn thirty_stateful_upgrades(hog: bool) {
     let _serial = exclusive().await;
+    let _hog = hog.then(|| baton_tests::hog::CpuHog::per_core().unwrap());
     let started = Instant::now();
     let (baton, app, addr) = start("kv-writers", "kv1", &[]).await;
     let first = info(addr).await;
