@@ -32,6 +32,8 @@ pub enum StartReason {
     Replace,
     /// A release on probation failed; this goes back to the permanent one.
     Revert,
+    /// A rollback asked for by hand, to a release that was permanent before.
+    Rollback,
 }
 
 /// What happened.

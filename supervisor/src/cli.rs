@@ -256,7 +256,7 @@ pub struct RunArgs {
     /// Release store: run PROGRAM (a path inside each release, e.g. bin/app) from DIR/<version>/.
     #[arg(long, value_name = "DIR")]
     pub releases: Option<PathBuf>,
-    /// A promoted release stays on probation for DUR (`0`: permanent at once; `manual`) [default: 30s with --releases, else 0].
+    /// A promoted release stays on probation for DUR (`0`: permanent at once; `manual`) [default: 30s with --releases, else 10s].
     #[arg(long, value_name = "DUR")]
     pub probation: Option<String>,
     /// Health check during probation: `exec:CMD` (exit 0 = healthy) or `http://HOST:PORT/PATH` (2xx).

@@ -13,6 +13,10 @@ use crate::health::HealthCheck;
 use crate::listeners::ListenSpec;
 use crate::upgrade::{PrecopySettings, Probation, ReadyMode};
 
+
+/// Probation on the plain path (no `--releases`): long enough to catch a build that
+/// crashes a few seconds after READY.
+pub const PLAIN_PROBATION: Duration = Duration::from_secs(10);
 /// A setting that is wrong; the message names the flag or key and why.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -357,7 +361,10 @@ impl RunConfig {
             "probation",
         ) {
             None if store.is_some() => Probation::For(Duration::from_secs(30)),
-            None => Probation::Off,
+            // Without a store a crash soon after an upgrade still reverts to the
+            // previous executable (held open by fd); short, so that back-to-back
+            // deploys supersede it without waiting.
+            None => Probation::For(PLAIN_PROBATION),
             Some((v, _)) if v == "manual" => Probation::Manual,
             Some((v, _)) if v == "0" => Probation::Off,
             Some((v, what)) => match duration(&what, &v)? {
@@ -602,9 +609,11 @@ mod tests {
         let c = parse(&["--", "true"]).unwrap();
         assert_eq!(
             c.release.probation,
-            Probation::Off,
-            "no store: no probation"
+            Probation::For(Duration::from_secs(10)),
+            "no store: a short probation"
         );
+        let c = parse(&["--probation", "0", "--", "true"]).unwrap();
+        assert_eq!(c.release.probation, Probation::Off);
         let c = parse(&["--releases", "/srv/r", "--", "bin/app"]).unwrap();
         assert_eq!(c.release.probation, Probation::For(Duration::from_secs(30)));
         assert_eq!(c.release.health_failures, 3);

@@ -42,6 +42,8 @@ struct Inner {
     crashes: Counter,
     restarts: Counter,
     reexecs: Family<Labels, Counter>,
+    reverts: Family<Labels, Counter>,
+    releases_failed: Counter,
     active: Gauge,
     generations: Family<Labels, Gauge>,
     connections: Family<Labels, Gauge>,
@@ -105,6 +107,7 @@ impl Metrics {
         let accept_gap_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         let snapshot_bytes = Histogram::new(exponential_buckets(1024.0, 4.0, 12));
         let reexecs = Family::<Labels, Counter>::default();
+        let reverts = Family::<Labels, Counter>::default();
         let generations = Family::<Labels, Gauge>::default();
         let connections = Family::<Labels, Gauge>::default();
         let permanent = Family::<Labels, Gauge>::default();
@@ -119,6 +122,8 @@ impl Metrics {
             crashes: Counter::default(),
             restarts: Counter::default(),
             reexecs: reexecs.clone(),
+            reverts: reverts.clone(),
+            releases_failed: Counter::default(),
             active: Gauge::default(),
             generations: generations.clone(),
             connections: connections.clone(),
@@ -184,6 +189,26 @@ impl Metrics {
             inner.restarts.clone(),
         );
         registry.register(
+            "baton_reverts",
+            "Failed versions on probation: reverted to the last version known to serve, or refused (no earlier version)",
+            reverts.clone(),
+        );
+        registry.register(
+            "baton_releases_failed",
+            "Versions that failed their readiness gate or their probation",
+            inner.releases_failed.clone(),
+        );
+        // Counters with known label values start at 0, as Prometheus expects.
+        for r in ["promoted", "rolled_back", "reverted"] {
+            let _ = inner.upgrades.get_or_create(&label("result", r));
+        }
+        for r in ["reverted", "refused"] {
+            let _ = reverts.get_or_create(&label("result", r));
+        }
+        for r in ["done", "failed"] {
+            let _ = reexecs.get_or_create(&label("result", r));
+        }
+        registry.register(
             "baton_reexecs",
             "baton re-executing itself, by result",
             reexecs,
@@ -241,10 +266,13 @@ impl Metrics {
         match &e.kind {
             EventKind::Promoted { why, report, .. } | EventKind::RolledBack { why, report, .. } => {
                 use baton_protocol::StartReason as R;
-                if matches!(why, R::Upgrade | R::Revert) {
-                    let result = match report.result {
-                        UpgradeResult::Promoted => "promoted",
-                        UpgradeResult::RolledBack => "rolled_back",
+                if matches!(why, R::Upgrade | R::Revert | R::Rollback) {
+                    // A revert (or a rollback by hand) that went through is not a
+                    // promotion of something new.
+                    let result = match (report.result, why) {
+                        (UpgradeResult::Promoted, R::Upgrade) => "promoted",
+                        (UpgradeResult::Promoted, _) => "reverted",
+                        (UpgradeResult::RolledBack, _) => "rolled_back",
                     };
                     m.upgrades.get_or_create(&label("result", result)).inc();
                     if report.result == UpgradeResult::Promoted {
@@ -276,6 +304,17 @@ impl Metrics {
             }
             _ => {}
         }
+    }
+
+    /// A version on probation failed: `reverted` to the last one known to serve,
+    /// or `refused` (no earlier version).
+    pub fn revert(&self, result: &str) {
+        self.inner.reverts.get_or_create(&label("result", result)).inc();
+    }
+
+    /// A version failed its readiness gate or its probation.
+    pub fn release_failed(&self) {
+        self.inner.releases_failed.inc();
     }
 
     /// A migration tally (see [`crate::upgrade::Handover`]).

@@ -38,6 +38,7 @@ fn why_name(why: baton_protocol::StartReason) -> &'static str {
         R::Upgrade => "upgrade",
         R::Replace => "replacement",
         R::Revert => "revert",
+        R::Rollback => "rollback",
     }
 }
 

@@ -328,7 +328,15 @@ async fn events_follow_a_promotion_a_rollback_and_a_crash() {
     let (dir, app, hello) = app_dir("events");
     let baton = Baton::start_in(
         dir,
-        ["--listen", "http=127.0.0.1:0", "--ready-timeout", "3s"],
+        // No probation: a crash is replaced, not reverted (releases.rs covers that).
+        [
+            "--listen",
+            "http=127.0.0.1:0",
+            "--ready-timeout",
+            "3s",
+            "--probation",
+            "0",
+        ],
         [&app],
     )
     .await
@@ -342,8 +350,9 @@ async fn events_follow_a_promotion_a_rollback_and_a_crash() {
 
     // A promotion: the old one drains and exits.
     baton.upgrade().await.unwrap();
-    let up = f.until("generation 1's exit", |e| {
-        e.generation == 1 && matches!(e.kind, EventKind::Exited { .. })
+    // Its figures are final once generation 1 has exited.
+    let up = f.until("the upgrade settled", |e| {
+        matches!(e.kind, EventKind::Settled { .. })
     });
     assert_eq!(
         names(&up),
@@ -352,7 +361,8 @@ async fn events_follow_a_promotion_a_rollback_and_a_crash() {
             "ready:2",
             "draining:1",
             "promoted:2",
-            "exited:1"
+            "exited:1",
+            "settled:2"
         ]
     );
     assert!(matches!(

@@ -107,6 +107,8 @@ struct Driver {
     history: History,
     /// Promotions whose history line waits for the older generations to go.
     settling: settle::Settling,
+    /// The version a `release rollback` is installing (its checks run off the loop).
+    rollback_to: Option<String>,
     /// `--metrics`.
     metrics: Metrics,
     /// Something changed that the metrics' gauges describe.
@@ -377,11 +379,13 @@ impl Host for Driver {
     }
 
     fn release(&mut self, event: ReleaseEvent<'_>) {
-        let Some(lc) = &self.lifecycle else {
-            // Without a store there are no releases to speak of.
-            return;
-        };
-        lc.persist(&event);
+        // Without a store nothing is persisted, but what happened is still said.
+        if let Some(lc) = &self.lifecycle {
+            lc.persist(&event);
+        }
+        if let ReleaseEvent::Failed { .. } = &event {
+            self.metrics.release_failed();
+        }
         let kind = match &event {
             ReleaseEvent::Permanent(v) => Some(EventKind::Permanent {
                 release: (*v).clone(),
@@ -422,6 +426,11 @@ impl Host for Driver {
     }
 
     fn probation_over(&mut self, outcome: &ProbationOutcome, waiters: Vec<WaiterId>) {
+        match outcome.kind {
+            ReleaseResultKind::Reverted => self.metrics.revert("reverted"),
+            ReleaseResultKind::RevertRefused => self.metrics.revert("refused"),
+            _ => {}
+        }
         for w in waiters {
             let reply = ReleaseReply {
                 result: outcome.kind,
@@ -528,6 +537,7 @@ impl Driver {
             event_log: EventLog::default(),
             history: p.history,
             settling: settle::Settling::default(),
+            rollback_to: None,
             metrics_dirty: true,
             metrics_listener: p.metrics_listener,
         };

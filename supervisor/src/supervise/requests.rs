@@ -207,7 +207,10 @@ fn on_release(
             }
             let previous = lc.meta().ok().and_then(|meta| meta.previous_permanent);
             match previous {
-                Some(v) => install(m, d, v, wait, reply, conn),
+                Some(v) => {
+                    d.rollback_to = Some(v.clone());
+                    install(m, d, v, wait, reply, conn);
+                }
                 None => error(
                     reply,
                     "nothing to roll back to: no release is on probation and none was permanent before the permanent one".into(),
@@ -316,7 +319,13 @@ pub(super) fn on_checked(
         .chain(&waiters.permanent)
         .copied()
         .collect();
-    match m.request_install(d, Instant::now(), version.clone(), waiters) {
+    let rollback = d.rollback_to.take_if(|v| *v == version).is_some();
+    let asked = if rollback {
+        m.request_rollback(d, Instant::now(), version.clone(), waiters)
+    } else {
+        m.request_install(d, Instant::now(), version.clone(), waiters)
+    };
+    match asked {
         Ok(()) => {
             if let Some(reply) = reply {
                 done(d, reply, Some(version), "installing".into());

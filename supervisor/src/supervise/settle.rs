@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use baton_protocol::{EventKind, HistoryEntry};
+use baton_protocol::{EventKind, HistoryEntry, StartReason};
 
 use super::Driver;
 use crate::upgrade::{GenId, Handover, Machine};
@@ -106,9 +106,18 @@ impl Driver {
             |g| handles.get(&g).is_some_and(|h| h.relaying()),
         );
         for entry in ready {
-            let generation = entry.report.generation;
-            let report = entry.report.clone();
-            self.history.push(entry);
+            self.write_settled(entry);
+        }
+    }
+
+    /// Writes a final history line; an upgrade (not a first start or a crash
+    /// replacement, which hand nothing over) also gets its `settled` event.
+    fn write_settled(&mut self, entry: HistoryEntry) {
+        let generation = entry.report.generation;
+        let report = entry.report.clone();
+        let handed_over = !matches!(entry.why, StartReason::Initial | StartReason::Replace);
+        self.history.push(entry);
+        if handed_over {
             self.emit(generation, report.pid, EventKind::Settled { report });
         }
     }
@@ -116,11 +125,7 @@ impl Driver {
     /// At exit: writes what is still waiting, as it stands.
     pub(super) fn settle_all(&mut self) {
         for p in std::mem::take(&mut self.settling.pending) {
-            let entry = p.entry;
-            let generation = entry.report.generation;
-            let report = entry.report.clone();
-            self.history.push(entry);
-            self.emit(generation, report.pid, EventKind::Settled { report });
+            self.write_settled(p.entry);
         }
     }
 }

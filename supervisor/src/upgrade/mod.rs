@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 
 use baton_protocol::{EventKind, Feature, Phase, SupervisorMsg, UpgradeReport, UpgradeResult};
 
+mod handover;
 mod host;
 mod precopy;
 mod probation;
 mod record;
 mod stateful;
 
+pub use handover::Handover;
 pub use host::{Host, Kill, PrecopySettings, ReadyMode, SdEvent, Settings};
 pub use record::{Gen, Waiters};
 use record::{Revert, Stage, Upgrade, Why};
@@ -30,54 +32,6 @@ pub type Image = String;
 /// Identifies a client waiting for an upgrade's outcome (`baton upgrade --wait`).
 pub type WaiterId = u64;
 
-/// What happened to connections handed over to a generation. The report keeps
-/// `handed_over_connections = migrated_connections + lost_connections`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Handover {
-    /// Sent by the old generation and queued for the target.
-    Relayed(u64),
-    /// Sent by the old generation and closed unrelayed (no target, or the stall
-    /// bound ran out).
-    Dropped(u64),
-    /// The target's channel wrote `written` of those queued, and could not write
-    /// `lost` (the target is gone).
-    Delivered {
-        /// Written to the target's socket.
-        written: u64,
-        /// Never written.
-        lost: u64,
-    },
-}
-
-impl Handover {
-    /// Adds this to an upgrade's figures.
-    pub fn apply(self, r: &mut UpgradeReport) {
-        match self {
-            Handover::Relayed(n) => {
-                r.handed_over_connections += n;
-                r.migrated_connections += n;
-            }
-            Handover::Dropped(n) => {
-                r.handed_over_connections += n;
-                r.lost_connections += n;
-            }
-            Handover::Delivered { lost, .. } => {
-                r.migrated_connections = r.migrated_connections.saturating_sub(lost);
-                r.lost_connections += lost;
-            }
-        }
-    }
-
-    /// What to add to the running totals (handed over, written, lost): a
-    /// connection counts as migrated once it is written to the target.
-    pub fn counts(self) -> (u64, u64, u64) {
-        match self {
-            Handover::Relayed(n) => (n, 0, 0),
-            Handover::Dropped(n) => (n, 0, n),
-            Handover::Delivered { written, lost } => (0, written, lost),
-        }
-    }
-}
 
 /// The supervisor's generations and its upgrade in progress. Serializable, so
 /// that a reexec carries it over whole.
@@ -103,6 +57,10 @@ pub struct Machine {
     permanent: Option<Image>,
     /// The promoted image not yet confirmed.
     probation: Option<probation::OnProbation>,
+    /// Without a permanent image: the last one known to serve, which a failing
+    /// image on probation reverts to (see `note_fallback`).
+    #[serde(default)]
+    fallback: Option<Image>,
     /// Set when a stateful active generation died with its state; the next
     /// candidate reports it.
     lost_state: Option<String>,
@@ -154,6 +112,7 @@ impl Machine {
             exited: false,
             permanent: None,
             probation: None,
+            fallback: None,
             lost_state: None,
             boot_image: None,
             held: false,
@@ -254,6 +213,10 @@ impl Machine {
                 Why::Upgrade => s.push_str(&format!("; upgrading to generation {}", u.candidate)),
                 Why::Revert => s.push_str(&format!(
                     "; reverting to {}",
+                    u.image.as_deref().unwrap_or("?")
+                )),
+                Why::Rollback => s.push_str(&format!(
+                    "; rolling back to {}",
                     u.image.as_deref().unwrap_or("?")
                 )),
                 _ => {}
@@ -371,7 +334,7 @@ impl Machine {
             state_lost: self.lost_state.take(),
             precopy: None,
         });
-        if matches!(why, Why::Upgrade | Why::Revert) {
+        if matches!(why, Why::Upgrade | Why::Revert | Why::Rollback) {
             host.systemd(SdEvent::Reloading, &self.status_line(now));
         }
         match host.spawn(id, image.as_ref()) {
@@ -755,7 +718,8 @@ impl Machine {
             self.permanent = Some(image.clone());
         }
         if let Some(image) = &image {
-            self.after_promotion(host, now, image, waiters.permanent, revert, &report);
+            self.note_fallback(why, old, image);
+            self.after_promotion(host, now, why, image, waiters.permanent, revert, &report);
         }
         self.conclude(host, now, why, image, report, waiters.promoted);
     }
@@ -797,7 +761,7 @@ impl Machine {
         }
         let mut report = u.report(UpgradeResult::RolledBack, Some(reason.clone()), now);
         self.peak_rss(host, &u, &mut report);
-        if !matches!(u.why, Why::Upgrade | Why::Revert) {
+        if !matches!(u.why, Why::Upgrade | Why::Revert | Why::Rollback) {
             self.consecutive_crashes += 1;
         }
         let Upgrade {
@@ -860,7 +824,7 @@ impl Machine {
                     self.last = Some(report);
                 }
             }
-            Why::Upgrade | Why::Revert => {
+            Why::Upgrade | Why::Revert | Why::Rollback => {
                 finished(host, &mut report, waiters);
                 self.last = Some(report);
             }

@@ -64,6 +64,10 @@ pub(super) struct OnProbation {
     pub(super) until: Option<Instant>,
     waiters: Vec<WaiterId>,
     failures: u32,
+    /// It failed (crashed, failed its health check) with no earlier version to
+    /// revert to: it keeps running, and its probation can no longer pass.
+    #[serde(default)]
+    failed: Option<String>,
 }
 
 impl Machine {
@@ -93,6 +97,7 @@ impl Machine {
     pub fn images_in_use(&self) -> Vec<Image> {
         let mut v: Vec<Image> = self.gens.values().map(|g| g.image.clone()).collect();
         v.extend(self.permanent.clone());
+        v.extend(self.fallback.clone());
         v.extend(self.probation.as_ref().map(|p| p.image.clone()));
         v.extend(self.restart_image.clone());
         v.extend(self.upgrade.as_ref().and_then(|u| u.image.clone()));
@@ -112,13 +117,40 @@ impl Machine {
         image: Image,
         waiters: Waiters,
     ) -> Result<(), String> {
+        self.install_as(host, now, image, waiters, Why::Upgrade)
+    }
+
+    /// `release rollback` with nothing on probation: back to `image`, a release
+    /// that was permanent before; it is permanent again at its promotion, with no
+    /// probation.
+    ///
+    /// # Errors
+    /// As [`Machine::request_install`].
+    pub fn request_rollback(
+        &mut self,
+        host: &mut impl Host,
+        now: Instant,
+        image: Image,
+        waiters: Waiters,
+    ) -> Result<(), String> {
+        self.install_as(host, now, image, waiters, Why::Rollback)
+    }
+
+    fn install_as(
+        &mut self,
+        host: &mut impl Host,
+        now: Instant,
+        image: Image,
+        waiters: Waiters,
+        why: Why,
+    ) -> Result<(), String> {
         if self.stopping {
             return Err("baton is stopping".into());
         }
         if self.upgrade.is_some() || self.restart_at.is_some() {
             return Err("an upgrade is in progress; try again when it has finished".into());
         }
-        self.begin(host, now, Why::Upgrade, Some(image), waiters);
+        self.begin(host, now, why, Some(image), waiters);
         Ok(())
     }
 
@@ -161,18 +193,18 @@ impl Machine {
         if self.upgrade.is_some() {
             return Err("an upgrade is in progress; try again when it has finished".into());
         }
-        let Some(p) = self.probation.as_mut() else {
+        let Some(image) = self.probation.as_ref().map(|p| p.image.clone()) else {
             return Err("nothing is on probation".into());
         };
-        if self.permanent.is_none() {
+        if self.revert_target(&image).is_none() {
             return Err(format!(
-                "{} is on probation but nothing is permanent to go back to",
-                p.image
+                "{image} is on probation but there is no earlier version to go back to"
             ));
         }
-        p.waiters.extend(waiter);
-        let image = p.image.clone();
-        self.revert_on_probation(host, now, &image, "rollback requested".into());
+        if let Some(p) = self.probation.as_mut() {
+            p.waiters.extend(waiter);
+        }
+        self.revert_away(host, now, &image, "rollback requested".into(), Why::Rollback);
         Ok(())
     }
 
@@ -223,8 +255,46 @@ impl Machine {
         }
     }
 
-    /// Reverts away from `image` if it is on probation and a permanent image
-    /// exists; returns whether a revert started.
+    /// The last version known to serve, other than `image`: the permanent one,
+    /// else the one that was active when `image` was installed.
+    pub(super) fn revert_target(&self, image: &Image) -> Option<Image> {
+        self.permanent
+            .clone()
+            .or_else(|| self.fallback.clone())
+            .filter(|t| t != image)
+    }
+
+    /// Records, at the promotion of `image` by `why`, the version it reverts to
+    /// when there is no permanent one: the version that was active (`old`), or,
+    /// if that one was itself still on probation, the one it would revert to.
+    pub(super) fn note_fallback(&mut self, why: Why, old: Option<GenId>, image: &Image) {
+        match why {
+            Why::Upgrade | Why::Rollback => {
+                let prev = old.and_then(|o| self.gens.get(&o)).map(|g| g.image.clone());
+                let prev_unconfirmed = self
+                    .probation
+                    .as_ref()
+                    .is_some_and(|p| Some(&p.image) == prev.as_ref() && p.failed.is_none());
+                let carried = if prev_unconfirmed {
+                    self.fallback.clone()
+                } else {
+                    None
+                };
+                let target = carried.or(prev).filter(|f| f != image);
+                if target.is_some() {
+                    self.fallback = target;
+                }
+            }
+            // Back on the version known to serve: nothing older is needed.
+            Why::Revert => self.fallback = None,
+            Why::Initial | Why::Replace => {}
+        }
+    }
+
+    /// Reverts away from `image` if it is on probation and an earlier version is
+    /// known to serve; returns whether a revert started. Without one (the very
+    /// first version) the image keeps running, marked failed: its probation can no
+    /// longer pass, and a crash restarts it with back-off.
     pub(super) fn revert_on_probation(
         &mut self,
         host: &mut impl Host,
@@ -232,21 +302,45 @@ impl Machine {
         image: &Image,
         reason: String,
     ) -> bool {
+        self.revert_away(host, now, image, reason, Why::Revert)
+    }
+
+    fn revert_away(
+        &mut self,
+        host: &mut impl Host,
+        now: Instant,
+        image: &Image,
+        reason: String,
+        why: Why,
+    ) -> bool {
         if self.probation.as_ref().is_none_or(|p| &p.image != image) {
             return false;
         }
-        let Some(p) = self.probation.take() else {
-            return false;
-        };
-        let Some(target) = self.permanent.clone().filter(|t| t != image) else {
-            // Nothing confirmed to go back to: behave as without probation.
+        let Some(target) = self.revert_target(image) else {
+            let Some(p) = self.probation.as_mut() else {
+                return false;
+            };
+            let why = format!("{reason}; no earlier version to revert to");
+            tracing::error!(image = %p.image, reason = why, "probation failed");
+            if p.failed.is_none() {
+                host.release(super::ReleaseEvent::RevertRefused {
+                    image: &p.image,
+                    reason: &why,
+                });
+            }
+            p.failed = Some(why.clone());
+            p.until = None;
             let outcome = ProbationOutcome {
                 image: Some(p.image.clone()),
                 kind: ReleaseResultKind::RevertRefused,
-                reason: Some(format!("{reason}; no permanent release to revert to")),
+                reason: Some(why),
                 report: None,
             };
-            host.probation_over(&outcome, p.waiters);
+            let waiters = std::mem::take(&mut p.waiters);
+            host.probation_over(&outcome, waiters);
+            return false;
+        };
+        let Some(p) = self.probation.take() else {
             return false;
         };
         tracing::warn!(image = %p.image, to = %target, reason, "probation failed: reverting");
@@ -258,7 +352,7 @@ impl Machine {
         self.begin_with(
             host,
             now,
-            Why::Revert,
+            why,
             Some(target),
             Waiters::default(),
             Some(revert),
@@ -267,10 +361,12 @@ impl Machine {
     }
 
     /// A generation running `image` was promoted.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn after_promotion(
         &mut self,
         host: &mut impl Host,
         now: Instant,
+        why: Why,
         image: &Image,
         waiters: Vec<WaiterId>,
         revert: Option<Revert>,
@@ -297,6 +393,13 @@ impl Machine {
             let superseded = format!("superseded by {image} before it was made permanent");
             self.abandon_probation(host, &superseded);
         }
+        if why == Why::Rollback && self.permanent.as_ref() != Some(image) {
+            // Back to a release that was permanent before: it is again, at once.
+            tracing::info!(image = %image, "rolled back: permanent again");
+            self.permanent = Some(image.clone());
+            self.fallback = None;
+            host.release(super::ReleaseEvent::Permanent(image));
+        }
         if self.permanent.as_ref() == Some(image) {
             let outcome = ProbationOutcome {
                 image: Some(image.clone()),
@@ -319,6 +422,7 @@ impl Machine {
             until,
             waiters,
             failures: 0,
+            failed: None,
         });
         if self.s.probation == Probation::Off {
             self.confirm(host, None);
@@ -401,6 +505,7 @@ impl Machine {
         };
         tracing::info!(image = %p.image, "permanent");
         self.permanent = Some(p.image.clone());
+        self.fallback = None;
         host.release(super::ReleaseEvent::Permanent(&p.image));
         let outcome = ProbationOutcome {
             image: Some(p.image),
@@ -433,7 +538,8 @@ impl Machine {
             .as_ref()
             .and_then(|p| p.until)
             .is_some_and(|t| t <= now);
-        if due && self.probation_generation().is_some() {
+        let failed = self.probation.as_ref().is_some_and(|p| p.failed.is_some());
+        if due && !failed && self.probation_generation().is_some() {
             self.confirm(host, Some(now));
         }
     }
@@ -441,6 +547,9 @@ impl Machine {
     /// e.g. `v2 on probation (12 s left)`.
     pub(super) fn probation_line(&self, now: Instant) -> Option<String> {
         let p = self.probation.as_ref()?;
+        if let Some(why) = &p.failed {
+            return Some(format!("{} FAILED on probation ({why})", p.image));
+        }
         Some(match p.until {
             Some(t) => format!(
                 "{} on probation ({} s left)",

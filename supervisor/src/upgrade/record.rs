@@ -51,6 +51,8 @@ pub(super) enum Why {
     Replace,
     /// A generation on probation failed; this goes back to the permanent image.
     Revert,
+    /// Asked for by hand: back to a release that was permanent before.
+    Rollback,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -135,6 +137,7 @@ impl Why {
             Why::Upgrade => R::Upgrade,
             Why::Replace => R::Replace,
             Why::Revert => R::Revert,
+            Why::Rollback => R::Rollback,
         }
     }
 }

@@ -201,22 +201,104 @@ fn a_plain_upgrade_during_probation_keeps_the_probation() {
     );
 }
 
-#[test]
-fn without_a_permanent_release_a_crash_restarts_as_before() {
-    let mut m = Machine::new(on_probation(Probation::For(10 * SEC), false));
+/// A fresh store: v1 booted, on probation, nothing permanent.
+fn fresh(p: Probation) -> (Machine, Fake, Instant) {
+    let mut m = Machine::new(on_probation(p, false));
     let mut h = Fake::default();
     let t = Instant::now();
     m.boot_with("v1".into(), false);
     m.start(&mut h, t);
     m.on_ready(&mut h, t, 1);
     assert_eq!(h.releases, vec!["current v1"]);
+    h.releases.clear();
+    h.take();
+    (m, h, t)
+}
+
+#[test]
+fn the_very_first_version_failing_keeps_running_marked_failed_and_never_passes_probation() {
+    let (mut m, mut h, t) = fresh(Probation::For(10 * SEC));
     m.on_exit(&mut h, t + SEC, 1, "exit status 1");
     assert_eq!(h.outcomes[0].0, ReleaseResultKind::RevertRefused);
+    assert!(
+        h.releases[0].starts_with("revert refused v1") && h.releases[0].contains("no earlier version"),
+        "{:?}",
+        h.releases
+    );
+    assert!(
+        m.status_line(t + SEC).contains("no earlier version to revert to"),
+        "{}",
+        m.status_line(t + SEC)
+    );
+    // Nothing else exists: it is restarted (with back-off), in the same probation.
     m.tick(&mut h, t + SEC);
     assert_eq!(m.generation(2).unwrap().image, "v1");
     m.on_ready(&mut h, t + SEC, 2);
-    m.tick(&mut h, t + 11 * SEC);
+    m.tick(&mut h, t + 60 * SEC);
+    assert_eq!(m.permanent_image(), None, "a failed version never passes probation");
+    assert!(m.on_probation().is_some());
+    // Only by hand.
+    m.make_permanent(&mut h, t + 61 * SEC, &"v1".into()).unwrap();
     assert_eq!(m.permanent_image().map(String::as_str), Some("v1"));
+}
+
+#[test]
+fn a_version_installed_during_the_first_ones_probation_reverts_to_it() {
+    let (mut m, mut h, t) = fresh(Probation::For(10 * SEC));
+    // v2 during v1's probation: v1 is what v2 falls back to.
+    m.request_install(&mut h, t + SEC, "v2".into(), Waiters::default())
+        .unwrap();
+    m.on_ready(&mut h, t + SEC, 2);
+    assert_eq!(m.on_probation().map(|p| p.0.as_str()), Some("v2"));
+    m.on_exit(&mut h, t + 2 * SEC, 1, "exit status 0");
+    h.take();
+    h.releases.clear();
+    // v2 crashes 3 s after READY: back to v1, not a restart of v2.
+    m.on_exit(&mut h, t + 4 * SEC, 2, "exit status 1");
+    assert_eq!(m.generation(3).unwrap().image, "v1");
+    m.on_ready(&mut h, t + 4 * SEC, 3);
+    assert_eq!(m.active(), Some(3));
+    assert!(
+        h.releases.iter().any(|r| r.starts_with("failed v2")),
+        "{:?}",
+        h.releases
+    );
+    assert_eq!(h.outcomes.last().unwrap().0, ReleaseResultKind::Reverted);
+    // v1 serves on probation again, and passes it: the crash loop never starts.
+    assert_eq!(m.on_probation().map(|p| p.0.as_str()), Some("v1"));
+    m.tick(&mut h, t + 15 * SEC);
+    assert_eq!(m.permanent_image().map(String::as_str), Some("v1"));
+}
+
+#[test]
+fn upgrades_during_probation_keep_the_last_version_known_to_serve_as_the_target() {
+    let (mut m, mut h, t) = fresh(Probation::For(10 * SEC));
+    for (i, v) in ["v2", "v3"].iter().enumerate() {
+        let g = i as u64 + 2;
+        m.request_install(&mut h, t + SEC, (*v).into(), Waiters::default())
+            .unwrap();
+        m.on_ready(&mut h, t + SEC, g);
+        m.on_exit(&mut h, t + SEC, g - 1, "exit status 0");
+    }
+    // v3 fails: v2 never finished its probation either, so back to v1.
+    m.on_exit(&mut h, t + 2 * SEC, 3, "signal 11 (SIGSEGV)");
+    assert_eq!(m.generation(4).unwrap().image, "v1");
+}
+
+#[test]
+fn a_rollback_to_a_formerly_permanent_release_is_permanent_at_once() {
+    let (mut m, mut h, t) = booted(on_probation(Probation::For(10 * SEC), false));
+    install_v2(&mut m, &mut h, t);
+    m.tick(&mut h, t + 10 * SEC);
+    assert_eq!(m.permanent_image().map(String::as_str), Some("v2"));
+    h.releases.clear();
+    m.request_rollback(&mut h, t + 11 * SEC, "v1".into(), Waiters::default())
+        .unwrap();
+    assert!(m.status_line(t + 11 * SEC).contains("rolling back to v1"));
+    m.on_ready(&mut h, t + 11 * SEC, 3);
+    assert_eq!(m.permanent_image().map(String::as_str), Some("v1"));
+    assert!(m.on_probation().is_none(), "no new probation");
+    assert_eq!(h.releases, vec!["permanent v1"]);
 }
 
 #[test]
