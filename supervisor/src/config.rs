@@ -13,7 +13,6 @@ use crate::health::HealthCheck;
 use crate::listeners::ListenSpec;
 use crate::upgrade::{PrecopySettings, Probation, ReadyMode};
 
-
 /// Probation on the plain path (no `--releases`): long enough to catch a build that
 /// crashes a few seconds after READY.
 pub const PLAIN_PROBATION: Duration = Duration::from_secs(10);

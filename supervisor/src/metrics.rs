@@ -309,7 +309,10 @@ impl Metrics {
     /// A version on probation failed: `reverted` to the last one known to serve,
     /// or `refused` (no earlier version).
     pub fn revert(&self, result: &str) {
-        self.inner.reverts.get_or_create(&label("result", result)).inc();
+        self.inner
+            .reverts
+            .get_or_create(&label("result", result))
+            .inc();
     }
 
     /// A version failed its readiness gate or its probation.

@@ -71,8 +71,19 @@ impl StoreDir {
 
     /// Like [`hello_tree`](Self::hello_tree), for kv-server with `--schema schema`.
     pub fn kv_tree(&self, version: &str, schema: u32, healthy: bool) -> Result<PathBuf> {
+        self.kv_tree_with(version, schema, "", healthy)
+    }
+
+    /// [`kv_tree`](Self::kv_tree) with more arguments for kv-server.
+    pub fn kv_tree_with(
+        &self,
+        version: &str,
+        schema: u32,
+        args: &str,
+        healthy: bool,
+    ) -> Result<PathBuf> {
         let kv = crate::harness::kv_server_bin()?;
-        self.tree(version, &kv, &format!("--schema {schema}"), healthy)
+        self.tree(version, &kv, &format!("--schema {schema} {args}"), healthy)
     }
 
     fn tree(&self, version: &str, bin: &Path, args: &str, healthy: bool) -> Result<PathBuf> {

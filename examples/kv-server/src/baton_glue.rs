@@ -151,6 +151,13 @@ pub async fn run(opts: Options, env: Env) -> anyhow::Result<()> {
         async move { server.run(listener).await }
     });
     baton.ready().context("sending READY=1")?;
+    if let Some(after) = opts.exit_after {
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            tracing::error!(?after, "--exit-after: exiting with status 3");
+            std::process::exit(3);
+        });
+    }
 
     let drain = loop {
         match baton.next_event().await {

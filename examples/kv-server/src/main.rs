@@ -50,6 +50,11 @@ pub struct Options {
     /// Test only: break one step of the stateful upgrade on purpose (see README).
     #[arg(long, value_enum, hide = true)]
     fault: Option<fault::Fault>,
+
+    /// Test only: exit with status 3 this long after READY (a release that fails after
+    /// it went live, its state lost with it).
+    #[arg(long, value_name = "DUR", hide = true, value_parser = humantime::parse_duration)]
+    exit_after: Option<std::time::Duration>,
 }
 
 impl Options {

@@ -32,7 +32,6 @@ pub type Image = String;
 /// Identifies a client waiting for an upgrade's outcome (`baton upgrade --wait`).
 pub type WaiterId = u64;
 
-
 /// The supervisor's generations and its upgrade in progress. Serializable, so
 /// that a reexec carries it over whole.
 #[derive(serde::Serialize, serde::Deserialize)]

@@ -204,7 +204,13 @@ impl Machine {
         if let Some(p) = self.probation.as_mut() {
             p.waiters.extend(waiter);
         }
-        self.revert_away(host, now, &image, "rollback requested".into(), Why::Rollback);
+        self.revert_away(
+            host,
+            now,
+            &image,
+            "rollback requested".into(),
+            Why::Rollback,
+        );
         Ok(())
     }
 

@@ -221,12 +221,14 @@ fn the_very_first_version_failing_keeps_running_marked_failed_and_never_passes_p
     m.on_exit(&mut h, t + SEC, 1, "exit status 1");
     assert_eq!(h.outcomes[0].0, ReleaseResultKind::RevertRefused);
     assert!(
-        h.releases[0].starts_with("revert refused v1") && h.releases[0].contains("no earlier version"),
+        h.releases[0].starts_with("revert refused v1")
+            && h.releases[0].contains("no earlier version"),
         "{:?}",
         h.releases
     );
     assert!(
-        m.status_line(t + SEC).contains("no earlier version to revert to"),
+        m.status_line(t + SEC)
+            .contains("no earlier version to revert to"),
         "{}",
         m.status_line(t + SEC)
     );
@@ -235,10 +237,15 @@ fn the_very_first_version_failing_keeps_running_marked_failed_and_never_passes_p
     assert_eq!(m.generation(2).unwrap().image, "v1");
     m.on_ready(&mut h, t + SEC, 2);
     m.tick(&mut h, t + 60 * SEC);
-    assert_eq!(m.permanent_image(), None, "a failed version never passes probation");
+    assert_eq!(
+        m.permanent_image(),
+        None,
+        "a failed version never passes probation"
+    );
     assert!(m.on_probation().is_some());
     // Only by hand.
-    m.make_permanent(&mut h, t + 61 * SEC, &"v1".into()).unwrap();
+    m.make_permanent(&mut h, t + 61 * SEC, &"v1".into())
+        .unwrap();
     assert_eq!(m.permanent_image().map(String::as_str), Some("v1"));
 }
 
