@@ -284,3 +284,70 @@ impl Progress {
         let _ = self.done.recv_timeout(Duration::from_millis(500));
     }
 }
+
+/// While `release install|rollback --wait` waits for a probation to end, shows
+/// the seconds left: a spinner on a terminal, a plain line every 5 s otherwise.
+pub struct ProbationProgress {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProbationProgress {
+    /// Starts polling `path`'s status once a second (best effort).
+    pub fn start(path: Option<std::path::PathBuf>) -> ProbationProgress {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            use std::io::IsTerminal;
+            let bar = if std::io::stderr().is_terminal() {
+                let b = indicatif::ProgressBar::new_spinner();
+                b.enable_steady_tick(Duration::from_millis(100));
+                b
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            let mut last_said: Option<(String, u64)> = None;
+            loop {
+                if let Ok(ControlReply::Status(s)) = crate::client::ask(
+                    path.clone(),
+                    ControlRequest::Status,
+                    Some(Duration::from_secs(2)),
+                ) {
+                    if let Some(p) = s.releases.and_then(|r| r.probation) {
+                        let line = match p.seconds_left {
+                            Some(n) => format!("{} on probation: {n} s left", p.version),
+                            None => format!("{} on probation until made permanent", p.version),
+                        };
+                        if bar.is_hidden() {
+                            let step = p.seconds_left.map_or(0, |n| n / 5);
+                            let due = last_said
+                                .as_ref()
+                                .is_none_or(|(v, st)| *v != p.version || *st != step);
+                            if due {
+                                println!("  {line}");
+                                last_said = Some((p.version.clone(), step));
+                            }
+                        } else {
+                            bar.set_message(line);
+                        }
+                    }
+                }
+                if stopped.recv_timeout(Duration::from_secs(1)).is_ok() {
+                    break;
+                }
+            }
+            bar.finish_and_clear();
+        });
+        ProbationProgress {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops showing it.
+    pub fn finish(mut self) {
+        let _ = self.stop.send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

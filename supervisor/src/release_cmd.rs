@@ -190,7 +190,22 @@ fn online(control: Option<PathBuf>, op: ReleaseOp, json: bool) -> anyhow::Result
         ),
     };
     let list = matches!(req, ReleaseRequest::List);
-    let reply = match client::ask(control, ControlRequest::Release(req), timeout)? {
+    let waits_for_probation = matches!(
+        req,
+        ReleaseRequest::Install {
+            wait: WaitFor::Permanent,
+            ..
+        } | ReleaseRequest::Rollback {
+            wait: WaitFor::Permanent
+        }
+    );
+    let progress =
+        (waits_for_probation && !json).then(|| crate::observe::ProbationProgress::start(control.clone()));
+    let asked = client::ask(control, ControlRequest::Release(req), timeout);
+    if let Some(p) = progress {
+        p.finish();
+    }
+    let reply = match asked? {
         ControlReply::Release(r) => r,
         other => bail!("unexpected reply: {other:?}"),
     };
