@@ -2,7 +2,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use baton_protocol::wire::{self, FrameReader};
@@ -47,6 +47,14 @@ pub enum GenEvent {
         /// What was discarded unread (see [`STALL_BOUND`]).
         dropped: Dropped,
     },
+    /// The generation broke the protocol past every tolerance (a flood of malformed
+    /// lines): its channel is no longer read, and it is to be killed.
+    Hostile {
+        /// Generation.
+        gen_id: GenId,
+        /// Why.
+        why: String,
+    },
     /// Adopt messages queued for this generation were all written out, or some
     /// could not be (`lost`): the generation is gone or stopped reading.
     Relayed {
@@ -74,6 +82,17 @@ impl Dropped {
         self.connections + self.other > 0
     }
 }
+
+/// Messages a generation may have passed to the main loop and not yet handled. A
+/// child that sends faster waits: baton stops reading its channel, so its writes
+/// block, and baton's memory stays bounded whatever it sends.
+pub const QUEUE_BOUND: usize = 256;
+
+/// Malformed lines a generation may send before it is killed as hostile.
+pub const BAD_LIMIT: u32 = 64;
+
+/// `connections` not reported yet.
+const NO_COUNT: u64 = u64::MAX;
 
 /// After a generation exited, how long its channel may wait for a relay slot
 /// (its successor not reading) before the rest is discarded, counted and reported.
@@ -117,8 +136,11 @@ pub struct GenHandle {
     pub pid: u32,
     /// Unix time (ms) it was spawned.
     pub started_at: u64,
-    /// Connection count reported by its SDK.
-    pub connections: Option<u64>,
+    /// Connection count reported by its SDK, stored by the read task: a flood of
+    /// `connections` lines costs no queue.
+    connections: Arc<AtomicU64>,
+    /// Room in the main loop's queue for this generation's messages.
+    room: Arc<Semaphore>,
     /// Last `STATUS=` it sent.
     pub status_text: Option<String>,
     /// Its snapshot, held only between receipt and hand-over (never read by baton).
@@ -133,6 +155,8 @@ pub struct GenHandle {
     pub exited: Option<String>,
     /// Its channel was read to the end.
     pub closed: bool,
+    /// Why baton killed it, if it did (said with its exit).
+    pub kill_reason: Option<String>,
     /// Messages the read task has passed on that the main loop has not handled yet.
     queued: Arc<AtomicUsize>,
     /// Adopt messages queued for the child and not yet written.
@@ -141,8 +165,9 @@ pub struct GenHandle {
     exit_tx: watch::Sender<bool>,
     tx: mpsc::UnboundedSender<Outgoing>,
     stream: Arc<UnixStream>,
-    /// Asks the read task to stop and hand its reader back (a reexec).
-    pause: Option<oneshot::Sender<oneshot::Sender<FrameReader>>>,
+    /// Asks the read task to stop and hand its reader back (a reexec). It lives as
+    /// long as the task: a request nobody waits for any more leaves it reading.
+    pause: Option<mpsc::UnboundedSender<oneshot::Sender<FrameReader>>>,
     gen_id: GenId,
     events: mpsc::UnboundedSender<GenEvent>,
     slots: Arc<Semaphore>,
@@ -193,13 +218,15 @@ impl GenHandle {
         let mut h = GenHandle {
             pid,
             started_at,
-            connections: None,
+            connections: Arc::new(AtomicU64::new(NO_COUNT)),
+            room: Arc::new(Semaphore::new(QUEUE_BOUND)),
             status_text: None,
             snapshot: None,
             chunk: None,
             ready_deferred: false,
             exited: None,
             closed: false,
+            kill_reason: None,
             queued: Arc::new(AtomicUsize::new(0)),
             adopts,
             exit_tx: watch::Sender::new(false),
@@ -216,7 +243,7 @@ impl GenHandle {
 
     /// (Re)starts the read task on `reader`.
     pub fn resume(&mut self, reader: FrameReader) {
-        let (pause_tx, pause_rx) = oneshot::channel();
+        let (pause_tx, pause_rx) = mpsc::unbounded_channel();
         self.pause = Some(pause_tx);
         tokio::spawn(read_loop(
             self.gen_id,
@@ -227,7 +254,21 @@ impl GenHandle {
             Arc::clone(&self.queued),
             pause_rx,
             self.exit_tx.subscribe(),
+            Arc::clone(&self.connections),
+            Arc::clone(&self.room),
         ));
+    }
+
+    /// The connection count its SDK reported last.
+    pub fn connections(&self) -> Option<u64> {
+        let n = self.connections.load(Ordering::Relaxed);
+        (n != NO_COUNT).then_some(n)
+    }
+
+    /// Sets the count (a reexec carries it over).
+    pub fn set_connections(&self, n: Option<u64>) {
+        self.connections
+            .store(n.unwrap_or(NO_COUNT), Ordering::Relaxed);
     }
 
     /// The process exited. From now on its channel ends at what is queued in it
@@ -263,7 +304,7 @@ impl GenHandle {
     /// whatever it buffered (nothing if the task had already ended).
     pub fn pause(&mut self) -> oneshot::Receiver<FrameReader> {
         let (tx, rx) = oneshot::channel();
-        if let Some(p) = self.pause.take() {
+        if let Some(p) = &self.pause {
             let _ = p.send(tx);
         }
         rx
@@ -295,9 +336,13 @@ impl GenHandle {
     /// The main loop took one of this generation's messages off the queue.
     pub fn handled_one(&self) {
         // Saturating: a message read before the handle existed is not counted.
-        let _ = self
+        if self
             .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            self.room.add_permits(1);
+        }
     }
 
     /// Queues a message (with fds) for the child.
@@ -407,38 +452,53 @@ async fn read_loop(
     events: mpsc::UnboundedSender<GenEvent>,
     slots: Arc<Semaphore>,
     queued: Arc<AtomicUsize>,
-    pause: oneshot::Receiver<oneshot::Sender<FrameReader>>,
+    mut pause: mpsc::UnboundedReceiver<oneshot::Sender<FrameReader>>,
     mut exited: watch::Receiver<bool>,
+    connections: Arc<AtomicU64>,
+    room: Arc<Semaphore>,
 ) {
-    // `None` once the handle dropped its end: no pause can come any more.
-    let mut pause = Some(pause);
+    // False once the handle dropped its end: no pause can come any more.
+    let mut pausable = true;
     let mut dropped = Dropped::default();
+    let mut bad = 0u32;
+    let mut frames = 0u32;
     loop {
         // `next` is cancel-safe: a pause loses nothing it had read.
         let next = tokio::select! {
             biased;
-            p = async {
-                match pause.as_mut() {
-                    Some(p) => p.await,
-                    None => std::future::pending().await,
-                }
-            }, if pause.is_some() => {
+            p = pause.recv(), if pausable => {
                 match p {
-                    Ok(back) => {
-                        let _ = back.send(reader);
-                        return;
-                    }
-                    Err(_) => {
-                        pause = None;
+                    Some(back) => match back.send(reader) {
+                        Ok(()) => return,
+                        // Nobody waits for it any more (a reexec gave up): read on.
+                        Err(r) => {
+                            reader = r;
+                            continue;
+                        }
+                    },
+                    None => {
+                        pausable = false;
                         continue;
                     }
                 }
             }
             n = reader.next(&stream) => n,
         };
+        // A flood is read from a buffer without awaiting: yield now and then, so the
+        // main loop (status, upgrades) is never starved by one child.
+        frames = frames.wrapping_add(1);
+        if frames % 64 == 0 {
+            tokio::task::yield_now().await;
+        }
+        let fatal = matches!(&next, Err(e) if e.is_fatal());
         let ev = match next {
             Ok(None) => break,
             Ok(Some(frame)) => match frame.parse::<ChildMsg>() {
+                Ok(ChildMsg::Connections { active }) => {
+                    // Only the latest count matters: stored, not queued.
+                    connections.store(active.min(NO_COUNT - 1), Ordering::Relaxed);
+                    continue;
+                }
                 Ok(msg) => {
                     let permit = if frame.fds.is_empty() || dropped.any() {
                         None
@@ -479,23 +539,33 @@ async fn read_loop(
                     why: format!("unknown message '{}': {e}", frame.kind()),
                 },
             },
-            Err(e) => {
-                let fatal = e.is_fatal();
-                queued.fetch_add(1, Ordering::AcqRel);
-                let _ = events.send(GenEvent::BadMessage {
-                    gen_id,
-                    why: e.to_string(),
-                });
-                if fatal {
-                    break;
-                }
-                continue;
-            }
+            Err(e) => GenEvent::BadMessage {
+                gen_id,
+                why: e.to_string(),
+            },
         };
+        if let GenEvent::BadMessage { why, .. } = &ev {
+            bad += 1;
+            if bad > BAD_LIMIT {
+                let why = format!("{bad} malformed control messages, the last: {why}");
+                let _ = events.send(GenEvent::Hostile { gen_id, why });
+                // Abandoned: its exit need not wait for the rest.
+                let _ = events.send(GenEvent::Closed { gen_id, dropped });
+                return;
+            }
+        }
+        // Back-pressure: wait until the main loop has room for this generation.
+        match room.acquire().await {
+            Ok(p) => p.forget(),
+            Err(_) => return,
+        }
         // Counted before it is sent, so that it is never handled uncounted.
         queued.fetch_add(1, Ordering::AcqRel);
         if events.send(ev).is_err() {
             return;
+        }
+        if fatal {
+            break;
         }
     }
     let _ = events.send(GenEvent::Closed { gen_id, dropped });

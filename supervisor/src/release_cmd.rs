@@ -199,8 +199,8 @@ fn online(control: Option<PathBuf>, op: ReleaseOp, json: bool) -> anyhow::Result
             wait: WaitFor::Permanent
         }
     );
-    let progress =
-        (waits_for_probation && !json).then(|| crate::observe::ProbationProgress::start(control.clone()));
+    let progress = (waits_for_probation && !json)
+        .then(|| crate::observe::ProbationProgress::start(control.clone()));
     let asked = client::ask(control, ControlRequest::Release(req), timeout);
     if let Some(p) = progress {
         p.finish();

@@ -218,3 +218,148 @@ async fn a_stranger_flood_neither_promotes_nor_hides_a_descendants_ready() {
     let st = baton.wait_settled(Duration::from_secs(15)).await.unwrap();
     assert_eq!(st.pid, Some(new));
 }
+
+/// A generation that floods its own control channel: `line` written as fast as the socket
+/// takes it, for `secs`, after READY. `connections` lines are valid; anything else is not.
+fn flooder(
+    dir: &std::path::Path,
+    python: &std::path::Path,
+    line: &str,
+    secs: u32,
+) -> std::path::PathBuf {
+    let path = dir.join("flooder");
+    baton_tests::harness::write_script(
+        &path,
+        &format!(
+            r#"#!{py}
+import os, socket, time
+ctl = socket.socket(fileno=int(os.environ["BATON_CONTROL_FD"]))
+ctl.setblocking(True)
+ctl.sendall(b'{{"type":"hello","protocol":1,"features":[],"restores":[]}}\n')
+addr = os.environ["NOTIFY_SOCKET"]
+if addr.startswith("@"):
+    addr = "\0" + addr[1:]
+socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1", addr)
+chunk = b'{line}\n' * 4096
+end = time.monotonic() + {secs}
+while time.monotonic() < end:
+    ctl.sendall(chunk)
+time.sleep(3600)
+"#,
+            py = python.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Issue 31, defect 1: while a generation floods its control channel for 10 s with valid
+/// `connections` lines, baton's memory stays bounded, `status` answers promptly, and an
+/// upgrade away from the flooder works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_flooding_valid_messages_costs_no_memory_and_blocks_nothing() {
+    let _serial = exclusive().await;
+    let python = python3().await.unwrap();
+    let dir = baton_tests::harness::TestDir::new("flood-valid").unwrap();
+    let app = dir.join("app");
+    let flood = flooder(
+        dir.path(),
+        &python,
+        r#"{"type":"connections","active":7}"#,
+        10,
+    );
+    baton_tests::harness::replace_symlink(&app, &flood).unwrap();
+    let baton = Baton::start_in(
+        dir,
+        ["--listen", "http=127.0.0.1:0", "--drain-timeout", "2s"],
+        [&app],
+    )
+    .await
+    .unwrap();
+    let pid = baton.pid();
+    let rss_before = proc_rss_kb(pid).unwrap();
+    let started = std::time::Instant::now();
+    let (mut peak, mut slowest) = (0, Duration::ZERO);
+    while started.elapsed() < Duration::from_secs(8) {
+        let t = std::time::Instant::now();
+        let st = baton.status().await.unwrap();
+        slowest = slowest.max(t.elapsed());
+        peak = peak.max(proc_rss_kb(pid).unwrap());
+        assert_eq!(st.generations.len(), 1, "the flooder keeps running: {st:?}");
+        assert_eq!(st.generations[0].connections, Some(7), "{st:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "valid flood: baton RSS {rss_before} KiB before, peak {peak} KiB; slowest status {slowest:?}"
+    );
+    assert!(
+        peak < rss_before + 16 * 1024,
+        "RSS grew from {rss_before} to {peak} KiB"
+    );
+    assert!(slowest < Duration::from_secs(1), "status took {slowest:?}");
+    // An upgrade away from the flooder, while it floods.
+    baton_tests::harness::replace_symlink(&baton.dir().join("app"), &hello_http_bin().unwrap())
+        .unwrap();
+    let t = std::time::Instant::now();
+    match baton.upgrade_wait().await.unwrap() {
+        UpgradeOutcome::Promoted(_) => {}
+        other => panic!("upgrade during the flood: {other:?}"),
+    }
+    println!("upgrade during the flood took {:?}", t.elapsed());
+}
+
+/// Issue 31, defect 1: a generation that floods malformed lines is killed, with the reason,
+/// after a bounded number; baton logs one warning line for it, not one per line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_flooding_garbage_is_killed_with_the_reason_and_one_log_line() {
+    let _serial = exclusive().await;
+    let python = python3().await.unwrap();
+    let hello = hello_http_bin().unwrap();
+    let dir = baton_tests::harness::TestDir::new("flood-bad").unwrap();
+    let app = dir.join("app");
+    let flood = flooder(dir.path(), &python, "xx", 10);
+    baton_tests::harness::replace_symlink(&app, &hello).unwrap();
+    let baton = Baton::start_in(
+        dir,
+        ["--listen", "http=127.0.0.1:0", "--drain-timeout", "2s"],
+        [&app],
+    )
+    .await
+    .unwrap();
+    let pid = baton.pid();
+    let rss_before = proc_rss_kb(pid).unwrap();
+    let app = baton.dir().join("app");
+    baton_tests::harness::replace_symlink(&app, &flood).unwrap();
+    // Rolled back (killed before its promotion) or reverted (right after): either way
+    // it is killed, and the good version serves.
+    let _ = baton.upgrade_wait().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !baton.log().contains("killing a hostile generation") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never killed:\n{}",
+            baton.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    baton_tests::harness::replace_symlink(&app, &hello).unwrap();
+    let st = baton.wait_settled(Duration::from_secs(30)).await.unwrap();
+    let addr = baton.tcp_addr("http").await.unwrap();
+    let body = baton_tests::http::http_get(addr, "/", Duration::from_secs(5))
+        .unwrap()
+        .body;
+    assert!(body.contains("hello"), "{body}");
+    let log = baton.log();
+    assert!(
+        log.contains("killed by baton") && log.contains("malformed control messages"),
+        "the reason is given with its exit:\n{log}"
+    );
+    let warnings = log.matches("bad control message").count();
+    assert_eq!(warnings, 1, "one warning line, not one per line:\n{log}");
+    let rss = proc_rss_kb(pid).unwrap();
+    assert!(rss < rss_before + 16 * 1024, "{rss_before} -> {rss} KiB");
+    println!(
+        "garbage flood: killed; now {:?}; RSS {rss_before} -> {rss} KiB",
+        st.pid
+    );
+}

@@ -20,6 +20,15 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
         GenEvent::Exited { gen_id, how } => {
             // Handled once its channel is read to the end too: what it sent
             // before it exited reaches its destination first.
+            // Killed for a reason baton knows: the exit says it.
+            let how = match d
+                .handles
+                .get(&gen_id)
+                .and_then(|h| h.kill_reason.as_deref())
+            {
+                Some(why) => format!("{how}; killed by baton: {why}"),
+                None => how,
+            };
             let closed = match d.handles.get_mut(&gen_id) {
                 Some(h) => h.mark_exited(how.clone()),
                 None => true,
@@ -69,8 +78,29 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
             d.settle();
         }
         GenEvent::BadMessage { gen_id, why } => {
-            tracing::warn!(generation = gen_id, why, "bad control message");
+            // One line per generation; the rest are counted (and past a limit, fatal).
+            if d.warned_bad.insert(gen_id) {
+                tracing::warn!(
+                    generation = gen_id,
+                    why,
+                    "bad control message (more are not logged)"
+                );
+            }
             deferred_ready(m, d, gen_id);
+        }
+        GenEvent::Hostile { gen_id, why } => {
+            let Some(h) = d.handles.get_mut(&gen_id) else {
+                return;
+            };
+            let pid = h.pid;
+            tracing::error!(
+                generation = gen_id,
+                pid,
+                why,
+                "killing a hostile generation"
+            );
+            h.kill_reason = Some(why);
+            crate::upgrade::Host::kill(d, gen_id, pid, crate::upgrade::Kill::Now);
         }
         GenEvent::Message {
             gen_id,
@@ -101,8 +131,10 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                     deferred_ready(m, d, gen_id);
                 }
                 ChildMsg::Connections { active } => {
-                    if let Some(h) = d.handles.get_mut(&gen_id) {
-                        h.connections = Some(active);
+                    // The read task stores these itself; one may still come this way
+                    // from a reader handed over by an older image.
+                    if let Some(h) = d.handles.get(&gen_id) {
+                        h.set_connections(Some(active));
                     }
                 }
                 ChildMsg::Prepared => m.on_prepared(d, now, gen_id),
@@ -204,6 +236,7 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
 /// hears of it.
 fn exited(m: &mut Machine, d: &mut Driver, now: Instant, gen_id: GenId, how: &str) {
     d.handles.remove(&gen_id);
+    d.warned_bad.remove(&gen_id);
     d.containment.reap(gen_id);
     m.on_exit(d, now, gen_id, how);
     if !d.containment.contains() {

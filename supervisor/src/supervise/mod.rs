@@ -109,6 +109,8 @@ struct Driver {
     settling: settle::Settling,
     /// The version a `release rollback` is installing (its checks run off the loop).
     rollback_to: Option<String>,
+    /// Generations whose first malformed message was logged.
+    warned_bad: std::collections::HashSet<GenId>,
     /// `--metrics`.
     metrics: Metrics,
     /// Something changed that the metrics' gauges describe.
@@ -403,7 +405,7 @@ impl Host for Driver {
 
     fn event(&mut self, gen_id: GenId, pid: u32, mut kind: EventKind) {
         if let EventKind::Draining { connections } = &mut kind {
-            *connections = self.handles.get(&gen_id).and_then(|h| h.connections);
+            *connections = self.handles.get(&gen_id).and_then(GenHandle::connections);
         }
         if let EventKind::Promoted { why, image, report }
         | EventKind::RolledBack { why, image, report } = &kind
@@ -538,6 +540,7 @@ impl Driver {
             history: p.history,
             settling: settle::Settling::default(),
             rollback_to: None,
+            warned_bad: std::collections::HashSet::new(),
             metrics_dirty: true,
             metrics_listener: p.metrics_listener,
         };
@@ -771,7 +774,7 @@ fn refresh_metrics(m: &Machine, d: &mut Driver) {
         connections: d
             .handles
             .iter()
-            .filter_map(|(id, h)| h.connections.map(|c| (*id, c)))
+            .filter_map(|(id, h)| h.connections().map(|c| (*id, c)))
             .collect(),
         probation,
         permanent: m.permanent_image().map(String::as_str),

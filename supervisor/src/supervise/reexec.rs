@@ -152,10 +152,36 @@ pub(super) async fn perform(
         .iter_mut()
         .map(|(id, h)| (*id, h.pause()))
         .collect();
-    for (id, p) in pauses {
-        // A read task that has ended (the child closed its end) hands nothing back.
-        let r = tokio::time::timeout(FLUSH_TIMEOUT, p).await;
-        readers.insert(id, r.ok().and_then(Result::ok).unwrap_or_default());
+    let mut unpaused = None;
+    for (id, mut p) in pauses {
+        // Events are handled meanwhile: a read task waiting for room in the queue
+        // gets it, and reaches the pause.
+        let deadline = tokio::time::sleep(FLUSH_TIMEOUT);
+        tokio::pin!(deadline);
+        let r = loop {
+            tokio::select! {
+                r = &mut p => break Some(r),
+                Some(ev) = ev_rx.recv() => on_gen_event(m, d, ev),
+                () = &mut deadline => break None,
+            }
+        };
+        match r {
+            Some(r) => {
+                // A read task that has ended (the child closed its end) hands nothing back.
+                readers.insert(id, r.unwrap_or_default());
+            }
+            // Still reading (it keeps its reader when nobody takes it): not resumed.
+            None => unpaused = Some(id),
+        }
+    }
+    if let Some(id) = unpaused {
+        for (gid, h) in d.handles.iter_mut() {
+            if let Some(r) = readers.remove(gid) {
+                h.resume(r);
+            }
+        }
+        let why = format!("generation {id} did not pause its control channel");
+        return fail(m, d, why, None);
     }
     let flushes: Vec<_> = d.handles.iter().map(|(id, h)| (*id, h.flushed())).collect();
     for (id, f) in flushes {
@@ -245,7 +271,7 @@ fn hand_over(
                 pid: h.pid,
                 control_fd: h.control_fd().as_raw_fd(),
                 started_at: h.started_at,
-                connections: h.connections,
+                connections: h.connections(),
                 status_text: h.status_text.clone(),
                 buffered: bytes.clone(),
                 buffered_fds: fds.iter().map(AsRawFd::as_raw_fd).collect(),
@@ -548,7 +574,7 @@ fn adopt_generation(d: &mut Driver, g: &GenOver) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     h.started_at = g.started_at;
-    h.connections = g.connections;
+    h.set_connections(g.connections);
     h.status_text = g.status_text.clone();
     d.handles.insert(g.id, h);
     tracing::info!(generation = g.id, pid = g.pid, "adopted generation");

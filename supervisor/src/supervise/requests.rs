@@ -28,7 +28,10 @@ pub(super) fn status(m: &Machine, d: &Driver) -> Status {
                 pid: g.pid,
                 phase: g.phase,
                 started_at: d.handles.get(&id).map(|h| h.started_at).unwrap_or(0),
-                connections: d.handles.get(&id).and_then(|h| h.connections),
+                connections: d
+                    .handles
+                    .get(&id)
+                    .and_then(crate::generation::GenHandle::connections),
                 release: d.lifecycle.as_ref().map(|_| g.image.clone()),
             })
             .collect(),
