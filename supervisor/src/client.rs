@@ -1,5 +1,6 @@
 //! The client commands: `baton status|upgrade|stop` talk to a running baton.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -16,12 +17,28 @@ const EXIT_PROMOTED_WITH_LOSS: u8 = 3;
 
 pub fn run(f: impl FnOnce() -> anyhow::Result<ExitCode>) -> ExitCode {
     sys::default_sigpipe();
-    match f() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("baton: error: {e:#}");
+    // Our own output failing (a full disk, `> /dev/full`) is an error to say in one
+    // line, not a panic: `println!` panics on it.
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let line = match msg.strip_prefix("failed printing to stdout: ") {
+            Some(why) => format!("baton: error: cannot write to stdout: {why}"),
+            None => format!("baton: internal error: {info}"),
+        };
+        let _ = writeln!(std::io::stderr(), "{line}");
+    }));
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            let _ = writeln!(std::io::stderr(), "baton: error: {e:#}");
             ExitCode::FAILURE
         }
+        Err(_) => ExitCode::FAILURE,
     }
 }
 

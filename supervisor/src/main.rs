@@ -15,6 +15,7 @@ mod health;
 mod history;
 mod lifecycle;
 mod listeners;
+mod logsink;
 mod metrics;
 mod notify;
 mod observe;
@@ -64,7 +65,7 @@ fn main() -> ExitCode {
             let text = e.render().to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
             let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("baton: error: {first} (see 'baton --help')");
+            crate::say_err!("baton: error: {first} (see 'baton --help')");
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -140,7 +141,9 @@ fn init_tracing() {
     let filter = filter();
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        // Never `eprintln!` (which panics) when a line cannot be written.
+        .log_internal_errors(false)
+        .with_writer(logsink::Stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     // journald stamps every line itself.
@@ -156,7 +159,7 @@ fn run(args: RunArgs) -> ExitCode {
     let mut cfg = match config::RunConfig::from_args(args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("baton: error: {e}");
+            crate::say_err!("baton: error: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -182,7 +185,7 @@ fn run(args: RunArgs) -> ExitCode {
             ) {
                 Ok(b) => Some(b),
                 Err(e) => {
-                    eprintln!("baton: error: {e}");
+                    crate::say_err!("baton: error: {e}");
                     return ExitCode::from(EXIT_USAGE);
                 }
             }
@@ -199,14 +202,14 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(l) if l.is_empty() => {
             // Without sockets held by baton, each generation would bind its own and
             // upgrades could not be seamless.
-            eprintln!(
+            crate::say_err!(
                 "baton: error: no listeners: give --listen NAME=ADDR, or start baton with socket activation (LISTEN_FDS)"
             );
             return ExitCode::from(EXIT_USAGE);
         }
         Ok(l) => l,
         Err(e) => {
-            eprintln!("baton: error: {e}");
+            crate::say_err!("baton: error: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -227,7 +230,7 @@ fn run(args: RunArgs) -> ExitCode {
         Some(spec) => match listeners::bind_own(spec, opts) {
             Ok(l) => Some(l),
             Err(e) => {
-                eprintln!("baton: error: --metrics: {e}");
+                crate::say_err!("baton: error: --metrics: {e}");
                 return ExitCode::from(EXIT_USAGE);
             }
         },
@@ -236,7 +239,7 @@ fn run(args: RunArgs) -> ExitCode {
     match rt.block_on(supervise::run(cfg, listeners, sd, boot, me, metrics)) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
-            eprintln!("baton: error: {e}");
+            crate::say_err!("baton: error: {e}");
             ExitCode::from(EXIT_USAGE)
         }
     }
@@ -248,14 +251,14 @@ fn take_over(fd: &std::ffi::OsStr) -> ExitCode {
     let fd: i32 = match fd.to_str().and_then(|s| s.parse().ok()) {
         Some(fd) => fd,
         None => {
-            eprintln!("baton: error: {} is not an fd number", reexec::ENV_STATE);
+            crate::say_err!("baton: error: {} is not an fd number", reexec::ENV_STATE);
             return ExitCode::FAILURE;
         }
     };
     let (memfd, data) = match sys::take_sealed_memfd(fd) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("baton: error: cannot read the hand-over: {e}");
+            crate::say_err!("baton: error: cannot read the hand-over: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -284,7 +287,7 @@ fn take_over(fd: &std::ffi::OsStr) -> ExitCode {
         Err(why) => {
             tracing::error!(reason = %why, "cannot take over from the previous baton");
             let Some(prev) = prev.filter(|_| failed.is_none()) else {
-                eprintln!("baton: error: cannot take over: {why}");
+                crate::say_err!("baton: error: cannot take over: {why}");
                 return ExitCode::FAILURE;
             };
             let fds = reexec::HandOver::decode(&data)
@@ -292,7 +295,7 @@ fn take_over(fd: &std::ffi::OsStr) -> ExitCode {
                 .unwrap_or_default();
             let argv: Vec<_> = std::env::args_os().collect();
             let err = reexec::exec_back(prev, &memfd, &fds, &argv, &why);
-            eprintln!("baton: error: cannot take over ({why}), and {err}");
+            crate::say_err!("baton: error: cannot take over ({why}), and {err}");
             return ExitCode::FAILURE;
         }
     };
@@ -311,7 +314,7 @@ fn take_over(fd: &std::ffi::OsStr) -> ExitCode {
     match rt.block_on(supervise::resume(inherited)) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
-            eprintln!("baton: error: {e}");
+            crate::say_err!("baton: error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -326,7 +329,7 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
     {
         Ok(rt) => Some(rt),
         Err(e) => {
-            eprintln!("baton: error: cannot start the runtime: {e}");
+            crate::say_err!("baton: error: cannot start the runtime: {e}");
             None
         }
     }

@@ -44,6 +44,7 @@ struct Inner {
     reexecs: Family<Labels, Counter>,
     reverts: Family<Labels, Counter>,
     releases_failed: Counter,
+    log_dropped: Counter,
     active: Gauge,
     generations: Family<Labels, Gauge>,
     connections: Family<Labels, Gauge>,
@@ -124,6 +125,7 @@ impl Metrics {
             reexecs: reexecs.clone(),
             reverts: reverts.clone(),
             releases_failed: Counter::default(),
+            log_dropped: Counter::default(),
             active: Gauge::default(),
             generations: generations.clone(),
             connections: connections.clone(),
@@ -197,6 +199,11 @@ impl Metrics {
             "baton_releases_failed",
             "Versions that failed their readiness gate or their probation",
             inner.releases_failed.clone(),
+        );
+        registry.register(
+            "baton_log_lines_dropped",
+            "baton's own log lines dropped because stderr could not take them",
+            inner.log_dropped.clone(),
         );
         // Counters with known label values start at 0, as Prometheus expects.
         for r in ["promoted", "rolled_back", "reverted"] {
@@ -376,6 +383,11 @@ impl Metrics {
             .set(i64::try_from(crate::sys::own_rss_kb() * 1024).unwrap_or(i64::MAX));
         m.fds
             .set(i64::try_from(crate::sys::own_open_fds()).unwrap_or(i64::MAX));
+        let dropped = crate::logsink::dropped();
+        let counted = m.log_dropped.get();
+        if dropped > counted {
+            m.log_dropped.inc_by(dropped - counted);
+        }
         let mut out = String::new();
         if encode(&mut out, &m.registry).is_err() {
             out.clear();

@@ -426,6 +426,36 @@ impl Baton {
         })
     }
 
+    /// Spawns `baton run ...` with stdout and stderr going to `out` (a pipe, a file on
+    /// a full disk) instead of the log file, without waiting.
+    pub fn spawn_with_stderr<A, P>(dir: TestDir, out: fs::File, args: A, program: P) -> Result<Self>
+    where
+        A: IntoIterator,
+        A::Item: AsRef<OsStr>,
+        P: IntoIterator,
+        P::Item: AsRef<OsStr>,
+    {
+        let control = dir.join("baton.sock");
+        let log = dir.join("baton.log");
+        let stdout = out
+            .try_clone()
+            .map_err(io_err("dup the output for stdout"))?;
+        let mut cmd = std::process::Command::new(baton_bin()?);
+        cmd.arg("run").arg("--control").arg(&control);
+        cmd.args(args);
+        cmd.arg("--");
+        cmd.args(program);
+        cmd.stdin(Stdio::null()).stdout(stdout).stderr(out);
+        let child = cmd.spawn().map_err(io_err("spawn baton run"))?;
+        Ok(Self {
+            child,
+            exit: None,
+            control,
+            log,
+            dir,
+        })
+    }
+
     /// The notify socket baton made beside its control socket (`<control>.notify`).
     pub fn notify_path(&self) -> PathBuf {
         let mut p = self.control.as_os_str().to_owned();

@@ -66,6 +66,8 @@ impl Options {
 fn main() -> anyhow::Result<()> {
     let opts = Options::parse();
     tracing_subscriber::fmt()
+        // A closed or full stderr loses a line; it must not panic the app.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(

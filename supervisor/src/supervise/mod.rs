@@ -751,7 +751,7 @@ async fn serve(
         tracing::info!("stopped");
     } else {
         tracing::error!("{reason}");
-        eprintln!("baton: error: {reason}");
+        crate::say_err!("baton: error: {reason}");
     }
     code
 }
