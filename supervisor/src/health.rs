@@ -133,25 +133,48 @@ pub async fn run_command(cmd: &str, timeout: Duration) -> (bool, String) {
         Ok(c) => c,
         Err(e) => return (false, format!("cannot run /bin/sh: {e}")),
     };
+    // Its own process group (above): whatever it started in the background dies with
+    // it, when it finishes as when it times out.
+    let group = child.id();
     let Some(mut out) = child.stdout.take() else {
         return (false, "no output pipe".into());
     };
     let work = async {
         let mut kept: Vec<u8> = Vec::new();
         let mut buf = [0u8; 4096];
-        loop {
-            match out.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    kept.extend_from_slice(&buf[..n]);
-                    let extra = kept.len().saturating_sub(MAX_OUTPUT);
-                    kept.drain(..extra);
+        let keep = |kept: &mut Vec<u8>, n: usize, buf: &[u8]| {
+            kept.extend_from_slice(&buf[..n]);
+            let extra = kept.len().saturating_sub(MAX_OUTPUT);
+            kept.drain(..extra);
+        };
+        let mut eof = false;
+        // Done when the shell exits: a background child may hold the pipe open.
+        let st = loop {
+            tokio::select! {
+                st = child.wait() => break st,
+                r = out.read(&mut buf), if !eof => match r {
+                    Ok(0) | Err(_) => eof = true,
+                    Ok(n) => keep(&mut kept, n, &buf),
+                },
+            }
+        };
+        // What it wrote just before it exited.
+        let _ = tokio::time::timeout(Duration::from_millis(50), async {
+            while !eof {
+                match out.read(&mut buf).await {
+                    Ok(0) | Err(_) => eof = true,
+                    Ok(n) => keep(&mut kept, n, &buf),
                 }
             }
-        }
-        (child.wait().await, kept)
+        })
+        .await;
+        (st, kept)
     };
-    match tokio::time::timeout(timeout, work).await {
+    let outcome = tokio::time::timeout(timeout, work).await;
+    if let Some(g) = group {
+        let _ = crate::sys::kill_group(g);
+    }
+    match outcome {
         Ok((Ok(st), kept)) => {
             let text = String::from_utf8_lossy(&kept).trim().to_string();
             if st.success() {
@@ -191,18 +214,71 @@ async fn http_status(authority: &str, path: &str) -> std::io::Result<u16> {
         }
         head.extend_from_slice(&buf[..n]);
     }
-    let line = String::from_utf8_lossy(&head);
-    let code = line
-        .lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok());
-    code.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response"))
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    status_code(line)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response"))
+}
+
+/// The code of an HTTP/1.x status line (`HTTP/1.1 200 OK`), and nothing else: a
+/// service that answers with anything but HTTP is not healthy.
+fn status_code(line: &[u8]) -> Option<u16> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let rest = line
+        .strip_prefix(b"HTTP/1.1 ")
+        .or_else(|| line.strip_prefix(b"HTTP/1.0 "))?;
+    let (code, tail) = rest.split_at_checked(3)?;
+    if !code.iter().all(u8::is_ascii_digit) || !(tail.is_empty() || tail[0] == b' ') {
+        return None;
+    }
+    std::str::from_utf8(code).ok()?.parse().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_real_status_line_has_a_code() {
+        assert_eq!(status_code(b"HTTP/1.1 200 OK\r"), Some(200));
+        assert_eq!(status_code(b"HTTP/1.0 503 Service Unavailable"), Some(503));
+        assert_eq!(status_code(b"HTTP/1.1 204"), Some(204));
+        for bad in [
+            &b"\0\xff 200"[..],
+            b"SSH-2.0 299 OpenSSH",
+            b"HTTP/1.1 2000 OK",
+            b"HTTP/1.1 20x OK",
+            b"http/1.1 200 OK",
+            b"200 OK",
+            b"",
+        ] {
+            assert_eq!(status_code(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_check_leaves_no_process_behind() {
+        let marker = format!("sleep 77{}", std::process::id() % 1000);
+        let alive = || {
+            std::process::Command::new("pgrep")
+                .args(["-f", &marker])
+                .output()
+                .map(|o| !o.stdout.is_empty())
+                .unwrap_or(false)
+        };
+        // Finished, with something left in the background.
+        let (ok, _) = run_command(
+            &format!("{marker} >/dev/null & true"),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(ok);
+        assert!(!alive(), "a background child of a passed check survived");
+        // Timed out, with something holding its output open.
+        let (ok, _) =
+            run_command(&format!("{marker} & {marker}"), Duration::from_millis(200)).await;
+        assert!(!ok);
+        assert!(!alive(), "a child of a timed-out check survived");
+    }
 
     #[test]
     fn parses_both_forms_and_refuses_others() {
