@@ -190,6 +190,45 @@ pub fn peer_allowed(uid: u32, gids: &[u32], group: Option<u32>) -> bool {
     trusted_owner(uid, sys::getuid()) || group.is_some_and(|g| gids.contains(&g))
 }
 
+/// Reads a small regular file: never blocks on a FIFO or a device (opened
+/// non-blocking, then checked), and never reads more than `limit` bytes.
+///
+/// # Errors
+/// It cannot be opened or read, is not a regular file, or is larger than `limit`.
+pub fn read_small_file(path: &Path, limit: u64) -> io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} bytes, more than the {limit} a file here may have",
+                meta.len()
+            ),
+        ));
+    }
+    let mut text = String::new();
+    file.take(limit + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "grew past its size limit",
+        ));
+    }
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

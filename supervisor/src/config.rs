@@ -27,6 +27,9 @@ pub struct ConfigError(pub String);
 struct File {
     listen: Option<Vec<String>>,
     unix_mode: Option<toml::Value>,
+    /// `unix_mode` is written `0o…` in the text.
+    #[serde(skip)]
+    unix_mode_octal: bool,
     backlog: Option<toml::Value>,
     ready: Option<String>,
     ready_timeout: Option<String>,
@@ -216,10 +219,25 @@ fn nice_value(what: &str, v: &toml::Value) -> Result<Option<i32>, ConfigError> {
     }
 }
 
+/// A config file larger than this is refused (it would be a mistake, not a config).
+const CONFIG_LIMIT: u64 = 1 << 20;
+
+/// Whether `key = 0o…` is written as an octal literal in the config's text (TOML
+/// forgets the radix once parsed).
+fn octal_literal(text: &str, key: &str) -> bool {
+    text.lines().any(|l| {
+        l.trim_start()
+            .strip_prefix(key)
+            .map(str::trim_start)
+            .and_then(|r| r.strip_prefix('='))
+            .is_some_and(|v| v.trim_start().starts_with("0o"))
+    })
+}
+
 fn read_file(path: &Path) -> Result<File, ConfigError> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::access::read_small_file(path, CONFIG_LIMIT)
         .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| {
+    let mut file: File = toml::from_str(&text).map_err(|e| {
         let line = e
             .span()
             .map(|s| {
@@ -235,7 +253,9 @@ fn read_file(path: &Path) -> Result<File, ConfigError> {
             path.display(),
             e.message().replace('\n', " ")
         ))
-    })
+    })?;
+    file.unix_mode_octal = octal_literal(&text, "unix_mode");
+    Ok(file)
 }
 
 impl RunConfig {
@@ -272,6 +292,12 @@ impl RunConfig {
             .collect::<Result<Vec<_>, _>>()?;
         let unix_mode = match (&a.unix_mode, &f.unix_mode) {
             (Some(s), _) => toml_int("--unix-mode", &toml::Value::String(s.clone()), 8)?,
+            (None, Some(toml::Value::Integer(i))) if f.unix_mode_octal => *i,
+            (None, Some(toml::Value::Integer(i))) => {
+                return Err(ConfigError(format!(
+                    "config key 'unix_mode' = {i} is decimal: write an octal mode as 0o{i} or \"{i}\""
+                )));
+            }
             (None, Some(v)) => toml_int("config key 'unix_mode'", v, 8)?,
             (None, None) => 0o660,
         };
@@ -287,7 +313,8 @@ impl RunConfig {
         };
         if !(1..=i64::from(i32::MAX)).contains(&backlog) {
             return Err(ConfigError(format!(
-                "invalid backlog {backlog}: must be at least 1"
+                "invalid backlog {backlog}: must be from 1 to {}",
+                i32::MAX
             )));
         }
         let ready = match pick(a.ready.clone(), f.ready.clone(), "ready", "ready") {
@@ -391,7 +418,8 @@ impl RunConfig {
             };
             match v {
                 Some(n) if n < min || n > i64::from(u32::MAX) => Err(ConfigError(format!(
-                    "invalid --{name} {n}: must be at least {min}"
+                    "invalid --{name} {n}: must be from {min} to {}",
+                    u32::MAX
                 ))),
                 other => Ok(other),
             }

@@ -134,6 +134,8 @@ impl ControlServer {
         // a handle whose receiver is gone belongs to one that has moved on.
         let mut idle: std::collections::VecDeque<oneshot::Sender<()>> = Default::default();
         let mut backoff = Duration::from_millis(10);
+        // A flood of refused connections logs a line every 10 s, with a count.
+        let (mut not_allowed, mut too_many) = (Throttle::default(), Throttle::default());
         loop {
             let (stream, _) = match self.listener.accept().await {
                 Ok(s) => {
@@ -151,14 +153,23 @@ impl ControlServer {
             };
             let (uid, gids) = sys::peer_ids(&stream);
             if !access::peer_allowed(uid, &gids, self.group) {
-                tracing::warn!(uid, "control connection from a user not allowed; closed");
+                if let Some(n) = not_allowed.hit() {
+                    tracing::warn!(
+                        uid,
+                        refused = n,
+                        "control connection from a user not allowed; closed"
+                    );
+                }
                 continue;
             }
             let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::warn!(
-                    max = MAX_CLIENTS,
-                    "too many control connections; closing a new one"
-                );
+                if let Some(n) = too_many.hit() {
+                    tracing::warn!(
+                        max = MAX_CLIENTS,
+                        refused = n,
+                        "too many control connections; closing new ones"
+                    );
+                }
                 continue;
             };
             idle.retain(|h| !h.is_closed());
@@ -427,4 +438,26 @@ pub fn request(
         return Err(perr("baton closed the connection without answering".into()));
     }
     serde_json::from_str(&reply).map_err(|e| perr(format!("bad reply: {e}")))
+}
+
+/// Lets one warning through now and then: the first at once, then one every 10 s,
+/// each saying how many it stands for.
+#[derive(Default)]
+struct Throttle {
+    last: Option<std::time::Instant>,
+    count: u64,
+}
+
+impl Throttle {
+    fn hit(&mut self) -> Option<u64> {
+        self.count += 1;
+        let due = self
+            .last
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
+        if !due {
+            return None;
+        }
+        self.last = Some(std::time::Instant::now());
+        Some(std::mem::take(&mut self.count))
+    }
 }

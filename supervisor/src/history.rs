@@ -10,6 +10,9 @@ use baton_protocol::HistoryEntry;
 
 /// Upgrades kept.
 pub const KEEP: usize = 100;
+/// A history file larger than this is set aside, not read (200 lines are a few
+/// hundred KiB).
+const HISTORY_LIMIT: u64 = 8 << 20;
 /// The file is compacted back to [`KEEP`] lines once it holds this many.
 const COMPACT_AT: usize = 2 * KEEP;
 
@@ -36,10 +39,21 @@ impl History {
         crate::access::create_private_dir(dir)
             .map_err(|e| format!("state directory {}: {e}", dir.display()))?;
         let file = dir.join("history.jsonl");
-        let text = match fs::read_to_string(&file) {
+        // Never hang on a FIFO, nor read a huge file: a bad one is set aside.
+        let text = match crate::access::read_small_file(&file, HISTORY_LIMIT) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(format!("{}: {e}", file.display())),
+            Err(e) => {
+                let aside = dir.join("history.jsonl.bad");
+                let moved = fs::rename(&file, &aside).is_ok();
+                tracing::warn!(
+                    file = %file.display(),
+                    error = %e,
+                    set_aside = moved,
+                    "history unreadable; starting a new one"
+                );
+                String::new()
+            }
         };
         let mut h = History {
             entries: VecDeque::with_capacity(KEEP),
@@ -47,17 +61,27 @@ impl History {
             lines: 0,
             torn: !text.is_empty() && !text.ends_with('\n'),
         };
+        let mut bad = 0usize;
+        let mut first_bad = None;
         for (i, line) in text.lines().enumerate() {
             h.lines += 1;
             match serde_json::from_str::<HistoryEntry>(line) {
                 Ok(e) => h.keep(e),
-                Err(e) => tracing::warn!(
-                    file = %file.display(),
-                    line = i + 1,
-                    error = %e,
-                    "skipping a malformed history line"
-                ),
+                Err(e) => {
+                    bad += 1;
+                    first_bad.get_or_insert((i + 1, e.to_string()));
+                }
             }
+        }
+        if let Some((line, error)) = first_bad {
+            // One line, whatever the number.
+            tracing::warn!(
+                file = %file.display(),
+                skipped = bad,
+                first_line = line,
+                error,
+                "skipping malformed history lines"
+            );
         }
         Ok(h)
     }

@@ -217,3 +217,77 @@ async fn udp_listener_without_a_port_is_refused() {
     )
     .await;
 }
+
+/// Issue 31, defect 8: a TOML `unix_mode = 600` is decimal (0o1130), which locked the
+/// owner out; it is refused, naming the fix. `0o600` and `"0600"` are accepted.
+#[tokio::test]
+async fn a_decimal_unix_mode_in_the_config_is_refused() {
+    let dir = TestDir::new("bad-mode").unwrap();
+    let cfg = dir.join("baton.toml");
+    fs::write(&cfg, "listen = [\"http=127.0.0.1:0\"]\nunix_mode = 600\n").unwrap();
+    let out = expect_usage_error(
+        &["--config", cfg.to_str().unwrap()],
+        &[&hello()],
+        "unix_mode",
+    )
+    .await;
+    assert!(out.stderr.contains("0o600"), "{}", out.stderr);
+    for ok in ["unix_mode = 0o600", "unix_mode = \"0600\""] {
+        let good = dir.join("good.toml");
+        fs::write(&good, format!("listen = [\"http=127.0.0.1:0\"]\n{ok}\n")).unwrap();
+        let control = dir.join("good.sock");
+        let out = baton_cli(
+            [
+                "run",
+                "--config",
+                good.to_str().unwrap(),
+                "--control",
+                control.to_str().unwrap(),
+                "--",
+                "/nonexistent/app",
+            ],
+            BOUND,
+        )
+        .await
+        .unwrap();
+        // Refused for the program, not for the mode.
+        assert!(!out.stderr.contains("unix_mode"), "{ok}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("/nonexistent/app"),
+            "{ok}: {}",
+            out.stderr
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_backlog_out_of_range_names_the_range() {
+    let out = expect_usage_error(
+        &["--listen", "http=127.0.0.1:0", "--backlog", "9999999999"],
+        &[&hello()],
+        "backlog",
+    )
+    .await;
+    assert!(
+        out.stderr.contains("from 1 to 2147483647"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// `--config /dev/zero` grew baton's memory without end, and a FIFO hung it.
+#[tokio::test]
+async fn a_config_that_is_not_a_regular_file_is_refused_at_once() {
+    let dir = TestDir::new("bad-config-kind").unwrap();
+    let fifo = dir.join("fifo.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    for cfg in ["/dev/zero".to_owned(), fifo.display().to_string()] {
+        let out = expect_usage_error(
+            &["--config", cfg.as_str()],
+            &[&hello()],
+            "not a regular file",
+        )
+        .await;
+        assert!(out.stderr.contains(&cfg), "{}", out.stderr);
+    }
+}

@@ -73,3 +73,95 @@ async fn health_checks_leave_no_process_behind() {
     assert!(ran.exists(), "no health check ran; log:\n{log}");
     assert_eq!(n, 0, "{n} check processes leaked; log:\n{log}");
 }
+
+/// Defect 8: a FIFO as `history.jsonl` hung baton, and 100 MB of garbage cost 105 MB and
+/// a million warning lines. Now each is set aside with one line, and baton starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_history_file_is_set_aside_and_baton_starts() {
+    let _serial = exclusive().await;
+    for kind in ["fifo", "garbage"] {
+        let dir = baton_tests::harness::TestDir::new("bad-history").unwrap();
+        let state = dir.join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        let file = state.join("history.jsonl");
+        if kind == "fifo" {
+            nix::unistd::mkfifo(&file, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        } else {
+            let line = b"not json at all, not a history line\n";
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
+            for _ in 0..(100 << 20) / line.len() {
+                std::io::Write::write_all(&mut f, line).unwrap();
+            }
+        }
+        let state_arg = state.display().to_string();
+        let baton = Baton::start_in(
+            dir,
+            [
+                "--listen",
+                "http=127.0.0.1:0",
+                "--state-dir",
+                state_arg.as_str(),
+            ],
+            [hello_http_bin().unwrap()],
+        )
+        .await
+        .unwrap();
+        let log = baton.log();
+        assert!(log.contains("history unreadable"), "{kind}:\n{log}");
+        assert!(
+            state.join("history.jsonl.bad").exists(),
+            "{kind}: set aside"
+        );
+        let hwm = std::fs::read_to_string(format!("/proc/{}/status", baton.pid()))
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("VmHWM:").map(|v| {
+                    v.trim()
+                        .trim_end_matches(" kB")
+                        .trim()
+                        .parse::<u64>()
+                        .unwrap()
+                })
+            })
+            .unwrap();
+        assert!(hwm < 32 * 1024, "{kind}: peak RSS {hwm} KiB");
+        // History works again.
+        match baton.upgrade_wait().await.unwrap() {
+            UpgradeOutcome::Promoted(_) => {}
+            other => panic!("{kind}: {other:?}"),
+        }
+    }
+}
+
+/// Defect 8: every refused control connection logged a line (7,578 for 19,500).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_control_connections_log_a_line_now_and_then_not_each() {
+    let _serial = exclusive().await;
+    let baton = Baton::start(
+        ["--listen", "http=127.0.0.1:0"],
+        [hello_http_bin().unwrap()],
+    )
+    .await
+    .unwrap();
+    // Followers of the event stream are busy, not idle: they hold their slots.
+    let mut held = Vec::new();
+    for _ in 0..2000 {
+        if let Ok(mut c) = std::os::unix::net::UnixStream::connect(baton.control()) {
+            let _ = std::io::Write::write_all(&mut c, b"{\"cmd\":\"events\",\"follow\":true}\n");
+            held.push(c);
+        }
+    }
+    // baton still answers its own clients... once the flood lets go.
+    drop(held);
+    let st = baton.wait_active(Duration::from_secs(20)).await.unwrap();
+    assert!(st.pid.is_some());
+    let lines = baton.log().matches("too many control connections").count();
+    assert!(
+        (1..=3).contains(&lines),
+        "{lines} warning lines for 2,000 connections:\n{}",
+        baton.log()
+    );
+}

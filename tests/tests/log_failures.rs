@@ -3,7 +3,6 @@
 //! client command whose output cannot be written says so in one line and exits 1.
 
 use std::io::{BufRead, BufReader};
-use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use baton_tests::harness::{Baton, TestDir, UpgradeOutcome, baton_cli, exclusive, hello_http_bin};
@@ -33,7 +32,7 @@ async fn a_log_pipe_closed_after_the_first_line_loses_lines_not_baton() {
     let (read, write) = nix::unistd::pipe().unwrap();
     let baton = Baton::spawn_with_stderr(
         TestDir::new("log-pipe").unwrap(),
-        std::fs::File::from(OwnedFd::from(write)),
+        std::fs::File::from(write),
         ["--listen", "http=127.0.0.1:0"],
         [hello_http_bin().unwrap()],
     )
