@@ -403,6 +403,7 @@ pub const MAX_SCRAPERS: usize = 16;
 /// Answers `GET /metrics` (anything else: 404) on `listener`, a TCP or Unix one.
 pub async fn serve(listener: std::os::fd::OwnedFd, tcp: bool, metrics: Metrics) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPERS));
+    let mut live = Live::default();
     let r = if tcp {
         let l = std::net::TcpListener::from(listener);
         match l
@@ -411,7 +412,7 @@ pub async fn serve(listener: std::os::fd::OwnedFd, tcp: bool, metrics: Metrics) 
         {
             Ok(l) => loop {
                 match l.accept().await {
-                    Ok((s, _)) => connection(s, metrics.clone(), &slots),
+                    Ok((s, _)) => connection(s, metrics.clone(), &slots, &mut live).await,
                     Err(e) => backoff(e).await,
                 }
             },
@@ -425,7 +426,7 @@ pub async fn serve(listener: std::os::fd::OwnedFd, tcp: bool, metrics: Metrics) 
         {
             Ok(l) => loop {
                 match l.accept().await {
-                    Ok((s, _)) => connection(s, metrics.clone(), &slots),
+                    Ok((s, _)) => connection(s, metrics.clone(), &slots, &mut live).await,
                     Err(e) => backoff(e).await,
                 }
             },
@@ -440,17 +441,49 @@ async fn backoff(e: std::io::Error) {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 }
 
-fn connection<S>(stream: S, metrics: Metrics, slots: &Arc<tokio::sync::Semaphore>)
-where
+/// How long one metrics connection may live, whatever it does: reading a request,
+/// having a response written to it, or idling between scrapes.
+const CONN_LIFETIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The live connections' eviction handles, oldest first.
+#[derive(Default)]
+struct Live(std::collections::VecDeque<tokio::sync::oneshot::Sender<()>>);
+
+async fn connection<S>(
+    stream: S,
+    metrics: Metrics,
+    slots: &Arc<tokio::sync::Semaphore>,
+    live: &mut Live,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let Ok(slot) = slots.clone().try_acquire_owned() else {
-        tracing::debug!(
-            max = MAX_SCRAPERS,
-            "too many metrics connections; closing a new one"
-        );
-        return;
+    live.0.retain(|h| !h.is_closed());
+    let slot = match slots.clone().try_acquire_owned() {
+        Ok(slot) => slot,
+        Err(_) => {
+            // Full: the oldest goes, so that a few slow or hostile clients can never
+            // hold every slot and starve the scrapers.
+            if let Some(oldest) = live.0.pop_front() {
+                let _ = oldest.send(());
+            }
+            let wait = tokio::time::timeout(
+                std::time::Duration::from_millis(100),
+                slots.clone().acquire_owned(),
+            );
+            match wait.await {
+                Ok(Ok(slot)) => slot,
+                _ => {
+                    tracing::debug!(
+                        max = MAX_SCRAPERS,
+                        "metrics connections full; closing a new one"
+                    );
+                    return;
+                }
+            }
+        }
     };
+    let (evict, evicted) = tokio::sync::oneshot::channel();
+    live.0.push_back(evict);
     tokio::spawn(async move {
         let _slot = slot;
         let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -459,10 +492,15 @@ where
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(std::time::Duration::from_secs(10))
+            .header_read_timeout(std::time::Duration::from_secs(5))
             .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "metrics connection");
+        tokio::select! {
+            r = tokio::time::timeout(CONN_LIFETIME, conn) => match r {
+                Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection"),
+                Err(_) => tracing::debug!("metrics connection closed at its deadline"),
+                Ok(Ok(())) => {}
+            },
+            _ = evicted => tracing::debug!("metrics connection evicted for a newer one"),
         }
     });
 }

@@ -165,3 +165,63 @@ async fn refused_control_connections_log_a_line_now_and_then_not_each() {
         baton.log()
     );
 }
+
+/// Defect 5: 16 connections that pipeline requests and never read held every metrics
+/// slot (0 of 25 scrapes succeeded). Now a connection lives 10 s at most, and a new one
+/// evicts the oldest when all are taken: scrapes go through while the attacker renews.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_cannot_starve_metrics_scrapes() {
+    let _serial = exclusive().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let maddr = port.to_string();
+    let baton = Baton::start(
+        ["--listen", "http=127.0.0.1:0", "--metrics", maddr.as_str()],
+        [hello_http_bin().unwrap()],
+    )
+    .await
+    .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attacker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let req = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+            let mut conns: Vec<std::net::TcpStream> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                conns.retain_mut(|c| {
+                    c.set_write_timeout(Some(Duration::from_millis(10))).ok();
+                    // Closed by baton (evicted or timed out): write fails.
+                    !matches!(std::io::Write::write(c, b"\r\n"), Err(e) if e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut)
+                });
+                while conns.len() < 16 {
+                    let Ok(mut c) = std::net::TcpStream::connect(port) else {
+                        break;
+                    };
+                    c.set_write_timeout(Some(Duration::from_millis(50))).ok();
+                    let _ = std::io::Write::write_all(&mut c, req.as_bytes());
+                    conns.push(c);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    // Let the attacker take every slot first.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut ok = 0;
+    for _ in 0..25 {
+        if let Ok(r) = baton_tests::http::http_get(port, "/metrics", Duration::from_secs(5)) {
+            ok += usize::from(r.status == 200 && r.body.contains("baton_build_info"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    attacker.join().unwrap();
+    assert_eq!(
+        ok,
+        25,
+        "{ok} of 25 scrapes went through; log:\n{}",
+        baton.log()
+    );
+}
