@@ -225,3 +225,25 @@ async fn slow_readers_cannot_starve_metrics_scrapes() {
         baton.log()
     );
 }
+
+/// Defect 8: `releases.json` versions are checked again on every read: a hand-edited
+/// `../../x` is refused, naming it, instead of booting from outside the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_edited_version_outside_the_store_is_refused() {
+    let _serial = exclusive().await;
+    let s = baton_tests::releases::StoreDir::new("store-edit").unwrap();
+    s.add_hello("v1", "", true).await.unwrap();
+    s.permanent("v1").await;
+    let meta = s.store().join("releases.json");
+    let text = std::fs::read_to_string(&meta).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["releases"][0]["version"] = serde_json::json!("../../x");
+    std::fs::write(&meta, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let out = s.offline(&["list"]).await.unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
+    assert!(out.stderr.contains("../../x"), "{out:?}");
+    let out = s.run_to_exit().await.unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.stderr.contains("../../x"), "{out:?}");
+}

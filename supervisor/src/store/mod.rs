@@ -44,6 +44,9 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// `releases.json` larger than this is refused, not read.
+const META_LIMIT: u64 = 16 << 20;
+
 /// Checks a version name: it becomes a directory name, so no `/`, no leading dot.
 ///
 /// # Errors
@@ -199,7 +202,7 @@ impl Store {
     /// The file cannot be read or is not valid metadata (the message names it).
     pub fn read(&self) -> Result<Meta, StoreError> {
         let path = self.meta_path();
-        let text = match fs::read_to_string(&path) {
+        let text = match crate::access::read_small_file(&path, META_LIMIT) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Ok(Meta {
@@ -221,6 +224,19 @@ impl Store {
                 path.display(),
                 meta.format
             )));
+        }
+        // Checked again on every read: a hand-edited `../../x` must never become a
+        // path outside the store.
+        let versions = meta
+            .releases
+            .iter()
+            .map(|r| r.version.as_str())
+            .chain(meta.previous_permanent.as_deref());
+        for v in versions {
+            check_version(v).map_err(|e| err(format!("{}: {}", path.display(), e.0)))?;
+        }
+        if let Some(p) = &meta.program {
+            check_program(p).map_err(|e| err(format!("{}: {}", path.display(), e.0)))?;
         }
         Ok(meta)
     }
