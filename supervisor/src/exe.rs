@@ -19,6 +19,16 @@ pub struct Exe {
     /// The release it belongs to, with its directory.
     pub release: Option<(String, PathBuf)>,
     identity: (u64, u64, i64, i64, u64),
+    /// A release's recorded sha256, and the file's identity (ctime included, which
+    /// no user can set back) when its content last matched it.
+    checked: Option<(String, std::sync::Mutex<Option<Stamp>>)>,
+}
+
+/// What changes whenever a file's content or metadata changes.
+type Stamp = (u64, u64, i64, i64, u64);
+
+fn stamp(m: &std::fs::Metadata) -> Stamp {
+    (m.dev(), m.ino(), m.ctime(), m.ctime_nsec(), m.size())
 }
 
 /// Reads a file from its start through `pread`, leaving its offset alone.
@@ -59,6 +69,7 @@ impl Exe {
             script: n == 2 && &head == b"#!",
             release: None,
             identity: (m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.size()),
+            checked: None,
         })
     }
 
@@ -71,19 +82,23 @@ impl Exe {
         path: PathBuf,
         script: bool,
         release: Option<(String, PathBuf)>,
+        sha256: Option<String>,
     ) -> Result<Exe, String> {
         let file = File::from(fd);
         let m = file.metadata().map_err(|e| e.to_string())?;
         if !m.is_file() {
             return Err(format!("{} is not a regular file", path.display()));
         }
-        Ok(Exe {
+        let exe = Exe {
             file,
             path,
             script,
             release,
             identity: (m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.size()),
-        })
+            // Checked at its next exec, not here: a reexec must not fail over it.
+            checked: sha256.map(|s| (s, std::sync::Mutex::new(None))),
+        };
+        Ok(exe)
     }
 
     /// Opens a release's executable and checks it is the one the store recorded.
@@ -107,7 +122,48 @@ impl Exe {
             ));
         }
         exe.release = Some((version.to_string(), dir.to_path_buf()));
+        let now = exe.file.metadata().map(|m| stamp(&m)).ok();
+        exe.checked = Some((sha256.to_string(), std::sync::Mutex::new(now)));
         Ok(exe)
+    }
+
+    /// The sha256 a release's executable must have (`None` outside a store).
+    pub fn expected_sha256(&self) -> Option<&str> {
+        self.checked.as_ref().map(|(s, _)| s.as_str())
+    }
+
+    /// Before every exec (crash restarts included): a release's executable still has
+    /// the content the store recorded. Re-hashed only when the file changed since it
+    /// last matched, so an unchanged one costs an `fstat`.
+    ///
+    /// # Errors
+    /// It was changed: rewritten in place through another name, say.
+    pub fn verify(&self) -> Result<(), String> {
+        let Some((want, last)) = &self.checked else {
+            return Ok(());
+        };
+        let now = self
+            .file
+            .metadata()
+            .map(|m| stamp(&m))
+            .map_err(|e| format!("cannot stat {}: {e}", self.path.display()))?;
+        let mut last = last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *last == Some(now) {
+            return Ok(());
+        }
+        let got = self
+            .sha256()
+            .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
+        if &got != want {
+            return Err(format!(
+                "{} no longer matches the store (sha256 {got}, expected {want}): it was changed while baton held it open; refusing to run it",
+                self.path.display()
+            ));
+        }
+        *last = Some(now);
+        Ok(())
     }
 
     /// sha256 of the open file.

@@ -247,3 +247,52 @@ async fn a_hand_edited_version_outside_the_store_is_refused() {
     assert!(!out.status.success(), "{out:?}");
     assert!(out.stderr.contains("../../x"), "{out:?}");
 }
+
+/// Defect 2: a crash restart re-exec'd the kept fd without checking it again, so a
+/// PROGRAM rewritten in place during the back-off ran. Now every exec checks the sha256
+/// (re-hashing when the file changed), and the changed file never runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_rewritten_in_place_never_runs_not_even_on_a_crash_restart() {
+    let _serial = exclusive().await;
+    let s = baton_tests::releases::StoreDir::new("store-rewrite").unwrap();
+    s.add_hello("v1", "", true).await.unwrap();
+    s.permanent("v1").await;
+    let store = s.arg();
+    let baton = Baton::start_in(
+        baton_tests::harness::TestDir::new("rewrite-run").unwrap(),
+        ["--listen", "http=127.0.0.1:0", "--releases", store.as_str()],
+        ["bin/app"],
+    )
+    .await
+    .unwrap();
+    let pid = baton.status().await.unwrap().pid.unwrap();
+    // Rewrite PROGRAM in place: same inode, new bytes.
+    let program = s.store().join("v1/bin/app");
+    let marker = s.join("pwned");
+    let evil = format!("#!/bin/sh\ntouch {}\nexit 1\n", marker.display());
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&program)
+            .unwrap();
+        f.write_all(evil.as_bytes()).unwrap();
+    }
+    baton_tests::harness::signal_pid(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !baton.log().contains("no longer matches the store") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never refused:\n{}",
+            baton.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !marker.exists(),
+        "the rewritten program ran; log:\n{}",
+        baton.log()
+    );
+}

@@ -167,6 +167,9 @@ pub struct ImageOver {
     pub script: bool,
     /// Its release and directory.
     pub release: Option<(String, PathBuf)>,
+    /// A release's recorded sha256, checked again before every exec.
+    #[serde(default)]
+    pub sha256: Option<String>,
 }
 
 /// What a waiting control client waits for.

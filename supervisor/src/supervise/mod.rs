@@ -245,6 +245,8 @@ impl Host for Driver {
             None => self.plain_image()?,
         };
         let exe = self.images.get(&label).ok_or("executable vanished")?;
+        // What runs is what was checked, at every exec (crash restarts included).
+        exe.verify()?;
         let t = Instant::now();
         let cg = self.containment.prepare(gen_id);
         self.last_cgroup = t.elapsed();

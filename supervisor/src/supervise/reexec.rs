@@ -312,6 +312,7 @@ fn hand_over(
                 path: e.path.clone(),
                 script: e.script,
                 release: e.release.clone(),
+                sha256: e.expected_sha256().map(str::to_owned),
             })
             .collect(),
         next_exe: d.next_exe,
@@ -404,6 +405,7 @@ pub async fn resume(inh: Inherited) -> Result<i32, super::RunError> {
             i.path.clone(),
             i.script,
             i.release.clone(),
+            i.sha256.clone(),
         )
         .map_err(setup)?;
         images.insert(i.label.clone(), exe);
