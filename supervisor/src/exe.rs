@@ -21,7 +21,17 @@ pub struct Exe {
     identity: (u64, u64, i64, i64, u64),
     /// A release's recorded sha256, and the file's identity (ctime included, which
     /// no user can set back) when its content last matched it.
-    checked: Option<(String, std::sync::Mutex<Option<Stamp>>)>,
+    checked: Option<Checked>,
+}
+
+/// What a release's executable must be at every exec.
+#[derive(Debug)]
+struct Checked {
+    sha256: String,
+    /// The store's owner.
+    owner: Option<u32>,
+    /// The file's identity when it last matched.
+    last: std::sync::Mutex<Option<Stamp>>,
 }
 
 /// What changes whenever a file's content or metadata changes.
@@ -89,6 +99,7 @@ impl Exe {
         if !m.is_file() {
             return Err(format!("{} is not a regular file", path.display()));
         }
+        let owner = store_owner(release.as_ref());
         let exe = Exe {
             file,
             path,
@@ -96,7 +107,11 @@ impl Exe {
             release,
             identity: (m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.size()),
             // Checked at its next exec, not here: a reexec must not fail over it.
-            checked: sha256.map(|s| (s, std::sync::Mutex::new(None))),
+            checked: sha256.map(|sha256| Checked {
+                owner,
+                sha256,
+                last: std::sync::Mutex::new(None),
+            }),
         };
         Ok(exe)
     }
@@ -122,14 +137,25 @@ impl Exe {
             ));
         }
         exe.release = Some((version.to_string(), dir.to_path_buf()));
-        let now = exe.file.metadata().map(|m| stamp(&m)).ok();
-        exe.checked = Some((sha256.to_string(), std::sync::Mutex::new(now)));
+        let owner = store_owner(exe.release.as_ref());
+        let m = exe
+            .file
+            .metadata()
+            .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+        if let Some(o) = owner {
+            crate::store::owner::check(&m, o, path)?;
+        }
+        exe.checked = Some(Checked {
+            sha256: sha256.to_string(),
+            owner,
+            last: std::sync::Mutex::new(Some(stamp(&m))),
+        });
         Ok(exe)
     }
 
     /// The sha256 a release's executable must have (`None` outside a store).
     pub fn expected_sha256(&self) -> Option<&str> {
-        self.checked.as_ref().map(|(s, _)| s.as_str())
+        self.checked.as_ref().map(|c| c.sha256.as_str())
     }
 
     /// Before every exec (crash restarts included): a release's executable still has
@@ -139,14 +165,22 @@ impl Exe {
     /// # Errors
     /// It was changed: rewritten in place through another name, say.
     pub fn verify(&self) -> Result<(), String> {
-        let Some((want, last)) = &self.checked else {
+        let Some(Checked {
+            sha256: want,
+            owner,
+            last,
+        }) = &self.checked
+        else {
             return Ok(());
         };
-        let now = self
+        let m = self
             .file
             .metadata()
-            .map(|m| stamp(&m))
             .map_err(|e| format!("cannot stat {}: {e}", self.path.display()))?;
+        if let Some(o) = owner {
+            crate::store::owner::check(&m, *o, &self.path)?;
+        }
+        let now = stamp(&m);
         let mut last = last
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -220,4 +254,12 @@ impl Exe {
         }
         Ok(())
     }
+}
+
+/// The owner of the store a release directory is in (its parent).
+fn store_owner(release: Option<&(String, PathBuf)>) -> Option<u32> {
+    let (_, dir) = release?;
+    crate::store::owner::owner_of(dir.parent()?)
+        .ok()
+        .map(|(uid, _)| uid)
 }

@@ -296,3 +296,61 @@ async fn a_program_rewritten_in_place_never_runs_not_even_on_a_crash_restart() {
         baton.log()
     );
 }
+
+/// Defect 2: `release add` kept a source's setuid bits, group/world write and (with
+/// `--move`) its owner. The store now holds only its owner's files, without those bits,
+/// and baton refuses to run a PROGRAM that breaks the rule later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_holds_only_its_owners_files_without_setuid_or_shared_write() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if nix::unistd::geteuid().as_raw() != 0 {
+        eprintln!("skipped: giving files to another user needs root");
+        return;
+    }
+    let _serial = exclusive().await;
+    let nobody = 65534;
+    let s = baton_tests::releases::StoreDir::new("store-owner").unwrap();
+    for (version, mv) in [("v1", false), ("v2", true)] {
+        let tree = s.hello_tree(version, "", true).unwrap();
+        std::fs::write(tree.join("env.sh"), "X=1\n").unwrap();
+        for (p, mode) in [
+            (tree.join("bin/app"), 0o6777),
+            (tree.join("env.sh"), 0o666),
+            (tree.join("bin"), 0o777),
+            (tree.clone(), 0o777),
+        ] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            std::os::unix::fs::chown(&p, Some(nobody), Some(nobody)).unwrap();
+        }
+        let path = tree.display().to_string();
+        let mut args = vec!["add", "--program", "bin/app"];
+        if mv {
+            args.push("--move");
+        }
+        args.extend([version, path.as_str()]);
+        let out = s.offline(&args).await.unwrap();
+        assert!(out.status.success(), "{version}: {out:?}");
+        let rel = s.store().join(version);
+        for (p, want) in [
+            (rel.join("bin/app"), 0o755),
+            (rel.join("env.sh"), 0o644),
+            (rel.join("bin"), 0o755),
+            (rel.clone(), 0o755),
+        ] {
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            assert_eq!(m.mode() & 0o7777, want, "{version}: {}", p.display());
+            assert_eq!(
+                m.uid(),
+                0,
+                "{version}: {} is the store owner's",
+                p.display()
+            );
+        }
+    }
+    s.permanent("v1").await;
+    // Another user's PROGRAM in the store (planted after the fact) never runs.
+    std::os::unix::fs::chown(s.store().join("v1/bin/app"), Some(nobody), None).unwrap();
+    let out = s.run_to_exit().await.unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.stderr.contains("belongs to uid 65534"), "{out:?}");
+}

@@ -16,6 +16,7 @@ use baton_protocol::{Release, ReleaseStatus};
 use sha2::{Digest, Sha256};
 
 mod meta;
+pub mod owner;
 
 pub use meta::{InUse, Meta};
 
@@ -380,6 +381,12 @@ impl Store {
                         .map_err(|e| io(&format!("cannot copy {}", src.display()), e))?;
                 }
             }
+            // The store's rule, whatever the source had: its owner's files, no
+            // setuid, no group or world write.
+            let (uid, gid) =
+                owner::owner_of(&self.dir).map_err(|e| io(&self.dir.display().to_string(), e))?;
+            owner::normalise(&tmp, uid, gid)
+                .map_err(|why| err(format!("cannot add {}: {why}", src.display())))?;
             let exe = tmp.join(&program);
             check_executable(&exe).map_err(|why| {
                 err(format!(

@@ -1,0 +1,114 @@
+//! The store's ownership rule: every file in it belongs to the store's owner, with
+//! no setuid, setgid or sticky bit and no group or world write. baton (often root)
+//! execs what is there, so nothing in it may be changeable by anyone else.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+/// The mode a file or directory gets in the store: the caller's bits, less
+/// setuid/setgid/sticky and group or world write.
+pub fn store_mode(mode: u32) -> u32 {
+    mode & 0o755
+}
+
+/// Whether `mode` obeys the rule.
+pub fn mode_ok(mode: u32) -> bool {
+    mode & 0o7022 == 0
+}
+
+/// Makes everything under `root` (not following links) owned by `uid:gid` and
+/// its modes [`store_mode`].
+///
+/// # Errors
+/// A file cannot be changed (not root, and not already the owner's): the message
+/// names it.
+pub fn normalise(root: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    let m = fs::symlink_metadata(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    if m.uid() != uid || m.gid() != gid {
+        std::os::unix::fs::lchown(root, Some(uid), Some(gid)).map_err(|e| {
+            format!(
+                "{} belongs to uid {} and cannot be given to the store's owner (uid {uid}): {e}",
+                root.display(),
+                m.uid()
+            )
+        })?;
+    }
+    if !m.file_type().is_symlink() {
+        let mode = m.permissions().mode() & 0o7777;
+        if mode != store_mode(mode) {
+            fs::set_permissions(root, fs::Permissions::from_mode(store_mode(mode)))
+                .map_err(|e| format!("{}: {e}", root.display()))?;
+        }
+    }
+    if m.is_dir() {
+        for entry in fs::read_dir(root).map_err(|e| format!("{}: {e}", root.display()))? {
+            let entry = entry.map_err(|e| format!("{}: {e}", root.display()))?;
+            normalise(&entry.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks an opened file against the rule.
+///
+/// # Errors
+/// Who owns it or which bit is wrong.
+pub fn check(meta: &fs::Metadata, owner: u32, what: &Path) -> Result<(), String> {
+    if meta.uid() != owner {
+        return Err(format!(
+            "{} belongs to uid {}, not to the store's owner (uid {owner}); refusing to run it",
+            what.display(),
+            meta.uid()
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if !mode_ok(mode) {
+        return Err(format!(
+            "{} has mode {mode:o} (setuid, setgid, or writable by others); refusing to run it",
+            what.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The store's owner, from its directory.
+///
+/// # Errors
+/// It cannot be read.
+pub fn owner_of(dir: &Path) -> io::Result<(u32, u32)> {
+    let m = fs::metadata(dir)?;
+    Ok((m.uid(), m.gid()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn a_normalised_mode_obeys_the_rule_and_keeps_what_it_may(mode in 0u32..=0o7777) {
+            let m = store_mode(mode);
+            prop_assert!(mode_ok(m));
+            // The owner's bits are kept, and read/execute for the others.
+            prop_assert_eq!(m & 0o700, mode & 0o700);
+            prop_assert_eq!(m & 0o055, mode & 0o055);
+            // A mode that obeys the rule is left alone.
+            prop_assert_eq!(mode_ok(mode), store_mode(mode) == mode);
+        }
+
+        #[test]
+        fn only_the_owner_with_a_good_mode_passes(owner in 0u32..4, mode in 0u32..=0o7777) {
+            let dir = tempfile::tempdir().unwrap();
+            let f = dir.path().join("f");
+            fs::write(&f, b"x").unwrap();
+            fs::set_permissions(&f, fs::Permissions::from_mode(mode)).unwrap();
+            let meta = fs::metadata(&f).unwrap();
+            let ok = check(&meta, owner, &f).is_ok();
+            let real_uid = meta.uid();
+            prop_assert_eq!(ok, real_uid == owner && mode_ok(mode & 0o7777));
+        }
+    }
+}
