@@ -130,6 +130,11 @@ pub struct ReleasesStatus {
     pub probation: Option<ProbationStatus>,
     /// Which release baton booted, and why.
     pub boot: String,
+    /// The last write to the store failed (a full disk, say): the store does not
+    /// say what runs, and a restart would boot what it says. Cleared by the next
+    /// write that succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
 }
 
 /// How an upgrade ended.

@@ -223,6 +223,9 @@ fn print_status(s: &Status) {
             r.store,
             r.permanent.as_deref().unwrap_or("none")
         );
+        if let Some(why) = &r.store_error {
+            println!("  store: OUT OF SYNC with what runs: {why}");
+        }
         if let Some(p) = &r.probation {
             let left = p
                 .seconds_left

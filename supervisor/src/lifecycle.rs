@@ -24,6 +24,8 @@ struct Inner {
     preflight: Option<String>,
     preflight_timeout: Duration,
     keep: Option<usize>,
+    /// Why the last write to the store failed, until one succeeds.
+    store_error: std::sync::Mutex<Option<String>>,
 }
 
 /// What a starting baton runs.
@@ -71,6 +73,7 @@ impl Lifecycle {
                 preflight,
                 preflight_timeout,
                 keep,
+                store_error: std::sync::Mutex::new(None),
             }),
         };
         if let Some(c) = meta.current().filter(|c| c.version != version) {
@@ -119,6 +122,7 @@ impl Lifecycle {
                 preflight,
                 preflight_timeout,
                 keep,
+                store_error: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -275,9 +279,28 @@ impl Lifecycle {
     }
 
     fn update(&self, f: impl FnOnce(&mut Meta) -> Result<(), crate::store::StoreError>) {
-        if let Err(e) = self.inner.store.update(f) {
-            tracing::error!(error = %e, "cannot update the release store");
+        let r = self.inner.store.update(f);
+        let mut last = self
+            .inner
+            .store_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match r {
+            Ok(()) => *last = None,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot update the release store: it is out of sync");
+                *last = Some(e.0);
+            }
         }
+    }
+
+    /// Why the store is out of sync with what runs, if it is.
+    pub fn store_error(&self) -> Option<String> {
+        self.inner
+            .store_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 

@@ -354,3 +354,115 @@ async fn the_store_holds_only_its_owners_files_without_setuid_or_shared_write() 
     assert!(!out.status.success(), "{out:?}");
     assert!(out.stderr.contains("belongs to uid 65534"), "{out:?}");
 }
+
+/// Defect 4: with the store's disk full during probation, `release install --wait`
+/// printed `v2: permanent` and exited 0 while the store still said v1. Now the command
+/// fails with the reason, and status says the store is out of sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_write_that_fails_fails_the_command_and_status_says_so() {
+    if nix::unistd::geteuid().as_raw() != 0 {
+        eprintln!("skipped: mounting a 1 MB tmpfs needs root");
+        return;
+    }
+    let _serial = exclusive().await;
+    let s = baton_tests::releases::StoreDir::new("store-full").unwrap();
+    let store = s.store();
+    std::fs::create_dir(&store).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs"])
+        .arg(&store)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(store.clone());
+    s.add_hello("v1", "", true).await.unwrap();
+    s.add_hello("v2", "", true).await.unwrap();
+    s.permanent("v1").await;
+    let arg = s.arg();
+    let baton = Baton::start_in(
+        baton_tests::harness::TestDir::new("store-full-run").unwrap(),
+        [
+            "--listen",
+            "http=127.0.0.1:0",
+            "--releases",
+            arg.as_str(),
+            "--probation",
+            "3s",
+        ],
+        ["bin/app"],
+    )
+    .await
+    .unwrap();
+    // `install --wait` waits for the probation's end, in the background.
+    let control = baton.control().display().to_string();
+    let waiting = tokio::spawn(async move {
+        baton_tests::harness::baton_cli(
+            [
+                "release",
+                "--control",
+                control.as_str(),
+                "install",
+                "v2",
+                "--wait",
+            ],
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap()
+    });
+    baton
+        .wait_for("v2 on probation", Duration::from_secs(20), |s| {
+            s.releases
+                .as_ref()
+                .and_then(|r| r.probation.as_ref())
+                .is_some_and(|p| p.version == "v2")
+        })
+        .await
+        .unwrap();
+    // Fill the disk: recording `permanent` will fail.
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", store.join("filler").display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let out = waiting.await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
+    assert!(
+        out.stderr.contains("could not record it") && out.stderr.contains("v2"),
+        "{out:?}"
+    );
+    let st = baton
+        .wait_for("the store out of sync", Duration::from_secs(20), |s| {
+            s.releases.as_ref().is_some_and(|r| r.store_error.is_some())
+        })
+        .await
+        .unwrap();
+    let why = st.releases.unwrap().store_error.unwrap();
+    assert!(why.contains("space"), "{why}");
+    let text = baton
+        .cli(&["status"], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(text.stdout.contains("OUT OF SYNC"), "{}", text.stdout);
+    // The store still says v1, and says so truthfully.
+    let meta = std::fs::read_to_string(store.join("releases.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    let perm: Vec<_> = v["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] == "permanent")
+        .map(|r| r["version"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(perm, vec!["v1".to_owned()], "{meta}");
+}

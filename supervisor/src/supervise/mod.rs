@@ -435,6 +435,22 @@ impl Host for Driver {
             ReleaseResultKind::RevertRefused => self.metrics.revert("refused"),
             _ => {}
         }
+        // What runs is not what the store says: no waiter is told it went well.
+        if let Some(why) = self.lifecycle.as_ref().and_then(Lifecycle::store_error) {
+            let version = outcome.image.clone().unwrap_or_default();
+            for w in waiters {
+                if let Some(waiter) = self.waiters.remove(&w) {
+                    let kind = format!("{:?}", outcome.kind).to_lowercase();
+                    let _ = waiter.tx.send(ControlReply::Error {
+                        message: format!(
+                            "{version}: {kind} here, but the release store could not record it \
+                             ({why}); it is out of sync, and a restart would boot what it says"
+                        ),
+                    });
+                }
+            }
+            return;
+        }
         for w in waiters {
             let reply = ReleaseReply {
                 result: outcome.kind,

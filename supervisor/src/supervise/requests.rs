@@ -65,6 +65,7 @@ pub(super) fn status(m: &Machine, d: &Driver) -> Status {
                         health_failures: failures,
                     }),
                 boot: d.boot_note.clone(),
+                store_error: lc.store_error(),
             }
         }),
         supervisor: Some(Box::new(d.supervisor_info())),
