@@ -297,7 +297,7 @@ pub struct Status {
     pub strays: Vec<u32>,
     /// The release lifecycle, with `--releases`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub releases: Option<ReleasesStatus>,
+    pub releases: Option<Box<ReleasesStatus>>,
     /// baton's own executable and its reexecs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supervisor: Option<Box<crate::reexec::SupervisorInfo>>,

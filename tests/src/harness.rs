@@ -403,27 +403,9 @@ impl Baton {
         P: IntoIterator,
         P::Item: AsRef<OsStr>,
     {
-        let control = dir.join("baton.sock");
         let log = dir.join("baton.log");
-        let stderr = fs::File::create(&log).map_err(io_err(format!("create {}", log.display())))?;
-        let stdout = stderr
-            .try_clone()
-            .map_err(io_err("dup the log file for stdout"))?;
-        let mut cmd = std::process::Command::new(exe);
-        cmd.envs(env.iter().copied());
-        cmd.arg("run").arg("--control").arg(&control);
-        cmd.args(args);
-        cmd.arg("--");
-        cmd.args(program);
-        cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
-        let child = cmd.spawn().map_err(io_err("spawn baton run"))?;
-        Ok(Self {
-            child,
-            exit: None,
-            control,
-            log,
-            dir,
-        })
+        let out = fs::File::create(&log).map_err(io_err(format!("create {}", log.display())))?;
+        Self::spawn_inner(exe, env, dir, out, args, program)
     }
 
     /// Spawns `baton run ...` with stdout and stderr going to `out` (a pipe, a file on
@@ -435,12 +417,30 @@ impl Baton {
         P: IntoIterator,
         P::Item: AsRef<OsStr>,
     {
+        Self::spawn_inner(&baton_bin()?, &[], dir, out, args, program)
+    }
+
+    fn spawn_inner<A, P>(
+        exe: &Path,
+        env: &[(&str, &str)],
+        dir: TestDir,
+        out: fs::File,
+        args: A,
+        program: P,
+    ) -> Result<Self>
+    where
+        A: IntoIterator,
+        A::Item: AsRef<OsStr>,
+        P: IntoIterator,
+        P::Item: AsRef<OsStr>,
+    {
         let control = dir.join("baton.sock");
         let log = dir.join("baton.log");
         let stdout = out
             .try_clone()
             .map_err(io_err("dup the output for stdout"))?;
-        let mut cmd = std::process::Command::new(baton_bin()?);
+        let mut cmd = std::process::Command::new(exe);
+        cmd.envs(env.iter().copied());
         cmd.arg("run").arg("--control").arg(&control);
         cmd.args(args);
         cmd.arg("--");

@@ -54,7 +54,7 @@ pub(super) fn status(m: &Machine, d: &Driver) -> Status {
         strays: d.strays.clone(),
         releases: d.lifecycle.as_ref().map(|lc| {
             let now = Instant::now();
-            ReleasesStatus {
+            Box::new(ReleasesStatus {
                 store: lc.dir().display().to_string(),
                 permanent: m.permanent_image().cloned(),
                 probation: m
@@ -66,7 +66,7 @@ pub(super) fn status(m: &Machine, d: &Driver) -> Status {
                     }),
                 boot: d.boot_note.clone(),
                 store_error: lc.store_error(),
-            }
+            })
         }),
         supervisor: Some(Box::new(d.supervisor_info())),
     }
