@@ -466,3 +466,31 @@ async fn a_store_write_that_fails_fails_the_command_and_status_says_so() {
         .collect();
     assert_eq!(perm, vec!["v1".to_owned()], "{meta}");
 }
+
+/// Defect 8: a store path that is another user's symlink was accepted (the control
+/// directory already refused one): that user could point it elsewhere later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_reached_through_another_users_symlink_is_refused() {
+    if nix::unistd::geteuid().as_raw() != 0 {
+        eprintln!("skipped: giving a symlink to another user needs root");
+        return;
+    }
+    let _serial = exclusive().await;
+    let s = baton_tests::releases::StoreDir::new("store-link").unwrap();
+    s.add_hello("v1", "", true).await.unwrap();
+    let link = s.join("link");
+    std::os::unix::fs::symlink(s.store(), &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+    let out = baton_tests::harness::baton_cli(
+        ["release", "--releases", link.to_str().unwrap(), "list"],
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
+    assert!(out.stderr.contains("symlink owned by uid 65534"), "{out:?}");
+    // The store itself, named directly, is fine.
+    let ok = s.offline(&["list"]).await.unwrap();
+    assert!(ok.status.success(), "{ok:?}");
+}

@@ -139,6 +139,9 @@ impl Store {
             }
             Err(e) => return Err(err(format!("release store {}: {e}", dir.display()))),
         }
+        // As given, first: a symlink on the way that another user owns could be
+        // pointed elsewhere later (canonicalising below would hide it).
+        crate::access::check_dir(dir).map_err(|e| err(format!("release store: {e}")))?;
         // Absolute: children get it as BATON_RELEASE_DIR, and checks as {dir}.
         let dir = fs::canonicalize(dir)
             .map_err(|e| err(format!("release store {}: {e}", dir.display())))?;
