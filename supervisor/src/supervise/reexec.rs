@@ -195,10 +195,13 @@ pub(super) async fn perform(
     while let Ok(ev) = ev_rx.try_recv() {
         on_gen_event(m, d, ev);
     }
+    // Events handled just now may have queued relays (a connection handed over
+    // after the flush): those fds live only in this image, so it waits for them.
     let busy = !m.idle()
+        || d.relay_slots.available_permits() != crate::generation::RELAY_SLOTS
         || d.handles
             .values()
-            .any(|h| h.snapshot.is_some() || h.ready_deferred);
+            .any(|h| h.snapshot.is_some() || h.ready_deferred || h.relaying());
     if busy {
         tracing::info!("reexec waits: something started while channels were paused");
         resume_readers(d, readers);
