@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use baton_protocol::UpgradeResult;
-use baton_tests::harness::{Baton, proc_fds};
+use baton_tests::harness::{Baton, proc_fds, proc_peak_rss_kb};
 use baton_tests::idle::{self, Conn};
 use clap::ValueEnum;
 
@@ -78,18 +78,6 @@ pub async fn run(bins: &Bins, opts: &Opts) -> anyhow::Result<Row> {
         .map_err(|e| with_log(&baton, e))?;
     shutdown(baton).await?;
     Ok(row)
-}
-
-/// baton's peak resident memory so far (`VmHWM`), in KiB.
-fn peak_rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 async fn measure(baton: &Baton, control: &Control, opts: &Opts) -> anyhow::Result<Row> {
@@ -203,7 +191,10 @@ async fn measure(baton: &Baton, control: &Control, opts: &Opts) -> anyhow::Resul
         .set_ms("upgrade_ms_p50", median(&upgrade_ms))
         .set_ms("request_p99_ms_before", usual_p99)
         .set_ms("first_request_p99_ms_after", median(&first_p99))
-        .set("supervisor_peak_rss_kb", peak_rss_kb(baton_pid))
+        .set(
+            "supervisor_peak_rss_kb",
+            proc_peak_rss_kb(baton_pid).unwrap_or(0),
+        )
         .target("supervisor_peak_rss_kb", RSS_TARGET_KB)
         .set("supervisor_fds_base", base_fds)
         .set("supervisor_fds_after_max", fds_after)

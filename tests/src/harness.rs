@@ -910,13 +910,60 @@ pub fn proc_environ(pid: u32) -> Result<BTreeMap<String, String>> {
 
 /// `VmRSS` of `/proc/<pid>/status`, in KiB.
 pub fn proc_rss_kb(pid: u32) -> Result<u64> {
+    proc_status_kb(pid, "VmRSS:")
+}
+
+/// `pid`'s peak resident memory (VmHWM) in KiB.
+///
+/// # Errors
+/// The process is gone or its status cannot be read.
+pub fn proc_peak_rss_kb(pid: u32) -> Result<u64> {
+    proc_status_kb(pid, "VmHWM:")
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status = fs::read_to_string(&path).map_err(io_err(format!("read {path}")))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| HarnessError::Setup(format!("no VmRSS in {path}")))
+        .ok_or_else(|| HarnessError::Setup(format!("no {field} in {path}")))
+}
+
+/// A tmpfs mounted at a directory (created if missing), unmounted on drop. Needs root.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// `mount -t tmpfs -o OPTIONS tmpfs AT`.
+    ///
+    /// # Errors
+    /// The directory cannot be made, or the mount failed.
+    pub fn mount(at: &Path, options: &str) -> Result<Self> {
+        fs::create_dir_all(at).map_err(io_err(format!("mkdir {}", at.display())))?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(at)
+            .status()
+            .map_err(io_err("run mount"))?;
+        if !ok.success() {
+            return Err(HarnessError::Setup(format!(
+                "mount -t tmpfs -o {options} on {} failed",
+                at.display()
+            )));
+        }
+        Ok(Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazily: a process that still holds a file there must not keep it mounted.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
 }
 
 /// Makes `fd` inheritable (clears `FD_CLOEXEC`): every process spawned afterwards gets it,

@@ -114,19 +114,7 @@ async fn a_bad_history_file_is_set_aside_and_baton_starts() {
             state.join("history.jsonl.bad").exists(),
             "{kind}: set aside"
         );
-        let hwm = std::fs::read_to_string(format!("/proc/{}/status", baton.pid()))
-            .unwrap()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("VmHWM:").map(|v| {
-                    v.trim()
-                        .trim_end_matches(" kB")
-                        .trim()
-                        .parse::<u64>()
-                        .unwrap()
-                })
-            })
-            .unwrap();
+        let hwm = baton_tests::harness::proc_peak_rss_kb(baton.pid()).unwrap();
         assert!(hwm < 32 * 1024, "{kind}: peak RSS {hwm} KiB");
         // History works again.
         match baton.upgrade_wait().await.unwrap() {
@@ -367,23 +355,7 @@ async fn a_store_write_that_fails_fails_the_command_and_status_says_so() {
     let _serial = exclusive().await;
     let s = baton_tests::releases::StoreDir::new("store-full").unwrap();
     let store = s.store();
-    std::fs::create_dir(&store).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs"])
-        .arg(&store)
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(store.clone());
+    let _tmpfs = baton_tests::harness::Tmpfs::mount(&store, "size=1m,mode=0755").unwrap();
     s.add_hello("v1", "", true).await.unwrap();
     s.add_hello("v2", "", true).await.unwrap();
     s.permanent("v1").await;

@@ -55,20 +55,7 @@ async fn a_log_file_on_a_full_disk_loses_lines_not_baton() {
     let _serial = exclusive().await;
     let dir = TestDir::new("log-full").unwrap();
     let mnt = dir.join("full");
-    std::fs::create_dir(&mnt).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .unwrap();
-    assert!(ok.success(), "mount tmpfs");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mnt.clone());
+    let _tmpfs = baton_tests::harness::Tmpfs::mount(&mnt, "size=1m").unwrap();
     // Fill it, so that every log write fails with ENOSPC.
     let filler = std::process::Command::new("dd")
         .args(["if=/dev/zero", "bs=64k"])

@@ -458,13 +458,8 @@ async fn bad_release_input_gets_one_line_and_harms_nothing() {
     // A store that cannot be written (a read-only filesystem; root ignores modes).
     let ro = StoreDir::new("rel-ro").unwrap();
     let dir = ro.store();
-    std::fs::create_dir(&dir).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "ro,size=64k", "tmpfs"])
-        .arg(&dir)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
+    let mounted = baton_tests::harness::Tmpfs::mount(&dir, "ro,size=64k").ok();
+    if mounted.is_none() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555)).unwrap();
     }
@@ -479,9 +474,7 @@ async fn bad_release_input_gets_one_line_and_harms_nothing() {
             "{text}"
         );
     }
-    if mounted {
-        let _ = std::process::Command::new("umount").arg(&dir).status();
-    }
+    drop(mounted);
     assert_eq!(
         baton.status().await.unwrap().pid,
         pid,
