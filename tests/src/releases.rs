@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use baton_protocol::{Release, ReleaseStatus};
+use baton_protocol::{Release, ReleaseReply, ReleaseStatus};
 
 use crate::harness::{
     Baton, CliOutput, Result, TestDir, baton_cli, hello_http_bin, io_err, write_script,
@@ -204,4 +204,13 @@ pub async fn active_release(baton: &Baton) -> Result<Option<String>> {
         .iter()
         .find(|g| Some(g.pid) == s.pid)
         .and_then(|g| g.release.clone()))
+}
+
+/// The release reply a `--json` release command printed.
+///
+/// # Panics
+/// When it printed none, with its output.
+pub fn reply(out: &CliOutput) -> ReleaseReply {
+    serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("not a release reply ({e}): {out:?}"))
 }

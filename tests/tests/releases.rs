@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use baton_protocol::{ReleaseReply, ReleaseResultKind, ReleaseStatus};
+use baton_protocol::{ReleaseResultKind, ReleaseStatus};
 use baton_tests::harness::{Baton, Signal, TestDir, exclusive, wait_pid_gone};
 use baton_tests::load::{FailureKind, LoadGen, LoadOpts};
 use baton_tests::releases::{
-    INSTALL_TIMEOUT, RELEASE_CLI_TIMEOUT, StoreDir, active_release, list, release, status_of,
+    INSTALL_TIMEOUT, RELEASE_CLI_TIMEOUT, StoreDir, active_release, list, release, reply, status_of,
 };
 
 /// A store with v1 (permanent) and v2 added.
@@ -36,11 +36,6 @@ async fn start(s: &StoreDir, extra: &[&str]) -> Baton {
         .unwrap();
     assert_eq!(active_release(&baton).await.unwrap().as_deref(), Some("v1"));
     baton
-}
-
-fn reply(out: &baton_tests::harness::CliOutput) -> ReleaseReply {
-    serde_json::from_str(out.stdout.trim())
-        .unwrap_or_else(|e| panic!("not a release reply ({e}): {out:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,21 +8,18 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use baton_protocol::{ReleaseReply, ReleaseResultKind, ReleaseStatus, StartReason};
+use baton_protocol::{ReleaseResultKind, ReleaseStatus, StartReason};
 use baton_tests::harness::{
     Baton, TestDir, exclusive, generation_pids, hello_http_bin, write_script,
 };
 use baton_tests::http::http_get;
 use baton_tests::load::{FailureKind, LoadGen, LoadHandle, LoadOpts};
-use baton_tests::releases::{INSTALL_TIMEOUT, StoreDir, active_release, list, release, status_of};
+use baton_tests::releases::{
+    INSTALL_TIMEOUT, StoreDir, active_release, list, release, reply, status_of,
+};
 
 const KEEPALIVE: usize = 4;
 const FRESH: usize = 4;
-
-fn reply(out: &baton_tests::harness::CliOutput) -> ReleaseReply {
-    serde_json::from_str(out.stdout.trim())
-        .unwrap_or_else(|e| panic!("not a release reply ({e}): {out:?}"))
-}
 
 fn load_opts() -> LoadOpts {
     LoadOpts {
