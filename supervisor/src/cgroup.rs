@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::sys;
 
@@ -47,7 +47,13 @@ fn usable_base() -> Result<PathBuf, String> {
     std::fs::create_dir(&probe)
         .map_err(|e| format!("cannot create a cgroup in {}: {e}", base.display()))?;
     let _ = std::fs::remove_dir(&probe);
-    sweep_stale(&base);
+    for (pid, killed) in sweep_stale(&base).into_iter().filter(|(_, n)| *n > 0) {
+        tracing::warn!(
+            dead_baton = pid,
+            killed,
+            "removed the generation cgroups of a baton that died"
+        );
+    }
     Ok(base)
 }
 
@@ -55,7 +61,7 @@ impl Containment {
     /// Finds out whether generations can get cgroups of their own, and says so in
     /// the log.
     pub fn detect() -> Self {
-        let base = if std::env::var_os("BATON_NO_CGROUPS").is_some_and(|v| v == "1") {
+        let base = if !enabled() {
             Err("cgroups turned off by BATON_NO_CGROUPS=1".to_owned())
         } else {
             usable_base()
@@ -197,26 +203,134 @@ impl Containment {
     }
 }
 
-/// Removes the empty cgroups left by batons that died without cleaning up (SIGKILL):
-/// `baton-<pid>-…` whose pid no longer exists. One still in use is not empty, and
-/// `rmdir` refuses it.
-fn sweep_stale(base: &std::path::Path) {
+/// The generation cgroups batons left when they died without cleaning up (SIGKILL,
+/// with their guardian): for each, everything in it is killed and it is removed. A
+/// cgroup belongs to a live baton, and is never touched, while its pid (the `<pid>`
+/// of `baton-<pid>-…`) runs in the same cgroup as this baton; a pid that has since
+/// been reused elsewhere does not count. Returns (dead baton's pid, processes killed)
+/// per reclaimed cgroup.
+pub fn reclaim_stale() -> Vec<(u32, usize)> {
+    match own_cgroup_dir() {
+        Some(base) if enabled() => sweep_stale(&base),
+        _ => Vec::new(),
+    }
+}
+
+/// Whether baton needs a guardian: generations get cgroups, and no service manager
+/// kills them when baton dies (systemd does, for a service: `KillMode=control-group`).
+pub fn guardian_needed() -> bool {
+    enabled() && std::env::var_os("INVOCATION_ID").is_none() && own_cgroup_dir().is_some()
+}
+
+/// Whether cgroups are not turned off by `BATON_NO_CGROUPS=1`.
+fn enabled() -> bool {
+    std::env::var_os("BATON_NO_CGROUPS").is_none_or(|v| v != "1")
+}
+
+fn sweep_stale(base: &Path) -> Vec<(u32, usize)> {
+    let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(base) else {
-        return;
+        return out;
     };
     for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("baton-"))
-            .and_then(|n| n.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
+        let Some(pid) = owner_pid(&e.file_name()) else {
             continue;
         };
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir(e.path());
+        if baton_alive(pid) {
+            continue;
         }
+        let killed = empty_and_remove(&e.path());
+        out.push((pid, killed));
+    }
+    out
+}
+
+/// baton `pid` died: kills what its generations left and removes their cgroups. The
+/// guardian runs this the moment baton is gone.
+pub fn reclaim_of(pid: u32) -> usize {
+    let Some(base) = own_cgroup_dir().filter(|_| enabled()) else {
+        return 0;
+    };
+    let Ok(entries) = std::fs::read_dir(&base) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| owner_pid(&e.file_name()) == Some(pid))
+        .map(|e| empty_and_remove(&e.path()))
+        .sum()
+}
+
+/// `baton-<pid>-…` → pid.
+fn owner_pid(name: &std::ffi::OsStr) -> Option<u32> {
+    name.to_str()?
+        .strip_prefix("baton-")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` runs in this baton's cgroup, where a baton that made generation
+/// cgroups beside ours would run.
+fn baton_alive(pid: u32) -> bool {
+    let rel = |who: &str| {
+        let cg = std::fs::read_to_string(format!("/proc/{who}/cgroup")).ok()?;
+        cg.lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(str::to_owned)
+    };
+    // A zombie has exited: its cgroups are orphans even before its parent reaps it.
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true);
+    !zombie && rel(&pid.to_string()).is_some_and(|theirs| rel("self") == Some(theirs))
+}
+
+/// Kills everything in cgroup `dir` and below, waits (at most 2 s) for it to empty, and
+/// removes it. Returns how many processes were in it.
+fn empty_and_remove(dir: &Path) -> usize {
+    let procs = |d: &Path| {
+        std::fs::read_to_string(d.join("cgroup.procs"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    let found = procs(dir);
+    if found > 0 && std::fs::write(dir.join("cgroup.kill"), b"1").is_err() {
+        for p in std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+        {
+            let _ = sys::kill(p, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    for _ in 0..200 {
+        if remove_tree(dir) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    found
+}
+
+/// Removes the cgroup `dir` and the cgroups below it, deepest first; `false` while a
+/// process remains in one.
+fn remove_tree(dir: &Path) -> bool {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => true,
+        Err(e) => e.kind() == io::ErrorKind::NotFound,
     }
 }
 

@@ -192,6 +192,32 @@ fn run(args: RunArgs) -> ExitCode {
         }
         None => None,
     };
+    // Before binding: what a baton SIGKILLed with its guardian left may hold our ports.
+    for (pid, killed) in cgroup::reclaim_stale().into_iter().filter(|(_, n)| *n > 0) {
+        tracing::warn!(
+            dead_baton = pid,
+            killed,
+            "killed what a dead baton's generations left, and removed their cgroups"
+        );
+    }
+    if cgroup::guardian_needed() {
+        // Still one thread, as fork_guardian requires.
+        match sys::fork_guardian(c"baton-guard", |pid| {
+            let killed = cgroup::reclaim_of(pid);
+            if killed > 0 {
+                tracing::warn!(
+                    baton = pid,
+                    killed,
+                    "baton died: killed what its generations left"
+                );
+            }
+        }) {
+            Ok(guard) => tracing::debug!(guard, "a guardian kills the generations if baton dies"),
+            Err(e) => {
+                tracing::warn!(error = %e, "no guardian: generations outlive a SIGKILLed baton")
+            }
+        }
+    }
     // Still single-threaded here: listeners::open_all edits the environment.
     let sd = notify::SystemdOut::from_env();
     let opts = listeners::BindOptions {

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use baton_protocol::Phase;
 
 use crate::harness::{
-    Baton, Signal, TestDir, UpgradeOutcome, descendants, hello_http_bin, kv_server_bin, pid_alive,
-    proc_fds, signal_pid,
+    Baton, Signal, TestDir, UpgradeOutcome, descendants, generation_tree, hello_http_bin,
+    kv_server_bin, pid_alive, proc_fds, signal_pid,
 };
 use crate::kv::{App, Writers};
 use crate::load::{FailureKind, LoadGen, LoadHandle, LoadOpts, LoadReport};
@@ -333,7 +333,7 @@ impl Target {
         }
         let mut allowed: BTreeSet<u32> = descendants(active).into_iter().collect();
         allowed.insert(active);
-        let extra: Vec<u32> = descendants(self.baton.pid())
+        let extra: Vec<u32> = generation_tree(self.baton.pid())
             .into_iter()
             .filter(|p| !allowed.contains(p))
             .collect();

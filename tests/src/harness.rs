@@ -832,6 +832,15 @@ pub async fn wait_pid_gone(pid: u32, timeout: Duration) -> Result<Duration> {
     }
 }
 
+/// The processes of baton `pid`'s generations: its live descendants but its guardian
+/// (`baton-guard`, which kills them if baton is SIGKILLed).
+pub fn generation_tree(pid: u32) -> Vec<u32> {
+    descendants(pid)
+        .into_iter()
+        .filter(|&p| proc_comm(p) != "baton-guard")
+        .collect()
+}
+
 /// Every live descendant of `pid` (scans `/proc`: this kernel may lack
 /// `/proc/<pid>/task/<tid>/children`).
 pub fn descendants(pid: u32) -> Vec<u32> {
@@ -861,6 +870,68 @@ pub fn descendants(pid: u32) -> Vec<u32> {
         }
     }
     out
+}
+
+/// The cgroup v2 directory of this test process (baton inherits it and makes its
+/// generations' cgroups below it).
+pub fn own_cgroup_dir() -> Option<PathBuf> {
+    let cg = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = cg.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = mounts.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        right
+            .starts_with("cgroup2 ")
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    })?;
+    Some(mount.join(rel.trim_start_matches('/')))
+}
+
+/// The generation cgroups baton `pid` made (`baton-<pid>-…` below this process's).
+pub fn generation_cgroups(pid: u32) -> Vec<PathBuf> {
+    let Some(base) = own_cgroup_dir() else {
+        return Vec::new();
+    };
+    let prefix = format!("baton-{pid}-");
+    fs::read_dir(base)
+        .map(|it| {
+            it.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `/proc/<pid>/comm`, or "" when it is gone.
+pub fn proc_comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Whether `pid`'s command line contains `needle`.
+pub fn cmdline_has(pid: u32, needle: &str) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .replace('\0', " ")
+                .contains(needle)
+        })
+        .unwrap_or(false)
+}
+
+/// Live processes whose command line contains `needle`, wherever they are in the tree.
+pub fn pids_with_cmdline(needle: &str) -> Vec<u32> {
+    let me = std::process::id();
+    fs::read_dir("/proc")
+        .map(|it| {
+            it.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|&p| p != me && pid_alive(p) && cmdline_has(p, needle))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `/proc/<pid>/fd`: fd number -> link target (`socket:[123]`, `/dev/null`, ...).

@@ -2,7 +2,13 @@
 
 use std::time::Duration;
 
-use baton_tests::harness::{Baton, UpgradeOutcome, exclusive, hello_http_bin};
+use baton_tests::harness::{
+    Baton, KillOnDrop, TestDir, UpgradeOutcome, descendants, exclusive, generation_cgroups,
+    generation_pids, hello_http_bin, pid_alive, pids_with_cmdline, proc_comm, signal_pid,
+    wait_pid_gone, write_script,
+};
+use baton_tests::http;
+use nix::sys::signal::Signal;
 
 /// Defect 7: a health check that leaves a background child (or times out) leaks
 /// nothing: each check runs in its own process group, killed whole when it ends.
@@ -465,4 +471,170 @@ async fn a_store_reached_through_another_users_symlink_is_refused() {
     // The store itself, named directly, is fine.
     let ok = s.offline(&["list"]).await.unwrap();
     assert!(ok.status.success(), "{ok:?}");
+}
+
+/// Defect 6's app: a wrapper that leaves a `sleep <marker>` behind, a grandchild of
+/// baton out of PR_SET_PDEATHSIG's reach that inherits the listener, then execs
+/// hello-http. While `<dir>/slow` exists it takes 60 s to get there, so that a
+/// candidate can be caught mid-upgrade.
+fn leaky_wrapper(dir: &TestDir, marker: &str) -> std::path::PathBuf {
+    let app = dir.join("leaky-app");
+    let script = format!(
+        "#!/bin/sh\nsleep {marker} &\nif [ -e {slow} ]; then sleep 60; fi\nexec {hello}\n",
+        slow = dir.join("slow").display(),
+        hello = hello_http_bin().unwrap().display(),
+    );
+    write_script(&app, &script).unwrap();
+    app
+}
+
+/// A `sleep` duration no other test uses.
+fn marker() -> String {
+    format!("{}", 860_000 + std::process::id() % 10_000)
+}
+
+/// Waits (bounded) until `n` marker processes run.
+async fn wait_markers(marker: &str, n: usize) -> Vec<u32> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let pids = pids_with_cmdline(&format!("sleep {marker}"));
+        if pids.len() >= n {
+            return pids;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {n} wrapper grandchildren started",
+            pids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Defect 6: baton SIGKILLed mid-upgrade takes every process of every generation with
+/// it, the candidate's and the grandchildren a wrapper left included; its cgroups go
+/// too, and a new baton binds the same port at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_baton_takes_every_process_of_its_generations_with_it() {
+    let _serial = exclusive().await;
+    let dir = TestDir::new("orphans").unwrap();
+    let marker = marker();
+    let app = leaky_wrapper(&dir, &marker);
+    let slow = dir.join("slow");
+    let mut baton = Baton::start_in(dir, ["--listen", "http=127.0.0.1:0"], [&app])
+        .await
+        .unwrap();
+    let status = baton.status().await.unwrap();
+    if status.containment != "cgroup" {
+        eprintln!(
+            "SKIP: generations are not in cgroups here ({}); only the process group is killed",
+            status.containment
+        );
+        return;
+    }
+    let addr = baton.tcp_addr("http").await.unwrap();
+    wait_markers(&marker, 1).await;
+    // Mid-upgrade: the candidate has left its own grandchild and is not ready.
+    std::fs::write(&slow, b"").unwrap();
+    baton.upgrade().await.unwrap();
+    wait_markers(&marker, 2).await;
+    let tree = descendants(baton.pid());
+    assert!(
+        tree.iter().any(|&p| proc_comm(p) == "baton-guard"),
+        "no guardian among baton's children: {tree:?}"
+    );
+    let pid = baton.pid();
+    baton.signal(Signal::SIGKILL).unwrap();
+    baton.wait_exit(Duration::from_secs(10)).await.unwrap();
+    for p in tree {
+        let comm = proc_comm(p);
+        wait_pid_gone(p, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("{p} ({comm}) outlived the SIGKILLed baton: {e}"));
+    }
+    assert!(pids_with_cmdline(&format!("sleep {marker}")).is_empty());
+    let left = generation_cgroups(pid);
+    assert!(left.is_empty(), "cgroups left behind: {left:?}");
+    // The port is free: a new baton binds it at once, and serves.
+    std::fs::remove_file(&slow).unwrap();
+    let again = Baton::start(
+        ["--listen".to_owned(), format!("http={addr}")],
+        [hello_http_bin().unwrap()],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("restart on {addr}: {e}"));
+    let reply = http::get(addr, "/", Duration::from_secs(5)).unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}\n{}", again.log());
+}
+
+/// Defect 6, the fallback: baton and its guardian both SIGKILLed leave the wrapper's
+/// grandchild on the port. The next baton kills it and removes the dead baton's cgroups
+/// before it binds, so it starts; another live baton's generation and cgroups are left
+/// alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_baton_reclaims_what_a_dead_baton_left_and_spares_a_live_one() {
+    let _serial = exclusive().await;
+    let dir = TestDir::new("reclaim").unwrap();
+    let marker = marker();
+    let app = leaky_wrapper(&dir, &marker);
+    let mut dead = Baton::start_in(dir, ["--listen", "http=127.0.0.1:0"], [&app])
+        .await
+        .unwrap();
+    if dead.status().await.unwrap().containment != "cgroup" {
+        eprintln!("SKIP: generations are not in cgroups here; there is nothing to reclaim");
+        return;
+    }
+    let live = Baton::start(
+        ["--listen", "http=127.0.0.1:0"],
+        [hello_http_bin().unwrap()],
+    )
+    .await
+    .unwrap();
+    let addr = dead.tcp_addr("http").await.unwrap();
+    wait_markers(&marker, 1).await;
+    let guard = descendants(dead.pid())
+        .into_iter()
+        .find(|&p| proc_comm(p) == "baton-guard")
+        .expect("no guardian");
+    signal_pid(guard, Signal::SIGKILL).unwrap();
+    wait_pid_gone(guard, Duration::from_secs(10)).await.unwrap();
+    let dead_pid = dead.pid();
+    dead.signal(Signal::SIGKILL).unwrap();
+    dead.wait_exit(Duration::from_secs(10)).await.unwrap();
+    let orphans = pids_with_cmdline(&format!("sleep {marker}"));
+    assert_eq!(
+        orphans.len(),
+        1,
+        "without a guardian the grandchild outlives baton"
+    );
+    let _reap = KillOnDrop(orphans[0]);
+    assert!(!generation_cgroups(dead_pid).is_empty());
+    let live_cgroups = generation_cgroups(live.pid());
+    let live_gens = generation_pids(&live.status().await.unwrap());
+    assert!(!live_cgroups.is_empty() && !live_gens.is_empty());
+
+    let next = Baton::start(
+        ["--listen".to_owned(), format!("http={addr}")],
+        [hello_http_bin().unwrap()],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("restart on {addr} with the dead baton's orphan on it: {e}"));
+    assert!(
+        next.log().contains("dead baton"),
+        "nothing said about the reclaim:\n{}",
+        next.log()
+    );
+    wait_pid_gone(orphans[0], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(generation_cgroups(dead_pid).is_empty());
+    let reply = http::get(addr, "/", Duration::from_secs(5)).unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    // The other baton is untouched.
+    for p in &live_gens {
+        assert!(pid_alive(*p), "the live baton's generation {p} was killed");
+    }
+    for d in &live_cgroups {
+        assert!(d.exists(), "the live baton's {} was removed", d.display());
+    }
+    assert!(live.status().await.is_ok());
 }

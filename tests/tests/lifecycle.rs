@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use baton_protocol::{Phase, UpgradeResult};
 use baton_tests::harness::{
-    Baton, Signal, UpgradeOutcome, descendants, exclusive, generation_pids, hello_http_bin,
-    pid_alive, wait_pid_gone,
+    Baton, Signal, UpgradeOutcome, descendants, exclusive, generation_pids, generation_tree,
+    hello_http_bin, pid_alive, wait_pid_gone,
 };
 use baton_tests::load::{LoadGen, LoadOpts};
 
@@ -129,7 +129,11 @@ async fn hup_storm_under_load() {
     assert_eq!(last.result, UpgradeResult::Promoted, "{last:?}");
     assert_eq!(settled.crashes, 0);
     // No candidate or draining generation is left anywhere in baton's process tree.
-    assert_eq!(descendants(baton.pid()), vec![pid], "baton's process tree");
+    assert_eq!(
+        generation_tree(baton.pid()),
+        vec![pid],
+        "baton's process tree"
+    );
 
     load.wait_until(Duration::from_secs(10), |s| s.pids.contains(&pid))
         .await

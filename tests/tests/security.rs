@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use baton_protocol::Phase;
 use baton_tests::harness::{
     Baton, KillOnDrop, TestDir, UpgradeOutcome, baton_cli, exclusive, fixture, hello_http_bin,
-    pid_alive, proc_fds, python3, wait_pid_gone, write_script,
+    own_cgroup_dir, pid_alive, proc_fds, python3, wait_pid_gone, write_script,
 };
 use baton_tests::http;
 use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
@@ -666,21 +666,6 @@ async fn stop_removes_the_unix_socket_file_baton_bound() {
     baton.stop_cli().await.unwrap();
     baton.wait_exit(BOUND).await.unwrap();
     assert!(!sock.exists(), "{} was left behind", sock.display());
-}
-
-/// The cgroup v2 directory of this test process (baton inherits it and makes its
-/// generations' cgroups below it).
-fn own_cgroup_dir() -> Option<std::path::PathBuf> {
-    let cg = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let rel = cg.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mount = mounts.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        right
-            .starts_with("cgroup2 ")
-            .then(|| left.split_whitespace().nth(4).map(std::path::PathBuf::from))?
-    })?;
-    Some(mount.join(rel.trim_start_matches('/')))
 }
 
 /// Empty generation cgroups left by a SIGKILLed baton are swept at start-up; those of a

@@ -1,5 +1,7 @@
-//! Every `unsafe` block and raw fd / libc call of the supervisor lives here (and
-//! in `reexec.rs` below it: the calls only a reexec makes).
+//! Every `unsafe` block and raw fd / libc call of the supervisor lives here and in the
+//! files below it, one per topic: `clone.rs` (clone3 into a cgroup), `guard.rs` (the
+//! guardian that outlives baton), `reexec.rs` (the calls only a reexec makes) and
+//! `sched.rs` (nice and scheduling).
 
 use std::ffi::CString;
 use std::io;
@@ -17,9 +19,11 @@ use nix::sys::socket::{
 use nix::sys::stat::{SFlag, fstat};
 
 mod clone;
+mod guard;
 mod reexec;
 mod sched;
 pub use clone::*;
+pub use guard::*;
 pub use reexec::*;
 pub use sched::*;
 

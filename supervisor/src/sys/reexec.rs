@@ -82,8 +82,8 @@ pub fn set_inheritable(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// A pidfd for our child `pid` (Linux 5.3+). The child is a zombie at worst: only
-/// baton reaps its children, so the pid cannot have been reused.
+/// A pidfd for `pid` (Linux 5.3+). For a child, the pid cannot have been reused (it
+/// is a zombie at worst: only baton reaps its children); other callers check.
 pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     let pid = libc::pid_t::try_from(pid).map_err(io::Error::other)?;
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
