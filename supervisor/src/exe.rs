@@ -143,7 +143,8 @@ impl Exe {
             .metadata()
             .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
         if let Some(o) = owner {
-            crate::store::owner::check(&m, o, path)?;
+            crate::store::owner::check_tree(dir, o)
+                .map_err(|e| format!("release {version}: {e}"))?;
         }
         exe.checked = Some(Checked {
             sha256: sha256.to_string(),
@@ -177,8 +178,10 @@ impl Exe {
             .file
             .metadata()
             .map_err(|e| format!("cannot stat {}: {e}", self.path.display()))?;
-        if let Some(o) = owner {
-            crate::store::owner::check(&m, *o, &self.path)?;
+        if let (Some(o), Some((version, dir))) = (owner, &self.release) {
+            // The whole tree, at every exec: a file beside PROGRAM may run as well.
+            crate::store::owner::check_tree(dir, *o)
+                .map_err(|e| format!("release {version}: {e}"))?;
         }
         let now = stamp(&m);
         let mut last = last

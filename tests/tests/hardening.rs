@@ -291,6 +291,54 @@ async fn a_program_rewritten_in_place_never_runs_not_even_on_a_crash_restart() {
     );
 }
 
+/// Defect 2, beyond PROGRAM: a file anywhere in the release tree that others may write
+/// (a wrapper's `env.sh`, say) stops `release check` and every exec, a crash restart's
+/// included, naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_writable_file_anywhere_in_a_release_stops_check_and_every_exec() {
+    use std::os::unix::fs::PermissionsExt;
+    let _serial = exclusive().await;
+    let s = baton_tests::releases::StoreDir::new("store-tree").unwrap();
+    s.add_hello("v1", "", true).await.unwrap();
+    s.permanent("v1").await;
+    let store = s.arg();
+    let baton = Baton::start_in(
+        TestDir::new("tree-run").unwrap(),
+        ["--listen", "http=127.0.0.1:0", "--releases", store.as_str()],
+        ["bin/app"],
+    )
+    .await
+    .unwrap();
+    let pid = baton.status().await.unwrap().pid.unwrap();
+    let shared = s.store().join("v1/healthy");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = s.offline(&["check", "v1"]).await.unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.contains("healthy has mode 666"),
+        "check does not name the file: {out:?}"
+    );
+    // The crash restart refuses too: the generation does not come back.
+    signal_pid(pid, Signal::SIGKILL).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !baton.log().contains("healthy has mode 666") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the crash restart did not refuse:\n{}",
+            baton.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = baton.status().await.unwrap();
+    assert!(
+        status
+            .generations
+            .iter()
+            .all(|g| !pid_alive(g.pid) || g.pid == pid),
+        "a generation runs from the shared tree: {status:?}"
+    );
+}
+
 /// Defect 2: `release add` kept a source's setuid bits, group/world write and (with
 /// `--move`) its owner. The store now holds only its owner's files, without those bits,
 /// and baton refuses to run a PROGRAM that breaks the rule later.

@@ -73,6 +73,30 @@ pub fn check(meta: &fs::Metadata, owner: u32, what: &Path) -> Result<(), String>
     Ok(())
 }
 
+/// Checks every file and directory of a release tree against the rule (not following
+/// links; a link's own owner counts, its mode does not). A wrapper's `env.sh` runs as
+/// surely as PROGRAM does.
+///
+/// # Errors
+/// The first entry that breaks the rule, named.
+pub fn check_tree(root: &Path, owner: u32) -> Result<(), String> {
+    let m = fs::symlink_metadata(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    if m.file_type().is_symlink() {
+        if m.uid() != owner {
+            return check(&m, owner, root);
+        }
+        return Ok(());
+    }
+    check(&m, owner, root)?;
+    if m.is_dir() {
+        for entry in fs::read_dir(root).map_err(|e| format!("{}: {e}", root.display()))? {
+            let entry = entry.map_err(|e| format!("{}: {e}", root.display()))?;
+            check_tree(&entry.path(), owner)?;
+        }
+    }
+    Ok(())
+}
+
 /// The store's owner, from its directory.
 ///
 /// # Errors
