@@ -216,6 +216,14 @@ impl Exe {
         self.file.as_fd()
     }
 
+    /// The open file's metadata.
+    ///
+    /// # Errors
+    /// `fstat` failed.
+    pub fn metadata(&self) -> std::io::Result<std::fs::Metadata> {
+        self.file.metadata()
+    }
+
     /// Whether `other` is the same file, unchanged.
     pub fn same_file(&self, other: &Exe) -> bool {
         self.identity == other.identity

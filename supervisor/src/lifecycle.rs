@@ -18,7 +18,6 @@ pub struct Lifecycle {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
 struct Inner {
     store: Store,
     preflight: Option<String>,
@@ -26,7 +25,22 @@ struct Inner {
     keep: Option<usize>,
     /// Why the last write to the store failed, until one succeeds.
     store_error: std::sync::Mutex<Option<String>>,
+    /// Changes not written yet because the store could not be written: replayed, in
+    /// order, with the next change and at every housekeeping tick.
+    pending: std::sync::Mutex<Vec<Change>>,
 }
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("store", &self.store)
+            .field("store_error", &self.store_error)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One change to the store's metadata, kept until it is written.
+type Change = Box<dyn Fn(&mut Meta) -> Result<(), crate::store::StoreError> + Send>;
 
 /// What a starting baton runs.
 pub struct Boot {
@@ -74,12 +88,13 @@ impl Lifecycle {
                 preflight_timeout,
                 keep,
                 store_error: std::sync::Mutex::new(None),
+                pending: std::sync::Mutex::new(Vec::new()),
             }),
         };
         if let Some(c) = meta.current().filter(|c| c.version != version) {
             // Never confirmed: OTP boots the old release too, and forgets the new one.
             let v = c.version.clone();
-            lc.update(|m| {
+            lc.update(Box::new(move |m| {
                 if let Some(r) = m.releases.iter_mut().find(|r| r.version == v) {
                     r.status = ReleaseStatus::Old;
                 }
@@ -90,7 +105,7 @@ impl Lifecycle {
                     "baton restarted while it was on probation; booted the permanent release",
                 );
                 Ok(())
-            });
+            }));
         }
         let exe = lc.open_exe(&version)?;
         Ok((
@@ -123,6 +138,7 @@ impl Lifecycle {
                 preflight_timeout,
                 keep,
                 store_error: std::sync::Mutex::new(None),
+                pending: std::sync::Mutex::new(Vec::new()),
             }),
         })
     }
@@ -183,7 +199,7 @@ impl Lifecycle {
             Err(e) => (false, e.clone()),
         };
         let v = version.to_string();
-        self.update(move |m| {
+        self.update(Box::new(move |m| {
             if m.get(&v).is_none() {
                 return Ok(());
             }
@@ -195,7 +211,7 @@ impl Lifecycle {
                 m.set_failed(&v)?;
             }
             Ok(())
-        });
+        }));
         r
     }
 
@@ -228,26 +244,40 @@ impl Lifecycle {
     pub fn persist(&self, event: &ReleaseEvent<'_>) {
         let keep = self.inner.keep;
         let prune_after = matches!(event, ReleaseEvent::Permanent(_));
-        self.update(|m| {
-            match event {
-                ReleaseEvent::Current(v) => {
-                    m.set_current(v)?;
-                    m.record(v, "install", true, "promoted; on probation");
-                }
-                ReleaseEvent::Permanent(v) => {
-                    m.set_permanent(v)?;
-                    m.record(v, "permanent", true, "");
-                }
-                ReleaseEvent::Failed { image, reason } => {
-                    m.set_failed(image)?;
-                    m.record(image, "install", false, reason);
-                }
-                ReleaseEvent::RevertRefused { image, reason } => {
-                    m.record(image, "revert", false, reason);
-                }
+        let change: Change = match *event {
+            ReleaseEvent::Current(v) => {
+                let v = v.clone();
+                Box::new(move |m| {
+                    m.set_current(&v)?;
+                    m.record(&v, "install", true, "promoted; on probation");
+                    Ok(())
+                })
             }
-            Ok(())
-        });
+            ReleaseEvent::Permanent(v) => {
+                let v = v.clone();
+                Box::new(move |m| {
+                    m.set_permanent(&v)?;
+                    m.record(&v, "permanent", true, "");
+                    Ok(())
+                })
+            }
+            ReleaseEvent::Failed { image, reason } => {
+                let (v, reason) = (image.clone(), reason.to_owned());
+                Box::new(move |m| {
+                    m.set_failed(&v)?;
+                    m.record(&v, "install", false, &reason);
+                    Ok(())
+                })
+            }
+            ReleaseEvent::RevertRefused { image, reason } => {
+                let (v, reason) = (image.clone(), reason.to_owned());
+                Box::new(move |m| {
+                    m.record(&v, "revert", false, &reason);
+                    Ok(())
+                })
+            }
+        };
+        self.update(change);
         if let (true, Some(keep)) = (prune_after, keep) {
             let in_use = self.meta().map(|m| m.live_in_use()).unwrap_or_default();
             match self.inner.store.prune(keep, &in_use) {
@@ -261,13 +291,13 @@ impl Lifecycle {
     /// Records which versions this baton's generations run (none: baton is
     /// done with the store).
     pub fn set_in_use(&self, versions: Vec<String>) {
-        self.update(|m| {
+        self.update(Box::new(move |m| {
             m.in_use = (!versions.is_empty()).then(|| InUse {
                 pid: std::process::id(),
-                versions,
+                versions: versions.clone(),
             });
             Ok(())
-        });
+        }));
     }
 
     /// release remove: deletes VERSION unless a generation uses it.
@@ -278,17 +308,66 @@ impl Lifecycle {
         self.inner.store.remove(version, in_use).map_err(|e| e.0)
     }
 
-    fn update(&self, f: impl FnOnce(&mut Meta) -> Result<(), crate::store::StoreError>) {
-        let r = self.inner.store.update(f);
+    /// Writes `change`, after any change still pending. When the store cannot be
+    /// written (a full disk, a corrupt file), the change is kept and status says the
+    /// store is out of sync until a later write succeeds.
+    fn update(&self, change: Change) {
+        let mut pending = self
+            .inner
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pending.push(change);
+        self.write_pending(&mut pending);
+    }
+
+    /// Housekeeping: retries the changes a failed write left pending.
+    pub fn retry_pending(&self) {
+        let mut pending = self
+            .inner
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !pending.is_empty() {
+            self.write_pending(&mut pending);
+        }
+    }
+
+    fn write_pending(&self, pending: &mut Vec<Change>) {
+        // A change that no longer applies (its release was removed) is dropped and
+        // reported; it must not hold back the others forever.
+        let mut refused = Vec::new();
+        let r = self.inner.store.update(|m| {
+            for change in pending.iter() {
+                if let Err(e) = change(m) {
+                    refused.push(e.0);
+                }
+            }
+            Ok(())
+        });
         let mut last = self
             .inner
             .store_error
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match r {
-            Ok(()) => *last = None,
+            Ok(()) => {
+                if last.is_some() {
+                    tracing::info!(
+                        changes = pending.len(),
+                        "wrote the release store: back in sync"
+                    );
+                }
+                pending.clear();
+                *last = refused.pop();
+                if let Some(why) = &*last {
+                    tracing::error!(error = %why, "a release store change no longer applies");
+                }
+            }
             Err(e) => {
-                tracing::error!(error = %e, "cannot update the release store: it is out of sync");
+                if last.is_none() {
+                    tracing::error!(error = %e, "cannot update the release store: it is out of sync; retrying");
+                }
                 *last = Some(e.0);
             }
         }

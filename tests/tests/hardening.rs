@@ -491,6 +491,27 @@ async fn a_store_write_that_fails_fails_the_command_and_status_says_so() {
         .map(|r| r["version"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(perm, vec!["v1".to_owned()], "{meta}");
+    // Space again: the change still pending is written, and status is back in sync, so
+    // a restart boots what runs now.
+    std::fs::remove_file(store.join("filler")).unwrap();
+    baton
+        .wait_for("the store back in sync", Duration::from_secs(20), |s| {
+            s.releases.as_ref().is_some_and(|r| r.store_error.is_none())
+        })
+        .await
+        .unwrap();
+    let meta = std::fs::read_to_string(store.join("releases.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    let status_of = |version: &str| {
+        v["releases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["version"] == version)
+            .map(|r| r["status"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(status_of("v2").as_deref(), Some("permanent"), "{meta}");
+    assert_eq!(status_of("v1").as_deref(), Some("old"), "{meta}");
 }
 
 /// Defect 8: a store path that is another user's symlink was accepted (the control
@@ -685,4 +706,69 @@ async fn a_restarted_baton_reclaims_what_a_dead_baton_left_and_spares_a_live_one
         assert!(d.exists(), "the live baton's {} was removed", d.display());
     }
     assert!(live.status().await.is_ok());
+}
+
+/// Defect 8: a reexec probed (and would exec) baton's own executable from a directory
+/// anyone could write. It now applies the store's rule: the file and every directory
+/// on its path belong to baton's user or root, and none is writable by others (unless
+/// sticky). baton keeps running after a refusal, and a good file is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reexec_refuses_an_executable_others_could_have_placed() {
+    use std::os::unix::fs::PermissionsExt;
+    let _serial = exclusive().await;
+    let dir = TestDir::new("reexec-owner").unwrap();
+    let shared = dir.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let exe = shared.join("baton");
+    std::fs::copy(baton_tests::harness::baton_bin().unwrap(), &exe).unwrap();
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    mode(&shared, 0o777);
+    let baton = Baton::spawn_with(
+        &exe,
+        &[],
+        dir,
+        ["--listen", "http=127.0.0.1:0"],
+        [hello_http_bin().unwrap()],
+    )
+    .unwrap();
+    baton.wait_active(Duration::from_secs(20)).await.unwrap();
+    let before = baton.status().await.unwrap();
+
+    let (ok, report) = baton.reexec_wait().await.unwrap();
+    let why = report.reason.clone().unwrap_or_default();
+    assert!(!ok, "{report:?}");
+    assert!(
+        why.contains("which others can write") && why.contains("shared"),
+        "{report:?}"
+    );
+
+    mode(&shared, 0o755);
+    mode(&exe, 0o757);
+    let (ok, report) = baton.reexec_wait().await.unwrap();
+    assert!(!ok, "{report:?}");
+    assert!(report.reason.unwrap_or_default().contains("has mode 757"));
+    // Group write by another group: nobody's (65534), when root may give it away.
+    if nix::unistd::geteuid().is_root() {
+        mode(&exe, 0o775);
+        std::os::unix::fs::chown(&exe, None, Some(65534)).unwrap();
+        let (ok, report) = baton.reexec_wait().await.unwrap();
+        assert!(!ok, "{report:?}");
+        assert!(report.reason.unwrap_or_default().contains("has mode 775"));
+        std::os::unix::fs::chown(&exe, None, Some(0)).unwrap();
+    }
+
+    // Nothing was harmed: the same baton and generation serve.
+    let after = baton.status().await.unwrap();
+    assert_eq!(after.pid, before.pid);
+    let addr = baton.tcp_addr("http").await.unwrap();
+    assert_eq!(
+        http::get(addr, "/", Duration::from_secs(5)).unwrap().status,
+        200
+    );
+
+    mode(&exe, 0o755);
+    let (ok, report) = baton.reexec_wait().await.unwrap();
+    assert!(ok, "a file that obeys the rule is taken: {report:?}");
 }

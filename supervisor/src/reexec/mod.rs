@@ -34,6 +34,16 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn probe(path: PathBuf) -> Result<(Exe, BatonBuild), String> {
     let exe = Exe::open(&path)?;
     let name = path.display().to_string();
+    // baton runs this as itself, often as root: nobody else may have placed it.
+    let meta = exe
+        .metadata()
+        .map_err(|e| format!("new baton {name}: {e}"))?;
+    let (euid, egid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    crate::store::owner::check_own_exec(&path, &meta, euid, egid)
+        .map_err(|why| format!("new baton {why}"))?;
     exe.check_runs_here()
         .map_err(|why| format!("new baton {name}: {why}"))?;
     // Through baton's own fd: what answers is the file that will be exec'd.

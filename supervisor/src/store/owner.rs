@@ -97,6 +97,59 @@ pub fn check_tree(root: &Path, owner: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// The rule for an executable outside a store that baton execs as itself (a reexec):
+/// the file and every directory on its path belong to baton's user or root, and none
+/// of them can be written by anyone else: no world write, no group write unless the
+/// group is root's or baton's own (a umask of 002), and no setuid or setgid bit on the
+/// file. A world-writable directory passes only if sticky, as `/tmp` is: there nobody
+/// else can rename or remove the file.
+///
+/// # Errors
+/// The file or directory that breaks the rule, named.
+pub fn check_own_exec(
+    path: &Path,
+    meta: &fs::Metadata,
+    euid: u32,
+    egid: u32,
+) -> Result<(), String> {
+    let trusted = |uid: u32| uid == euid || uid == 0;
+    let others_write = |m: &fs::Metadata| {
+        let mode = m.permissions().mode();
+        mode & 0o002 != 0 || (mode & 0o020 != 0 && m.gid() != 0 && m.gid() != egid)
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if !trusted(meta.uid()) {
+        return Err(format!(
+            "{} belongs to uid {}, not to baton's user (uid {euid}) or root; refusing to run it",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    if mode & 0o6000 != 0 || others_write(meta) {
+        return Err(format!(
+            "{} has mode {mode:o} (setuid, setgid, or writable by others); refusing to run it",
+            path.display()
+        ));
+    }
+    for dir in path.ancestors().skip(1) {
+        if dir.as_os_str().is_empty() {
+            continue;
+        }
+        let m = fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let sticky = m.permissions().mode() & 0o1000 != 0;
+        if !trusted(m.uid()) || (others_write(&m) && !sticky) {
+            return Err(format!(
+                "{} is in {} (uid {}, mode {:o}), which others can write; refusing to run it",
+                path.display(),
+                dir.display(),
+                m.uid(),
+                m.permissions().mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The store's owner, from its directory.
 ///
 /// # Errors

@@ -736,6 +736,9 @@ async fn serve(
                 rearm_listeners(&d.listeners, cfg.backlog);
                 d.metrics_dirty = true;
                 d.containment.sweep();
+                if let Some(lc) = &d.lifecycle {
+                    lc.retry_pending();
+                }
                 d.strays.retain(|&p| crate::strays::alive(p));
                 d.housekeep_images(&m);
                 if m.on_probation().is_some() && d.sd.enabled() {
