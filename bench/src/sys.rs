@@ -2,6 +2,7 @@
 //!
 //! The only `unsafe` is in [`pass_as_fd3`]: the `pre_exec` hook and the raw fds it
 //! borrows between fork and exec, each with its `SAFETY:` note.
+#![allow(unsafe_code)]
 
 use std::io;
 

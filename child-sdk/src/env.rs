@@ -206,6 +206,9 @@ impl Env {
     ///     })
     /// }
     /// ```
+    // The one `unsafe` outside `sys`: the caller's promise (no other thread) is this
+    // function's contract, so it is part of the API; the raw call is in `sys`.
+    #[allow(unsafe_code)]
     pub unsafe fn take() -> Result<Env> {
         let mut values: Vec<(&'static str, String)> = Vec::new();
         let mut first_err = None;

@@ -2,6 +2,7 @@
 //!
 //! The rest of the crate only handles `OwnedFd` / `BorrowedFd` and calls the
 //! small, checked functions here.
+#![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

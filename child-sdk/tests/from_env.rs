@@ -1,6 +1,9 @@
 //! `Env::take` + `Builder::start` against a real control socketpair and a
 //! real notify socket. One test per file: it changes the process
 //! environment, which must not race with other tests.
+//!
+//! It calls `Env::take` and sets the environment itself, both `unsafe` by contract.
+#![allow(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::IntoRawFd;

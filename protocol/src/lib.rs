@@ -27,6 +27,7 @@ pub mod control;
 pub mod events;
 pub mod reexec;
 pub mod release;
+pub mod report;
 mod sys;
 pub mod wire;
 
@@ -35,3 +36,4 @@ pub use crate::control::*;
 pub use crate::events::*;
 pub use crate::reexec::*;
 pub use crate::release::*;
+pub use crate::report::*;

@@ -1,5 +1,6 @@
 //! Every `unsafe` block and raw socket call of the crate: one `recvmsg`
 //! that owns every fd it receives, and one `sendmsg` with `SCM_RIGHTS`.
+#![allow(unsafe_code)]
 
 use std::io;
 use std::io::IoSlice;

@@ -229,6 +229,16 @@ pub fn read_small_file(path: &Path, limit: u64) -> io::Result<String> {
     Ok(text)
 }
 
+/// The default control socket path: `$XDG_RUNTIME_DIR/baton.sock`, else
+/// `/run/baton/baton.sock` for root, else `/tmp/baton-$UID/baton.sock`.
+pub fn default_control_path() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("baton.sock"),
+        _ if sys::getuid() == 0 => PathBuf::from("/run/baton/baton.sock"),
+        _ => PathBuf::from(format!("/tmp/baton-{}/baton.sock", sys::getuid())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

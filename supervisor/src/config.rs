@@ -8,9 +8,9 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use serde::Deserialize;
 
-use crate::cli::RunArgs;
-use crate::health::HealthCheck;
-use crate::listeners::ListenSpec;
+use crate::cli::args::RunArgs;
+use crate::daemon::io::listeners::ListenSpec;
+use crate::release::health::HealthCheck;
 use crate::upgrade::{PrecopySettings, Probation, ReadyMode};
 
 /// Probation on the plain path (no `--releases`): long enough to catch a build that
@@ -376,9 +376,9 @@ impl RunConfig {
         let store = a.releases.clone().or(f.releases.clone());
         if store.is_some() {
             let p = program.to_string_lossy();
-            crate::store::check_program(&p).map_err(|e| ConfigError(e.0))?;
+            crate::release::store::check_program(&p).map_err(|e| ConfigError(e.0))?;
         } else {
-            crate::spawn::resolve_program(&program).map_err(ConfigError)?;
+            crate::daemon::process::spawn::resolve_program(&program).map_err(ConfigError)?;
         }
         let probation = match pick(
             a.probation.clone(),
@@ -470,7 +470,7 @@ impl RunConfig {
         let metrics = match pick(a.metrics.clone(), f.metrics.clone(), "metrics", "metrics") {
             Some((v, what)) => {
                 let spec = ListenSpec::parse(&format!("metrics={v}")).map_err(|e| match e {
-                    crate::listeners::ListenError::Parse { why, .. } => {
+                    crate::daemon::io::listeners::ListenError::Parse { why, .. } => {
                         ConfigError(format!("invalid {what} '{v}': {why}"))
                     }
                     other => ConfigError(other.to_string()),
@@ -529,7 +529,7 @@ impl RunConfig {
                 .control
                 .clone()
                 .or(f.control.clone())
-                .unwrap_or_else(crate::control::default_path),
+                .unwrap_or_else(crate::access::default_control_path),
             control_group,
             program,
             args: command,
@@ -598,8 +598,8 @@ mod tests {
     fn parse(args: &[&str]) -> Result<RunConfig, ConfigError> {
         let mut v = vec!["baton", "run"];
         v.extend_from_slice(args);
-        match crate::cli::Cli::try_parse_from(v).unwrap().command {
-            crate::cli::Command::Run(a) => RunConfig::from_args(*a),
+        match crate::cli::args::Cli::try_parse_from(v).unwrap().command {
+            crate::cli::args::Command::Run(a) => RunConfig::from_args(*a),
             _ => unreachable!(),
         }
     }

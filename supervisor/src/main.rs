@@ -1,30 +1,13 @@
 //! `baton`: zero-downtime binary upgrades for native services.
 
 mod access;
-mod cgroup;
 mod cli;
-mod client;
 mod clock;
 mod config;
-mod control;
-mod events;
-mod exe;
-mod generate;
-mod generation;
-mod health;
-mod history;
-mod lifecycle;
-mod listeners;
+mod daemon;
 mod logsink;
-mod metrics;
-mod notify;
-mod observe;
 mod reexec;
-mod release_cmd;
-mod spawn;
-mod store;
-mod strays;
-mod supervise;
+mod release;
 mod sys;
 mod upgrade;
 
@@ -33,7 +16,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, RunArgs};
+use crate::cli::args::{Cli, Command, RunArgs};
+use crate::cli::{conn, generate, observe, status};
+use crate::daemon::io::{listeners, notify};
+use crate::daemon::process::cgroup;
+use crate::release::lifecycle;
 
 /// Bad usage or configuration.
 const EXIT_USAGE: u8 = 2;
@@ -75,35 +62,35 @@ fn main() -> ExitCode {
             json,
             watch,
             control,
-        } => client::run(|| {
+        } => conn::run(|| {
             if watch {
-                client::watch(control.control)
+                status::watch(control.control)
             } else {
-                client::status(control.control, json)
+                status::status(control.control, json)
             }
         }),
         Command::Upgrade { wait, control } => {
-            client::run(|| client::upgrade(control.control, wait))
+            conn::run(|| cli::upgrade::upgrade(control.control, wait))
         }
         Command::Reexec {
             wait,
             json,
             control,
-        } => client::run(|| client::reexec(control.control, wait, json)),
-        Command::Stop { control } => client::run(|| client::stop(control.control)),
+        } => conn::run(|| cli::upgrade::reexec(control.control, wait, json)),
+        Command::Stop { control } => conn::run(|| cli::upgrade::stop(control.control)),
         Command::Events {
             follow,
             json,
             control,
-        } => client::run(|| observe::events(control.control, follow, json)),
+        } => conn::run(|| observe::events(control.control, follow, json)),
         Command::History { json, n, control } => {
-            client::run(|| observe::history(control.control, n, json))
+            conn::run(|| observe::history(control.control, n, json))
         }
-        Command::Release(args) => client::run(|| release_cmd::run(args)),
-        Command::Generate { what } => client::run(|| {
+        Command::Release(args) => conn::run(|| cli::release::run(args)),
+        Command::Generate { what } => conn::run(|| {
             match what {
-                cli::Generate::Man { dir } => generate::man(&dir)?,
-                cli::Generate::Completions { shell } => generate::completions(shell),
+                cli::args::Generate::Man { dir } => generate::man(&dir)?,
+                cli::args::Generate::Completions { shell } => generate::completions(shell),
             }
             Ok(ExitCode::SUCCESS)
         }),
@@ -262,7 +249,7 @@ fn run(args: RunArgs) -> ExitCode {
         },
         None => None,
     };
-    match rt.block_on(supervise::run(cfg, listeners, sd, boot, me, metrics)) {
+    match rt.block_on(daemon::run(cfg, listeners, sd, boot, me, metrics)) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             crate::say_err!("baton: error: {e}");
@@ -331,13 +318,13 @@ fn take_over(fd: &std::ffi::OsStr) -> ExitCode {
     let Some(rt) = runtime() else {
         return ExitCode::FAILURE;
     };
-    let inherited = supervise::Inherited {
+    let inherited = daemon::Inherited {
         state,
         memfd,
         failed,
         prev,
     };
-    match rt.block_on(supervise::resume(inherited)) {
+    match rt.block_on(daemon::resume(inherited)) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             crate::say_err!("baton: error: {e}");

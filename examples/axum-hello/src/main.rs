@@ -10,6 +10,7 @@ use axum::routing::get;
 use baton_child::{Baton, Env};
 
 fn main() -> anyhow::Result<()> {
+    #[allow(unsafe_code)] // Env::take is unsafe by contract (no other thread).
     // SAFETY: no other thread exists yet.
     let env = unsafe { Env::take() }?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

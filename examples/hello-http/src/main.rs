@@ -87,6 +87,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     // Still single-threaded: taking the environment (which removes the
     // contract variables) cannot race with another thread reading it.
+    #[allow(unsafe_code)] // Env::take is unsafe by contract (no other thread).
     // SAFETY: no other thread exists yet.
     let env = unsafe { Env::take() }.context("reading the baton environment")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

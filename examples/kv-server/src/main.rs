@@ -78,6 +78,7 @@ fn main() -> anyhow::Result<()> {
     fault::arm(opts.fault);
     // Take the inherited fds and remove the contract variables while this is the only
     // thread: changing the environment once runtime threads exist is unsound.
+    #[allow(unsafe_code)] // Env::take is unsafe by contract (no other thread).
     // SAFETY: still single-threaded (see above).
     let env = unsafe { baton_child::Env::take() }.context("reading the baton environment")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -39,6 +39,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    #[allow(unsafe_code)] // Env::take is unsafe by contract (no other thread).
     // SAFETY: still single-threaded: nothing else reads the environment.
     let env = unsafe { Env::take() }.context("reading the baton environment")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -66,7 +66,7 @@ pub fn build_id(f: &File) -> Option<String> {
                 Ok(n)
             }
         }
-        crate::store::sha256(At(f, 0))
+        crate::release::store::sha256(At(f, 0))
             .ok()
             .map(|h| h[..40].to_string())
     })

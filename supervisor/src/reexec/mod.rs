@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use baton_protocol::BatonBuild;
 
-use crate::exe::Exe;
+use crate::release::exe::Exe;
 use crate::sys;
 
 pub mod build;
@@ -42,7 +42,7 @@ pub async fn probe(path: PathBuf) -> Result<(Exe, BatonBuild), String> {
         nix::unistd::geteuid().as_raw(),
         nix::unistd::getegid().as_raw(),
     );
-    crate::store::owner::check_own_exec(&path, &meta, euid, egid)
+    crate::release::store::owner::check_own_exec(&path, &meta, euid, egid)
         .map_err(|why| format!("new baton {why}"))?;
     exe.check_runs_here()
         .map_err(|why| format!("new baton {name}: {why}"))?;
@@ -70,7 +70,7 @@ pub async fn probe(path: PathBuf) -> Result<(Exe, BatonBuild), String> {
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-        let how = crate::generation::describe(out.status);
+        let how = crate::daemon::process::generation::describe(out.status);
         return Err(if first.is_empty() {
             format!("new baton {name} failed its probe ({how})")
         } else {

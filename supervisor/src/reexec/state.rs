@@ -13,7 +13,7 @@ use baton_protocol::{BatonBuild, ReexecReport};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
-use crate::listeners::ListenAddr;
+use crate::daemon::io::listeners::ListenAddr;
 use crate::upgrade::{GenId, WaiterId};
 
 /// The hand-over format this image writes.

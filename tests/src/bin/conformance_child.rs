@@ -49,6 +49,7 @@ fn parse_args() -> Args {
 
 fn main() {
     let args = parse_args();
+    #[allow(unsafe_code)] // Env::take is unsafe by contract (no other thread).
     // SAFETY: single-threaded still: nothing else reads the environment.
     let env = match unsafe { Env::take() } {
         Ok(e) => e,

@@ -6,13 +6,12 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use baton_protocol::{ControlReply, ControlRequest, Event, EventKind, HistoryEntry, UpgradeResult};
 
-use crate::client::{ask, control_path};
-use crate::control;
+use super::conn::{self, ask, control_path};
 
 /// `baton events [--follow] [--json]`.
 pub fn events(path: Option<PathBuf>, follow: bool, json: bool) -> anyhow::Result<ExitCode> {
     let path = control_path(path);
-    control::stream(&path, &ControlRequest::Events { follow }, |line| {
+    conn::stream(&path, &ControlRequest::Events { follow }, |line| {
         if json {
             println!("{line}");
         } else {
@@ -208,7 +207,7 @@ impl Progress {
     pub fn start(path: &std::path::Path) -> Progress {
         let (tx, done) = std::sync::mpsc::channel();
         let path = path.to_path_buf();
-        let since = crate::events::now_ms();
+        let since = crate::daemon::io::events::now_ms();
         let started = std::time::Instant::now();
         std::thread::spawn(move || {
             use std::io::IsTerminal;
@@ -228,7 +227,7 @@ impl Progress {
                     bar.println(line);
                 }
             };
-            let _ = control::stream(&path, &ControlRequest::Events { follow: true }, |l| {
+            let _ = conn::stream(&path, &ControlRequest::Events { follow: true }, |l| {
                 let Ok(e) = serde_json::from_str::<Event>(l) else {
                     return true;
                 };
@@ -307,7 +306,7 @@ impl ProbationProgress {
             };
             let mut last_said: Option<(String, u64)> = None;
             loop {
-                if let Ok(ControlReply::Status(s)) = crate::client::ask(
+                if let Ok(ControlReply::Status(s)) = crate::cli::conn::ask(
                     path.clone(),
                     ControlRequest::Status,
                     Some(Duration::from_secs(2)),

@@ -9,9 +9,9 @@ use baton_protocol::{
 use tokio::sync::oneshot;
 
 use super::{Driver, LoopEvent};
-use crate::control::Incoming;
-use crate::exe::Exe;
+use crate::daemon::io::control::Incoming;
 use crate::reexec::state::WaitKind;
+use crate::release::exe::Exe;
 use crate::upgrade::{Machine, Waiters};
 use std::os::fd::OwnedFd;
 
@@ -31,7 +31,7 @@ pub(super) fn status(m: &Machine, d: &Driver) -> Status {
                 connections: d
                     .handles
                     .get(&id)
-                    .and_then(crate::generation::GenHandle::connections),
+                    .and_then(crate::daemon::process::generation::GenHandle::connections),
                 release: d.lifecycle.as_ref().map(|_| g.image.clone()),
             })
             .collect(),

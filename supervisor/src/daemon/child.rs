@@ -5,8 +5,8 @@ use std::time::Instant;
 use baton_protocol::{ChildMsg, PROTOCOL_VERSION, SupervisorMsg};
 
 use super::{Driver, MAX_STRANGERS, STRANGER_TTL};
-use crate::generation::GenEvent;
-use crate::notify;
+use crate::daemon::io::notify;
+use crate::daemon::process::generation::GenEvent;
 use crate::upgrade::{GenId, Handover, Machine};
 
 pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
@@ -46,7 +46,7 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                     connections = dropped.connections,
                     other = dropped.other,
                     "lost what the exited generation sent: its successor took no fds for {:?}",
-                    crate::generation::STALL_BOUND
+                    crate::daemon::process::generation::STALL_BOUND
                 );
                 if dropped.connections > 0 {
                     let target = m.active().filter(|a| *a != gen_id).unwrap_or(gen_id);
@@ -258,8 +258,8 @@ fn deferred_ready(m: &mut Machine, d: &mut Driver, gen_id: GenId) {
 /// Without cgroups: after generation `gen_id` exited, looks for processes that still
 /// hold a listener outside every live generation, and says so (log and status).
 fn find_strays(m: &Machine, d: &mut Driver, gen_id: GenId) {
-    let inodes = crate::strays::inodes(&d.listeners);
-    let found = crate::strays::holders(&inodes, |p| {
+    let inodes = crate::daemon::process::strays::inodes(&d.listeners);
+    let found = crate::daemon::process::strays::holders(&inodes, |p| {
         notify::owning_pid(p, |q| m.gen_by_pid(q).is_some()).is_some()
     });
     for pid in found {

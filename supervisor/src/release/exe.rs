@@ -143,7 +143,7 @@ impl Exe {
             .metadata()
             .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
         if let Some(o) = owner {
-            crate::store::owner::check_tree(dir, o)
+            crate::release::store::owner::check_tree(dir, o)
                 .map_err(|e| format!("release {version}: {e}"))?;
         }
         exe.checked = Some(Checked {
@@ -180,7 +180,7 @@ impl Exe {
             .map_err(|e| format!("cannot stat {}: {e}", self.path.display()))?;
         if let (Some(o), Some((version, dir))) = (owner, &self.release) {
             // The whole tree, at every exec: a file beside PROGRAM may run as well.
-            crate::store::owner::check_tree(dir, *o)
+            crate::release::store::owner::check_tree(dir, *o)
                 .map_err(|e| format!("release {version}: {e}"))?;
         }
         let now = stamp(&m);
@@ -208,7 +208,7 @@ impl Exe {
     /// # Errors
     /// Reading failed.
     pub fn sha256(&self) -> io::Result<String> {
-        crate::store::sha256(At(&self.file, 0))
+        crate::release::store::sha256(At(&self.file, 0))
     }
 
     /// The open file.
@@ -242,7 +242,7 @@ impl Exe {
             let line = head[2..].split(|&b| b == b'\n').next().unwrap_or_default();
             let line = String::from_utf8_lossy(line);
             let interp = line.split_whitespace().next().unwrap_or_default();
-            return crate::store::check_executable(Path::new(interp))
+            return crate::release::store::check_executable(Path::new(interp))
                 .map_err(|why| format!("its interpreter '{interp}': {why}"));
         }
         if n < 20 || &head[..4] != b"\x7fELF" {
@@ -270,7 +270,7 @@ impl Exe {
 /// The owner of the store a release directory is in (its parent).
 fn store_owner(release: Option<&(String, PathBuf)>) -> Option<u32> {
     let (_, dir) = release?;
-    crate::store::owner::owner_of(dir.parent()?)
+    crate::release::store::owner::owner_of(dir.parent()?)
         .ok()
         .map(|(uid, _)| uid)
 }

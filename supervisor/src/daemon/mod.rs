@@ -1,4 +1,12 @@
-//! The driver: real processes, sockets, signals and time around the pure machine.
+//! `baton run`, the daemon: the driver that puts real processes, sockets, signals and
+//! time around the pure machine ([`crate::upgrade`]).
+//!
+//! - `process/`: a generation's process: spawning it, waiting on it, its cgroup, the
+//!   strays it may leave;
+//! - `io/`: what baton talks through: listeners, the control server, the notify
+//!   socket, metrics, events and history;
+//! - this file and its siblings: the loop, the machine's host, a generation's channel
+//!   (`child.rs`), control requests, reexec, and when an upgrade is settled.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -15,23 +23,26 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::cgroup::Containment;
 use crate::config::RunConfig;
-use crate::control::{ControlServer, Incoming};
-use crate::events::EventLog;
-use crate::exe::Exe;
-use crate::generation::{GenEvent, GenHandle};
-use crate::history::History;
-use crate::lifecycle::{Boot, Lifecycle};
-use crate::listeners::{ListenAddr, Listener};
-use crate::metrics::{Metrics, Present};
-use crate::notify::{self, NotifyIn, SystemdOut};
+use crate::daemon::io::control::{ControlServer, Incoming};
+use crate::daemon::io::events::EventLog;
+use crate::daemon::io::history::History;
+use crate::daemon::io::listeners::{ListenAddr, Listener};
+use crate::daemon::io::metrics::{Metrics, Present};
+use crate::daemon::io::notify::{self, NotifyIn, SystemdOut};
+use crate::daemon::process::cgroup::Containment;
+use crate::daemon::process::generation::{GenEvent, GenHandle};
+use crate::daemon::process::spawn::{self, SpawnConfig};
 use crate::reexec::state::{SelfOver, WaitKind};
-use crate::spawn::{self, SpawnConfig};
+use crate::release::exe::Exe;
+use crate::release::lifecycle::{Boot, Lifecycle};
 use crate::sys;
 use crate::upgrade::{
     GenId, Host, Image, Kill, Machine, ProbationOutcome, ReleaseEvent, SdEvent, Settings, WaiterId,
 };
+
+pub mod io;
+pub mod process;
 
 mod child;
 mod reexec;
@@ -150,7 +161,7 @@ impl Driver {
     /// Records an event: the stream, the metrics.
     fn emit(&mut self, generation: GenId, pid: Option<u32>, kind: EventKind) {
         let e = Event {
-            at_ms: crate::events::now_ms(),
+            at_ms: crate::daemon::io::events::now_ms(),
             generation,
             pid,
             kind,
@@ -413,7 +424,7 @@ impl Host for Driver {
         | EventKind::RolledBack { why, image, report } = &kind
         {
             let entry = HistoryEntry {
-                at_ms: crate::events::now_ms(),
+                at_ms: crate::daemon::io::events::now_ms(),
                 why: *why,
                 release: image.clone(),
                 report: report.clone(),
@@ -539,7 +550,9 @@ impl Driver {
             last_spawn: Duration::ZERO,
             ready_received: None,
             strangers: HashMap::new(),
-            relay_slots: Arc::new(Semaphore::new(crate::generation::RELAY_SLOTS)),
+            relay_slots: Arc::new(Semaphore::new(
+                crate::daemon::process::generation::RELAY_SLOTS,
+            )),
             containment: Containment::detect(),
             strays: Vec::new(),
             images: p.images,
@@ -666,7 +679,11 @@ async fn serve(
             Ok(fd) => {
                 let tcp = matches!(l.addr, ListenAddr::Tcp(_));
                 tracing::info!(addr = %l.addr, "serving metrics");
-                tokio::spawn(crate::metrics::serve(fd, tcp, d.metrics.clone()));
+                tokio::spawn(crate::daemon::io::metrics::serve(
+                    fd,
+                    tcp,
+                    d.metrics.clone(),
+                ));
             }
             Err(e) => tracing::error!(error = %e, "cannot serve metrics"),
         }
@@ -739,7 +756,7 @@ async fn serve(
                 if let Some(lc) = &d.lifecycle {
                     lc.retry_pending();
                 }
-                d.strays.retain(|&p| crate::strays::alive(p));
+                d.strays.retain(|&p| crate::daemon::process::strays::alive(p));
                 d.housekeep_images(&m);
                 if m.on_probation().is_some() && d.sd.enabled() {
                     let line = notify::one_line(&m.status_line(Instant::now()));
@@ -815,7 +832,7 @@ fn start_health_check(m: &Machine, d: &mut Driver, cfg: &RunConfig) {
         return;
     };
     let exe = d.images.get(&g.image);
-    let vars = crate::health::Vars {
+    let vars = crate::release::health::Vars {
         exe: exe
             .map(|e| e.path.display().to_string())
             .unwrap_or_default(),

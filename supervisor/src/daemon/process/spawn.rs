@@ -13,8 +13,8 @@ use baton_protocol::{
 };
 use nix::sys::signal::Signal;
 
-use crate::exe::Exe;
-use crate::listeners::Listener;
+use crate::daemon::io::listeners::Listener;
+use crate::release::exe::Exe;
 use crate::sys;
 
 /// The release a generation runs (with `--releases`).
@@ -57,7 +57,7 @@ pub struct SpawnConfig {
 /// A started child.
 pub struct Spawned {
     /// How to wait for it.
-    pub exit: crate::generation::ExitWatch,
+    pub exit: crate::daemon::process::generation::ExitWatch,
     /// Its pid.
     pub pid: u32,
     /// baton's end of the child's control socket.
@@ -97,7 +97,8 @@ pub fn resolve_program(program: &OsStr) -> Result<PathBuf, String> {
 }
 
 fn check_executable(p: &Path) -> Result<(), String> {
-    crate::store::check_executable(p).map_err(|why| format!("program '{}': {why}", p.display()))
+    crate::release::store::check_executable(p)
+        .map_err(|why| format!("program '{}': {why}", p.display()))
 }
 
 /// Spawns generation `gen_id` running `exe`, with the listeners at fds 3.. and its
@@ -109,7 +110,7 @@ pub fn spawn(
     cfg: &SpawnConfig,
     listeners: &[Listener],
     gen_id: u64,
-    cgroup: Option<&crate::cgroup::GenCgroup>,
+    cgroup: Option<&crate::daemon::process::cgroup::GenCgroup>,
     exe: &Exe,
 ) -> io::Result<Spawned> {
     let path = &exe.path;
@@ -163,7 +164,10 @@ pub fn spawn(
             } => {
                 drop(theirs);
                 return Ok(Spawned {
-                    exit: crate::generation::ExitWatch::Cloned { pidfd, exec_error },
+                    exit: crate::daemon::process::generation::ExitWatch::Cloned {
+                        pidfd,
+                        exec_error,
+                    },
                     pid,
                     control: ours,
                 });
@@ -186,7 +190,7 @@ pub fn spawn(
     drop(theirs);
     let pid = child.id().unwrap_or(0);
     Ok(Spawned {
-        exit: crate::generation::ExitWatch::Child(child),
+        exit: crate::daemon::process::generation::ExitWatch::Child(child),
         pid,
         control: ours,
     })

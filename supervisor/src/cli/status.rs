@@ -1,63 +1,13 @@
-//! The client commands: `baton status|upgrade|stop` talk to a running baton.
+//! `baton status [--watch] [--json]`.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use baton_protocol::{
-    BatonBuild, ControlReply, ControlRequest, ReexecResult, Status, UpgradeResult,
-};
+use baton_protocol::{ControlReply, ControlRequest, ReexecResult, Status, UpgradeResult};
 
-use crate::{control, sys};
-
-/// `upgrade --wait`: promoted, but the old generation's state was lost.
-const EXIT_PROMOTED_WITH_LOSS: u8 = 3;
-
-pub fn run(f: impl FnOnce() -> anyhow::Result<ExitCode>) -> ExitCode {
-    sys::default_sigpipe();
-    // Our own output failing (a full disk, `> /dev/full`) is an error to say in one
-    // line, not a panic: `println!` panics on it.
-    std::panic::set_hook(Box::new(|info| {
-        let payload = info.payload();
-        let msg = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        let line = match msg.strip_prefix("failed printing to stdout: ") {
-            Some(why) => format!("baton: error: cannot write to stdout: {why}"),
-            None => format!("baton: internal error: {info}"),
-        };
-        let _ = writeln!(std::io::stderr(), "{line}");
-    }));
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            let _ = writeln!(std::io::stderr(), "baton: error: {e:#}");
-            ExitCode::FAILURE
-        }
-        Err(_) => ExitCode::FAILURE,
-    }
-}
-
-pub fn control_path(p: Option<PathBuf>) -> PathBuf {
-    p.unwrap_or_else(control::default_path)
-}
-
-pub fn ask(
-    path: Option<PathBuf>,
-    req: ControlRequest,
-    timeout: Option<Duration>,
-) -> anyhow::Result<ControlReply> {
-    let path = control_path(path);
-    let reply = control::request(&path, &req, timeout)?;
-    if let ControlReply::Error { message } = &reply {
-        anyhow::bail!("baton at {}: {message}", path.display());
-    }
-    Ok(reply)
-}
+use super::conn::ask;
 
 /// `status --watch`: the status, redrawn every second until interrupted.
 pub fn watch(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
@@ -155,7 +105,7 @@ fn print_status(s: &Status) {
         "  {:>4}  {:<8} {:<10} {:>8} {:>6}  release",
         "gen", "pid", "phase", "uptime", "conns"
     );
-    let now = crate::events::now_ms();
+    let now = crate::daemon::io::events::now_ms();
     for g in &s.generations {
         let conns = g
             .connections
@@ -249,92 +199,7 @@ fn print_status(s: &Status) {
     }
 }
 
-pub fn upgrade(path: Option<PathBuf>, wait: bool) -> anyhow::Result<ExitCode> {
-    let progress = wait.then(|| crate::observe::Progress::start(&control_path(path.clone())));
-    let reply = ask(path, ControlRequest::Upgrade { wait }, None)?;
-    if let Some(p) = progress {
-        p.finish();
-    }
-    match reply {
-        ControlReply::Queued => {
-            println!("upgrade requested");
-            Ok(ExitCode::SUCCESS)
-        }
-        ControlReply::Upgrade(r) if r.result == UpgradeResult::Promoted => {
-            println!(
-                "promoted generation {} (pid {}) in {} ms",
-                r.generation,
-                r.pid.unwrap_or(0),
-                r.duration_ms
-            );
-            match &r.reason {
-                // Promoted, but the old generation died with its state: say so loudly,
-                // and fail the command an operator (or `systemctl reload`) watches.
-                Some(why) => {
-                    eprintln!("baton: warning: {why}");
-                    Ok(ExitCode::from(EXIT_PROMOTED_WITH_LOSS))
-                }
-                None => Ok(ExitCode::SUCCESS),
-            }
-        }
-        ControlReply::Upgrade(r) => {
-            eprintln!(
-                "baton: upgrade to generation {} rolled back: {}",
-                r.generation,
-                r.reason.as_deref().unwrap_or("unknown reason")
-            );
-            Ok(ExitCode::FAILURE)
-        }
-        other => anyhow::bail!("unexpected reply: {other:?}"),
-    }
-}
-
-pub fn reexec(path: Option<PathBuf>, wait: bool, json: bool) -> anyhow::Result<ExitCode> {
-    let ControlReply::Reexec(r) = ask(path, ControlRequest::Reexec { wait }, None)? else {
-        anyhow::bail!("unexpected reply to reexec");
-    };
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string(&r).context("encoding the report")?
-        );
-    }
-    let build = |b: &BatonBuild| format!("{} (build {}, {})", b.version, short(&b.build_id), b.exe);
-    match r.result {
-        ReexecResult::Accepted => {
-            if !json {
-                println!("reexec requested");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        ReexecResult::Done => {
-            if !json {
-                println!("re-executed in {:.0} ms", r.duration_ms);
-                println!("  old: {}", build(&r.old));
-                if let Some(n) = &r.new {
-                    println!("  new: {}", build(n));
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        ReexecResult::Failed => {
-            eprintln!(
-                "baton: reexec failed, {} carries on: {}",
-                build(&r.old),
-                r.reason.as_deref().unwrap_or("unknown reason")
-            );
-            Ok(ExitCode::FAILURE)
-        }
-    }
-}
-
 /// Build ids are long; 12 hex digits identify one.
-fn short(id: &str) -> &str {
+pub(super) fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
-}
-
-pub fn stop(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    ask(path, ControlRequest::Stop, Some(Duration::from_secs(10)))?;
-    println!("stopping");
-    Ok(ExitCode::SUCCESS)
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::os::fd::AsFd;
 
-use crate::listeners::Listener;
+use crate::daemon::io::listeners::Listener;
 
 /// The socket inodes of `listeners`.
 pub fn inodes(listeners: &[Listener]) -> BTreeSet<u64> {

@@ -6,7 +6,7 @@
 //! at once, at most [`MAX_IDLE`] of them before their request (the oldest is evicted),
 //! and one that has not sent its request within [`REQUEST_TIMEOUT`] is closed.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::access;
-use crate::events::EventLog;
+use crate::daemon::io::events::EventLog;
 use crate::sys;
 
 /// Control connections open at once (most are `upgrade --wait`s); more are
@@ -46,16 +46,6 @@ pub struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
     group: Option<u32>,
-}
-
-/// The default control socket path: `$XDG_RUNTIME_DIR/baton.sock`, else
-/// `/run/baton/baton.sock` for root, else `/tmp/baton-$UID/baton.sock`.
-pub fn default_path() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("baton.sock"),
-        _ if sys::getuid() == 0 => PathBuf::from("/run/baton/baton.sock"),
-        _ => PathBuf::from(format!("/tmp/baton-{}/baton.sock", sys::getuid())),
-    }
 }
 
 impl ControlServer {
@@ -314,30 +304,6 @@ async fn stream_events(
     w.shutdown().await
 }
 
-/// Sends `req` and hands every reply line to `each` until the connection ends or
-/// `each` returns false (`baton events --follow`).
-///
-/// # Errors
-/// [`ClientError`] when baton cannot be reached.
-pub fn stream(
-    path: &Path,
-    req: &ControlRequest,
-    mut each: impl FnMut(&str) -> bool,
-) -> Result<(), ClientError> {
-    let perr = |why: String| ClientError::Protocol {
-        path: path.to_path_buf(),
-        why,
-    };
-    let s = send(path, req)?;
-    for l in BufReader::new(s).lines() {
-        let l = l.map_err(|e| perr(e.to_string()))?;
-        if !each(&l) {
-            break;
-        }
-    }
-    Ok(())
-}
-
 /// Answers a client handed over by a reexec (it sent its request to the image
 /// before): the reply sent on the returned channel is written to `conn`.
 pub fn adopt_waiter(conn: OwnedFd) -> oneshot::Sender<ControlReply> {
@@ -370,74 +336,6 @@ impl<R: tokio::io::AsyncRead + Unpin> TakeLinesLimit for tokio::io::BufReader<R>
     fn take_lines_limit(self) -> tokio::io::BufReader<tokio::io::Take<Self>> {
         tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(self, 64 * 1024))
     }
-}
-
-/// Client errors, each naming the socket.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// Could not connect.
-    #[error("cannot reach baton at {path}: {err} (is `baton run` running with this --control?)")]
-    Connect {
-        /// Socket path.
-        path: PathBuf,
-        /// OS error.
-        err: io::Error,
-    },
-    /// The socket or its directory could be another user's.
-    #[error(transparent)]
-    Unsafe(#[from] access::CheckError),
-    /// Connection broke or the reply was not understood.
-    #[error("control socket {path}: {why}")]
-    Protocol {
-        /// Socket path.
-        path: PathBuf,
-        /// What went wrong.
-        why: String,
-    },
-}
-
-/// Connects to the control socket at `path` (checked first) and sends `req`.
-fn send(path: &Path, req: &ControlRequest) -> Result<std::os::unix::net::UnixStream, ClientError> {
-    let perr = |why: String| ClientError::Protocol {
-        path: path.to_path_buf(),
-        why,
-    };
-    access::check_client(path)?;
-    let mut s =
-        std::os::unix::net::UnixStream::connect(path).map_err(|err| ClientError::Connect {
-            path: path.to_path_buf(),
-            err,
-        })?;
-    let mut line = serde_json::to_vec(req).map_err(|e| perr(e.to_string()))?;
-    line.push(b'\n');
-    s.write_all(&line).map_err(|e| perr(e.to_string()))?;
-    Ok(s)
-}
-
-/// Sends one request and waits for the reply (`timeout` None = wait as long as it takes).
-///
-/// # Errors
-/// [`ClientError`] when baton cannot be reached or answers nonsense.
-pub fn request(
-    path: &Path,
-    req: &ControlRequest,
-    timeout: Option<Duration>,
-) -> Result<ControlReply, ClientError> {
-    let perr = |why: String| ClientError::Protocol {
-        path: path.to_path_buf(),
-        why,
-    };
-    let s = send(path, req)?;
-    s.set_read_timeout(timeout)
-        .map_err(|e| perr(e.to_string()))?;
-    let mut reply = String::new();
-    BufReader::new(s)
-        .read_line(&mut reply)
-        .map_err(|e| perr(e.to_string()))?;
-    if reply.is_empty() {
-        return Err(perr("baton closed the connection without answering".into()));
-    }
-    serde_json::from_str(&reply).map_err(|e| perr(format!("bad reply: {e}")))
 }
 
 /// Lets one warning through now and then: the first at once, then one every 10 s,

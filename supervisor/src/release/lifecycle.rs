@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use baton_protocol::{Release, ReleaseStatus};
 
-use crate::exe::Exe;
-use crate::health::{self, Vars};
-use crate::store::{InUse, Meta, Store};
+use crate::release::exe::Exe;
+use crate::release::health::{self, Vars};
+use crate::release::store::{InUse, Meta, Store};
 use crate::upgrade::ReleaseEvent;
 
 /// A store opened by `baton run --releases`.
@@ -40,7 +40,7 @@ impl std::fmt::Debug for Inner {
 }
 
 /// One change to the store's metadata, kept until it is written.
-type Change = Box<dyn Fn(&mut Meta) -> Result<(), crate::store::StoreError> + Send>;
+type Change = Box<dyn Fn(&mut Meta) -> Result<(), crate::release::store::StoreError> + Send>;
 
 /// What a starting baton runs.
 pub struct Boot {

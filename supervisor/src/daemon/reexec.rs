@@ -12,16 +12,16 @@ use tokio::sync::mpsc;
 
 use super::{Driver, DriverParts, Io, LoopEvent, Waiter, on_gen_event, serve};
 use crate::config::RunConfig;
-use crate::control::{self, ControlServer};
-use crate::exe::Exe;
-use crate::generation::{ExitWatch, GenEvent, GenHandle};
-use crate::lifecycle::Lifecycle;
-use crate::listeners::Listener;
-use crate::notify::{NotifyIn, SystemdOut};
+use crate::daemon::io::control::{self, ControlServer};
+use crate::daemon::io::listeners::Listener;
+use crate::daemon::io::notify::{NotifyIn, SystemdOut};
+use crate::daemon::process::generation::{ExitWatch, GenEvent, GenHandle};
 use crate::reexec::state::{
     GenOver, HandOver, ImageOver, ListenerOver, SocketOver, WaitKind, WaiterOver,
 };
 use crate::reexec::{self as rx, FORMAT};
+use crate::release::exe::Exe;
+use crate::release::lifecycle::Lifecycle;
 use crate::sys;
 use crate::upgrade::{GenId, Machine, WaiterId};
 
@@ -131,7 +131,7 @@ pub(super) fn due(m: &Machine, d: &Driver) -> bool {
         // A hand-over in flight (fds in relay, an exit whose channel is still
         // being read) finishes first: a read task waiting for relay slots
         // cannot be paused.
-        && d.relay_slots.available_permits() == crate::generation::RELAY_SLOTS
+        && d.relay_slots.available_permits() == crate::daemon::process::generation::RELAY_SLOTS
         && !d.handles.values().any(GenHandle::settling)
 }
 
@@ -198,7 +198,7 @@ pub(super) async fn perform(
     // Events handled just now may have queued relays (a connection handed over
     // after the flush): those fds live only in this image, so it waits for them.
     let busy = !m.idle()
-        || d.relay_slots.available_permits() != crate::generation::RELAY_SLOTS
+        || d.relay_slots.available_permits() != crate::daemon::process::generation::RELAY_SLOTS
         || d.handles
             .values()
             .any(|h| h.snapshot.is_some() || h.ready_deferred || h.relaying());
@@ -439,7 +439,8 @@ pub async fn resume(inh: Inherited) -> Result<i32, super::RunError> {
         boot_note: state.boot_note.clone(),
         images,
         me: state.me.clone(),
-        history: crate::history::History::open(cfg.state_dir.as_deref()).map_err(setup)?,
+        history: crate::daemon::io::history::History::open(cfg.state_dir.as_deref())
+            .map_err(setup)?,
         metrics_listener,
     };
     let (mut d, ev_rx, loop_rx) = Driver::new(&cfg, parts);
@@ -537,7 +538,7 @@ pub async fn resume(inh: Inherited) -> Result<i32, super::RunError> {
     }
     m.hold(&mut d, Instant::now(), false);
     if d.sd.enabled() {
-        let line = crate::notify::one_line(&m.status_line(Instant::now()));
+        let line = crate::daemon::io::notify::one_line(&m.status_line(Instant::now()));
         d.sd.send(&format!("STATUS={line}"));
     }
     let io = Io {

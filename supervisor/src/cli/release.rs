@@ -15,9 +15,9 @@ use baton_protocol::{
     ReleaseStatus, WaitFor,
 };
 
-use crate::cli::{ReleaseArgs, ReleaseOp};
-use crate::client;
-use crate::store::Store;
+use super::conn;
+use crate::cli::args::{ReleaseArgs, ReleaseOp};
+use crate::release::store::Store;
 
 /// Runs one `baton release` command.
 ///
@@ -42,13 +42,13 @@ fn offline(dir: &Path, op: ReleaseOp, json: bool) -> anyhow::Result<ExitCode> {
         } => add(&store, &version, &path, mv, program.as_deref(), json),
         ReleaseOp::Check { version, preflight } => {
             let meta = store.read()?;
-            let exe =
-                crate::lifecycle::open_exe(&store, &meta, &version).map_err(anyhow::Error::msg)?;
+            let exe = crate::release::lifecycle::open_exe(&store, &meta, &version)
+                .map_err(anyhow::Error::msg)?;
             exe.check_runs_here()
                 .map_err(|why| anyhow::anyhow!("release {version} cannot run here: {why}"))?;
             let mut out = String::new();
             if let Some(cmd) = preflight {
-                let vars = crate::health::Vars {
+                let vars = crate::release::health::Vars {
                     exe: exe.path.display().to_string(),
                     version: version.clone(),
                     dir: store.release_dir(&version).display().to_string(),
@@ -58,7 +58,7 @@ fn offline(dir: &Path, op: ReleaseOp, json: bool) -> anyhow::Result<ExitCode> {
                     .enable_all()
                     .build()
                     .context("cannot start the runtime")?;
-                let (ok, text) = rt.block_on(crate::health::run_command(
+                let (ok, text) = rt.block_on(crate::release::health::run_command(
                     &vars.expand(&cmd),
                     Duration::from_secs(30),
                 ));
@@ -76,7 +76,7 @@ fn offline(dir: &Path, op: ReleaseOp, json: bool) -> anyhow::Result<ExitCode> {
         ReleaseOp::Permanent { version } => {
             store.update(|m| {
                 if let Some(u) = m.in_use.as_ref().filter(|u| crate::sys::pid_alive(u.pid)) {
-                    return Err(crate::store::StoreError(format!(
+                    return Err(crate::release::store::StoreError(format!(
                         "baton (pid {}) runs this store: ask it through its control socket (drop --releases)",
                         u.pid
                     )));
@@ -88,7 +88,7 @@ fn offline(dir: &Path, op: ReleaseOp, json: bool) -> anyhow::Result<ExitCode> {
             print_done(json, "permanent", &version, "", &store.read()?.releases)
         }
         ReleaseOp::List => {
-            let list = crate::lifecycle::newest_first(store.read()?.releases);
+            let list = crate::release::lifecycle::newest_first(store.read()?.releases);
             print_list(json, &list)
         }
         ReleaseOp::Remove { version } => {
@@ -129,7 +129,7 @@ fn online(control: Option<PathBuf>, op: ReleaseOp, json: bool) -> anyhow::Result
             program,
         } => {
             // The store is the running baton's; the copy is ours.
-            let ControlReply::Status(s) = client::ask(
+            let ControlReply::Status(s) = conn::ask(
                 control.clone(),
                 ControlRequest::Status,
                 Some(Duration::from_secs(10)),
@@ -200,8 +200,8 @@ fn online(control: Option<PathBuf>, op: ReleaseOp, json: bool) -> anyhow::Result
         }
     );
     let progress = (waits_for_probation && !json)
-        .then(|| crate::observe::ProbationProgress::start(control.clone()));
-    let asked = client::ask(control, ControlRequest::Release(req), timeout);
+        .then(|| crate::cli::observe::ProbationProgress::start(control.clone()));
+    let asked = conn::ask(control, ControlRequest::Release(req), timeout);
     if let Some(p) = progress {
         p.finish();
     }
@@ -218,7 +218,7 @@ fn online(control: Option<PathBuf>, op: ReleaseOp, json: bool) -> anyhow::Result
 /// `install --newest`: the newest release, or `None` (said on stdout) when it is
 /// the one running already.
 fn newest_to_install(control: Option<PathBuf>) -> anyhow::Result<Option<String>> {
-    let reply = match client::ask(
+    let reply = match conn::ask(
         control,
         ControlRequest::Release(ReleaseRequest::List),
         Some(Duration::from_secs(30)),

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Context;
 use clap::CommandFactory;
 
-use crate::cli::Cli;
+use crate::cli::args::Cli;
 
 /// Writes `baton.1` and one page per subcommand (`baton-run.1`, `baton-release.1`,
 /// ...) into `dir`.
