@@ -266,6 +266,65 @@ mod tests {
         assert_eq!(m.active(), Some(3));
     }
 
+    /// Every field path of today's hand-over (and of the machine inside it), as
+    /// written from the format-1 fixture: `testdata/handover-shape.txt`.
+    const SHAPE: &str = include_str!("testdata/handover-shape.txt");
+
+    fn paths(v: &serde_json::Value, at: &str, out: &mut std::collections::BTreeSet<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let here = format!("{at}.{k}");
+                    out.insert(here.clone());
+                    paths(v, &here, out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for v in items {
+                    paths(v, &format!("{at}[]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The hand-over is a wire format between baton versions: a reexec from the
+    /// installed baton must read what it wrote. So a field added, renamed or removed
+    /// (in the hand-over or in the machine it carries) fails here until it is a
+    /// decision: bump [`FORMAT`] when an older baton could not read it (and keep a
+    /// `handover-v<N>.json` written by a real baton), or, for a field an older baton
+    /// ignores and a newer one defaults, keep the format. Then rewrite the shape
+    /// with `BATON_BLESS=1 cargo test -p baton the_hand_over_shape`.
+    #[test]
+    fn the_hand_over_shape_changes_only_by_decision() {
+        let h = HandOver::decode(V1.as_bytes()).unwrap();
+        let machine: crate::upgrade::Machine = serde_json::from_value(h.machine.clone()).unwrap();
+        let mut v = serde_json::to_value(&h).unwrap();
+        v["machine"] = serde_json::to_value(&machine).unwrap();
+        let mut set = std::collections::BTreeSet::new();
+        paths(&v, "", &mut set);
+        let got = format!(
+            "format {FORMAT}\n{}\n",
+            set.into_iter().collect::<Vec<_>>().join("\n")
+        );
+        if std::env::var_os("BATON_BLESS").is_some() {
+            let file = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/src/reexec/testdata/handover-shape.txt"
+            );
+            std::fs::write(file, &got).unwrap();
+            return;
+        }
+        let want: std::collections::BTreeSet<&str> = SHAPE.lines().collect();
+        let have: std::collections::BTreeSet<&str> = got.lines().collect();
+        let added: Vec<_> = have.difference(&want).collect();
+        let removed: Vec<_> = want.difference(&have).collect();
+        assert!(
+            added.is_empty() && removed.is_empty(),
+            "the hand-over changed shape (added {added:?}, removed {removed:?}): bump FORMAT or keep it, then bless (see this test's doc)"
+        );
+    }
+
     fn with(edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
         let mut v: serde_json::Value = serde_json::from_str(V1).unwrap();
         edit(&mut v);
