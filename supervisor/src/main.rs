@@ -9,6 +9,7 @@ mod logsink;
 mod reexec;
 mod release;
 mod sys;
+mod text;
 mod upgrade;
 
 use std::io::IsTerminal;

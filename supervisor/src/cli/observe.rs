@@ -207,7 +207,7 @@ impl Progress {
     pub fn start(path: &std::path::Path) -> Progress {
         let (tx, done) = std::sync::mpsc::channel();
         let path = path.to_path_buf();
-        let since = crate::daemon::io::events::now_ms();
+        let since = crate::text::now_ms();
         let started = std::time::Instant::now();
         std::thread::spawn(move || {
             use std::io::IsTerminal;

@@ -105,7 +105,7 @@ fn print_status(s: &Status) {
         "  {:>4}  {:<8} {:<10} {:>8} {:>6}  release",
         "gen", "pid", "phase", "uptime", "conns"
     );
-    let now = crate::daemon::io::events::now_ms();
+    let now = crate::text::now_ms();
     for g in &s.generations {
         let conns = g
             .connections

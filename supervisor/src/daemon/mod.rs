@@ -29,7 +29,7 @@ use crate::daemon::io::events::EventLog;
 use crate::daemon::io::history::History;
 use crate::daemon::io::listeners::{ListenAddr, Listener};
 use crate::daemon::io::metrics::{Metrics, Present};
-use crate::daemon::io::notify::{self, NotifyIn, SystemdOut};
+use crate::daemon::io::notify::{NotifyIn, SystemdOut};
 use crate::daemon::process::cgroup::Containment;
 use crate::daemon::process::generation::{GenEvent, GenHandle};
 use crate::daemon::process::spawn::{self, SpawnConfig};
@@ -161,7 +161,7 @@ impl Driver {
     /// Records an event: the stream, the metrics.
     fn emit(&mut self, generation: GenId, pid: Option<u32>, kind: EventKind) {
         let e = Event {
-            at_ms: crate::daemon::io::events::now_ms(),
+            at_ms: crate::text::now_ms(),
             generation,
             pid,
             kind,
@@ -350,7 +350,7 @@ impl Host for Driver {
     }
 
     fn systemd(&mut self, event: SdEvent, status: &str) {
-        let status = notify::one_line(status);
+        let status = crate::text::one_line(status);
         match event {
             SdEvent::Ready => self.sd.send(&format!("READY=1\nSTATUS={status}")),
             SdEvent::Reloading => self.sd.reloading(&status),
@@ -424,7 +424,7 @@ impl Host for Driver {
         | EventKind::RolledBack { why, image, report } = &kind
         {
             let entry = HistoryEntry {
-                at_ms: crate::daemon::io::events::now_ms(),
+                at_ms: crate::text::now_ms(),
                 why: *why,
                 release: image.clone(),
                 report: report.clone(),
@@ -759,7 +759,7 @@ async fn serve(
                 d.strays.retain(|&p| crate::daemon::process::strays::alive(p));
                 d.housekeep_images(&m);
                 if m.on_probation().is_some() && d.sd.enabled() {
-                    let line = notify::one_line(&m.status_line(Instant::now()));
+                    let line = crate::text::one_line(&m.status_line(Instant::now()));
                     d.sd.send(&format!("STATUS={line}"));
                 }
             }

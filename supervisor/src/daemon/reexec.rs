@@ -538,7 +538,7 @@ pub async fn resume(inh: Inherited) -> Result<i32, super::RunError> {
     }
     m.hold(&mut d, Instant::now(), false);
     if d.sd.enabled() {
-        let line = crate::daemon::io::notify::one_line(&m.status_line(Instant::now()));
+        let line = crate::text::one_line(&m.status_line(Instant::now()));
         d.sd.send(&format!("STATUS={line}"));
     }
     let io = Io {

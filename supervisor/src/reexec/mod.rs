@@ -70,7 +70,7 @@ pub async fn probe(path: PathBuf) -> Result<(Exe, BatonBuild), String> {
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-        let how = crate::daemon::process::generation::describe(out.status);
+        let how = crate::text::exit_status(out.status);
         return Err(if first.is_empty() {
             format!("new baton {name} failed its probe ({how})")
         } else {

@@ -180,7 +180,7 @@ pub async fn run_command(cmd: &str, timeout: Duration) -> (bool, String) {
             if st.success() {
                 (true, text)
             } else {
-                let how = crate::daemon::process::generation::describe(st);
+                let how = crate::text::exit_status(st);
                 if text.is_empty() {
                     (false, format!("failed ({how})"))
                 } else {

@@ -176,14 +176,9 @@ impl SystemdOut {
         self.send(&format!(
             "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS={}",
             sys::monotonic_usec(),
-            one_line(status)
+            crate::text::one_line(status)
         ));
     }
-}
-
-/// STATUS= must be one line.
-pub fn one_line(s: &str) -> String {
-    s.replace('\n', " ")
 }
 
 #[cfg(test)]

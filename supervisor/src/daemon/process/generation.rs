@@ -375,7 +375,7 @@ async fn wait_exit(
     events: mpsc::UnboundedSender<GenEvent>,
 ) {
     let how = match child.wait().await {
-        Ok(st) => describe(st),
+        Ok(st) => crate::text::exit_status(st),
         Err(e) => format!("wait failed: {e}"),
     };
     let _ = events.send(GenEvent::Exited { gen_id, how });
@@ -426,19 +426,6 @@ async fn wait_pidfd(
         None => how,
     };
     let _ = events.send(GenEvent::Exited { gen_id, how });
-}
-
-/// "exit status 3" / "signal 9 (SIGKILL)".
-pub fn describe(st: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (st.code(), st.signal()) {
-        (Some(c), _) => format!("exit status {c}"),
-        (None, Some(s)) => match nix::sys::signal::Signal::try_from(s) {
-            Ok(sig) => format!("signal {s} ({sig})"),
-            Err(_) => format!("signal {s}"),
-        },
-        _ => "unknown status".into(),
-    }
 }
 
 /// Reads protocol messages with the SDK's framing (`baton_protocol::wire`), so both ends

@@ -78,7 +78,7 @@ impl Meta {
                 at: unix_now(),
                 action: action.to_string(),
                 ok,
-                detail: crate::daemon::io::notify::one_line(detail),
+                detail: crate::text::one_line(detail),
             });
             let extra = r.results.len().saturating_sub(MAX_RESULTS);
             r.results.drain(..extra);
