@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 
 use crate::adopt::AdoptRoutes;
 use crate::conns::{ConnGuard, Connections};
+use crate::credit::Credit;
 use crate::dispatch::{self, Dispatch, StateMsg};
 use crate::drain::{self, Drain, DrainInfo, DrainTrigger};
 use crate::env::Env;
@@ -17,7 +18,6 @@ use crate::events::Event;
 use crate::incoming::Incoming;
 use crate::listeners::Listeners;
 use crate::notify::Notifier;
-use crate::precopy::Credit;
 use crate::send::ControlTx;
 
 /// Configures a [`Baton`] before it says hello to the supervisor.

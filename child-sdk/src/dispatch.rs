@@ -12,9 +12,9 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 use crate::adopt::{self, AdoptRoutes, AdoptedConn};
+use crate::credit::Credit;
 use crate::drain::{DrainCause, DrainInfo, DrainTrigger};
 use crate::error::{Error, Result};
-use crate::precopy::Credit;
 use crate::send::ControlTx;
 
 /// What the reader forwards to the stateful side of [`Baton`](crate::Baton).

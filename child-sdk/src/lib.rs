@@ -57,6 +57,7 @@ mod adopt;
 mod baton;
 mod codec;
 mod conns;
+mod credit;
 mod dispatch;
 mod drain;
 mod env;
