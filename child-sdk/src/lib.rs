@@ -82,6 +82,11 @@ pub mod testing;
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
+/// This crate's README example, compiled as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct CrateReadmeDoctests;
+
 pub use crate::baton::{Baton, Builder};
 pub use crate::conns::ConnGuard;
 pub use crate::drain::{DrainCause, DrainInfo};

@@ -350,9 +350,19 @@ impl RunConfig {
                 .map(OsString::from)
                 .collect();
         }
+        let store_dir = a.releases.clone().or(f.releases.clone());
+        if command.is_empty() {
+            // A store recorded PROGRAM at its first `release add`: that one.
+            if let Some(dir) = &store_dir {
+                let store =
+                    crate::release::store::Store::open(dir, false).map_err(|e| ConfigError(e.0))?;
+                let meta = store.read().map_err(|e| ConfigError(e.0))?;
+                command.extend(meta.program.map(OsString::from));
+            }
+        }
         if command.is_empty() {
             return Err(ConfigError(
-                "no PROGRAM given: usage: baton run [OPTIONS] -- PROGRAM [ARGS...]".into(),
+                "no PROGRAM given: usage: baton run [OPTIONS] -- PROGRAM [ARGS...] (or --releases DIR, whose store records it)".into(),
             ));
         }
         let nice = match (&a.nice, &f.nice) {

@@ -257,6 +257,15 @@ async fn history_survives_a_sigkill_and_a_restart() {
             .count(),
         2
     );
+    // A first start is not counted as an upgrade (issue 32, item 3).
+    let all = second
+        .cli(&["history"], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(
+        all.stdout.contains("(3 upgrades, 2 first starts; kept in"),
+        "{all:?}"
+    );
 }
 
 /// `baton events --follow --json`, as a separate process, read line by line.

@@ -145,6 +145,20 @@ async fn precopy_upgrades_of_a_256mb_state_lose_nothing_and_pause_less_than_one_
         .filter(|l| l.contains(r#""event":"precopy""#))
         .count();
     assert!(rounds >= 5 * 2, "{rounds} pre-copy round events");
+    // Text output gives sizes as people read them; --json (above) keeps exact counts.
+    let text = baton
+        .cli(&["status"], Duration::from_secs(10))
+        .await
+        .unwrap();
+    let precopy_line = text
+        .stdout
+        .lines()
+        .find(|l| l.contains("pre-copy:"))
+        .unwrap_or_else(|| panic!("no pre-copy line: {text:?}"));
+    assert!(
+        precopy_line.contains(" MiB while serving") && !precopy_line.contains("bytes"),
+        "{precopy_line}"
+    );
     let rss = proc_rss_kb(baton.pid()).unwrap();
     assert!(rss <= MAX_BATON_RSS_KB, "baton RSS {rss} KiB");
     eprintln!(

@@ -762,3 +762,48 @@ async fn check_refuses_what_cannot_run_on_this_machine() {
     );
     assert_eq!(baton.status().await.unwrap().generations.len(), 1);
 }
+
+/// Issue 32, item 12: the store recorded PROGRAM at its first `release add`, so
+/// `baton run --releases STORE` needs no `-- PROGRAM`; one that disagrees with the
+/// store is refused, naming both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_with_a_store_takes_the_program_it_recorded() {
+    let _serial = exclusive().await;
+    let s = StoreDir::new("rel-program").unwrap();
+    s.add_hello("v1", "", true).await.unwrap();
+    s.permanent("v1").await;
+    let store = s.arg();
+    let no_program: [&str; 0] = [];
+    let baton = Baton::start_in(
+        TestDir::new("rel-program-run").unwrap(),
+        ["--listen", "http=127.0.0.1:0", "--releases", store.as_str()],
+        no_program,
+    )
+    .await
+    .unwrap();
+    assert_eq!(active_release(&baton).await.unwrap().as_deref(), Some("v1"));
+    drop(baton);
+
+    let control = s.join("other.sock").display().to_string();
+    let out = baton_tests::harness::baton_cli(
+        [
+            "run",
+            "--listen",
+            "http=127.0.0.1:0",
+            "--releases",
+            store.as_str(),
+            "--control",
+            control.as_str(),
+            "--",
+            "bin/other",
+        ],
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("'bin/app'") && out.stderr.contains("'bin/other'"),
+        "{out:?}"
+    );
+}

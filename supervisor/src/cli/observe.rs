@@ -51,7 +51,9 @@ pub fn describe(e: &Event) -> String {
     let what = match &e.kind {
         EventKind::Spawned { why, image } => format!("spawned ({}, {image})", why_name(*why)),
         EventKind::Ready => "ready".into(),
-        EventKind::Snapshot { bytes, ms } => format!("snapshot: {bytes} bytes in {ms:.1} ms"),
+        EventKind::Snapshot { bytes, ms } => {
+            format!("snapshot: {} in {ms:.1} ms", crate::text::size(*bytes))
+        }
         EventKind::Restored { ms } => format!("restored in {ms:.1} ms"),
         EventKind::Precopy { .. } => precopy_line(&e.kind),
         EventKind::Promoted { why, report, .. } => {
@@ -125,7 +127,8 @@ fn precopy_line(kind: &EventKind) -> String {
     } else {
         "delta, serving"
     };
-    format!("pre-copy round {round} ({when}): {bytes} bytes in {chunks} chunks, {ms:.1} ms")
+    let size = crate::text::size(*bytes);
+    format!("pre-copy round {round} ({when}): {size} in {chunks} chunks, {ms:.1} ms")
 }
 
 /// `baton history [--json] [-n N]`.
@@ -153,7 +156,7 @@ pub fn history(path: Option<PathBuf>, n: Option<usize>, json: bool) -> anyhow::R
         "result",
         "ms",
         "gap ms",
-        "snapshot B",
+        "snapshot",
         "rounds",
         "migrated",
         "lost"
@@ -161,12 +164,24 @@ pub fn history(path: Option<PathBuf>, n: Option<usize>, json: bool) -> anyhow::R
     for e in &entries {
         println!("{}", row(e));
     }
-    match file {
-        Some(f) => println!("({} upgrades; kept in {f})", entries.len()),
-        None => println!(
-            "({} upgrades; in memory only: start baton with --state-dir to keep them)",
-            entries.len()
+    // The first start is a line of its own, not an upgrade.
+    let starts = entries
+        .iter()
+        .filter(|e| e.why == baton_protocol::StartReason::Initial)
+        .count();
+    let upgrades = entries.len() - starts;
+    let counted = match (upgrades, starts) {
+        (1, 0) => "1 upgrade".to_owned(),
+        (n, 0) => format!("{n} upgrades"),
+        (n, s) => format!(
+            "{n} upgrade{}, {s} first start{}",
+            if n == 1 { "" } else { "s" },
+            if s == 1 { "" } else { "s" }
         ),
+    };
+    match file {
+        Some(f) => println!("({counted}; kept in {f})"),
+        None => println!("({counted}; in memory only: start baton with --state-dir to keep them)"),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -187,7 +202,7 @@ fn row(e: &HistoryEntry) -> String {
         result,
         r.duration_ms,
         opt(r.accept_gap_ms.map(|g| format!("{g:.1}"))),
-        opt(r.snapshot_bytes.map(|b| b.to_string())),
+        opt(r.snapshot_bytes.map(crate::text::size)),
         opt(r.precopy_rounds.map(|n| n.to_string())),
         r.migrated_connections,
         r.lost_connections,
@@ -244,9 +259,10 @@ impl Progress {
                         false,
                     ),
                     EventKind::Ready => (format!("generation {g} ready"), false),
-                    EventKind::Snapshot { bytes, ms } => {
-                        (format!("snapshot: {bytes} bytes in {ms:.1} ms"), false)
-                    }
+                    EventKind::Snapshot { bytes, ms } => (
+                        format!("snapshot: {} in {ms:.1} ms", crate::text::size(*bytes)),
+                        false,
+                    ),
                     EventKind::Restored { ms } => (format!("restored in {ms:.1} ms"), false),
                     EventKind::Precopy { .. } => (precopy_line(&e.kind), false),
                     EventKind::Draining { connections } => (

@@ -140,20 +140,24 @@ fn print_status(s: &Status) {
         );
         if let Some(gap) = u.accept_gap_ms {
             println!(
-                "  accept gap {gap:.1} ms, snapshot {} bytes",
-                u.snapshot_bytes.unwrap_or(0)
+                "  accept gap {gap:.1} ms, snapshot {}",
+                crate::text::size(u.snapshot_bytes.unwrap_or(0))
             );
         }
         if let Some(rounds) = u.precopy_rounds {
             println!(
-                "  pre-copy: {rounds} rounds, {} bytes while serving, last delta {} bytes ({})",
-                u.precopy_bytes.unwrap_or(0),
-                u.final_delta_bytes.unwrap_or(0),
+                "  pre-copy: {rounds} rounds, {} while serving, last delta {} ({})",
+                crate::text::size(u.precopy_bytes.unwrap_or(0)),
+                crate::text::size(u.final_delta_bytes.unwrap_or(0)),
                 u.precopy_stop.as_deref().unwrap_or("?")
             );
         }
         if let (Some(old), Some(new)) = (u.old_peak_rss_bytes, u.new_peak_rss_bytes) {
-            println!("  peak RSS: old {} MiB, new {} MiB", old >> 20, new >> 20);
+            println!(
+                "  peak RSS: old {}, new {}",
+                crate::text::size(old),
+                crate::text::size(new)
+            );
         }
         if u.handed_over_connections > 0 {
             let lost = if u.lost_connections > 0 {

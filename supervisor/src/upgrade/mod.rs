@@ -405,11 +405,18 @@ impl Machine {
                         .and_then(|a| self.gens.get(&a))
                         .is_some_and(|g| g.has(Feature::State));
                 if needs_state {
-                    self.fail(
-                        host,
-                        now,
-                        "candidate became ready without restoring the state (it does not support state hand-over)".into(),
-                    );
+                    // An SDK that announced state hand-over but never called restore
+                    // forgot to; one that did not announce it cannot.
+                    let why = if self
+                        .gens
+                        .get(&gen_id)
+                        .is_some_and(|g| g.has(Feature::State))
+                    {
+                        "candidate became ready without restoring the state: it announced state hand-over but never called restore before ready"
+                    } else {
+                        "candidate became ready without restoring the state (it does not support state hand-over)"
+                    };
+                    self.fail(host, now, why.into());
                 } else {
                     self.promote(host, now);
                 }

@@ -505,3 +505,25 @@ fn old_generation_dying_during_snapshot_is_reported() {
     assert_eq!(r.result, UpgradeResult::Promoted);
     assert!(r.reason.as_deref().unwrap().contains("STATE LOST"));
 }
+
+/// A candidate that goes READY without restoring is failed, and the reason says which
+/// mistake it is: announcing state hand-over and forgetting `restore`, or not
+/// supporting it at all.
+#[test]
+fn ready_without_restore_names_the_mistake() {
+    for (features, want) in [
+        (vec![Feature::State], "never called restore before ready"),
+        (vec![], "does not support state hand-over"),
+    ] {
+        let (mut m, mut h, t) = stateful();
+        m.request_upgrade(&mut h, t, None);
+        m.on_hello(2, features, None);
+        m.on_ready(&mut h, t, 2);
+        assert_eq!(m.active(), Some(1));
+        let r = m.last_upgrade().unwrap();
+        assert!(
+            r.reason.as_deref().is_some_and(|why| why.contains(want)),
+            "{r:?}"
+        );
+    }
+}
