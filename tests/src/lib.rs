@@ -13,6 +13,7 @@ pub mod load;
 pub mod metrics;
 pub mod packaging;
 pub mod python;
+pub mod readme;
 pub mod releases;
 pub mod resp;
 mod sys;
