@@ -192,7 +192,7 @@ impl Builder {
         Ok(Baton {
             inner: Arc::new(Inner {
                 generation,
-                listeners: Mutex::new(Listeners::new(listeners)),
+                listeners: Mutex::new(Listeners::new(listeners).supervised(generation.is_some())),
                 notify,
                 control,
                 drain,

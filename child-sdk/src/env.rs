@@ -169,6 +169,46 @@ pub struct Env {
 }
 
 impl Env {
+    /// [`Env::take`] for a process that is still single-threaded, checked: safe to call
+    /// from `main` before any runtime or thread is started. [`crate::run`] calls it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Env`] when another thread exists already (call it before building a
+    /// runtime, e.g. not inside `#[tokio::main]`), or as [`Env::take`].
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// fn main() -> Result<(), Box<dyn std::error::Error>> {
+    ///     let env = baton_child::Env::take_checked()?;
+    ///     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    ///     rt.block_on(async {
+    ///         let baton = baton_child::Baton::builder().start(env)?;
+    ///         baton.ready()?;
+    ///         Ok(())
+    ///     })
+    /// }
+    /// ```
+    #[allow(unsafe_code)]
+    pub fn take_checked() -> Result<Env> {
+        match sys::thread_count() {
+            Some(1) => {}
+            n => {
+                return Err(invalid(
+                    "LISTEN_FDS",
+                    format!(
+                        "taken with {} threads running: take the environment before any thread or runtime starts (not inside #[tokio::main])",
+                        n.map_or("several".to_owned(), |n| n.to_string())
+                    ),
+                ));
+            }
+        }
+        // SAFETY: this process has one thread (checked above), so nothing else can read
+        // or write the environment while it is taken.
+        unsafe { Env::take() }
+    }
+
     /// Reads the contract variables, takes ownership of the inherited fds
     /// (marking them close-on-exec) and removes `LISTEN_FDS`,
     /// `LISTEN_FDNAMES`, `LISTEN_PID`, `NOTIFY_SOCKET` and `BATON_CONTROL_FD`

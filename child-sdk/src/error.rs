@@ -26,6 +26,17 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// Under baton, the app asked for a listener baton did not pass (a name that differs
+    /// from `--listen NAME=...`). The fallback address is only for running outside baton.
+    #[error(
+        "listener {name:?} was not passed by baton (it passed {passed}): give baton --listen {name}=ADDR, or use one of those names"
+    )]
+    UnknownListener {
+        /// The name asked for.
+        name: String,
+        /// The names baton passed.
+        passed: String,
+    },
     /// A listener was asked for twice.
     #[error("listener {0:?} was already taken")]
     ListenerTaken(String),

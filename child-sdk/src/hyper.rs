@@ -19,6 +19,7 @@ use tower_service::Service;
 
 use crate::baton::Baton;
 use crate::error::Result;
+use crate::events::Event;
 use crate::incoming::Incoming;
 use crate::stream::Stream;
 
@@ -118,16 +119,53 @@ where
 ///     .await?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Server {
     drain_timeout: Duration,
+    state: Option<Arc<dyn Snapshot>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("drain_timeout", &self.drain_timeout)
+            .field("stateful", &self.state.is_some())
+            .finish()
+    }
 }
 
 impl Default for Server {
     fn default() -> Self {
         Server {
             drain_timeout: DEFAULT_DRAIN,
+            state: None,
         }
+    }
+}
+
+/// The app's state, written when baton asks for it ([`Server::state`]): at that moment no
+/// request is in flight and none will reach the app until the upgrade is decided.
+///
+/// Implemented for every `Fn() -> T` where `T: Serialize` (a closure that reads the
+/// state); implement it yourself to write an older schema for a successor that restores
+/// only that one ([`Baton::successor_restores`], [`Baton::snapshot_as`]).
+pub trait Snapshot: Send + Sync + 'static {
+    /// Writes the snapshot, with [`Baton::snapshot`] (or [`Baton::snapshot_as`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Baton::snapshot`]; serve then reports the failure to baton, which
+    /// aborts the upgrade, and serving goes on.
+    fn write(&self, baton: &Baton) -> Result<()>;
+}
+
+impl<F, T> Snapshot for F
+where
+    F: Fn() -> T + Send + Sync + 'static,
+    T: serde::Serialize,
+{
+    fn write(&self, baton: &Baton) -> Result<()> {
+        baton.snapshot(&self())
     }
 }
 
@@ -144,6 +182,47 @@ impl Server {
         self
     }
 
+    /// Serves a stateful app (announced with
+    /// [`Builder::stateful`](crate::Builder::stateful); restore first, with
+    /// [`Baton::restore`]). On a stateful upgrade the server, not the app, answers
+    /// baton, and guarantees:
+    ///
+    /// - from the quiesce to the outcome, no request reaches the app: new
+    ///   connections wait in the listener's backlog, each live connection stops at
+    ///   its next request boundary (keeping what it read of the next request),
+    ///   and `snapshot` runs once the requests in flight have finished;
+    /// - on the commit, every connection is handed to the successor with its unread
+    ///   bytes, so a request that waited is answered there, on the new state (announce
+    ///   [`Builder::adopt`](crate::Builder::adopt)); a successor that cannot adopt
+    ///   gets none, and they are closed rather than served on a state that moved on;
+    /// - on a resume (the upgrade was aborted), the connections carry on from where
+    ///   they stopped: nothing is lost or answered twice.
+    ///
+    /// The server takes [`Baton::next_event`]: the app must not call it as well.
+    /// Pre-copy is not driven by the server.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn f(baton: baton_child::Baton, incoming: baton_child::Incoming, app: axum::Router) -> Result<(), baton_child::Error> {
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    ///
+    /// let hits: u64 = baton.restore(|v, _| Err(format!("no schema {v}"))).await?.unwrap_or(0);
+    /// let hits = Arc::new(AtomicU64::new(hits));
+    /// baton.ready()?;
+    /// let read = Arc::clone(&hits);
+    /// baton_child::hyper::Server::new()
+    ///     .state(move || read.load(Ordering::SeqCst))
+    ///     .serve(baton, incoming, app)
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn state(mut self, snapshot: impl Snapshot) -> Self {
+        self.state = Some(Arc::new(snapshot));
+        self
+    }
+
     /// As [`serve`].
     ///
     /// # Errors
@@ -155,14 +234,53 @@ impl Server {
         B: HttpBody,
     {
         let mut conns = JoinSet::new();
+        let mode = watch::Sender::new(Mode::Serve);
+        let tally = Arc::new(watch::Sender::new(Tally::default()));
+        let mut tally_rx = tally.subscribe();
+        let spawn = |conns: &mut JoinSet<()>, stream: Stream| {
+            // Counted before the task runs, so that a quiesce waits for it too.
+            let member = Member::join(&tally);
+            let (baton, mode) = (baton.clone(), mode.subscribe());
+            conns.spawn(connection(baton, stream, service.clone(), mode, member));
+        };
+        let mut accepting = true;
+        let mut quiescing = false;
+        let stateful = self.state.is_some();
         let info = loop {
             tokio::select! {
                 biased;
-                info = baton.wait_drain() => break info,
-                res = incoming.accept() => match res {
-                    Ok(stream) => {
-                        conns.spawn(connection(baton.clone(), stream, service.clone()));
+                event = baton.next_event(), if stateful => match event {
+                    Event::Quiesce => {
+                        // Stop accepting (the backlog keeps new connections) and stop
+                        // each connection at its next request boundary.
+                        accepting = false;
+                        quiescing = true;
+                        mode.send_replace(Mode::Pause);
                     }
+                    Event::Resume { reason } => {
+                        tracing::info!(%reason, "upgrade aborted: serving again");
+                        quiescing = false;
+                        accepting = true;
+                        mode.send_replace(Mode::Serve);
+                    }
+                    Event::Drain(info) => break info,
+                    other => tracing::warn!(event = ?other, "hyper::serve does not drive this event; ignored"),
+                },
+                info = baton.wait_drain(), if !stateful => break info,
+                _ = tally_rx.wait_for(|t| t.paused >= t.live), if quiescing => {
+                    quiescing = false;
+                    if let Some(state) = &self.state {
+                        tracing::info!(connections = tally.borrow().live, "quiesced: every connection at a request boundary; writing the snapshot");
+                        if let Err(e) = state.write(&baton) {
+                            tracing::warn!(error = %e, "snapshot failed");
+                            if let Err(e) = baton.snapshot_failed(&e.to_string()) {
+                                tracing::warn!(error = %e, "cannot report the failed snapshot");
+                            }
+                        }
+                    }
+                }
+                res = incoming.accept(), if accepting => match res {
+                    Ok(stream) => spawn(&mut conns, stream),
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning; the
                         // connection stays queued in the kernel.
@@ -173,10 +291,13 @@ impl Server {
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }
         };
+        mode.send_replace(Mode::Drain {
+            migrate: info.migrate,
+        });
         // Connections relayed to us before the drain are queued already: serve
         // them to a boundary too (and so hand them on), rather than drop them.
         while let Some(stream) = incoming.try_accept_adopted() {
-            conns.spawn(connection(baton.clone(), stream, service.clone()));
+            spawn(&mut conns, stream);
         }
         // Only our fd closes: the socket stays open in baton for the successor.
         incoming.stop();
@@ -207,9 +328,78 @@ impl Server {
     }
 }
 
-/// One connection: serve until the client closes or a hand-over point.
-async fn connection<S, B>(baton: Baton, stream: Stream, service: S)
-where
+/// What the server tells its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Serve requests.
+    Serve,
+    /// Quiesced: stop at the next request boundary, and wait for the outcome.
+    Pause,
+    /// Drained: hand over at the next request boundary (`migrate`), or serve on with
+    /// `Connection: close` (a paused connection is closed).
+    Drain {
+        /// The successor adopts connections.
+        migrate: bool,
+    },
+}
+
+/// Connections alive, and how many of them are stopped at a request boundary.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    live: usize,
+    paused: usize,
+}
+
+/// A connection's place in the [`Tally`], from before its task runs to its end.
+struct Member {
+    tally: Arc<watch::Sender<Tally>>,
+    paused: bool,
+}
+
+impl Member {
+    fn join(tally: &Arc<watch::Sender<Tally>>) -> Self {
+        tally.send_modify(|t| t.live += 1);
+        Member {
+            tally: Arc::clone(tally),
+            paused: false,
+        }
+    }
+
+    fn set_paused(&mut self, paused: bool) {
+        if self.paused != paused {
+            self.paused = paused;
+            self.tally.send_modify(|t| {
+                if paused {
+                    t.paused += 1;
+                } else {
+                    t.paused -= 1;
+                }
+            });
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let paused = self.paused;
+        self.tally.send_modify(|t| {
+            t.live -= 1;
+            if paused {
+                t.paused -= 1;
+            }
+        });
+    }
+}
+
+/// One connection: serve until the client closes, a hand-over, or a close after a
+/// commit; stopped at request boundaries while quiesced, and resumed after.
+async fn connection<S, B>(
+    baton: Baton,
+    mut stream: Stream,
+    service: S,
+    mut mode: watch::Receiver<Mode>,
+    mut member: Member,
+) where
     S: HttpService<B>,
     B: HttpBody,
 {
@@ -223,56 +413,77 @@ where
             "serving an adopted connection"
         );
     }
-    let busy = Arc::new(watch::Sender::new(0usize));
-    let svc = Counted {
-        inner: Arc::new(service),
-        busy: Arc::clone(&busy),
-        baton: baton.clone(),
-    };
-    let mut http = http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), svc);
-    let mut busy_rx = busy.subscribe();
-    let mut handing_over = false;
-    let result = loop {
-        tokio::select! {
-            // hyper first: a response that just completed is written
-            // (without `Connection: close`) before the hand-over starts.
-            biased;
-            res = std::future::poll_fn(|cx| http.poll_without_shutdown(cx)) => break res,
-            () = hand_over_point(&baton, &mut busy_rx), if !handing_over => {
-                // Idle now: hyper stops at once, keeping the socket and any
-                // bytes of the next request it has read.
-                Pin::new(&mut http).graceful_shutdown();
-                handing_over = true;
+    let service = Arc::new(service);
+    loop {
+        let busy = Arc::new(watch::Sender::new(0usize));
+        let svc = Counted {
+            inner: Arc::clone(&service),
+            busy: Arc::clone(&busy),
+            baton: baton.clone(),
+        };
+        let mut http = http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), svc);
+        let mut busy_rx = busy.subscribe();
+        let mut stopping = false;
+        let result = loop {
+            tokio::select! {
+                // hyper first: a response that just completed is written
+                // (without `Connection: close`) before the connection stops.
+                biased;
+                res = std::future::poll_fn(|cx| http.poll_without_shutdown(cx)) => break res,
+                () = stop_point(&mut mode, &mut busy_rx), if !stopping => {
+                    // Idle now: hyper stops at once, keeping the socket and any
+                    // bytes of the next request it has read.
+                    Pin::new(&mut http).graceful_shutdown();
+                    stopping = true;
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "connection ended with an error");
+            return;
+        }
+        if !stopping {
+            // The client closed, or a response said `Connection: close`.
+            return;
+        }
+        let parts = http.into_parts();
+        stream = parts.io.into_inner().unread(&parts.read_buf);
+        // At a request boundary: wait for the outcome while quiesced.
+        member.set_paused(true);
+        let next = mode.wait_for(|m| *m != Mode::Pause).await.map(|m| *m);
+        member.set_paused(false);
+        match next {
+            Ok(Mode::Serve) => continue,
+            Ok(Mode::Drain { migrate: true }) => {
+                match baton.hand_over(stream, b"", &serde_json::Value::Null).await {
+                    Ok(()) => tracing::debug!("connection handed over"),
+                    Err(e) => tracing::warn!(error = %e, "hand-over failed; connection closed"),
+                }
+                return;
+            }
+            _ => {
+                // Committed to a successor that does not adopt: what waits here must
+                // not be served on a state that moved on.
+                tracing::debug!(
+                    "connection closed: the state moved to a successor that does not adopt"
+                );
+                return;
             }
         }
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "connection ended with an error");
-        return;
-    }
-    if !handing_over {
-        // The client closed, or a response said `Connection: close`.
-        return;
-    }
-    let parts = http.into_parts();
-    let (io, read_buf) = (parts.io, parts.read_buf);
-    let buffered = read_buf.len();
-    match baton
-        .hand_over(io.into_inner(), &read_buf, &serde_json::Value::Null)
-        .await
-    {
-        Ok(()) => tracing::debug!(buffered, "connection handed over"),
-        Err(e) => tracing::warn!(error = %e, "hand-over failed; connection closed"),
     }
 }
 
-/// Resolves when this connection should be handed over: the drain says the
-/// successor adopts, and no request is in flight on it.
-async fn hand_over_point(baton: &Baton, busy: &mut watch::Receiver<usize>) {
-    // Standalone there is no successor, and no drain will ever say `migrate`.
-    if !baton.is_supervised() || !baton.wait_drain().await.migrate {
+/// Resolves when this connection should stop: quiesced, or drained towards a successor
+/// that adopts, and no request in flight on it.
+async fn stop_point(mode: &mut watch::Receiver<Mode>, busy: &mut watch::Receiver<usize>) {
+    // The sender lives as long as the server.
+    if mode
+        .wait_for(|m| matches!(m, Mode::Pause | Mode::Drain { migrate: true }))
+        .await
+        .is_err()
+    {
         return std::future::pending().await;
     }
     // The sender lives as long as the connection's service.

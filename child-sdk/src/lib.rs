@@ -77,6 +77,41 @@ mod sys;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
+/// Starts an app under baton without `unsafe`: takes the environment while this process
+/// is still single-threaded ([`Env::take_checked`]), builds a multi-threaded tokio
+/// runtime, and runs `app(env)` on it to its end. Returns what `app` returned.
+///
+/// # Errors
+///
+/// The environment cannot be taken (malformed, or threads are running already), or
+/// the runtime cannot be built. The app's own errors are in its return value.
+///
+/// # Example
+///
+/// ```no_run
+/// fn main() -> Result<(), baton_child::Error> {
+///     baton_child::run(|env| async move {
+///         let baton = baton_child::Baton::builder().start(env)?;
+///         let mut incoming = baton.incoming("http", "127.0.0.1:8080")?;
+///         baton.ready()?;
+///         let _ = incoming.accept().await;
+///         Ok(())
+///     })?
+/// }
+/// ```
+pub fn run<F, Fut>(app: F) -> Result<Fut::Output>
+where
+    F: FnOnce(Env) -> Fut,
+    Fut: std::future::Future,
+{
+    let env = Env::take_checked()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("building the tokio runtime", e))?;
+    Ok(rt.block_on(app(env)))
+}
+
 /// The README's SDK example, compiled as a doctest.
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]

@@ -13,6 +13,8 @@ use crate::sys;
 #[derive(Debug)]
 pub(crate) struct Listeners {
     entries: Vec<(String, Option<OwnedFd>)>,
+    /// Under baton: a name it did not pass is an error, not a fallback bind.
+    supervised: bool,
 }
 
 /// A listening socket, ready for tokio (non-blocking).
@@ -26,7 +28,16 @@ impl Listeners {
     pub(crate) fn new(inherited: Vec<(String, OwnedFd)>) -> Self {
         Listeners {
             entries: inherited.into_iter().map(|(n, fd)| (n, Some(fd))).collect(),
+            supervised: false,
         }
+    }
+
+    /// Under baton, the fallback is only for running outside it: asking for a name baton
+    /// did not pass is an error naming those it did. (A supervisor that passes no
+    /// listener at all, as a test's fake one may, leaves the fallback on.)
+    pub(crate) fn supervised(mut self, yes: bool) -> Self {
+        self.supervised = yes;
+        self
     }
 
     pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
@@ -67,7 +78,7 @@ impl Listeners {
             }
             return Ok(l);
         }
-        self.warn_fallback(name, fallback);
+        self.fallback_allowed(name, fallback)?;
         let bind_err = |source: io::Error| Error::Bind {
             name: name.to_owned(),
             addr: fallback.to_owned(),
@@ -93,7 +104,7 @@ impl Listeners {
         if let Some(fd) = self.take(name)? {
             return check_inherited_udp(name, fd);
         }
-        self.warn_fallback(name, fallback);
+        self.fallback_allowed(name, fallback)?;
         let bind_err = |source: io::Error| Error::Bind {
             name: name.to_owned(),
             addr: fallback.to_owned(),
@@ -104,7 +115,14 @@ impl Listeners {
         Ok(s)
     }
 
-    fn warn_fallback(&self, name: &str, fallback: &str) {
+    fn fallback_allowed(&self, name: &str, fallback: &str) -> Result<()> {
+        if self.supervised && !self.entries.is_empty() {
+            let passed: Vec<String> = self.names().map(|n| format!("{n:?}")).collect();
+            return Err(Error::UnknownListener {
+                name: name.to_owned(),
+                passed: passed.join(", "),
+            });
+        }
         if self.entries.is_empty() {
             tracing::debug!(
                 name,
@@ -119,6 +137,7 @@ impl Listeners {
                 "no inherited listener of this name: binding the fallback"
             );
         }
+        Ok(())
     }
 }
 
@@ -296,6 +315,34 @@ mod tests {
             Ok(Listening::Unix(_))
         ));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn under_baton_a_name_it_did_not_pass_is_an_error_naming_those_it_did() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut ls = Listeners::new(vec![("web".to_owned(), OwnedFd::from(l))]).supervised(true);
+        match ls.listen("http", "127.0.0.1:0") {
+            Err(e @ Error::UnknownListener { .. }) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains("\"http\"") && text.contains("\"web\""),
+                    "{text}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut ls = Listeners::new(vec![("echo".to_owned(), OwnedFd::from(u))]).supervised(true);
+        assert!(matches!(
+            ls.udp("udp", "127.0.0.1:0"),
+            Err(Error::UnknownListener { .. })
+        ));
+        // Outside baton the fallback is bound, as before.
+        let mut ls = Listeners::new(Vec::new());
+        assert!(matches!(
+            ls.listen("http", "127.0.0.1:0"),
+            Ok(Listening::Tcp(_))
+        ));
     }
 
     #[test]

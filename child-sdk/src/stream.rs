@@ -87,6 +87,19 @@ impl Stream {
         }
     }
 
+    /// Puts `bytes` back in front of what is left to read: a server that stopped at a
+    /// request boundary with part of the next request read resumes with it.
+    #[cfg_attr(not(feature = "hyper"), allow(dead_code))]
+    pub(crate) fn unread(mut self, bytes: &[u8]) -> Stream {
+        if !bytes.is_empty() {
+            let mut prefix = bytes.to_vec();
+            prefix.extend_from_slice(&self.prefix[self.pos..]);
+            self.prefix = prefix;
+            self.pos = 0;
+        }
+        self
+    }
+
     /// The socket out of tokio, and the prefix bytes not read yet.
     pub(crate) fn into_fd(mut self) -> io::Result<(OwnedFd, Vec<u8>)> {
         let rest = self.prefix.split_off(self.pos);
@@ -190,5 +203,20 @@ mod tests {
         s.read_exact(&mut two).await.unwrap();
         let (_fd, rest) = s.into_fd().unwrap();
         assert_eq!(rest, b"cd");
+    }
+
+    #[tokio::test]
+    async fn unread_bytes_come_back_first_then_the_rest() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut s = Stream::new(Io::Unix(a), "t".into(), b"abcd".to_vec(), None);
+        let mut two = [0u8; 2];
+        s.read_exact(&mut two).await.unwrap();
+        let mut s = s.unread(b"XY");
+        tokio::io::AsyncWriteExt::write_all(&mut b, b"ef")
+            .await
+            .unwrap();
+        let mut six = [0u8; 6];
+        s.read_exact(&mut six).await.unwrap();
+        assert_eq!(&six, b"XYcdef");
     }
 }

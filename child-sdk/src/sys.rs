@@ -129,6 +129,16 @@ pub(crate) unsafe fn remove_env(var: &str) {
     unsafe { std::env::remove_var(var) };
 }
 
+/// The number of threads in this process (`/proc/self/status`), if it can be read.
+pub(crate) fn thread_count() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Makes `cmd`'s child inherit `fd` as fd number `target` (without
 /// close-on-exec). `fd` stays open in this process until `cmd` is dropped.
 #[cfg(any(test, feature = "testing"))]

@@ -190,8 +190,10 @@ fn run(args: RunArgs) -> ExitCode {
     }
     if cgroup::guardian_needed() {
         // Still one thread, as fork_guardian requires.
+        let drain = cfg.drain_timeout;
         match sys::fork_guardian(c"baton-guard", |pid| {
-            let killed = cgroup::reclaim_of(pid);
+            // The generations' main processes drain first, as on a stop.
+            let killed = cgroup::reclaim_of(pid, drain);
             if killed > 0 {
                 tracing::warn!(
                     baton = pid,

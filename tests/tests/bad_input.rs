@@ -291,3 +291,45 @@ async fn a_config_that_is_not_a_regular_file_is_refused_at_once() {
         assert!(out.stderr.contains(&cfg), "{}", out.stderr);
     }
 }
+
+/// Issue 28, item 4: an app asking for a listener name baton did not pass fails at start
+/// with one line naming the names baton did pass; it no longer binds its fallback port
+/// (udp-echo's was 127.0.0.1:5353, and the first upgrade then failed on it).
+#[tokio::test]
+async fn a_listener_name_baton_did_not_pass_fails_at_start() {
+    let udp_echo = baton_tests::harness::udp_echo_bin().unwrap();
+    for (listen, program, asked) in [
+        (
+            "echo=udp:127.0.0.1:0",
+            udp_echo.display().to_string(),
+            "\"udp\"",
+        ),
+        ("web=127.0.0.1:0", hello(), "\"http\""),
+    ] {
+        let dir = TestDir::new("bad-listener-name").unwrap();
+        let control = dir.join("baton.sock").display().to_string();
+        let out = baton_cli(
+            [
+                "run",
+                "--control",
+                &control,
+                "--listen",
+                listen,
+                "--",
+                &program,
+            ],
+            BOUND,
+        )
+        .await
+        .unwrap();
+        assert!(!out.status.success(), "{listen}: {out:?}");
+        let passed = format!("\"{}\"", listen.split('=').next().unwrap());
+        let line = out
+            .stderr
+            .lines()
+            .find(|l| l.contains("was not passed by baton"))
+            .unwrap_or_else(|| panic!("{listen}: no error naming the listener: {out:?}"));
+        assert!(line.contains(asked) && line.contains(&passed), "{line}");
+        assert!(!out.stderr.contains("binding the fallback"), "{out:?}");
+    }
+}

@@ -8,9 +8,9 @@ use std::os::fd::AsRawFd;
 use nix::libc;
 
 /// Forks a guardian: a child that waits for this process to exit, then runs
-/// `on_death(pid)` and exits. It keeps only stderr, ignores the signals a terminal or
-/// a process-group kill sends, and names itself `name` (so `pgrep -x baton` does not
-/// find it). Returns the guardian's pid.
+/// `on_death(pid)` and exits. It keeps only stderr, ignores
+/// the signals a terminal or a process-group kill sends, and names itself `name` (so
+/// `pgrep -x baton` does not find it). Returns the guardian's pid.
 ///
 /// # Errors
 /// Refuses (`WouldBlock`) unless this process has one thread: the child runs ordinary
@@ -28,7 +28,7 @@ pub fn fork_guardian(name: &CStr, on_death: impl FnOnce(u32)) -> io::Result<u32>
         -1 => Err(io::Error::last_os_error()),
         0 => {
             guardian_setup(name);
-            wait_for_exit(me);
+            while !exited(me) {}
             on_death(me);
             // SAFETY: _exit ends the process at once, without running baton's atexit
             // handlers or flushing state that belongs to the parent.
@@ -85,26 +85,23 @@ fn guardian_setup(name: &CStr) {
     unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
 }
 
-/// Blocks until process `pid` (the guardian's parent) has exited.
-fn wait_for_exit(pid: u32) {
+/// Waits until process `pid` (the guardian's parent) has exited; `false` when
+/// interrupted first.
+fn exited(pid: u32) -> bool {
     let Ok(pidfd) = super::pidfd_open(pid) else {
-        return;
+        return true;
     };
     // The parent may have died before the pidfd was opened, and its pid been reused.
     // SAFETY: getppid has no arguments and cannot fail.
     if unsafe { libc::getppid() } as u32 != pid {
-        return;
+        return true;
     }
-    loop {
-        let mut p = libc::pollfd {
-            fd: pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one pollfd that lives for the call.
-        let r = unsafe { libc::poll(&mut p, 1, -1) };
-        if r > 0 || (r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted) {
-            return;
-        }
-    }
+    let mut p = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd that lives for the call.
+    let r = unsafe { libc::poll(&mut p, 1, -1) };
+    r > 0 || (r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted)
 }

@@ -245,20 +245,52 @@ fn sweep_stale(base: &Path) -> Vec<(u32, usize)> {
     out
 }
 
-/// baton `pid` died: kills what its generations left and removes their cgroups. The
-/// guardian runs this the moment baton is gone.
-pub fn reclaim_of(pid: u32) -> usize {
+/// `pid`'s parent, from `/proc/<pid>/stat`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// baton `pid` died: its generations' main processes got their stop signal
+/// (`PR_SET_PDEATHSIG`) and drain as on a normal stop. Once they have exited, or after
+/// `drain`, whatever is left in its generation cgroups (a wrapper's children, which the
+/// signal does not reach) is killed and the cgroups removed. The guardian runs this.
+/// Returns how many processes were killed.
+pub fn reclaim_of(pid: u32, drain: std::time::Duration) -> usize {
     let Some(base) = own_cgroup_dir().filter(|_| enabled()) else {
         return 0;
     };
-    let Ok(entries) = std::fs::read_dir(&base) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter(|e| owner_pid(&e.file_name()) == Some(pid))
-        .map(|e| empty_and_remove(&e.path()))
-        .sum()
+    let dirs: Vec<PathBuf> = std::fs::read_dir(&base)
+        .map(|it| {
+            it.flatten()
+                .filter(|e| owner_pid(&e.file_name()) == Some(pid))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    // baton's children were reparented when it died: a main process is now one whose
+    // parent is outside the generations; a wrapper's child still has its parent inside.
+    let inside: Vec<u32> = dirs
+        .iter()
+        .flat_map(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mains: Vec<u32> = inside
+        .iter()
+        .copied()
+        .filter(|&p| parent_of(p).is_none_or(|pp| !inside.contains(&pp)))
+        .collect();
+    let deadline = std::time::Instant::now() + drain;
+    while mains.iter().any(|&p| crate::sys::pid_alive(p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    dirs.iter().map(|d| empty_and_remove(d)).sum()
 }
 
 /// `baton-<pid>-…` → pid.
