@@ -556,3 +556,41 @@ async fn the_cli_shows_upgrade_phases_and_watches_status() {
     let _ = watch.kill();
     let _ = watch.wait();
 }
+
+/// Issue 32, item 2: `upgrade --wait` asked while another upgrade is in flight says so,
+/// and shows and reports its own upgrade (generation 3), not the one in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_wait_during_another_upgrade_reports_its_own() {
+    let _serial = exclusive().await;
+    let (dir, app, _) = app_dir("wait-own");
+    let app = app.display().to_string();
+    let baton = Baton::start_in(
+        dir,
+        ["--listen", "http=127.0.0.1:0"],
+        [app.as_str(), "--ready-delay", "1s"],
+    )
+    .await
+    .unwrap();
+    baton.hup().unwrap();
+    baton
+        .wait_for("the SIGHUP upgrade in flight", WAIT, |s| s.upgrading)
+        .await
+        .unwrap();
+    let out = baton
+        .cli(&["upgrade", "--wait"], Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stdout
+            .contains("an upgrade (to generation 2) is in flight: this one is queued after it"),
+        "{out:?}"
+    );
+    assert!(out.stdout.contains("spawned generation 3"), "{out:?}");
+    assert!(out.stdout.contains("promoted generation 3 (pid"), "{out:?}");
+    assert!(
+        !out.stdout.contains("generation 2 promoted")
+            && !out.stdout.contains("spawned generation 2"),
+        "the upgrade in flight was shown as this one: {out:?}"
+    );
+}

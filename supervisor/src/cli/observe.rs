@@ -218,8 +218,10 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Starts following `path`'s events (best effort: no progress if that fails).
-    pub fn start(path: &std::path::Path) -> Progress {
+    /// Starts following `path`'s events (best effort: no progress if that fails), from
+    /// the spawn of a generation after `after` on: an upgrade in flight before ours is
+    /// not shown as ours.
+    pub fn start(path: &std::path::Path, after: u64) -> Progress {
         let (tx, done) = std::sync::mpsc::channel();
         let path = path.to_path_buf();
         let since = crate::text::now_ms();
@@ -242,6 +244,7 @@ impl Progress {
                     bar.println(line);
                 }
             };
+            let mut ours = false;
             let _ = conn::stream(&path, &ControlRequest::Events { follow: true }, |l| {
                 let Ok(e) = serde_json::from_str::<Event>(l) else {
                     return true;
@@ -250,6 +253,12 @@ impl Progress {
                     return true;
                 }
                 let g = e.generation;
+                if !ours {
+                    ours = matches!(e.kind, EventKind::Spawned { .. }) && g > after;
+                    if !ours {
+                        return true;
+                    }
+                }
                 let (line, end) = match &e.kind {
                     EventKind::Spawned { image, .. } => (
                         format!(

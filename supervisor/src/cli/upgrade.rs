@@ -13,8 +13,38 @@ use super::status::short;
 /// `upgrade --wait`: promoted, but the old generation's state was lost.
 const EXIT_PROMOTED_WITH_LOSS: u8 = 3;
 
+/// `baton upgrade [--wait]`. With `--wait`, it says first whether an upgrade was in flight
+/// or queued already (this one then follows it, or joins the queued one), and it shows
+/// and reports only the upgrade it asked for.
 pub fn upgrade(path: Option<PathBuf>, wait: bool) -> anyhow::Result<ExitCode> {
-    let progress = wait.then(|| super::observe::Progress::start(&control_path(path.clone())));
+    let mut after = 0;
+    if wait {
+        let ControlReply::Status(s) = ask(
+            path.clone(),
+            ControlRequest::Status,
+            Some(Duration::from_secs(10)),
+        )?
+        else {
+            anyhow::bail!("unexpected reply to status");
+        };
+        after = s
+            .generations
+            .iter()
+            .map(|g| g.generation)
+            .max()
+            .unwrap_or(0);
+        if s.queued_upgrades > 0 {
+            println!(
+                "an upgrade (to generation {after}) is in flight and another is queued: this request joins the queued one"
+            );
+        } else if s.upgrading {
+            println!(
+                "an upgrade (to generation {after}) is in flight: this one is queued after it, and its outcome is what follows"
+            );
+        }
+    }
+    let progress =
+        wait.then(|| super::observe::Progress::start(&control_path(path.clone()), after));
     let reply = ask(path, ControlRequest::Upgrade { wait }, None)?;
     if let Some(p) = progress {
         p.finish();
