@@ -1,5 +1,6 @@
+use super::exit::STABLE_AFTER;
 use super::*;
-use baton_protocol::ReleaseResultKind;
+use baton_protocol::{ReleaseResultKind, SupervisorMsg};
 
 mod hold;
 mod precopy;
