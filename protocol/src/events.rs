@@ -64,11 +64,17 @@ pub enum EventKind {
         bytes: u64,
         /// Its chunks.
         chunks: u64,
-        /// How long it took, in ms.
+        /// How long the round took, in ms: for the last one, from the decision to stop
+        /// the live rounds, which includes waiting for the candidate to catch up.
         ms: f64,
         /// Sent while the old generation was quiesced (the last one).
         #[serde(default)]
         quiesced: bool,
+        /// The last round only: how much of it the old generation was paused, in ms
+        /// (from its quiesce to the round's end). The pause clients see is this plus the
+        /// candidate's restore: the upgrade's accept gap.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        paused_ms: Option<f64>,
     },
     /// The candidate restored the snapshot.
     Restored {

@@ -108,7 +108,9 @@ pub fn describe(e: &Event) -> String {
     format!("{} {who}: {what}", when(e.at_ms))
 }
 
-/// One pre-copy round, as `baton events` and `upgrade --wait` show it.
+/// One pre-copy round, as `baton events` and `upgrade --wait` show it. The last round
+/// says how much of it was a pause: its time also covers waiting for the candidate to
+/// catch up, while the old generation still served.
 fn precopy_line(kind: &EventKind) -> String {
     let EventKind::Precopy {
         round,
@@ -116,19 +118,30 @@ fn precopy_line(kind: &EventKind) -> String {
         chunks,
         ms,
         quiesced,
+        paused_ms,
     } = kind
     else {
         return String::new();
     };
-    let when = if *quiesced {
-        "last round, quiesced"
-    } else if *round == 0 {
-        "full copy, serving"
-    } else {
-        "delta, serving"
-    };
     let size = crate::text::size(*bytes);
-    format!("pre-copy round {round} ({when}): {size} in {chunks} chunks, {ms:.1} ms")
+    match (*quiesced, paused_ms) {
+        (true, Some(paused)) => format!(
+            "pre-copy round {round} (last round): {size} in {chunks} chunks, {ms:.1} ms, of which {paused:.1} ms paused"
+        ),
+        (true, None) => {
+            format!(
+                "pre-copy round {round} (last round, paused): {size} in {chunks} chunks, {ms:.1} ms"
+            )
+        }
+        (false, _) => {
+            let when = if *round == 0 {
+                "full copy, serving"
+            } else {
+                "delta, serving"
+            };
+            format!("pre-copy round {round} ({when}): {size} in {chunks} chunks, {ms:.1} ms")
+        }
+    }
 }
 
 /// `baton history [--json] [-n N]`.

@@ -247,6 +247,11 @@ impl Machine {
             last,
             "pre-copy round done"
         );
+        let paused_ms = if last {
+            u.quiesced_at.map(|t| ms_f(now - t))
+        } else {
+            None
+        };
         if last {
             p.final_bytes = Some(bytes);
             let total = p.next_seq;
@@ -284,6 +289,7 @@ impl Machine {
             chunks,
             ms,
             quiesced: last,
+            paused_ms,
         };
         host.event(from, pid, kind);
     }

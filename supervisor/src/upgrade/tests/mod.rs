@@ -38,9 +38,14 @@ struct Fake {
     releases: Vec<String>,
     /// Probation outcomes with their waiters.
     outcomes: Vec<(ReleaseResultKind, Option<String>, Vec<WaiterId>)>,
+    /// Events, as `baton events` would show them.
+    events: Vec<(GenId, EventKind)>,
 }
 
 impl Host for Fake {
+    fn event(&mut self, gen_id: GenId, _pid: u32, kind: EventKind) {
+        self.events.push((gen_id, kind));
+    }
     fn spawn(&mut self, gen_id: GenId, image: Option<&Image>) -> Result<(u32, Image), String> {
         self.calls.push(Call::Spawn(gen_id));
         if self.fail_spawn {

@@ -104,6 +104,36 @@ fn rounds_shrink_until_converged_then_the_last_one_is_quiesced() {
     assert!((15.0..16.0).contains(&gap), "{gap}");
 }
 
+/// Issue 32, item 1: the last round's time includes waiting for the candidate to catch
+/// up while the old generation still served; its event says how much of it was a pause.
+#[test]
+fn the_last_round_reports_its_pause_apart_from_its_time() {
+    let (mut m, mut h, t) = precopying(|_| {});
+    send_round(&mut m, &mut h, t, 0, 0, 4, 64 * MIB);
+    // Round 1 converges, but the candidate applies it 30 ms later: the quiesce waits.
+    send_round_unapplied(&mut m, &mut h, t, 1, 4, 1, 100);
+    let quiesce_at = t + Duration::from_millis(30);
+    m.on_applied(&mut h, quiesce_at, 2, 4);
+    assert_eq!(m.generation(1).unwrap().phase, Phase::Quiesced);
+    let done = quiesce_at + Duration::from_millis(3);
+    send_round(&mut m, &mut h, done, 2, 5, 1, 120);
+    let last = h
+        .events
+        .iter()
+        .find_map(|(_, k)| match k {
+            EventKind::Precopy {
+                quiesced: true,
+                ms,
+                paused_ms,
+                ..
+            } => Some((*ms, *paused_ms)),
+            _ => None,
+        })
+        .expect("no event for the last round");
+    assert!((33.0..34.0).contains(&last.0), "round time {last:?}");
+    assert_eq!(last.1.map(|p| p.round()), Some(3.0), "{last:?}");
+}
+
 #[test]
 fn the_last_round_waits_until_the_candidate_has_applied_everything() {
     let (mut m, mut h, t) = precopying(|_| {});
