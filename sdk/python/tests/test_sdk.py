@@ -294,3 +294,61 @@ def test_an_item_handed_to_a_waiter_cancelled_before_it_ran_is_not_lost() -> Non
         return await asyncio.wait_for(box.get_async(), 5)
 
     assert asyncio.run(run()) == "connection"
+
+
+def test_restore_async_keeps_the_loop_running() -> None:
+    with FakeSupervisor() as sup:
+        baton = sup.baton(stateful=1)
+        sup.expect("hello")
+        ticks: list[int] = []
+
+        async def main() -> object:
+            async def tick() -> None:
+                while True:
+                    ticks.append(1)
+                    await asyncio.sleep(0.01)
+
+            t = asyncio.ensure_future(tick())
+            value = await baton.restore_async(lambda version, state: (version, state))
+            t.cancel()
+            return value
+
+        import threading
+
+        def supervisor() -> None:
+            sup.expect("prepared")
+            time.sleep(0.1)
+            sup.restore(1, {"a": 1})
+
+        th = threading.Thread(target=supervisor)
+        th.start()
+        got = asyncio.run(main())
+        th.join(5)
+        assert got == (1, {"a": 1})
+        assert sup.expect("restored").body["from_version"] == 1
+        assert len(ticks) >= 3, "the event loop stood still while waiting"
+
+
+def test_migrate_stream_takes_the_bytes_asyncio_buffered() -> None:
+    with FakeSupervisor() as sup:
+        old = sup.baton(adopt=True)
+        sup.expect("hello")
+        a, b = socket.socketpair()
+        b.sendall(b"GET / HTTP/1.1\r\n")
+
+        async def main() -> None:
+            reader, writer = await asyncio.open_connection(sock=a)
+            assert await reader.readexactly(4) == b"GET "
+            await old.migrate_stream(reader, writer, "http", {"n": 1})
+
+        asyncio.run(main())
+        m = sup.expect("migrate")
+        assert base64.b64decode(m.body["buffered"]) == b"/ HTTP/1.1\r\n"
+        assert m.body["listener"] == "http" and m.body["meta"] == {"n": 1}
+        # The handed-over fd is the live connection.
+        moved = socket.socket(fileno=m.fds[0])
+        moved.setblocking(True)
+        moved.sendall(b"hi")
+        assert b.recv(2) == b"hi"
+        moved.close()
+        b.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -262,23 +263,50 @@ class Baton:
         msg = self._restore.get(timeout)
         if msg is None:
             raise BatonError(f"no restore or fresh within {timeout} s")
-        if msg.type == "fresh":
+        outcome = self._decode_restore(msg, decode)
+        if isinstance(outcome, BatonError):
+            # The supervisor aborts and stops us; exiting first would race its report
+            # of the reason with "candidate exited".
+            self._drain.wait(_REJECTED_GRACE)
+            raise outcome
+        return outcome[0]
+
+    async def restore_async(self, decode: Callable[[int, Any], T]) -> Optional[T]:
+        """Like :meth:`restore`, for asyncio: the event loop keeps running meanwhile.
+
+        Raises:
+            BatonError: the snapshot was rejected (the supervisor kills this process next).
+        """
+        if self._channel is None or self.schema is None:
             return None
+        self._send({"type": "prepared"})
+        msg = await self._restore.get_async()
+        outcome = self._decode_restore(msg, decode)
+        if isinstance(outcome, BatonError):
+            try:
+                await asyncio.wait_for(self._drain.wait_async(), _REJECTED_GRACE)
+            except asyncio.TimeoutError:
+                pass
+            raise outcome
+        return outcome[0]
+
+    def _decode_restore(self, msg: Message, decode: Callable[[int, Any], T]) -> "tuple[Optional[T]] | BatonError":
+        """``(value,)`` after saying ``restored`` (None for ``fresh``), or the error after
+        saying ``rejected``."""
+        if msg.type == "fresh":
+            return (None,)
         started = time.monotonic()
         try:
             version, state = self._read_snapshot(msg)
             value = decode(version, state)
         except (BatonError, RejectSnapshot) as e:
             self._send({"type": "rejected", "reason": str(e)})
-            # The supervisor aborts and stops us; exiting first would race its report
-            # of the reason with "candidate exited".
-            self._drain.wait(_REJECTED_GRACE)
-            raise BatonError(f"snapshot rejected: {e}") from None
+            return BatonError(f"snapshot rejected: {e}")
         finally:
             msg.close_fds()
         ms = int((time.monotonic() - started) * 1000)
         self._send({"type": "restored", "from_version": version, "restore_ms": ms})
-        return value
+        return (value,)
 
     @staticmethod
     def _read_snapshot(msg: Message) -> tuple[int, Any]:
@@ -354,6 +382,33 @@ class Baton:
                     os.close(spill)
         finally:
             sock.close()
+
+    async def migrate_stream(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        listener: str,
+        meta: Any = None,
+    ) -> None:
+        """:meth:`migrate` for an asyncio streams connection, at a request boundary: the
+        bytes the ``reader`` has buffered and not handed out yet go with it, what the
+        ``writer`` holds is flushed first, and this process's copy is closed.
+
+        Raises:
+            BatonError: as :meth:`migrate`, or the stream has no socket.
+        """
+        await writer.drain()
+        transport = writer.transport
+        transport.pause_reading()  # type: ignore[attr-defined]
+        # asyncio keeps what it read in the reader's buffer, which has no public getter.
+        buffered = bytes(getattr(reader, "_buffer", b""))
+        raw = writer.get_extra_info("socket")
+        if raw is None:
+            raise BatonError("the stream has no socket to hand over")
+        sock = socket.socket(fileno=os.dup(raw.fileno()))
+        # Closing the transport's own fd sends nothing: the connection lives on in `sock`.
+        transport.abort()
+        self.migrate(sock, listener, buffered, meta)
 
     def adopted(self, timeout: Optional[float] = None) -> Optional[Adopted]:
         """The next connection handed over by the previous generation, blocking; None
