@@ -449,6 +449,7 @@ async fn connection<S, B>(
             return;
         }
         let parts = http.into_parts();
+        let buffered = parts.read_buf.len();
         stream = parts.io.into_inner().unread(&parts.read_buf);
         // At a request boundary: wait for the outcome while quiesced.
         member.set_paused(true);
@@ -458,7 +459,7 @@ async fn connection<S, B>(
             Ok(Mode::Serve) => continue,
             Ok(Mode::Drain { migrate: true }) => {
                 match baton.hand_over(stream, b"", &serde_json::Value::Null).await {
-                    Ok(()) => tracing::debug!("connection handed over"),
+                    Ok(()) => tracing::debug!(buffered, "connection handed over"),
                     Err(e) => tracing::warn!(error = %e, "hand-over failed; connection closed"),
                 }
                 return;
