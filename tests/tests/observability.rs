@@ -451,27 +451,29 @@ async fn an_idle_baton_with_metrics_is_small_and_quiet() {
     .unwrap();
     let (status, _, _) = scrape_text(addr.parse().unwrap());
     assert_eq!(status, 200);
-    // Anyone who can reach the port: 200 silent connections cost at most the cap.
-    // Those past it are closed at accept: their EOF comes well before the 10 s
-    // header timeout that would close a held one.
+    // Anyone who can reach the port: 200 silent connections cost at most the cap (16).
+    // A new one evicts the oldest (so slow clients cannot starve the scrapers): all but
+    // at most the last 16 are closed at once, well before hyper's 5 s header timeout
+    // would close a held one.
     let before = baton_tests::harness::proc_fds(baton.pid()).unwrap().len();
     let held: Vec<_> = (0..200)
         .filter_map(|_| std::net::TcpStream::connect(addr.as_str()).ok())
         .collect();
     let mut closed = 0;
-    for c in held.iter().skip(16) {
+    for c in &held {
         let mut c = c;
-        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
         let mut b = [0u8; 1];
         if matches!(std::io::Read::read(&mut c, &mut b), Ok(0)) {
             closed += 1;
         }
     }
     let fds = baton_tests::harness::proc_fds(baton.pid()).unwrap().len();
-    assert_eq!(
-        closed,
-        held.len() - 16,
-        "connections past the cap were held open"
+    assert!(
+        closed >= held.len() - 16,
+        "{} of {} connections were held open, past the cap of 16",
+        held.len() - closed,
+        held.len()
     );
     assert!(
         fds <= before + 16 + 8,

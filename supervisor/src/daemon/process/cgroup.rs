@@ -245,11 +245,29 @@ fn sweep_stale(base: &Path) -> Vec<(u32, usize)> {
     out
 }
 
-/// `pid`'s parent, from `/proc/<pid>/stat`.
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
+/// Whether `pid` runs: exists and is not a zombie (which an init that does not reap
+/// may keep for ever).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_owned())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
+}
+
+/// Whether `pid` was exec'd by baton as a generation's main process: its environment
+/// says `LISTEN_PID=<pid>`. One whose environment cannot be read counts as main (it is
+/// only waited for, up to the drain timeout).
+fn is_main(pid: u32) -> bool {
+    match std::fs::read(format!("/proc/{pid}/environ")) {
+        Ok(env) => {
+            let want = format!("LISTEN_PID={pid}");
+            env.split(|b| *b == 0).any(|v| v == want.as_bytes())
+        }
+        Err(_) => true,
+    }
 }
 
 /// baton `pid` died: its generations' main processes got their stop signal
@@ -269,8 +287,10 @@ pub fn reclaim_of(pid: u32, drain: std::time::Duration) -> usize {
                 .collect()
         })
         .unwrap_or_default();
-    // baton's children were reparented when it died: a main process is now one whose
-    // parent is outside the generations; a wrapper's child still has its parent inside.
+    // A generation's main process is the one baton exec'd with `LISTEN_PID` set to its
+    // own pid (kept in `/proc/<pid>/environ` across `unsetenv` and a wrapper's exec); a
+    // wrapper's children inherit their parent's. Parentage cannot tell: once baton and a
+    // wrapper shell are gone, all of them have init as their parent.
     let inside: Vec<u32> = dirs
         .iter()
         .flat_map(|d| {
@@ -281,13 +301,9 @@ pub fn reclaim_of(pid: u32, drain: std::time::Duration) -> usize {
                 .collect::<Vec<_>>()
         })
         .collect();
-    let mains: Vec<u32> = inside
-        .iter()
-        .copied()
-        .filter(|&p| parent_of(p).is_none_or(|pp| !inside.contains(&pp)))
-        .collect();
+    let mains: Vec<u32> = inside.iter().copied().filter(|&p| is_main(p)).collect();
     let deadline = std::time::Instant::now() + drain;
-    while mains.iter().any(|&p| crate::sys::pid_alive(p)) && std::time::Instant::now() < deadline {
+    while mains.iter().any(|&p| running(p)) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     dirs.iter().map(|d| empty_and_remove(d)).sum()
