@@ -61,6 +61,17 @@ pub fn ask(
     Ok(reply)
 }
 
+/// `baton status`, parsed: what every command that looks before it acts asks first.
+///
+/// # Errors
+/// As [`ask`], or a reply that is not a status.
+pub fn status(path: Option<PathBuf>, timeout: Duration) -> anyhow::Result<baton_protocol::Status> {
+    match ask(path, ControlRequest::Status, Some(timeout))? {
+        ControlReply::Status(s) => Ok(s),
+        other => anyhow::bail!("unexpected reply to status: {other:?}"),
+    }
+}
+
 /// Client errors, each naming the socket.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -344,11 +344,7 @@ impl ProbationProgress {
             };
             let mut last_said: Option<(String, u64)> = None;
             loop {
-                if let Ok(ControlReply::Status(s)) = crate::cli::conn::ask(
-                    path.clone(),
-                    ControlRequest::Status,
-                    Some(Duration::from_secs(2)),
-                ) {
+                if let Ok(s) = conn::status(path.clone(), Duration::from_secs(2)) {
                     if let Some(p) = s.releases.and_then(|r| r.probation) {
                         let line = match p.seconds_left {
                             Some(n) => format!("{} on probation: {n} s left", p.version),

@@ -129,14 +129,7 @@ fn online(control: Option<PathBuf>, op: ReleaseOp, json: bool) -> anyhow::Result
             program,
         } => {
             // The store is the running baton's; the copy is ours.
-            let ControlReply::Status(s) = conn::ask(
-                control.clone(),
-                ControlRequest::Status,
-                Some(Duration::from_secs(10)),
-            )?
-            else {
-                bail!("unexpected reply to status");
-            };
+            let s = conn::status(control.clone(), Duration::from_secs(10))?;
             let Some(r) = s.releases else {
                 bail!("this baton runs without a release store (start it with --releases DIR)");
             };

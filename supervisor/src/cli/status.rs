@@ -5,23 +5,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use baton_protocol::{ControlReply, ControlRequest, ReexecResult, Status, UpgradeResult};
+use baton_protocol::{ReexecResult, Status, UpgradeResult};
 
-use super::conn::ask;
+use super::conn::status as status_of;
 
 /// `status --watch`: the status, redrawn every second until interrupted.
 pub fn watch(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
     let tty = std::io::stdout().is_terminal();
     loop {
-        let ControlReply::Status(s) = ask(
-            path.clone(),
-            ControlRequest::Status,
-            Some(Duration::from_secs(10)),
-        )?
-        else {
-            anyhow::bail!("unexpected reply to status");
-        };
+        let s = status_of(path.clone(), Duration::from_secs(10))?;
         if tty {
             // Clear the screen and go home: redraw in place.
             print!("\x1b[2J\x1b[H");
@@ -35,10 +28,7 @@ pub fn watch(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
 }
 
 pub fn status(path: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
-    let ControlReply::Status(s) = ask(path, ControlRequest::Status, Some(Duration::from_secs(10)))?
-    else {
-        anyhow::bail!("unexpected reply to status");
-    };
+    let s = status_of(path, Duration::from_secs(10))?;
     if json {
         println!("{}", serde_json::to_string(&s).context("encoding status")?);
     } else {

@@ -19,14 +19,7 @@ const EXIT_PROMOTED_WITH_LOSS: u8 = 3;
 pub fn upgrade(path: Option<PathBuf>, wait: bool) -> anyhow::Result<ExitCode> {
     let mut after = 0;
     if wait {
-        let ControlReply::Status(s) = ask(
-            path.clone(),
-            ControlRequest::Status,
-            Some(Duration::from_secs(10)),
-        )?
-        else {
-            anyhow::bail!("unexpected reply to status");
-        };
+        let s = super::conn::status(path.clone(), Duration::from_secs(10))?;
         after = s
             .generations
             .iter()

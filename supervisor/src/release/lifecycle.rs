@@ -81,16 +81,7 @@ impl Lifecycle {
         let permanent = meta
             .get(&version)
             .is_some_and(|r| r.status == ReleaseStatus::Permanent);
-        let lc = Lifecycle {
-            inner: Arc::new(Inner {
-                store,
-                preflight,
-                preflight_timeout,
-                keep,
-                store_error: std::sync::Mutex::new(None),
-                pending: std::sync::Mutex::new(Vec::new()),
-            }),
-        };
+        let lc = Lifecycle::with_store(store, preflight, preflight_timeout, keep);
         if let Some(c) = meta.current().filter(|c| c.version != version) {
             // Never confirmed: OTP boots the old release too, and forgets the new one.
             let v = c.version.clone();
@@ -119,6 +110,24 @@ impl Lifecycle {
         ))
     }
 
+    fn with_store(
+        store: Store,
+        preflight: Option<String>,
+        preflight_timeout: Duration,
+        keep: Option<usize>,
+    ) -> Lifecycle {
+        Lifecycle {
+            inner: Arc::new(Inner {
+                store,
+                preflight,
+                preflight_timeout,
+                keep,
+                store_error: std::sync::Mutex::new(None),
+                pending: std::sync::Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
     /// Reopens the store of a running baton after a reexec: no boot choice, the
     /// machine that was handed over knows what runs.
     ///
@@ -131,16 +140,12 @@ impl Lifecycle {
         keep: Option<usize>,
     ) -> Result<Lifecycle, String> {
         let store = Store::open(dir, false).map_err(|e| e.0)?;
-        Ok(Lifecycle {
-            inner: Arc::new(Inner {
-                store,
-                preflight,
-                preflight_timeout,
-                keep,
-                store_error: std::sync::Mutex::new(None),
-                pending: std::sync::Mutex::new(Vec::new()),
-            }),
-        })
+        Ok(Lifecycle::with_store(
+            store,
+            preflight,
+            preflight_timeout,
+            keep,
+        ))
     }
 
     /// The store's directory.
