@@ -181,13 +181,7 @@ fn run(args: RunArgs) -> ExitCode {
         None => None,
     };
     // Before binding: what a baton SIGKILLed with its guardian left may hold our ports.
-    for (pid, killed) in cgroup::reclaim_stale().into_iter().filter(|(_, n)| *n > 0) {
-        tracing::warn!(
-            dead_baton = pid,
-            killed,
-            "killed what a dead baton's generations left, and removed their cgroups"
-        );
-    }
+    cgroup::reclaim_stale();
     if cgroup::guardian_needed() {
         // Still one thread, as fork_guardian requires.
         let drain = cfg.drain_timeout;
@@ -318,6 +312,8 @@ fn take_over(fd: &std::ffi::OsStr) -> ExitCode {
     // The nice value came with the exec; children still get back the one the first
     // baton started with.
     sys::set_child_nice(state.config.child_nice);
+    // As at start: another baton may have died with its guardian since.
+    cgroup::reclaim_stale();
     let Some(rt) = runtime() else {
         return ExitCode::FAILURE;
     };

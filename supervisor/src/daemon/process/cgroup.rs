@@ -47,13 +47,6 @@ fn usable_base() -> Result<PathBuf, String> {
     std::fs::create_dir(&probe)
         .map_err(|e| format!("cannot create a cgroup in {}: {e}", base.display()))?;
     let _ = std::fs::remove_dir(&probe);
-    for (pid, killed) in sweep_stale(&base).into_iter().filter(|(_, n)| *n > 0) {
-        tracing::warn!(
-            dead_baton = pid,
-            killed,
-            "removed the generation cgroups of a baton that died"
-        );
-    }
     Ok(base)
 }
 
@@ -204,15 +197,62 @@ impl Containment {
 }
 
 /// The generation cgroups batons left when they died without cleaning up (SIGKILL,
-/// with their guardian): for each, everything in it is killed and it is removed. A
-/// cgroup belongs to a live baton, and is never touched, while its pid (the `<pid>`
-/// of `baton-<pid>-…`) runs in the same cgroup as this baton; a pid that has since
-/// been reused elsewhere does not count. Returns (dead baton's pid, processes killed)
-/// per reclaimed cgroup.
-pub fn reclaim_stale() -> Vec<(u32, usize)> {
-    match own_cgroup_dir() {
-        Some(base) if enabled() => sweep_stale(&base),
-        _ => Vec::new(),
+/// with their guardian): for each, everything in it is killed, it is removed, and a
+/// warning says so. A cgroup belongs to a live baton, and is never touched, while its
+/// pid (the `<pid>` of `baton-<pid>-…`) runs in the same cgroup as this baton; a pid
+/// that has since been reused elsewhere does not count. Run once at start, before the
+/// listeners are bound (the leftovers may hold our ports), and after a reexec.
+pub fn reclaim_stale() {
+    let Some(base) = own_cgroup_dir().filter(|_| enabled()) else {
+        return;
+    };
+    for (pid, dir) in generation_dirs(&base) {
+        if baton_alive(pid) {
+            continue;
+        }
+        let killed = empty_and_remove(&dir);
+        if killed > 0 {
+            tracing::warn!(
+                dead_baton = pid,
+                killed,
+                "killed what a dead baton's generations left, and removed their cgroups"
+            );
+        }
+    }
+}
+
+/// Every `baton-<pid>-…` cgroup below `base`, with its pid.
+fn generation_dirs(base: &Path) -> Vec<(u32, PathBuf)> {
+    std::fs::read_dir(base)
+        .map(|it| {
+            it.flatten()
+                .filter_map(|e| Some((owner_pid(&e.file_name())?, e.path())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The pids in cgroup `dir` now.
+fn procs_in(dir: &Path) -> Vec<u32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// SIGKILLs every process in cgroup `dir` (`cgroup.kill`, Linux 5.14+; else one by
+/// one, repeated while new ones appear).
+fn kill_cgroup(dir: &Path) {
+    if std::fs::write(dir.join("cgroup.kill"), b"1").is_ok() {
+        return;
+    }
+    for _ in 0..16 {
+        let pids = procs_in(dir);
+        if pids.is_empty() {
+            return;
+        }
+        for p in pids {
+            let _ = sys::kill(p, nix::sys::signal::Signal::SIGKILL);
+        }
     }
 }
 
@@ -225,24 +265,6 @@ pub fn guardian_needed() -> bool {
 /// Whether cgroups are not turned off by `BATON_NO_CGROUPS=1`.
 fn enabled() -> bool {
     std::env::var_os("BATON_NO_CGROUPS").is_none_or(|v| v != "1")
-}
-
-fn sweep_stale(base: &Path) -> Vec<(u32, usize)> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(base) else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let Some(pid) = owner_pid(&e.file_name()) else {
-            continue;
-        };
-        if baton_alive(pid) {
-            continue;
-        }
-        let killed = empty_and_remove(&e.path());
-        out.push((pid, killed));
-    }
-    out
 }
 
 /// Whether `pid` runs: exists and is not a zombie (which an init that does not reap
@@ -279,28 +301,16 @@ pub fn reclaim_of(pid: u32, drain: std::time::Duration) -> usize {
     let Some(base) = own_cgroup_dir().filter(|_| enabled()) else {
         return 0;
     };
-    let dirs: Vec<PathBuf> = std::fs::read_dir(&base)
-        .map(|it| {
-            it.flatten()
-                .filter(|e| owner_pid(&e.file_name()) == Some(pid))
-                .map(|e| e.path())
-                .collect()
-        })
-        .unwrap_or_default();
+    let dirs: Vec<PathBuf> = generation_dirs(&base)
+        .into_iter()
+        .filter(|(owner, _)| *owner == pid)
+        .map(|(_, dir)| dir)
+        .collect();
     // A generation's main process is the one baton exec'd with `LISTEN_PID` set to its
     // own pid (kept in `/proc/<pid>/environ` across `unsetenv` and a wrapper's exec); a
     // wrapper's children inherit their parent's. Parentage cannot tell: once baton and a
     // wrapper shell are gone, all of them have init as their parent.
-    let inside: Vec<u32> = dirs
-        .iter()
-        .flat_map(|d| {
-            std::fs::read_to_string(d.join("cgroup.procs"))
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| l.trim().parse::<u32>().ok())
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let inside: Vec<u32> = dirs.iter().flat_map(|d| procs_in(d)).collect();
     let mains: Vec<u32> = inside.iter().copied().filter(|&p| is_main(p)).collect();
     let deadline = std::time::Instant::now() + drain;
     while mains.iter().any(|&p| running(p)) && std::time::Instant::now() < deadline {
@@ -329,33 +339,15 @@ fn baton_alive(pid: u32) -> bool {
             .map(str::to_owned)
     };
     // A zombie has exited: its cgroups are orphans even before its parent reaps it.
-    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true);
-    !zombie && rel(&pid.to_string()).is_some_and(|theirs| rel("self") == Some(theirs))
+    running(pid) && rel(&pid.to_string()).is_some_and(|theirs| rel("self") == Some(theirs))
 }
 
 /// Kills everything in cgroup `dir` and below, waits (at most 2 s) for it to empty, and
 /// removes it. Returns how many processes were in it.
 fn empty_and_remove(dir: &Path) -> usize {
-    let procs = |d: &Path| {
-        std::fs::read_to_string(d.join("cgroup.procs"))
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
-    };
-    let found = procs(dir);
-    if found > 0 && std::fs::write(dir.join("cgroup.kill"), b"1").is_err() {
-        for p in std::fs::read_to_string(dir.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-        {
-            let _ = sys::kill(p, nix::sys::signal::Signal::SIGKILL);
-        }
+    let found = procs_in(dir).len();
+    if found > 0 {
+        kill_cgroup(dir);
     }
     for _ in 0..200 {
         if remove_tree(dir) {
@@ -427,26 +419,12 @@ impl GenCgroup {
 
     /// Pids in the cgroup now.
     pub fn pids(&self) -> Vec<u32> {
-        std::fs::read_to_string(self.dir.join("cgroup.procs"))
-            .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
-            .unwrap_or_default()
+        procs_in(&self.dir)
     }
 
-    /// SIGKILLs every process in the cgroup (`cgroup.kill`, Linux 5.14+; else one by
-    /// one, repeated while new ones appear).
+    /// SIGKILLs every process in the cgroup.
     pub fn kill(&self) {
-        if std::fs::write(self.dir.join("cgroup.kill"), b"1").is_ok() {
-            return;
-        }
-        for _ in 0..16 {
-            let pids = self.pids();
-            if pids.is_empty() {
-                return;
-            }
-            for p in pids {
-                let _ = sys::kill(p, nix::sys::signal::Signal::SIGKILL);
-            }
-        }
+        kill_cgroup(&self.dir);
     }
 
     /// Removes the cgroup if it is empty; `false` while processes remain.
