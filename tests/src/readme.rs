@@ -5,10 +5,10 @@
 //! and kills its whole process group at the end.
 
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::harness::TestDir;
 use crate::systemd::repo_root;
 
 /// The shell blocks of one `## ` section of README.md, in order.
@@ -181,7 +181,8 @@ fn control_of(command: &str) -> Option<String> {
 /// own that is killed when it ends (a background job it started goes with it).
 fn script_run(lines: &[String], timeout: Duration) -> Ran {
     let script = lines.join("\n");
-    let log = tempfile_path();
+    let dir = TestDir::new("readme").expect("a temp dir");
+    let log = dir.join("out.log");
     let file = std::fs::File::create(&log).expect("log file");
     let mut child = Command::new("bash")
         .args(["-c", &script])
@@ -208,7 +209,6 @@ fn script_run(lines: &[String], timeout: Duration) -> Ran {
     );
     let _ = child.wait();
     let output = std::fs::read_to_string(&log).unwrap_or_default();
-    let _ = std::fs::remove_file(&log);
     let Some(status) = status else {
         panic!("README script did not end in {timeout:?}:\n{script}\n--- output:\n{output}");
     };
@@ -216,10 +216,4 @@ fn script_run(lines: &[String], timeout: Duration) -> Ran {
         output,
         code: status.code(),
     }
-}
-
-fn tempfile_path() -> PathBuf {
-    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    std::env::temp_dir().join(format!("baton-readme-{}-{n}.log", std::process::id()))
 }

@@ -125,6 +125,11 @@ impl StoreDir {
 
     /// `baton run --releases STORE -- bin/app` where it must exit at once (a bad store).
     pub async fn run_to_exit(&self) -> Result<CliOutput> {
+        self.run_to_exit_with("bin/app").await
+    }
+
+    /// [`run_to_exit`](Self::run_to_exit) with another PROGRAM.
+    pub async fn run_to_exit_with(&self, program: &str) -> Result<CliOutput> {
         let store = self.arg();
         let control = self.join("run-to-exit.sock").display().to_string();
         baton_cli(
@@ -137,7 +142,7 @@ impl StoreDir {
                 "--control",
                 control.as_str(),
                 "--",
-                "bin/app",
+                program,
             ],
             RELEASE_CLI_TIMEOUT,
         )

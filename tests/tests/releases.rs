@@ -784,23 +784,7 @@ async fn run_with_a_store_takes_the_program_it_recorded() {
     assert_eq!(active_release(&baton).await.unwrap().as_deref(), Some("v1"));
     drop(baton);
 
-    let control = s.join("other.sock").display().to_string();
-    let out = baton_tests::harness::baton_cli(
-        [
-            "run",
-            "--listen",
-            "http=127.0.0.1:0",
-            "--releases",
-            store.as_str(),
-            "--control",
-            control.as_str(),
-            "--",
-            "bin/other",
-        ],
-        Duration::from_secs(20),
-    )
-    .await
-    .unwrap();
+    let out = s.run_to_exit_with("bin/other").await.unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(
         out.stderr.contains("'bin/app'") && out.stderr.contains("'bin/other'"),
