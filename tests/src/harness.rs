@@ -723,6 +723,11 @@ impl Baton {
     fn kill_tree(&mut self) {
         let pid = self.pid();
         let _ = sys::signal(pid, Signal::SIGSTOP);
+        // While baton is stopped (alive, so no other baton's start-up sweep takes its
+        // cgroups for a dead baton's), empty and remove its generations' cgroups.
+        for dir in generation_cgroups(pid) {
+            empty_and_remove_cgroup(&dir);
+        }
         for d in descendants(pid) {
             let _ = sys::signal(d, Signal::SIGKILL);
         }
@@ -901,6 +906,36 @@ pub fn generation_cgroups(pid: u32) -> Vec<PathBuf> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// SIGKILLs every process in cgroup `dir`, waits (bounded) until they are gone and
+/// removes it with the cgroups below it.
+fn empty_and_remove_cgroup(dir: &Path) {
+    let procs = |d: &Path| -> Vec<u32> {
+        fs::read_to_string(d.join("cgroup.procs"))
+            .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    };
+    if fs::write(dir.join("cgroup.kill"), b"1").is_err() {
+        for p in procs(dir) {
+            let _ = sys::signal(p, Signal::SIGKILL);
+        }
+    }
+    fn remove(d: &Path) -> bool {
+        if let Ok(entries) = fs::read_dir(d) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove(&e.path());
+                }
+            }
+        }
+        fs::remove_dir(d).is_ok() || !d.exists()
+    }
+    // Removal fails while a killed process is still exiting; that takes milliseconds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !remove(dir) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// `/proc/<pid>/comm`, or "" when it is gone.
