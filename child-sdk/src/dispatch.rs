@@ -77,7 +77,14 @@ impl Dispatch {
                 deadline_ms,
                 migrate,
             } => self.drain_by(DrainCause::Supervisor, deadline_ms, migrate),
-            SupervisorMsg::Quiesce { accept } => self.to_state(StateMsg::Quiesce { accept }),
+            SupervisorMsg::Quiesce { accept, dry_run } => {
+                // A dry run pauses and snapshots all the same; only the follow-up differs
+                // (always a resume), which the state side handles as any resume.
+                if dry_run {
+                    tracing::debug!("dry-run snapshot requested");
+                }
+                self.to_state(StateMsg::Quiesce { accept })
+            }
             SupervisorMsg::Resume { reason } => {
                 // A pre-copy round in progress stops: its senders are blocked on credit.
                 self.credit.abort(&reason);

@@ -69,6 +69,11 @@ pub enum SupervisorMsg {
         /// schema), or the child answers `snapshot_failed`. Absent: its own schema.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         accept: Option<Vec<u32>>,
+        /// A dry run (`baton snapshot`, `baton rehearse`): a [`SupervisorMsg::Resume`]
+        /// always follows the snapshot, never a commit. A child may ignore it; it
+        /// must pause as for an upgrade all the same, so the snapshot is consistent.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        dry_run: bool,
     },
     /// Stateful upgrade, candidate: restore this snapshot (one fd: a sealed
     /// memfd holding `{"version": V, "state": ...}`), then answer

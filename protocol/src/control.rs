@@ -37,6 +37,14 @@ pub enum ControlRequest {
         #[serde(default)]
         follow: bool,
     },
+    /// A dry-run snapshot of the active generation: it quiesces, snapshots and
+    /// resumes; nothing is committed. Answered by [`ControlReply::Snapshot`], then
+    /// exactly `size` bytes of the snapshot on the same connection.
+    Snapshot {
+        /// Ask for this schema version (a down-migration) instead of the app's own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        schema: Option<u32>,
+    },
     /// The last upgrades, oldest first.
     History {
         /// At most this many (all kept: 100).
@@ -61,6 +69,16 @@ pub enum ControlReply {
     Release(crate::release::ReleaseReply),
     /// Answer to [`ControlRequest::Reexec`].
     Reexec(crate::reexec::ReexecReport),
+    /// Answer to [`ControlRequest::Snapshot`]: `size` bytes of the snapshot follow
+    /// this line (`{"version": V, "state": ...}`, as the app wrote it).
+    Snapshot {
+        /// The generation that took it.
+        generation: u64,
+        /// Its schema version.
+        version: u32,
+        /// Its size in bytes.
+        size: u64,
+    },
     /// Answer to [`ControlRequest::History`].
     History {
         /// Oldest first.

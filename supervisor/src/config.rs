@@ -534,12 +534,15 @@ impl RunConfig {
                 Duration::from_secs(60),
             )?,
             precopy,
-            control: a
-                .control
-                .control
-                .clone()
-                .or(f.control.clone())
-                .unwrap_or_else(crate::access::default_control_path),
+            // The notify socket beside it is passed to children, which need an absolute
+            // path (sd_notify's rule).
+            control: absolute(
+                a.control
+                    .control
+                    .clone()
+                    .or(f.control.clone())
+                    .unwrap_or_else(crate::access::default_control_path),
+            ),
             control_group,
             program,
             args: command,
@@ -786,4 +789,9 @@ mod tests {
             }
         }
     }
+}
+
+/// `std::path::absolute`, keeping the path as given if the working directory is gone.
+fn absolute(p: PathBuf) -> PathBuf {
+    std::path::absolute(&p).unwrap_or(p)
 }

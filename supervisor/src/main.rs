@@ -87,6 +87,12 @@ fn main() -> ExitCode {
         Command::History { json, n, control } => {
             conn::run(|| observe::history(control.control, n, json))
         }
+        Command::Snapshot {
+            dump,
+            schema,
+            json,
+            control,
+        } => conn::run(|| cli::snapshot::dump(control.control, &dump, schema, json)),
         Command::Release(args) => conn::run(|| cli::release::run(args)),
         Command::Generate { what } => conn::run(|| {
             match what {

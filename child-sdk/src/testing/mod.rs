@@ -361,7 +361,11 @@ impl FakeSupervisor {
     ///
     /// Writing failed.
     pub async fn quiesce_async(&self) -> io::Result<()> {
-        self.send(&SupervisorMsg::Quiesce { accept: None }).await
+        self.send(&SupervisorMsg::Quiesce {
+            accept: None,
+            dry_run: false,
+        })
+        .await
     }
 
     /// Sends `quiesce` for a successor that restores only `versions` (a
@@ -374,6 +378,7 @@ impl FakeSupervisor {
     pub async fn quiesce_for(&mut self, versions: &[u32]) -> io::Result<Snapshot> {
         self.send(&SupervisorMsg::Quiesce {
             accept: Some(versions.to_vec()),
+            dry_run: false,
         })
         .await?;
         self.snapshot().await
@@ -387,6 +392,23 @@ impl FakeSupervisor {
     pub async fn quiesce(&mut self) -> io::Result<Snapshot> {
         self.quiesce_async().await?;
         self.snapshot().await
+    }
+
+    /// A dry-run snapshot, as `baton snapshot` takes one: quiesce (marked as a dry
+    /// run), the snapshot, then resume. The child serves again afterwards.
+    ///
+    /// # Errors
+    ///
+    /// As [`snapshot`](Self::snapshot), or the resume could not be sent.
+    pub async fn dry_run_snapshot(&mut self) -> io::Result<Snapshot> {
+        self.send(&SupervisorMsg::Quiesce {
+            accept: None,
+            dry_run: true,
+        })
+        .await?;
+        let snap = self.snapshot().await;
+        self.resume("dry-run snapshot taken").await?;
+        snap
     }
 
     /// Waits for the child's snapshot.

@@ -71,6 +71,22 @@ pub enum Command {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Take a dry-run snapshot of the app's state: it pauses as for an upgrade
+    /// (milliseconds), then serves on; nothing is committed. Needs `baton run --state`
+    /// and an app that takes part in state hand-over.
+    Snapshot {
+        /// Write the snapshot (`{"version": V, "state": ...}`) to FILE (`-`: stdout).
+        #[arg(long, value_name = "FILE")]
+        dump: PathBuf,
+        /// Ask for schema version N (the app's down-migration) instead of its own.
+        #[arg(long, value_name = "N")]
+        schema: Option<u32>,
+        /// Print what was written as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
     /// Show the last upgrades (kept across restarts with --state-dir): result,
     /// reason, durations, accept gap, snapshot bytes, migrated connections, release.
     History {

@@ -97,7 +97,13 @@ pub enum ClientError {
 }
 
 /// Connects to the control socket at `path` (checked first) and sends `req`.
-fn send(path: &Path, req: &ControlRequest) -> Result<std::os::unix::net::UnixStream, ClientError> {
+///
+/// # Errors
+/// The socket is unsafe, cannot be reached, or the request cannot be written.
+pub fn connect(
+    path: &Path,
+    req: &ControlRequest,
+) -> Result<std::os::unix::net::UnixStream, ClientError> {
     let perr = |why: String| ClientError::Protocol {
         path: path.to_path_buf(),
         why,
@@ -127,7 +133,7 @@ pub fn request(
         path: path.to_path_buf(),
         why,
     };
-    let s = send(path, req)?;
+    let s = connect(path, req)?;
     s.set_read_timeout(timeout)
         .map_err(|e| perr(e.to_string()))?;
     let mut reply = String::new();
@@ -154,7 +160,7 @@ pub fn stream(
         path: path.to_path_buf(),
         why,
     };
-    let s = send(path, req)?;
+    let s = connect(path, req)?;
     for l in BufReader::new(s).lines() {
         let l = l.map_err(|e| perr(e.to_string()))?;
         if !each(&l) {

@@ -6,5 +6,6 @@ pub mod conn;
 pub mod generate;
 pub mod observe;
 pub mod release;
+pub mod snapshot;
 pub mod status;
 pub mod upgrade;

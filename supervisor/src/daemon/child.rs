@@ -143,6 +143,7 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                     tracing::info!(generation = gen_id, pid, size, version, "snapshot received");
                     if let Some(h) = d.handles.get_mut(&gen_id) {
                         h.snapshot = Some((fd, size));
+                        h.snapshot_version = version;
                     }
                     m.on_snapshot(d, now, gen_id, size);
                 }

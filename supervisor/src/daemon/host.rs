@@ -94,6 +94,42 @@ impl Host for Driver {
         Ok(())
     }
 
+    fn dry_run_done(&mut self, gen_id: GenId, outcome: Result<u64, String>) {
+        let waiters = std::mem::take(&mut self.dry_runs);
+        let snap = self.handles.get_mut(&gen_id).and_then(|h| {
+            let v = h.snapshot_version;
+            h.snapshot.take().map(|(fd, size)| (fd, size, v))
+        });
+        let outcome = outcome.and_then(|_| snap.ok_or_else(|| "no snapshot received".to_string()));
+        match &outcome {
+            Ok((_, size, version)) => {
+                tracing::info!(generation = gen_id, size, version, "dry-run snapshot taken")
+            }
+            Err(e) => tracing::warn!(generation = gen_id, error = %e, "dry-run snapshot failed"),
+        }
+        for (reply, body) in waiters {
+            let answer = match &outcome {
+                Ok((fd, size, version)) => match fd.try_clone() {
+                    Ok(dup) => {
+                        let _ = body.send(dup);
+                        ControlReply::Snapshot {
+                            generation: gen_id,
+                            version: *version,
+                            size: *size,
+                        }
+                    }
+                    Err(e) => ControlReply::Error {
+                        message: format!("cannot take a snapshot: dup: {e}"),
+                    },
+                },
+                Err(e) => ControlReply::Error {
+                    message: format!("cannot take a snapshot: {e}"),
+                },
+            };
+            let _ = reply.send(answer);
+        }
+    }
+
     fn pass_chunk(
         &mut self,
         from: GenId,

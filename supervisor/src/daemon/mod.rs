@@ -126,6 +126,9 @@ struct Driver {
     metrics_dirty: bool,
     /// The `--metrics` socket (a duplicate serves it), kept for a reexec.
     metrics_listener: Option<Listener>,
+    /// Clients waiting for the dry-run snapshot under way: the reply, and where the
+    /// memfd goes.
+    dry_runs: Vec<(oneshot::Sender<ControlReply>, oneshot::Sender<OwnedFd>)>,
 }
 
 /// Someone waiting on the control socket for an outcome.
@@ -334,6 +337,7 @@ impl Driver {
             warned_bad: std::collections::HashSet::new(),
             metrics_dirty: true,
             metrics_listener: p.metrics_listener,
+            dry_runs: Vec::new(),
         };
         (d, ev_rx, loop_rx)
     }

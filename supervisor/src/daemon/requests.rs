@@ -94,6 +94,16 @@ pub(super) fn on_control(m: &mut Machine, d: &mut Driver, req: Incoming) {
             m.request_stop(d, now);
         }
         ControlRequest::Release(r) => on_release(m, d, r, req.reply, conn),
+        ControlRequest::Snapshot { schema } => {
+            tracing::info!(?schema, "dry-run snapshot requested on the control socket");
+            let Some(body) = req.body else {
+                return error(req.reply, "snapshot request without a body channel".into());
+            };
+            match m.request_dry_run(d, now, schema) {
+                Ok(_) => d.dry_runs.push((req.reply, body)),
+                Err(e) => error(req.reply, format!("cannot take a snapshot: {e}")),
+            }
+        }
         ControlRequest::History { n } => {
             let _ = req.reply.send(ControlReply::History {
                 entries: d.history.last(n),

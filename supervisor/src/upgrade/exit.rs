@@ -17,6 +17,7 @@ impl Machine {
         let Some(g) = self.gens.remove(&gen_id) else {
             return;
         };
+        self.dry_run_exited(host, now, gen_id);
         let how_s = how.to_string();
         let crashed = self.active == Some(gen_id) && !self.stopping;
         host.event(

@@ -66,6 +66,9 @@ pub trait Host {
     fn event(&mut self, gen_id: GenId, pid: u32, kind: EventKind) {
         let _ = (gen_id, pid, kind);
     }
+    /// A dry-run snapshot of `gen_id` ended: its size in bytes (the host holds the
+    /// snapshot it received), or why there is none.
+    fn dry_run_done(&mut self, gen_id: GenId, outcome: Result<u64, String>);
     /// The peak resident memory of generation `gen_id`, in bytes, if known.
     fn peak_rss(&mut self, gen_id: GenId) -> Option<u64> {
         let _ = gen_id;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use baton_protocol::{EventKind, Feature, Phase, UpgradeReport, UpgradeResult};
 
+mod dryrun;
 mod exit;
 mod handover;
 mod host;
@@ -70,6 +71,9 @@ pub struct Machine {
     /// A queued upgrade waits even once the machine is idle (a reexec is due).
     #[serde(skip)]
     held: bool,
+    /// A dry-run snapshot under way (a reexec waits for idle, so never carried).
+    #[serde(skip)]
+    dry_run: Option<dryrun::DryRun>,
 }
 
 /// `now + d`, saturating instead of panicking when `d` is absurdly large (config
@@ -114,6 +118,7 @@ impl Machine {
             lost_state: None,
             boot_image: None,
             held: false,
+            dry_run: None,
         }
     }
 
@@ -121,6 +126,7 @@ impl Machine {
     /// generation is active. A reexec happens only then.
     pub fn idle(&self) -> bool {
         self.upgrade.is_none()
+            && self.dry_run.is_none()
             && self.restart_at.is_none()
             && !self.stopping
             && self.active.is_some()
@@ -250,7 +256,9 @@ impl Machine {
             .flat_map(|g| [g.kill_at.filter(|_| !g.killed), g.ready_at, g.ready_by]);
         let up = self.upgrade.as_ref().and_then(|u| u.stage_deadline);
         let probation = self.probation.as_ref().and_then(|p| p.until);
-        gens.chain([up, self.restart_at, probation]).flatten().min()
+        gens.chain([up, self.restart_at, probation, self.dry_run_deadline()])
+            .flatten()
+            .min()
     }
 
     /// Starts the first generation.
@@ -273,7 +281,7 @@ impl Machine {
             }
             return;
         }
-        if self.upgrade.is_some() || self.restart_at.is_some() || self.held {
+        if self.upgrade.is_some() || self.restart_at.is_some() || self.held || self.dry_running() {
             self.queued.get_or_insert_with(Vec::new).extend(waiter);
             tracing::info!("upgrade requested during another; queued");
             return;
@@ -505,6 +513,7 @@ impl Machine {
             self.begin(host, now, Why::Replace, image, Waiters::default());
         }
         self.probation_tick(host, now);
+        self.dry_run_tick(host, now);
     }
 }
 

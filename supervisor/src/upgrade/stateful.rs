@@ -22,6 +22,11 @@ impl Machine {
         let old = self
             .active
             .filter(|a| self.gens.get(a).is_some_and(|g| g.has(Feature::State)));
+        if let (true, Some(_)) = (self.s.stateful, old) {
+            if self.hold_for_dry_run(gen_id) {
+                return;
+            }
+        }
         if let (true, Some(old)) = (self.s.stateful, old) {
             if self.try_precopy(host, now, old, gen_id) {
                 return;
@@ -35,7 +40,13 @@ impl Machine {
                 self.quiesce_old(now, old);
                 tracing::info!(generation = old, "quiescing for snapshot");
                 let accept = self.gens.get(&gen_id).and_then(|g| g.restores.clone());
-                host.send(old, SupervisorMsg::Quiesce { accept });
+                host.send(
+                    old,
+                    SupervisorMsg::Quiesce {
+                        accept,
+                        dry_run: false,
+                    },
+                );
             }
             (stateful, _) => {
                 let reason = if !stateful {
@@ -74,6 +85,9 @@ impl Machine {
 
     /// Stateful old generation delivered its snapshot (the driver holds the fd).
     pub fn on_snapshot(&mut self, host: &mut impl Host, now: Instant, from: GenId, size: u64) {
+        if self.dry_run_snapshot(host, now, from, size) {
+            return;
+        }
         let Some(u) = self.upgrade.as_mut() else {
             return;
         };
@@ -110,6 +124,9 @@ impl Machine {
         from: GenId,
         why: &str,
     ) {
+        if self.dry_run_failed(host, now, from, why) {
+            return;
+        }
         if self
             .upgrade
             .as_ref()

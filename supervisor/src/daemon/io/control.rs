@@ -39,6 +39,8 @@ pub struct Incoming {
     /// The client's connection (a duplicate), so that a reexec can hand a waiting
     /// client over to the new image.
     pub conn: Option<OwnedFd>,
+    /// For a snapshot: where its memfd goes, before the reply that announces it.
+    pub body: Option<oneshot::Sender<OwnedFd>>,
 }
 
 /// The listening control socket; the file is removed on drop.
@@ -223,11 +225,19 @@ async fn handle(
                 .then(|| w.as_ref().as_fd().try_clone_to_owned().ok())
                 .flatten();
             let (reply, rx) = oneshot::channel();
+            let (body, body_rx) = match request {
+                ControlRequest::Snapshot { .. } => {
+                    let (tx, rx) = oneshot::channel();
+                    (Some(tx), Some(rx))
+                }
+                _ => (None, None),
+            };
             if tx
                 .send(Incoming {
                     request,
                     reply,
                     conn,
+                    body,
                 })
                 .await
                 .is_err()
@@ -235,6 +245,29 @@ async fn handle(
                 return Ok(());
             }
             match rx.await {
+                Ok(ControlReply::Snapshot {
+                    generation,
+                    version,
+                    size,
+                }) => {
+                    let fd = match body_rx {
+                        Some(rx) => rx.await.ok(),
+                        None => None,
+                    };
+                    let Some(fd) = fd else {
+                        return Err(io::Error::other("snapshot without its memfd"));
+                    };
+                    let head = ControlReply::Snapshot {
+                        generation,
+                        version,
+                        size,
+                    };
+                    let mut out = serde_json::to_vec(&head).map_err(io::Error::other)?;
+                    out.push(b'\n');
+                    w.write_all(&out).await?;
+                    send_body(fd, size, &mut w).await?;
+                    return w.shutdown().await;
+                }
                 Ok(r) => r,
                 Err(_) => ControlReply::Error {
                     message: "baton is exiting".into(),
@@ -246,6 +279,31 @@ async fn handle(
     out.push(b'\n');
     w.write_all(&out).await?;
     w.shutdown().await
+}
+
+/// Copies `size` bytes of the snapshot memfd to the client, from offset 0 (positioned
+/// reads: a duplicate shares no offset with the others), in 1 MiB pieces.
+async fn send_body(
+    fd: OwnedFd,
+    size: u64,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let file = std::sync::Arc::new(std::fs::File::from(fd));
+    let mut at = 0u64;
+    while at < size {
+        let want = (size - at).min(1 << 20) as usize;
+        let f = file.clone();
+        let buf = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; want];
+            f.read_exact_at(&mut buf, at).map(|()| buf)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        w.write_all(&buf).await?;
+        at += want as u64;
+    }
+    Ok(())
 }
 
 /// Whether the reply to `r` may wait for an outcome (so a reexec hands the client

@@ -145,6 +145,8 @@ pub struct GenHandle {
     pub status_text: Option<String>,
     /// Its snapshot, held only between receipt and hand-over (never read by baton).
     pub snapshot: Option<(OwnedFd, u64)>,
+    /// The schema version of that snapshot.
+    pub snapshot_version: u32,
     /// A pre-copy chunk, held the same way, with the relay slot it holds until the
     /// candidate's channel has written it (see [`RELAY_SLOTS`]).
     pub chunk: Option<(OwnedFd, Option<OwnedSemaphorePermit>)>,
@@ -222,6 +224,7 @@ impl GenHandle {
             room: Arc::new(Semaphore::new(QUEUE_BOUND)),
             status_text: None,
             snapshot: None,
+            snapshot_version: 0,
             chunk: None,
             ready_deferred: false,
             exited: None,

@@ -2,6 +2,7 @@ use super::exit::STABLE_AFTER;
 use super::*;
 use baton_protocol::{ReleaseResultKind, SupervisorMsg};
 
+mod dryrun;
 mod hold;
 mod precopy;
 mod probation;
@@ -26,6 +27,7 @@ enum Call {
     Sd(SdEvent),
     Finished(UpgradeResult, Option<String>, Vec<WaiterId>),
     Exit(i32),
+    DryRun(GenId, Result<u64, String>),
 }
 
 #[derive(Default)]
@@ -101,6 +103,9 @@ impl Host for Fake {
     }
     fn exit(&mut self, code: i32, _reason: &str) {
         self.calls.push(Call::Exit(code));
+    }
+    fn dry_run_done(&mut self, gen_id: GenId, outcome: Result<u64, String>) {
+        self.calls.push(Call::DryRun(gen_id, outcome));
     }
 }
 
@@ -398,10 +403,13 @@ fn stateful_commit() {
     m.request_upgrade(&mut h, t, Some(1));
     m.on_hello(2, vec![Feature::State], None);
     m.on_prepared(&mut h, t, 2);
-    assert!(
-        h.take()
-            .contains(&Call::Send(1, SupervisorMsg::Quiesce { accept: None }))
-    );
+    assert!(h.take().contains(&Call::Send(
+        1,
+        SupervisorMsg::Quiesce {
+            accept: None,
+            dry_run: false
+        }
+    )));
     assert_eq!(m.generation(1).unwrap().phase, Phase::Quiesced);
     let t1 = t + Duration::from_millis(20);
     m.on_snapshot(&mut h, t1, 1, 1234);

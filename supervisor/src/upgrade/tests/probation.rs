@@ -318,7 +318,8 @@ fn stateful_revert_asks_for_the_old_schema_and_a_refusal_keeps_the_new_one() {
     assert!(h.take().contains(&Call::Send(
         1,
         SupervisorMsg::Quiesce {
-            accept: Some(vec![1, 2])
+            accept: Some(vec![1, 2]),
+            dry_run: false,
         }
     )));
     m.on_snapshot(&mut h, t, 1, 10);
@@ -337,7 +338,8 @@ fn stateful_revert_asks_for_the_old_schema_and_a_refusal_keeps_the_new_one() {
     assert!(h.take().contains(&Call::Send(
         2,
         SupervisorMsg::Quiesce {
-            accept: Some(vec![1])
+            accept: Some(vec![1]),
+            dry_run: false,
         }
     )));
     m.on_snapshot_failed(&mut h, t + SEC, 2, "cannot write schema 1");
