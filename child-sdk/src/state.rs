@@ -262,6 +262,24 @@ impl Baton {
     /// # Ok(()) }
     /// ```
     pub fn snapshot_as(&self, version: u32, state: &impl Serialize) -> Result<()> {
+        self.snapshot_dropping(version, state, &[])
+    }
+
+    /// Like [`snapshot_as`](Self::snapshot_as), for a down-migration that loses
+    /// something, and says what: `dropped` holds JSON pointers into the state (e.g.
+    /// `"/stats"`) of the fields the older schema cannot hold or that it cannot fill
+    /// faithfully. `baton rehearse` lists them and leaves them out when it checks
+    /// that a round trip gives the state back.
+    ///
+    /// # Errors
+    ///
+    /// As [`snapshot_as`](Self::snapshot_as).
+    pub fn snapshot_dropping(
+        &self,
+        version: u32,
+        state: &impl Serialize,
+        dropped: &[&str],
+    ) -> Result<()> {
         self.state_version()?;
         if let Some(accept) = self.successor_restores() {
             if !accept.contains(&version) {
@@ -277,7 +295,8 @@ impl Baton {
         let (fd, size) = codec::write_snapshot(version, state)?;
         let ms = started.elapsed().as_millis();
         tracing::info!(version, size, ms, "snapshot written");
-        send_snapshot(control, version, fd, size)
+        let dropped = dropped.iter().map(|s| (*s).to_owned()).collect();
+        send_snapshot(control, version, fd, size, dropped)
     }
 
     /// Tells the supervisor no snapshot can be made; it aborts the upgrade
@@ -317,7 +336,7 @@ impl Baton {
             std::io::Write::write_all(w, bytes).map_err(|e| format!("writing the memfd: {e}"))
         })?;
         tracing::warn!(version, size, "sending an unchecked snapshot");
-        send_snapshot(control, version, fd, size)
+        send_snapshot(control, version, fd, size, Vec::new())
     }
 }
 
@@ -433,11 +452,18 @@ pub(crate) fn keep_early(baton: &Baton, msg: StateMsg, early: &mut Vec<Event>) {
 }
 
 /// Sends a written snapshot memfd as the answer to quiesce.
-fn send_snapshot(control: &ControlTx, version: u32, fd: OwnedFd, size: u64) -> Result<()> {
+fn send_snapshot(
+    control: &ControlTx,
+    version: u32,
+    fd: OwnedFd,
+    size: u64,
+    dropped: Vec<String>,
+) -> Result<()> {
     let msg = ChildMsg::Snapshot {
         fds: 1,
         version,
         size,
+        dropped,
     };
     control.send(&msg, Some(fd))
 }

@@ -60,17 +60,18 @@ class State:
         self.ops = int(state.get("ops", 0)) if version == 2 else 0
         return self
 
-    def encode(self, accept: Optional[list[int]]) -> tuple[int, Any]:
-        """The snapshot in the newest schema ``accept`` allows."""
+    def encode(self, accept: Optional[list[int]]) -> tuple[int, Any, list[str]]:
+        """The snapshot in the newest schema ``accept`` allows, and what it drops."""
         want = self.schema if accept is None else max((v for v in accept if v <= self.schema), default=0)
         if want == 2:
-            return 2, {"counts": self.counts, "ops": self.ops}
+            return 2, {"counts": self.counts, "ops": self.ops}, []
         if want == 1:
             negative = [(k, v) for k, v in self.counts.items() if v < 0]
             if negative:
                 k, v = negative[0]
                 raise Refuse(f"count {k!r} is {v}: schema 1 cannot hold negative counts")
-            return 1, {"counts": self.counts}
+            # Schema 1 has no operation count: the down-migration drops it.
+            return 1, {"counts": self.counts}, ["/ops"]
         raise Refuse(f"the successor restores schemas {accept}; this program writes 1 and 2")
 
     def command(self, line: str) -> str:
@@ -259,8 +260,8 @@ class Server:
                 await self.stop_accepting()
                 try:
                     await self.pause()
-                    version, doc = self.state.encode(ev.accept)
-                    self.baton.snapshot(version, doc)
+                    version, doc, dropped = self.state.encode(ev.accept)
+                    self.baton.snapshot(version, doc, dropped)
                 except asyncio.TimeoutError:
                     self.baton.snapshot_failed("connections did not reach a request boundary in 10 s")
                 except (Refuse, BatonError) as e:

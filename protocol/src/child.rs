@@ -194,6 +194,11 @@ pub enum ChildMsg {
         version: u32,
         /// Size of the snapshot in bytes.
         size: u64,
+        /// A down-migration: JSON pointers (into the state) of what it loses, as the
+        /// app declares them. `baton rehearse` lists them and leaves them out when it
+        /// compares states.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        dropped: Vec<String>,
     },
     /// Stateful old generation: could not write a snapshot; the upgrade aborts.
     SnapshotFailed {

@@ -78,6 +78,10 @@ pub enum ControlReply {
         version: u32,
         /// Its size in bytes.
         size: u64,
+        /// What the app declared its down-migration loses (JSON pointers into the
+        /// state); empty for its own schema.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        dropped: Vec<String>,
     },
     /// Answer to [`ControlRequest::History`].
     History {

@@ -499,6 +499,7 @@ mod tests {
                     fds: 1,
                     version: 1,
                     size: 24,
+                    dropped: vec![],
                 })
                 .unwrap(),
                 Some(snapshot),

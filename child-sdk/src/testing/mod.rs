@@ -74,6 +74,8 @@ pub struct FakeSupervisor {
 pub struct Snapshot {
     /// The schema version it says it was written with.
     pub version: u32,
+    /// What the child declared its down-migration loses (JSON pointers).
+    pub dropped: Vec<String>,
     size: u64,
     fd: OwnedFd,
 }
@@ -93,6 +95,7 @@ impl Snapshot {
         }
         Ok(Snapshot {
             version,
+            dropped: Vec::new(),
             size: bytes.len() as u64,
             fd,
         })
@@ -427,9 +430,20 @@ impl FakeSupervisor {
             })
             .await?;
         match (msg, fds.pop()) {
-            (ChildMsg::Snapshot { version, size, .. }, Some(fd)) => {
-                Ok(Snapshot { version, size, fd })
-            }
+            (
+                ChildMsg::Snapshot {
+                    version,
+                    size,
+                    dropped,
+                    ..
+                },
+                Some(fd),
+            ) => Ok(Snapshot {
+                version,
+                dropped,
+                size,
+                fd,
+            }),
             (ChildMsg::SnapshotFailed { reason }, _) => {
                 Err(protocol(format!("snapshot failed: {reason}")))
             }

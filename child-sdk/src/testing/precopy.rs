@@ -142,6 +142,7 @@ impl FakeSupervisor {
 fn chunk(size: u64, fd: OwnedFd) -> io::Result<Snapshot> {
     let mut s = Snapshot {
         version: 0,
+        dropped: Vec::new(),
         size,
         fd,
     };

@@ -287,7 +287,7 @@ fn send_snapshot(baton: &Baton, schema: Schema, live: &Live<'_>) -> Result<(), b
                 to = older.version(),
                 "successor restores an older schema only: writing schema {older} (counters are dropped)"
             );
-            baton.snapshot_as(older.version(), &Live(live.0, older))
+            baton.snapshot_dropping(older.version(), &Live(live.0, older), &["/stats"])
         }
     }
 }

@@ -181,6 +181,27 @@ def test_quiesce_snapshot_then_resume_or_commit() -> None:
         assert d is not None and d.cause == "commit"
 
 
+def test_a_dry_run_quiesce_says_so_and_a_down_migration_declares_its_drops() -> None:
+    with FakeSupervisor() as sup:
+        baton = sup.baton(stateful=2)
+        sup.expect("hello")
+        sup.send({"type": "quiesce", "dry_run": True})
+        ev = baton.next_state_event(5)
+        assert ev == Quiesce(None, True) and ev.dry_run
+        baton.snapshot(2, {"n": 7})
+        snap = sup.expect("snapshot")
+        assert "dropped" not in snap.body
+        sup.send({"type": "resume", "reason": "dry-run snapshot taken"})
+        assert baton.next_state_event(5) == Resume("dry-run snapshot taken")
+        sup.send({"type": "quiesce", "accept": [1]})
+        ev = baton.next_state_event(5)
+        assert ev == Quiesce([1]) and not ev.dry_run
+        baton.snapshot(1, {"n": 7}, dropped=["/stats"])
+        snap = sup.expect("snapshot")
+        assert snap.body["dropped"] == ["/stats"]
+        assert FakeSupervisor.read_snapshot(snap) == {"version": 1, "state": {"n": 7}}
+
+
 @pytest.mark.parametrize("size", [10, 200_000])
 def test_migrate_and_adopt_carry_the_bytes_read(size: int) -> None:
     with FakeSupervisor() as old_sup, FakeSupervisor() as new_sup:

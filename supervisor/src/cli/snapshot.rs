@@ -13,7 +13,7 @@ use baton_protocol::{ControlReply, ControlRequest};
 use super::conn;
 
 /// What a dry-run snapshot was.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Taken {
     /// The generation that took it.
     pub generation: u64,
@@ -21,6 +21,8 @@ pub struct Taken {
     pub version: u32,
     /// Its size in bytes.
     pub size: u64,
+    /// What the app declared its down-migration loses.
+    pub dropped: Vec<String>,
 }
 
 /// Asks the baton at `control` for a dry-run snapshot (in schema `schema`, else the
@@ -47,14 +49,15 @@ pub fn take(
             control.display()
         );
     }
-    let (generation, version, size) = match serde_json::from_str(&head)
+    let (generation, version, size, dropped) = match serde_json::from_str(&head)
         .with_context(|| format!("control socket {}: bad reply", control.display()))?
     {
         ControlReply::Snapshot {
             generation,
             version,
             size,
-        } => (generation, version, size),
+            dropped,
+        } => (generation, version, size, dropped),
         ControlReply::Error { message } => {
             anyhow::bail!("baton at {}: {message}", control.display())
         }
@@ -68,6 +71,7 @@ pub fn take(
         generation,
         version,
         size,
+        dropped,
     })
 }
 
@@ -105,7 +109,7 @@ pub fn dump(
         t
     };
     if json {
-        let mut v = serde_json::to_value(taken)?;
+        let mut v = serde_json::to_value(&taken)?;
         v["file"] = file.display().to_string().into();
         println!("{v}");
     } else if file != Path::new("-") {
@@ -116,6 +120,12 @@ pub fn dump(
             crate::text::size(taken.size),
             file.display()
         );
+        if !taken.dropped.is_empty() {
+            println!(
+                "the app declares that this schema loses: {}",
+                taken.dropped.join(", ")
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -138,12 +138,18 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                     }
                 }
                 ChildMsg::Prepared => m.on_prepared(d, now, gen_id),
-                ChildMsg::Snapshot { size, version, .. } => {
+                ChildMsg::Snapshot {
+                    size,
+                    version,
+                    dropped,
+                    ..
+                } => {
                     let Some(fd) = fds.pop() else { return };
                     tracing::info!(generation = gen_id, pid, size, version, "snapshot received");
                     if let Some(h) = d.handles.get_mut(&gen_id) {
                         h.snapshot = Some((fd, size));
                         h.snapshot_version = version;
+                        h.snapshot_dropped = dropped;
                     }
                     m.on_snapshot(d, now, gen_id, size);
                 }

@@ -97,25 +97,26 @@ impl Host for Driver {
     fn dry_run_done(&mut self, gen_id: GenId, outcome: Result<u64, String>) {
         let waiters = std::mem::take(&mut self.dry_runs);
         let snap = self.handles.get_mut(&gen_id).and_then(|h| {
-            let v = h.snapshot_version;
-            h.snapshot.take().map(|(fd, size)| (fd, size, v))
+            let (v, dropped) = (h.snapshot_version, std::mem::take(&mut h.snapshot_dropped));
+            h.snapshot.take().map(|(fd, size)| (fd, size, v, dropped))
         });
         let outcome = outcome.and_then(|_| snap.ok_or_else(|| "no snapshot received".to_string()));
         match &outcome {
-            Ok((_, size, version)) => {
+            Ok((_, size, version, _)) => {
                 tracing::info!(generation = gen_id, size, version, "dry-run snapshot taken")
             }
             Err(e) => tracing::warn!(generation = gen_id, error = %e, "dry-run snapshot failed"),
         }
         for (reply, body) in waiters {
             let answer = match &outcome {
-                Ok((fd, size, version)) => match fd.try_clone() {
+                Ok((fd, size, version, dropped)) => match fd.try_clone() {
                     Ok(dup) => {
                         let _ = body.send(dup);
                         ControlReply::Snapshot {
                             generation: gen_id,
                             version: *version,
                             size: *size,
+                            dropped: dropped.clone(),
                         }
                     }
                     Err(e) => ControlReply::Error {

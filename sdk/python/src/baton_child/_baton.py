@@ -11,7 +11,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from . import _env, _memfd
 from ._errors import BatonError, ProtocolError, RejectSnapshot
@@ -332,8 +332,12 @@ class Baton:
         """Like :meth:`next_state_event`, for asyncio."""
         return await self._state.get_async()
 
-    def snapshot(self, version: int, state: Any) -> None:
+    def snapshot(self, version: int, state: Any, dropped: Sequence[str] = ()) -> None:
         """Answers :class:`Quiesce` with the state as schema ``version`` (JSON-serialisable).
+
+        A down-migration that loses something says what in ``dropped``: JSON pointers
+        into the state (e.g. ``"/stats"``). ``baton rehearse`` lists them and leaves them
+        out when it checks that a round trip gives the state back.
 
         Raises:
             BatonError: it cannot be serialised or sent (then call :meth:`snapshot_failed`).
@@ -344,7 +348,10 @@ class Baton:
         except (TypeError, ValueError, OSError) as e:
             raise BatonError(f"cannot write the snapshot: {e}") from None
         try:
-            self._send({"type": "snapshot", "fds": 1, "version": version, "size": len(data)}, [fd])
+            msg: dict[str, Any] = {"type": "snapshot", "fds": 1, "version": version, "size": len(data)}
+            if dropped:
+                msg["dropped"] = [str(p) for p in dropped]
+            self._send(msg, [fd])
         finally:
             os.close(fd)
 
@@ -458,10 +465,11 @@ class Baton:
             self._drain.set(DrainInfo(deadline, migrate, "commit"))
         elif t == "quiesce":
             accept = b.get("accept")
+            dry_run = b.get("dry_run") is True
             if isinstance(accept, list) and all(isinstance(v, int) for v in accept):
-                self._state.put(Quiesce([int(v) for v in accept]))
+                self._state.put(Quiesce([int(v) for v in accept], dry_run))
             else:
-                self._state.put(Quiesce(None))
+                self._state.put(Quiesce(None, dry_run))
         elif t == "resume":
             self._state.put(Resume(str(b.get("reason", ""))))
         elif t in ("restore", "fresh"):

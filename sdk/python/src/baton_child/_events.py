@@ -33,9 +33,12 @@ class Quiesce:
 
     Attributes:
         accept: the schema versions the candidate restores; None: write your own.
+        dry_run: a dry run (``baton snapshot``, ``baton rehearse``): a :class:`Resume`
+            always follows. Pause all the same, so that the snapshot is consistent.
     """
 
     accept: Optional[list[int]]
+    dry_run: bool = False
 
 
 @dataclass(frozen=True)

@@ -249,6 +249,7 @@ async fn handle(
                     generation,
                     version,
                     size,
+                    dropped,
                 }) => {
                     let fd = match body_rx {
                         Some(rx) => rx.await.ok(),
@@ -261,6 +262,7 @@ async fn handle(
                         generation,
                         version,
                         size,
+                        dropped,
                     };
                     let mut out = serde_json::to_vec(&head).map_err(io::Error::other)?;
                     out.push(b'\n');

@@ -147,6 +147,8 @@ pub struct GenHandle {
     pub snapshot: Option<(OwnedFd, u64)>,
     /// The schema version of that snapshot.
     pub snapshot_version: u32,
+    /// What the app declared that snapshot loses (a down-migration).
+    pub snapshot_dropped: Vec<String>,
     /// A pre-copy chunk, held the same way, with the relay slot it holds until the
     /// candidate's channel has written it (see [`RELAY_SLOTS`]).
     pub chunk: Option<(OwnedFd, Option<OwnedSemaphorePermit>)>,
@@ -225,6 +227,7 @@ impl GenHandle {
             status_text: None,
             snapshot: None,
             snapshot_version: 0,
+            snapshot_dropped: Vec::new(),
             chunk: None,
             ready_deferred: false,
             exited: None,
