@@ -554,6 +554,11 @@ impl RunConfig {
     }
 }
 
+/// `std::path::absolute`, keeping the path as given if the working directory is gone.
+fn absolute(p: PathBuf) -> PathBuf {
+    std::path::absolute(&p).unwrap_or(p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -789,9 +794,4 @@ mod tests {
             }
         }
     }
-}
-
-/// `std::path::absolute`, keeping the path as given if the working directory is gone.
-fn absolute(p: PathBuf) -> PathBuf {
-    std::path::absolute(&p).unwrap_or(p)
 }

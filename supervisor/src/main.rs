@@ -7,6 +7,7 @@ mod config;
 mod daemon;
 mod logsink;
 mod reexec;
+mod rehearse;
 mod release;
 mod sys;
 mod text;
@@ -93,6 +94,7 @@ fn main() -> ExitCode {
             json,
             control,
         } => conn::run(|| cli::snapshot::dump(control.control, &dump, schema, json)),
+        Command::Rehearse(args) => conn::run(|| rehearse::run(*args)),
         Command::Release(args) => conn::run(|| cli::release::run(args)),
         Command::Generate { what } => conn::run(|| {
             match what {

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod packaging;
 pub mod python;
 pub mod readme;
+pub mod rehearse;
 pub mod releases;
 pub mod resp;
 mod sys;

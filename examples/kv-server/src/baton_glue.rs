@@ -135,7 +135,21 @@ pub async fn run(opts: Options, env: Env) -> anyhow::Result<()> {
         Schema::V2 => restore_as::<2>(&baton, schema, precopy).await,
     };
     match restored {
-        Ok(Some((db, from_version))) => {
+        Ok(Some((mut db, from_version))) => {
+            if fault::armed(Fault::LoseXKeys) {
+                let lost: Vec<Vec<u8>> = db
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(b"x"))
+                    .map(|(k, _)| k.to_vec())
+                    .collect();
+                tracing::error!(
+                    lost = lost.len(),
+                    "fault lose-x-keys: dropping restored keys"
+                );
+                for k in lost {
+                    db.remove(&k);
+                }
+            }
             tracing::info!(from_version, keys = db.len(), "keyspace restored");
             server.install(db, from_version);
         }
@@ -279,6 +293,9 @@ fn send_snapshot(baton: &Baton, schema: Schema, live: &Live<'_>) -> Result<(), b
     }
     match downgrade_to(baton, schema)? {
         None => baton.snapshot(live),
+        Some(older) if fault::armed(Fault::RefuseDowngrade) => Err(baton_child::Error::Snapshot(
+            format!("this build cannot write schema {older} (fault refuse-downgrade)"),
+        )),
         Some(older) => {
             // Erlang's code_change({down, V}): the successor (a revert, a rollback)
             // restores only older schemas. Schema 1 has no counters: they are dropped.

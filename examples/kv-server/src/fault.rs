@@ -34,6 +34,12 @@ pub enum Fault {
     /// Old generation: take 150 ms per chunk in live pre-copy rounds (a slow link), so that
     /// writers outpace the deltas. Fires every time.
     SlowPrecopy,
+    /// Candidate: a lossy restore that drops every key whose name starts with `x` (a
+    /// broken release for `baton rehearse`'s state check to catch). Fires every time.
+    LoseXKeys,
+    /// Old generation: refuse every down-migration (a release that cannot write the older
+    /// schema). Fires every time.
+    RefuseDowngrade,
 }
 
 /// Set once in `main`, read where the fault fires. A global because one of those places is a

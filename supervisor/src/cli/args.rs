@@ -87,6 +87,10 @@ pub enum Command {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Rehearse the upgrade from A to B (and back) on a private baton, under load, and
+    /// check that the state survives the round trip: for an app's CI. Exit 0 only when
+    /// every step passed.
+    Rehearse(Box<RehearseArgs>),
     /// Show the last upgrades (kept across restarts with --state-dir): result,
     /// reason, durations, accept gap, snapshot bytes, migrated connections, release.
     History {
@@ -206,6 +210,77 @@ pub enum ReleaseOp {
         /// The release.
         version: String,
     },
+}
+
+/// `baton rehearse` options.
+#[derive(Debug, Args)]
+pub struct RehearseArgs {
+    /// The release running first: an executable, or a directory with --program.
+    #[arg(long, value_name = "A")]
+    pub from: PathBuf,
+    /// The release to upgrade to: an executable, or a directory with --program.
+    #[arg(long, value_name = "B")]
+    pub to: PathBuf,
+    /// The executable inside A and B when they are directories (e.g. bin/app).
+    #[arg(long, value_name = "PATH")]
+    pub program: Option<PathBuf>,
+    /// A listening socket NAME=ADDR, as for `baton run` (repeatable); port 0 takes a free
+    /// port [default: http=127.0.0.1:0].
+    #[arg(long, value_name = "NAME=ADDR")]
+    pub listen: Vec<String>,
+    /// Stateful upgrades (as `baton run --state`), with the state round trip checked.
+    #[arg(long)]
+    pub state: bool,
+    /// A command (sh -c) that fills A before anything else, e.g. with redis-cli; it gets
+    /// REHEARSE_<NAME>=ADDR (and _HOST, _PORT) per listener and BATON_CONTROL.
+    #[arg(long, value_name = "CMD")]
+    pub setup: Option<String>,
+    /// A command (sh -c) that loads the app through the upgrades, any protocol (the same
+    /// environment as --setup). It should run until stopped (SIGTERM after the last
+    /// upgrade); one that exits by itself must exit 0 [default: built-in HTTP load].
+    #[arg(long, value_name = "CMD")]
+    pub load: Option<String>,
+    /// The path the built-in HTTP load asks for.
+    #[arg(long, value_name = "PATH", default_value = "/")]
+    pub http_path: String,
+    /// Built-in HTTP load: N keep-alive clients and N with a connection per request.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub clients: usize,
+    /// Load time before, between and after the upgrades under load.
+    #[arg(long, value_name = "DUR", default_value = "1s")]
+    pub settle: humantime::Duration,
+    /// A JSON pointer into the state (e.g. /stats) left out of the state comparison
+    /// (repeatable), besides what the app declares its down-migration drops.
+    #[arg(long, value_name = "POINTER")]
+    pub dropped: Vec<String>,
+    /// A JSON pointer into the state of an array compared as a set (repeatable).
+    #[arg(long, value_name = "POINTER")]
+    pub unordered: Vec<String>,
+    /// Compare states with `CMD BEFORE AFTER` (exit 0: the same) instead of as JSON.
+    #[arg(long, value_name = "CMD")]
+    pub compare: Option<String>,
+    /// B need not go back to A: skip B → A (and the round trip), and say so.
+    #[arg(long)]
+    pub no_downgrade: bool,
+    /// Also kill B at each phase of A → B: A must serve on with its state intact.
+    #[arg(long)]
+    pub faults: bool,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// One more `baton run` option for the private baton (repeatable), e.g.
+    /// --baton-arg=--drain-timeout=5s.
+    #[arg(long, value_name = "OPTION", allow_hyphen_values = true)]
+    pub baton_arg: Vec<String>,
+    /// Bound on each step (start, setup, an upgrade, a snapshot).
+    #[arg(long, value_name = "DUR", default_value = "60s")]
+    pub timeout: humantime::Duration,
+    /// Keep the private baton's directory (its log, the load's output) and say where.
+    #[arg(long)]
+    pub keep: bool,
+    /// The app's arguments (after `--`), for A and B alike.
+    #[arg(last = true, value_name = "ARGS")]
+    pub args: Vec<OsString>,
 }
 
 /// Where the control socket is.

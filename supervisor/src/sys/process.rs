@@ -116,3 +116,36 @@ pub fn monotonic_usec() -> u64 {
         .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
         .unwrap_or(0)
 }
+
+/// Sends `sig` to the process group led by `pid`; a group that is gone is not an error.
+pub fn signal_group(pid: u32, sig: nix::sys::signal::Signal) -> io::Result<()> {
+    let pid = i32::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    match nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Makes `cmd`'s child start with no signal blocked (the process spawning it may block
+/// some for one thread to take them, and a child inherits the mask), and get `sig`
+/// when the thread that spawned it dies (so a SIGKILLed `baton rehearse` takes its
+/// private baton with it). Spawn from a thread that lives as long as the child should.
+pub fn die_with_parent(cmd: &mut std::process::Command, sig: nix::sys::signal::Signal) {
+    use nix::libc;
+    use std::os::unix::process::CommandExt;
+    let sig = sig as libc::c_ulong;
+    // SAFETY: the hook runs between fork and exec and makes async-signal-safe calls
+    // (sigemptyset, sigprocmask, prctl) on a set on its own stack and plain integers.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut none = std::mem::zeroed::<libc::sigset_t>();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) < 0
+                || libc::prctl(libc::PR_SET_PDEATHSIG, sig) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

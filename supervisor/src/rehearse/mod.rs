@@ -1,0 +1,775 @@
+//! `baton rehearse --from A --to B`: an app's upgrade path, tried on real binaries by a
+//! private baton, for the app author's CI.
+//!
+//! The order, and why:
+//! 1. A starts, and `--setup` fills it.
+//! 2. `--faults`: A → B with B killed at each phase; A must serve on, state intact.
+//! 3. The state round trip, with no load, because it compares states exactly: A's
+//!    snapshot; A → B; B's state written in A's schema (its down-migration), which must
+//!    equal A's; B → A; A's state, which must equal A's first one. Every snapshot is a
+//!    dry run (quiesce, snapshot, resume), so nothing else changes.
+//! 4. Load (built-in HTTP, or `--load CMD`), then A → B and B → A under it: every
+//!    failed request is counted.
+
+mod cleanup;
+mod diff;
+mod faults;
+mod load;
+mod private;
+mod report;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use baton_protocol::{Status, UpgradeReport, UpgradeResult};
+
+use crate::cli::args::RehearseArgs;
+use cleanup::Cleanup;
+use private::{Plan, PrivateBaton, Snap};
+use report::{Outcome, Report, took};
+
+/// Runs the rehearsal and prints its report; exit 0 only when every step passed.
+///
+/// # Errors
+/// A or B is not an executable, or the temporary directory cannot be made. Failures of
+/// the rehearsal itself are steps of the report, not errors.
+pub fn run(args: RehearseArgs) -> anyhow::Result<ExitCode> {
+    let cleanup = Cleanup::install();
+    let a = resolve(&args.from, args.program.as_deref(), "from")?;
+    let b = resolve(&args.to, args.program.as_deref(), "to")?;
+    let tmp = tempfile::Builder::new()
+        .prefix("baton-rehearse-")
+        .tempdir()
+        .context("cannot make a temporary directory")?;
+    let dir = tmp.path().to_path_buf();
+    cleanup.add_dir(dir.clone());
+    let mut report = Report {
+        from: a.display().to_string(),
+        to: b.display().to_string(),
+        ..Report::default()
+    };
+    let mut r = Rehearsal {
+        args: &args,
+        a,
+        b,
+        dir: dir.clone(),
+        report: &mut report,
+    };
+    let tail = r.all(&cleanup);
+    report.passed = !report.failed();
+    if args.keep {
+        report.kept = Some(tmp.keep().display().to_string());
+    }
+    drop(cleanup);
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    if report.failed() {
+        if let Some(t) = tail.filter(|t| !t.is_empty()) {
+            eprintln!("---- the private baton's log, last lines ----\n{t}");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A or B as an executable: the file itself, or `--program` inside a directory.
+fn resolve(p: &Path, program: Option<&Path>, which: &str) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(p).with_context(|| format!("--{which} {}", p.display()))?;
+    let exe = if meta.is_dir() {
+        match program {
+            Some(rel) => p.join(rel),
+            None => bail!(
+                "--{which} {} is a directory: say which executable in it runs with --program (e.g. bin/app)",
+                p.display()
+            ),
+        }
+    } else {
+        p.to_path_buf()
+    };
+    let meta = std::fs::metadata(&exe).with_context(|| format!("--{which} {}", exe.display()))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        bail!("--{which} {}: not an executable file", exe.display());
+    }
+    Ok(std::path::absolute(&exe)?)
+}
+
+/// How to tell that the app serves: a request on its first listener.
+pub struct Probe {
+    addr: Option<SocketAddr>,
+    http: Option<String>,
+}
+
+impl Probe {
+    /// An HTTP GET (when the built-in load is HTTP) or a TCP connect; nothing for
+    /// other listeners.
+    ///
+    /// # Errors
+    /// The connection or the request failed.
+    pub fn check(&self) -> Result<(), String> {
+        let Some(addr) = self.addr else {
+            return Ok(());
+        };
+        match &self.http {
+            Some(path) => {
+                let h = load::HttpLoad::start(addr, path, 1);
+                let until = Instant::now() + Duration::from_secs(10);
+                while h.ok() == 0 && Instant::now() < until {
+                    let (n, first) = h
+                        .failures_between(Instant::now() - Duration::from_secs(60), Instant::now());
+                    if n > 0 {
+                        return Err(first.unwrap_or_default());
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let (ok, failed, _) = h.stop();
+                if ok == 0 || failed > 0 {
+                    return Err(format!("{ok} answered, {failed} failed"));
+                }
+                Ok(())
+            }
+            None => std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .map(drop)
+                .map_err(|e| format!("connect {addr}: {e}")),
+        }
+    }
+}
+
+struct Rehearsal<'a> {
+    args: &'a RehearseArgs,
+    a: PathBuf,
+    b: PathBuf,
+    dir: PathBuf,
+    report: &'a mut Report,
+}
+
+impl Rehearsal<'_> {
+    fn timeout(&self) -> Duration {
+        self.args.timeout.into()
+    }
+
+    /// Every step; returns the private baton's log tail, for a failure.
+    fn all(&mut self, cleanup: &Cleanup) -> Option<String> {
+        let plan = Plan {
+            listen: if self.args.listen.is_empty() {
+                vec!["http=127.0.0.1:0".into()]
+            } else {
+                self.args.listen.clone()
+            },
+            state: self.args.state,
+            baton_args: self.args.baton_arg.clone(),
+            app_args: self.args.args.clone(),
+        };
+        let t = Instant::now();
+        let baton =
+            match PrivateBaton::start(&self.dir, &self.a, &plan, self.timeout(), cleanup.clone()) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.report
+                        .step("A starts", Outcome::Fail, format!("{e:#}"), &[]);
+                    return None;
+                }
+            };
+        let tail = |b: &PrivateBaton| Some(b.log_tail(30));
+        let status = match baton.status() {
+            Ok(s) => s,
+            Err(e) => {
+                self.report
+                    .step("A starts", Outcome::Fail, format!("{e:#}"), &[]);
+                return tail(&baton);
+            }
+        };
+        let env = environment(&status, baton.control(), &self.dir);
+        let listeners: Vec<String> = status
+            .listeners
+            .iter()
+            .map(|l| format!("{}={}", l.name, l.addr))
+            .collect();
+        self.report.step(
+            "A starts",
+            Outcome::Pass,
+            format!(
+                "ready in {}; generation {} (pid {}); {}",
+                took(t.elapsed()),
+                status.generation,
+                status.pid.unwrap_or(0),
+                listeners.join(" ")
+            ),
+            &[("ready_ms", (t.elapsed().as_millis() as u64).into())],
+        );
+        let first: Option<SocketAddr> = status.listeners.first().and_then(|l| l.addr.parse().ok());
+        let http = first
+            .filter(|_| self.args.load.is_none())
+            .map(|_| self.args.http_path.clone());
+        let probe = Probe { addr: first, http };
+
+        if let Some(cmd) = &self.args.setup {
+            let t = Instant::now();
+            match run_cmd(cmd, &env, &self.dir.join("setup.log"), self.timeout()) {
+                Ok(()) => self.report.step(
+                    "setup",
+                    Outcome::Pass,
+                    format!("exit 0 in {}", took(t.elapsed())),
+                    &[("ms", (t.elapsed().as_millis() as u64).into())],
+                ),
+                Err(why) => {
+                    self.report.step("setup", Outcome::Fail, why, &[]);
+                    return tail(&baton);
+                }
+            };
+        }
+
+        // Does the app keep state? A dry run says.
+        let mut stateful = self.args.state;
+        let mut a_snap = None;
+        if stateful {
+            match baton.snapshot(None, self.timeout()) {
+                Ok(s) => a_snap = Some(s),
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    if why.contains("does not take part") {
+                        self.report.step(
+                            "state",
+                            Outcome::Skip,
+                            "no state: the app does not take part in state hand-over",
+                            &[],
+                        );
+                        stateful = false;
+                    } else {
+                        self.report.step("snapshot A", Outcome::Fail, why, &[]);
+                        return tail(&baton);
+                    }
+                }
+            }
+        } else {
+            self.report.step(
+                "state",
+                Outcome::Skip,
+                "no state (rehearse without --state)",
+                &[],
+            );
+        }
+
+        if self.args.faults {
+            let mut trials = vec![faults::Fault::Spawned];
+            if stateful {
+                trials.push(faults::Fault::Restoring);
+            }
+            let ctx = faults::Ctx {
+                baton: &baton,
+                a: &self.a,
+                b: &self.b,
+                stateful,
+                probe: &probe,
+                timeout: self.timeout(),
+            };
+            for f in trials {
+                faults::trial(&ctx, f, self.report);
+            }
+        }
+
+        let mut a_active = true;
+        if let Some(a_snap) = a_snap {
+            a_active = self.round_trip(&baton, a_snap);
+        }
+        if !a_active {
+            for name in ["A → B under load", "B → A under load"] {
+                self.report
+                    .step(name, Outcome::Skip, "A is not running (see above)", &[]);
+            }
+            return tail(&baton);
+        }
+        self.under_load(&baton, &probe, &env, cleanup);
+        if self.report.failed() {
+            tail(&baton)
+        } else {
+            None
+        }
+    }
+
+    /// Step 3; returns whether A is the active generation after it.
+    fn round_trip(&mut self, baton: &PrivateBaton, a_snap: Snap) -> bool {
+        let t = self.timeout();
+        let av = a_snap.taken.version;
+        self.report.step(
+            "snapshot A",
+            Outcome::Pass,
+            format!(
+                "schema {av}, {} (dry run)",
+                crate::text::size(a_snap.taken.size)
+            ),
+            &[("schema", av.into()), ("bytes", a_snap.taken.size.into())],
+        );
+        if self.args.no_downgrade {
+            self.report.step(
+                "state round trip",
+                Outcome::Skip,
+                "--no-downgrade: B's state is not compared with A's (that needs B → A)",
+                &[],
+            );
+            return true;
+        }
+        if !self.upgrade(baton, &self.b.clone(), "A → B, no load") {
+            return true;
+        }
+        match baton.snapshot(None, t) {
+            Ok(s) => self.report.step(
+                "B's state",
+                Outcome::Pass,
+                format!(
+                    "restored: schema {}, {}",
+                    s.taken.version,
+                    crate::text::size(s.taken.size)
+                ),
+                &[
+                    ("schema", s.taken.version.into()),
+                    ("bytes", s.taken.size.into()),
+                ],
+            ),
+            Err(e) => self
+                .report
+                .step("B's state", Outcome::Fail, why_not(&e), &[]),
+        };
+        let down = match baton.snapshot(Some(av), t) {
+            Ok(s) => {
+                let drops = if s.taken.dropped.is_empty() {
+                    "declares no drops".to_string()
+                } else {
+                    format!("declared drops: {}", s.taken.dropped.join(", "))
+                };
+                self.report.step(
+                    &format!("B writes schema {av}"),
+                    Outcome::Pass,
+                    format!("{}; {drops}", crate::text::size(s.taken.size)),
+                    &[
+                        ("bytes", s.taken.size.into()),
+                        ("dropped", s.taken.dropped.clone().into()),
+                    ],
+                );
+                Some(s)
+            }
+            Err(e) => {
+                self.report.step(
+                    &format!("B writes schema {av}"),
+                    Outcome::Fail,
+                    format!("B refuses its down-migration: {}", why_not(&e)),
+                    &[],
+                );
+                None
+            }
+        };
+        if let Some(down) = &down {
+            self.compare(
+                "state check: B kept A's state",
+                &a_snap,
+                down,
+                &down.taken.dropped,
+            );
+        }
+        let back = self.upgrade(baton, &self.a.clone(), "B → A, no load");
+        if !back {
+            return false;
+        }
+        match baton.snapshot(None, t) {
+            Ok(a2) => {
+                let dropped = down.map(|d| d.taken.dropped).unwrap_or_default();
+                self.compare(
+                    "state check: A → B → A gives A's state back",
+                    &a_snap,
+                    &a2,
+                    &dropped,
+                );
+            }
+            Err(e) => {
+                self.report.step(
+                    "state check: A → B → A",
+                    Outcome::Fail,
+                    format!("{e:#}"),
+                    &[],
+                );
+            }
+        }
+        true
+    }
+
+    /// An upgrade to `exe` as a step; whether it was promoted.
+    fn upgrade(&mut self, baton: &PrivateBaton, exe: &Path, name: &str) -> bool {
+        match baton.upgrade_to(exe, self.timeout()) {
+            Ok(r) if r.result == UpgradeResult::Promoted => {
+                let (detail, figures) = upgrade_figures(&r);
+                self.report.step(name, Outcome::Pass, detail, &figures);
+                true
+            }
+            Ok(r) => {
+                let still = baton.status().ok().and_then(|s| s.pid);
+                self.report.step(
+                    name,
+                    Outcome::Fail,
+                    format!(
+                        "rolled back: {}; the running generation (pid {}) serves on",
+                        r.reason.unwrap_or_default(),
+                        still.unwrap_or(0)
+                    ),
+                    &[],
+                );
+                false
+            }
+            Err(e) => {
+                self.report.step(name, Outcome::Fail, format!("{e:#}"), &[]);
+                false
+            }
+        }
+    }
+
+    fn compare(&mut self, name: &str, before: &Snap, after: &Snap, declared: &[String]) {
+        let mut rules = diff::Rules {
+            dropped: self.args.dropped.clone(),
+            unordered: self.args.unordered.clone(),
+        };
+        rules.dropped.extend(declared.iter().cloned());
+        let listed = if rules.dropped.is_empty() {
+            String::new()
+        } else {
+            format!(" (left out: {})", rules.dropped.join(", "))
+        };
+        let verdict = match &self.args.compare {
+            Some(cmd) => external_compare(cmd, &self.dir, before, after),
+            None => match (&before.json, &after.json) {
+                (Some(b), Some(a)) => diff::first_difference(b, a, &rules).map(|d| d.to_string()),
+                _ if before.bytes == after.bytes => None,
+                _ => Some(
+                    "the snapshots are not JSON and their bytes differ (give --compare CMD)".into(),
+                ),
+            },
+        };
+        match verdict {
+            None => self.report.step(
+                name,
+                Outcome::Pass,
+                format!("equal{listed}"),
+                &[("dropped", rules.dropped.into())],
+            ),
+            Some(d) => self.report.step(
+                name,
+                Outcome::Fail,
+                format!("first difference: {d}"),
+                &[("difference", d.clone().into())],
+            ),
+        };
+    }
+
+    /// Step 4: load, A → B and B → A under it.
+    fn under_load(
+        &mut self,
+        baton: &PrivateBaton,
+        probe: &Probe,
+        env: &[(String, String)],
+        cleanup: &Cleanup,
+    ) {
+        let settle: Duration = self.args.settle.into();
+        enum Running {
+            Http(load::HttpLoad),
+            Cmd(load::CmdLoad),
+        }
+        let running = match (&self.args.load, probe.addr) {
+            (Some(cmd), _) => match load::CmdLoad::start(cmd, env, &self.dir, cleanup.clone()) {
+                Ok(l) => Running::Cmd(l),
+                Err(e) => {
+                    self.report
+                        .step("load", Outcome::Fail, format!("{e:#}"), &[]);
+                    return;
+                }
+            },
+            (None, Some(addr)) => Running::Http(load::HttpLoad::start(
+                addr,
+                &self.args.http_path,
+                self.args.clients,
+            )),
+            (None, None) => {
+                self.report.step(
+                    "load",
+                    Outcome::Skip,
+                    "no built-in load for this listener (not TCP): give --load CMD",
+                    &[],
+                );
+                self.upgrade(baton, &self.b.clone(), "A → B");
+                if !self.args.no_downgrade {
+                    self.upgrade(baton, &self.a.clone(), "B → A");
+                }
+                return;
+            }
+        };
+        let mut running = running;
+        std::thread::sleep(settle);
+        let steps: Vec<(PathBuf, &str)> = if self.args.no_downgrade {
+            vec![(self.b.clone(), "A → B under load")]
+        } else {
+            vec![
+                (self.b.clone(), "A → B under load"),
+                (self.a.clone(), "B → A under load"),
+            ]
+        };
+        let mut answered_from = match &running {
+            Running::Http(h) => h.ok(),
+            Running::Cmd(_) => 0,
+        };
+        for (exe, name) in steps {
+            let t0 = Instant::now();
+            let r = baton.upgrade_to(&exe, self.timeout());
+            std::thread::sleep(settle);
+            let promoted = matches!(&r, Ok(r) if r.result == UpgradeResult::Promoted);
+            let outcome = match r {
+                Ok(r) if r.result == UpgradeResult::Promoted => {
+                    let (mut detail, mut figures) = upgrade_figures(&r);
+                    let mut ok = true;
+                    match &mut running {
+                        Running::Http(h) => {
+                            let (failed, first) = h.failures_between(t0, Instant::now());
+                            let answered = h.ok() - answered_from;
+                            answered_from = h.ok();
+                            detail =
+                                format!("{detail}; {answered} requests answered, {failed} failed");
+                            if let Some(f) = first {
+                                detail = format!("{detail} (first: {f})");
+                            }
+                            figures.push(("requests", answered.into()));
+                            figures.push(("failed", failed.into()));
+                            ok = failed == 0;
+                        }
+                        Running::Cmd(c) => {
+                            if c.exited() {
+                                detail = format!(
+                                    "{detail}; but the load command had already ended: it must run through the upgrades"
+                                );
+                                ok = false;
+                            }
+                        }
+                    }
+                    (
+                        if ok { Outcome::Pass } else { Outcome::Fail },
+                        detail,
+                        figures,
+                    )
+                }
+                Ok(r) => (
+                    Outcome::Fail,
+                    format!("rolled back: {}", r.reason.unwrap_or_default()),
+                    Vec::new(),
+                ),
+                Err(e) => (Outcome::Fail, format!("{e:#}"), Vec::new()),
+            };
+            self.report.step(name, outcome.0, outcome.1, &outcome.2);
+            if !promoted {
+                break;
+            }
+        }
+        if self.args.no_downgrade {
+            self.report
+                .step("B → A under load", Outcome::Skip, "--no-downgrade", &[]);
+        }
+        match running {
+            Running::Http(h) => {
+                let (answered, failed, first) = h.stop();
+                let outcome = if failed == 0 && answered > 0 {
+                    Outcome::Pass
+                } else {
+                    Outcome::Fail
+                };
+                let mut detail = format!(
+                    "built-in HTTP: {} keep-alive and {} fresh-connection clients; {answered} requests answered, {failed} failed",
+                    self.args.clients, self.args.clients
+                );
+                if let Some(f) = first {
+                    detail.push_str(&format!(" (first: {f})"));
+                }
+                if answered == 0 {
+                    detail.push_str(
+                        "; does the app speak HTTP? Give --load CMD for any other protocol",
+                    );
+                }
+                self.report.step(
+                    "load",
+                    outcome,
+                    detail,
+                    &[("requests", answered.into()), ("failed", failed.into())],
+                );
+            }
+            Running::Cmd(c) => {
+                let end = c.finish(Duration::from_millis(100));
+                use std::os::unix::process::ExitStatusExt;
+                let term = Some(nix::sys::signal::Signal::SIGTERM as i32);
+                let (outcome, what) = match end.status {
+                    Some(s) if end.stopped && (s.success() || s.signal() == term) => (
+                        Outcome::Pass,
+                        "stopped after the last step (SIGTERM)".to_string(),
+                    ),
+                    Some(s) if s.success() => (Outcome::Pass, "exit 0".to_string()),
+                    Some(s) => (Outcome::Fail, format!("{s}")),
+                    None => (
+                        Outcome::Fail,
+                        "killed: it did not stop on SIGTERM".to_string(),
+                    ),
+                };
+                let tail = end.tail.lines().last().unwrap_or("").to_string();
+                self.report.step(
+                    "load",
+                    outcome,
+                    if tail.is_empty() {
+                        what.clone()
+                    } else {
+                        format!("{what}; last output: {tail}")
+                    },
+                    &[("result", what.into()), ("output", end.tail.into())],
+                );
+            }
+        }
+    }
+}
+
+/// A refused snapshot's reason, without the socket path and wrapping that precede it.
+fn why_not(e: &anyhow::Error) -> String {
+    let s = format!("{e:#}");
+    match s.split_once("cannot take a snapshot: ") {
+        Some((_, why)) => why.to_string(),
+        None => s,
+    }
+}
+
+/// The text and figures of a promoted upgrade.
+fn upgrade_figures(r: &UpgradeReport) -> (String, Vec<(&'static str, serde_json::Value)>) {
+    let mut detail = format!(
+        "promoted generation {} in {} ms",
+        r.generation, r.duration_ms
+    );
+    let mut figures = vec![
+        ("generation", r.generation.into()),
+        ("duration_ms", r.duration_ms.into()),
+    ];
+    if let Some(gap) = r.accept_gap_ms {
+        detail.push_str(&format!("; accept gap {gap:.1} ms"));
+        figures.push(("accept_gap_ms", gap.into()));
+    }
+    if let Some(bytes) = r.snapshot_bytes {
+        detail.push_str(&format!("; state {}", crate::text::size(bytes)));
+        figures.push(("snapshot_bytes", bytes.into()));
+    }
+    if r.migrated_connections > 0 {
+        detail.push_str(&format!(
+            "; {} connections migrated",
+            r.migrated_connections
+        ));
+        figures.push(("migrated_connections", r.migrated_connections.into()));
+    }
+    if r.lost_connections > 0 {
+        detail.push_str(&format!("; {} connections LOST", r.lost_connections));
+        figures.push(("lost_connections", r.lost_connections.into()));
+    }
+    (detail, figures)
+}
+
+/// What `--setup` and `--load` get: the listeners' addresses and the control socket.
+fn environment(status: &Status, control: &Path, dir: &Path) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("BATON_CONTROL".to_string(), control.display().to_string()),
+        ("REHEARSE_DIR".to_string(), dir.display().to_string()),
+    ];
+    for l in &status.listeners {
+        let name: String = l
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        env.push((format!("REHEARSE_{name}"), l.addr.clone()));
+        if let Ok(a) = l.addr.parse::<SocketAddr>() {
+            env.push((format!("REHEARSE_{name}_HOST"), a.ip().to_string()));
+            env.push((format!("REHEARSE_{name}_PORT"), a.port().to_string()));
+        }
+    }
+    env
+}
+
+/// Runs `sh -c cmd` to completion (bounded); its output goes to `log`.
+fn run_cmd(cmd: &str, env: &[(String, String)], log: &Path, bound: Duration) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    let mut command = std::process::Command::new("sh");
+    command
+        .arg("-c")
+        .arg(cmd)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
+    crate::sys::die_with_parent(&mut command, nix::sys::signal::Signal::SIGKILL);
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let until = Instant::now() + bound;
+    let status = loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            break s;
+        }
+        if Instant::now() > until {
+            let _ = crate::sys::signal_group(child.id(), nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+            return Err(format!(
+                "{cmd:?} did not finish within {}",
+                humantime::format_duration(bound)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if status.success() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let last = text.lines().last().unwrap_or("").to_string();
+    Err(format!("{cmd:?}: {status}; last output: {last}"))
+}
+
+/// `--compare CMD`: `CMD BEFORE AFTER`, exit 0 when they hold the same state; else the
+/// first line of its output is the difference.
+fn external_compare(cmd: &str, dir: &Path, before: &Snap, after: &Snap) -> Option<String> {
+    let (b, a) = (dir.join("before.json"), dir.join("after.json"));
+    if let Err(e) =
+        std::fs::write(&b, &before.bytes).and_then(|()| std::fs::write(&a, &after.bytes))
+    {
+        return Some(format!("cannot write the snapshots for --compare: {e}"));
+    }
+    let mut command = std::process::Command::new("sh");
+    command
+        .arg("-c")
+        .arg(format!("{cmd} \"$1\" \"$2\""))
+        .arg("sh")
+        .arg(&b)
+        .arg(&a);
+    crate::sys::die_with_parent(&mut command, nix::sys::signal::Signal::SIGKILL);
+    let out = command.output();
+    match out {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stdout).to_string()
+                + &String::from_utf8_lossy(&o.stderr);
+            Some(format!(
+                "{cmd}: {}: {}",
+                o.status,
+                text.lines().next().unwrap_or("")
+            ))
+        }
+        Err(e) => Some(format!("cannot run --compare {cmd:?}: {e}")),
+    }
+}
