@@ -4,6 +4,7 @@
 //! exits 130.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,18 @@ struct Held {
     batons: Vec<u32>,
     groups: Vec<u32>,
     dirs: Vec<PathBuf>,
+}
+
+/// Set when a terminating signal came: the handling thread owns the exit from then on.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// If the rehearsal was interrupted, never returns: the thread handling the signal is
+/// taking everything down and exits 130 (whatever the steps saw meanwhile, such as the
+/// private baton going away, is not a result).
+pub fn unless_interrupted() {
+    while INTERRUPTED.load(Ordering::SeqCst) {
+        std::thread::park();
+    }
 }
 
 /// The registry; clones share it.
@@ -37,6 +50,7 @@ impl Cleanup {
             let held = c.clone();
             std::thread::spawn(move || {
                 if let Ok(sig) = set.wait() {
+                    INTERRUPTED.store(true, Ordering::SeqCst);
                     held.run();
                     eprintln!(
                         "baton rehearse: interrupted by {sig}; stopped the private baton and removed its files"

@@ -59,6 +59,7 @@ pub fn run(args: RehearseArgs) -> anyhow::Result<ExitCode> {
         report: &mut report,
     };
     let tail = r.all(&cleanup);
+    cleanup::unless_interrupted();
     report.passed = !report.failed();
     if args.keep {
         report.kept = Some(tmp.keep().display().to_string());
