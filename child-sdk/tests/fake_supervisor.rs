@@ -304,3 +304,34 @@ async fn standalone_everything_is_a_no_op() {
         .unwrap();
     assert!(matches!(plain.snapshot(&()), Err(Error::Feature { .. })));
 }
+
+#[tokio::test]
+async fn a_dry_run_snapshot_resumes_and_a_down_migration_says_what_it_drops() {
+    let mut sup = FakeSupervisor::new(1).unwrap();
+    let baton = start(&mut sup, Baton::builder().stateful(2).restores([1, 2]));
+    let (r, f) = tokio::join!(baton.restore::<Db, _, _>(from_pairs), sup.fresh());
+    assert_eq!((r.unwrap(), f.unwrap()), (None, ()));
+    let app = async {
+        assert_eq!(within(baton.next_event()).await, Event::Quiesce);
+        baton.snapshot(&vec![("a".to_owned(), 1u64)]).unwrap();
+        within(baton.next_event()).await
+    };
+    let (snap, after) = tokio::join!(sup.dry_run_snapshot(), app);
+    let snap = snap.unwrap();
+    assert_eq!(snap.version, 2);
+    assert!(snap.dropped.is_empty());
+    assert_eq!(snap.state().unwrap(), serde_json::json!([["a", 1]]));
+    // A dry run always ends in a resume: the app serves on.
+    assert!(matches!(after, Event::Resume { reason } if reason.contains("dry-run")));
+
+    let app = async {
+        assert_eq!(within(baton.next_event()).await, Event::Quiesce);
+        assert_eq!(baton.successor_restores(), Some(vec![1]));
+        baton
+            .snapshot_dropping(1, &vec![("a".to_owned(), 1u64)], &["/stats"])
+            .unwrap();
+    };
+    let (snap, ()) = tokio::join!(sup.quiesce_for(&[1]), app);
+    let snap = snap.unwrap();
+    assert_eq!((snap.version, snap.dropped), (1, vec!["/stats".to_owned()]));
+}
