@@ -187,7 +187,7 @@ def test_a_dry_run_quiesce_says_so_and_a_down_migration_declares_its_drops() -> 
         sup.expect("hello")
         sup.send({"type": "quiesce", "dry_run": True})
         ev = baton.next_state_event(5)
-        assert ev == Quiesce(None, True) and ev.dry_run
+        assert isinstance(ev, Quiesce) and ev == Quiesce(None, True) and ev.dry_run
         baton.snapshot(2, {"n": 7})
         snap = sup.expect("snapshot")
         assert "dropped" not in snap.body
@@ -195,7 +195,7 @@ def test_a_dry_run_quiesce_says_so_and_a_down_migration_declares_its_drops() -> 
         assert baton.next_state_event(5) == Resume("dry-run snapshot taken")
         sup.send({"type": "quiesce", "accept": [1]})
         ev = baton.next_state_event(5)
-        assert ev == Quiesce([1]) and not ev.dry_run
+        assert isinstance(ev, Quiesce) and ev == Quiesce([1]) and not ev.dry_run
         baton.snapshot(1, {"n": 7}, dropped=["/stats"])
         snap = sup.expect("snapshot")
         assert snap.body["dropped"] == ["/stats"]

@@ -221,7 +221,12 @@ class Baton:
                 return
             n = self._conn_latest
             self._conn_sent, self._conn_sent_at = n, time.monotonic()
-        self._send({"type": "connections", "active": n})
+        try:
+            self._send({"type": "connections", "active": n})
+        except BatonError:
+            # A count is advice: with the supervisor gone (or going), nobody needs it,
+            # and this may run on a timer thread where raising helps no one.
+            pass
 
     # Drain -------------------------------------------------------------------------
 

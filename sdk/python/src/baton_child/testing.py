@@ -64,17 +64,22 @@ class FakeSupervisor:
             raise EOFError("the child closed the control socket")
         return msg
 
-    def expect(self, type: str, timeout: float = 5.0) -> Message:
-        """The child's next message, which must be of ``type``.
+    def expect(self, type: str, timeout: float = 5.0, ignore: tuple[str, ...] = ()) -> Message:
+        """The child's next message, which must be of ``type``; messages of a type in
+        ``ignore`` (e.g. ``"connections"``) are skipped.
 
         Raises:
             AssertionError: it is of another type.
         """
-        msg = self.recv(timeout)
-        if msg.type != type:
-            msg.close_fds()
-            raise AssertionError(f"expected {type!r}, got {msg.body}")
-        return msg
+        while True:
+            msg = self.recv(timeout)
+            if msg.type != type and msg.type in ignore:
+                msg.close_fds()
+                continue
+            if msg.type != type:
+                msg.close_fds()
+                raise AssertionError(f"expected {type!r}, got {msg.body}")
+            return msg
 
     def notified(self, timeout: float = 5.0) -> str:
         """The next sd_notify datagram (e.g. ``READY=1``)."""
