@@ -333,3 +333,39 @@ async fn a_listener_name_baton_did_not_pass_fails_at_start() {
         assert!(!out.stderr.contains("binding the fallback"), "{out:?}");
     }
 }
+
+/// A `#!` script that finds itself by `$0`, as pyenv, rbenv and asdf shims do, cannot
+/// under baton (it runs as `/proc/<baton>/fd/N`); its "command not found" (127) comes
+/// with what to do instead.
+#[tokio::test]
+async fn a_shim_that_looks_for_itself_by_its_name_is_explained() {
+    let dir = TestDir::new("shim").unwrap();
+    let shim = dir.join("python3");
+    baton_tests::harness::write_script(
+        &shim,
+        "#!/bin/sh\nprog=$(basename \"$0\")\n[ \"$prog\" = python3 ] || { echo \"fakeenv: $prog: command not found\" >&2; exit 127; }\n",
+    )
+    .unwrap();
+    let out = baton_cli(
+        [
+            "run".as_ref(),
+            "--control".as_ref(),
+            dir.join("baton.sock").as_os_str(),
+            "--listen".as_ref(),
+            "http=127.0.0.1:0".as_ref(),
+            "--".as_ref(),
+            shim.as_os_str(),
+        ],
+        BOUND,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let last = out.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("exit status 127")
+            && last.contains("pyenv")
+            && last.contains("real interpreter"),
+        "{out:?}"
+    );
+}

@@ -29,6 +29,7 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                 Some(why) => format!("{how}; killed by baton: {why}"),
                 None => how,
             };
+            let how = explain_not_found(m, d, gen_id, how);
             let closed = match d.handles.get_mut(&gen_id) {
                 Some(h) => h.mark_exited(how.clone()),
                 None => true,
@@ -359,5 +360,29 @@ pub(super) fn on_notify(m: &mut Machine, d: &mut Driver, pid: u32, text: &str) {
             "STOPPING" | "WATCHDOG" | "ERRNO" | "RELOADING" | "MAINPID" | "MONOTONIC_USEC" => {}
             _ => tracing::debug!(generation = gen_id, key = k, "ignored notify key"),
         }
+    }
+}
+
+/// A `#!` script that exits 127 ("command not found") most likely looked for itself by
+/// `$0`, as pyenv, rbenv and asdf shims do: baton runs a script as
+/// `/proc/<baton>/fd/N`, so `$0` is that path. Say so, with the way out.
+fn explain_not_found(
+    m: &Machine,
+    d: &Driver,
+    gen_id: crate::upgrade::GenId,
+    how: String,
+) -> String {
+    let script = m
+        .generation(gen_id)
+        .and_then(|g| d.images.get(&g.image))
+        .is_some_and(|exe| exe.script);
+    if script && how == "exit status 127" {
+        format!(
+            "{how}; PROGRAM is a #! script, which runs as /proc/<baton pid>/fd/N: a script that finds \
+             itself by $0 (a pyenv, rbenv or asdf shim) cannot, so give the real interpreter \
+             (for Python: $(python3 -c 'import sys; print(sys.executable)'))"
+        )
+    } else {
+        how
     }
 }
