@@ -15,8 +15,11 @@ mod cleanup;
 mod diff;
 mod faults;
 mod load;
+mod loaded;
 mod private;
+mod probe;
 mod report;
+mod roundtrip;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,7 +31,8 @@ use baton_protocol::{Status, UpgradeReport, UpgradeResult};
 
 use crate::cli::args::RehearseArgs;
 use cleanup::Cleanup;
-use private::{Plan, PrivateBaton, Snap};
+use private::{Plan, PrivateBaton};
+use probe::Probe;
 use report::{Outcome, Report, took};
 
 /// Runs the rehearsal and prints its report; exit 0 only when every step passed.
@@ -99,47 +103,6 @@ fn resolve(p: &Path, program: Option<&Path>, which: &str) -> anyhow::Result<Path
         bail!("--{which} {}: not an executable file", exe.display());
     }
     Ok(std::path::absolute(&exe)?)
-}
-
-/// How to tell that the app serves: a request on its first listener.
-pub struct Probe {
-    addr: Option<SocketAddr>,
-    http: Option<String>,
-}
-
-impl Probe {
-    /// An HTTP GET (when the built-in load is HTTP) or a TCP connect; nothing for
-    /// other listeners.
-    ///
-    /// # Errors
-    /// The connection or the request failed.
-    pub fn check(&self) -> Result<(), String> {
-        let Some(addr) = self.addr else {
-            return Ok(());
-        };
-        match &self.http {
-            Some(path) => {
-                let h = load::HttpLoad::start(addr, path, 1);
-                let until = Instant::now() + Duration::from_secs(10);
-                while h.ok() == 0 && Instant::now() < until {
-                    let (n, first) = h
-                        .failures_between(Instant::now() - Duration::from_secs(60), Instant::now());
-                    if n > 0 {
-                        return Err(first.unwrap_or_default());
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                let (ok, failed, _) = h.stop();
-                if ok == 0 || failed > 0 {
-                    return Err(format!("{ok} answered, {failed} failed"));
-                }
-                Ok(())
-            }
-            None => std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-                .map(drop)
-                .map_err(|e| format!("connect {addr}: {e}")),
-        }
-    }
 }
 
 struct Rehearsal<'a> {
@@ -294,111 +257,6 @@ impl Rehearsal<'_> {
         }
     }
 
-    /// Step 3; returns whether A is the active generation after it.
-    fn round_trip(&mut self, baton: &PrivateBaton, a_snap: Snap) -> bool {
-        let t = self.timeout();
-        let av = a_snap.taken.version;
-        self.report.step(
-            "snapshot A",
-            Outcome::Pass,
-            format!(
-                "schema {av}, {} (dry run)",
-                crate::text::size(a_snap.taken.size)
-            ),
-            &[("schema", av.into()), ("bytes", a_snap.taken.size.into())],
-        );
-        if self.args.no_downgrade {
-            self.report.step(
-                "state round trip",
-                Outcome::Skip,
-                "--no-downgrade: B's state is not compared with A's (that needs B → A)",
-                &[],
-            );
-            return true;
-        }
-        if !self.upgrade(baton, &self.b.clone(), "A → B, no load") {
-            return true;
-        }
-        match baton.snapshot(None, t) {
-            Ok(s) => self.report.step(
-                "B's state",
-                Outcome::Pass,
-                format!(
-                    "restored: schema {}, {}",
-                    s.taken.version,
-                    crate::text::size(s.taken.size)
-                ),
-                &[
-                    ("schema", s.taken.version.into()),
-                    ("bytes", s.taken.size.into()),
-                ],
-            ),
-            Err(e) => self
-                .report
-                .step("B's state", Outcome::Fail, why_not(&e), &[]),
-        };
-        let down = match baton.snapshot(Some(av), t) {
-            Ok(s) => {
-                let drops = if s.taken.dropped.is_empty() {
-                    "declares no drops".to_string()
-                } else {
-                    format!("declared drops: {}", s.taken.dropped.join(", "))
-                };
-                self.report.step(
-                    &format!("B writes schema {av}"),
-                    Outcome::Pass,
-                    format!("{}; {drops}", crate::text::size(s.taken.size)),
-                    &[
-                        ("bytes", s.taken.size.into()),
-                        ("dropped", s.taken.dropped.clone().into()),
-                    ],
-                );
-                Some(s)
-            }
-            Err(e) => {
-                self.report.step(
-                    &format!("B writes schema {av}"),
-                    Outcome::Fail,
-                    format!("B refuses its down-migration: {}", why_not(&e)),
-                    &[],
-                );
-                None
-            }
-        };
-        if let Some(down) = &down {
-            self.compare(
-                "state check: B kept A's state",
-                &a_snap,
-                down,
-                &down.taken.dropped,
-            );
-        }
-        let back = self.upgrade(baton, &self.a.clone(), "B → A, no load");
-        if !back {
-            return false;
-        }
-        match baton.snapshot(None, t) {
-            Ok(a2) => {
-                let dropped = down.map(|d| d.taken.dropped).unwrap_or_default();
-                self.compare(
-                    "state check: A → B → A gives A's state back",
-                    &a_snap,
-                    &a2,
-                    &dropped,
-                );
-            }
-            Err(e) => {
-                self.report.step(
-                    "state check: A → B → A",
-                    Outcome::Fail,
-                    format!("{e:#}"),
-                    &[],
-                );
-            }
-        }
-        true
-    }
-
     /// An upgrade to `exe` as a step; whether it was promoted.
     fn upgrade(&mut self, baton: &PrivateBaton, exe: &Path, name: &str) -> bool {
         match baton.upgrade_to(exe, self.timeout()) {
@@ -426,219 +284,6 @@ impl Rehearsal<'_> {
                 false
             }
         }
-    }
-
-    fn compare(&mut self, name: &str, before: &Snap, after: &Snap, declared: &[String]) {
-        let mut rules = diff::Rules {
-            dropped: self.args.dropped.clone(),
-            unordered: self.args.unordered.clone(),
-        };
-        rules.dropped.extend(declared.iter().cloned());
-        let listed = if rules.dropped.is_empty() {
-            String::new()
-        } else {
-            format!(" (left out: {})", rules.dropped.join(", "))
-        };
-        let verdict = match &self.args.compare {
-            Some(cmd) => external_compare(cmd, &self.dir, before, after),
-            None => match (&before.json, &after.json) {
-                (Some(b), Some(a)) => diff::first_difference(b, a, &rules).map(|d| d.to_string()),
-                _ if before.bytes == after.bytes => None,
-                _ => Some(
-                    "the snapshots are not JSON and their bytes differ (give --compare CMD)".into(),
-                ),
-            },
-        };
-        match verdict {
-            None => self.report.step(
-                name,
-                Outcome::Pass,
-                format!("equal{listed}"),
-                &[("dropped", rules.dropped.into())],
-            ),
-            Some(d) => self.report.step(
-                name,
-                Outcome::Fail,
-                format!("first difference: {d}"),
-                &[("difference", d.clone().into())],
-            ),
-        };
-    }
-
-    /// Step 4: load, A → B and B → A under it.
-    fn under_load(
-        &mut self,
-        baton: &PrivateBaton,
-        probe: &Probe,
-        env: &[(String, String)],
-        cleanup: &Cleanup,
-    ) {
-        let settle: Duration = self.args.settle.into();
-        enum Running {
-            Http(load::HttpLoad),
-            Cmd(load::CmdLoad),
-        }
-        let running = match (&self.args.load, probe.addr) {
-            (Some(cmd), _) => match load::CmdLoad::start(cmd, env, &self.dir, cleanup.clone()) {
-                Ok(l) => Running::Cmd(l),
-                Err(e) => {
-                    self.report
-                        .step("load", Outcome::Fail, format!("{e:#}"), &[]);
-                    return;
-                }
-            },
-            (None, Some(addr)) => Running::Http(load::HttpLoad::start(
-                addr,
-                &self.args.http_path,
-                self.args.clients,
-            )),
-            (None, None) => {
-                self.report.step(
-                    "load",
-                    Outcome::Skip,
-                    "no built-in load for this listener (not TCP): give --load CMD",
-                    &[],
-                );
-                self.upgrade(baton, &self.b.clone(), "A → B");
-                if !self.args.no_downgrade {
-                    self.upgrade(baton, &self.a.clone(), "B → A");
-                }
-                return;
-            }
-        };
-        let mut running = running;
-        std::thread::sleep(settle);
-        let steps: Vec<(PathBuf, &str)> = if self.args.no_downgrade {
-            vec![(self.b.clone(), "A → B under load")]
-        } else {
-            vec![
-                (self.b.clone(), "A → B under load"),
-                (self.a.clone(), "B → A under load"),
-            ]
-        };
-        let mut answered_from = match &running {
-            Running::Http(h) => h.ok(),
-            Running::Cmd(_) => 0,
-        };
-        for (exe, name) in steps {
-            let t0 = Instant::now();
-            let r = baton.upgrade_to(&exe, self.timeout());
-            std::thread::sleep(settle);
-            let promoted = matches!(&r, Ok(r) if r.result == UpgradeResult::Promoted);
-            let outcome = match r {
-                Ok(r) if r.result == UpgradeResult::Promoted => {
-                    let (mut detail, mut figures) = upgrade_figures(&r);
-                    let mut ok = true;
-                    match &mut running {
-                        Running::Http(h) => {
-                            let (failed, first) = h.failures_between(t0, Instant::now());
-                            let answered = h.ok() - answered_from;
-                            answered_from = h.ok();
-                            detail =
-                                format!("{detail}; {answered} requests answered, {failed} failed");
-                            if let Some(f) = first {
-                                detail = format!("{detail} (first: {f})");
-                            }
-                            figures.push(("requests", answered.into()));
-                            figures.push(("failed", failed.into()));
-                            ok = failed == 0;
-                        }
-                        Running::Cmd(c) => {
-                            if c.exited() {
-                                detail = format!(
-                                    "{detail}; but the load command had already ended: it must run through the upgrades"
-                                );
-                                ok = false;
-                            }
-                        }
-                    }
-                    (
-                        if ok { Outcome::Pass } else { Outcome::Fail },
-                        detail,
-                        figures,
-                    )
-                }
-                Ok(r) => (
-                    Outcome::Fail,
-                    format!("rolled back: {}", r.reason.unwrap_or_default()),
-                    Vec::new(),
-                ),
-                Err(e) => (Outcome::Fail, format!("{e:#}"), Vec::new()),
-            };
-            self.report.step(name, outcome.0, outcome.1, &outcome.2);
-            if !promoted {
-                break;
-            }
-        }
-        if self.args.no_downgrade {
-            self.report
-                .step("B → A under load", Outcome::Skip, "--no-downgrade", &[]);
-        }
-        match running {
-            Running::Http(h) => {
-                let (answered, failed, first) = h.stop();
-                let outcome = if failed == 0 && answered > 0 {
-                    Outcome::Pass
-                } else {
-                    Outcome::Fail
-                };
-                let mut detail = format!(
-                    "built-in HTTP: {} keep-alive and {} fresh-connection clients; {answered} requests answered, {failed} failed",
-                    self.args.clients, self.args.clients
-                );
-                if let Some(f) = first {
-                    detail.push_str(&format!(" (first: {f})"));
-                }
-                if answered == 0 {
-                    detail.push_str(
-                        "; does the app speak HTTP? Give --load CMD for any other protocol",
-                    );
-                }
-                self.report.step(
-                    "load",
-                    outcome,
-                    detail,
-                    &[("requests", answered.into()), ("failed", failed.into())],
-                );
-            }
-            Running::Cmd(c) => {
-                let end = c.finish(Duration::from_millis(100));
-                use std::os::unix::process::ExitStatusExt;
-                let term = Some(nix::sys::signal::Signal::SIGTERM as i32);
-                let (outcome, what) = match end.status {
-                    Some(s) if end.stopped && (s.success() || s.signal() == term) => (
-                        Outcome::Pass,
-                        "stopped after the last step (SIGTERM)".to_string(),
-                    ),
-                    Some(s) if s.success() => (Outcome::Pass, "exit 0".to_string()),
-                    Some(s) => (Outcome::Fail, format!("{s}")),
-                    None => (
-                        Outcome::Fail,
-                        "killed: it did not stop on SIGTERM".to_string(),
-                    ),
-                };
-                let tail = end.tail.lines().last().unwrap_or("").to_string();
-                self.report.step(
-                    "load",
-                    outcome,
-                    if tail.is_empty() {
-                        what.clone()
-                    } else {
-                        format!("{what}; last output: {tail}")
-                    },
-                    &[("result", what.into()), ("output", end.tail.into())],
-                );
-            }
-        }
-    }
-}
-
-/// A refused snapshot's reason, without the socket path and wrapping that precede it.
-fn why_not(e: &anyhow::Error) -> String {
-    let s = format!("{e:#}");
-    match s.split_once("cannot take a snapshot: ") {
-        Some((_, why)) => why.to_string(),
-        None => s,
     }
 }
 
@@ -740,37 +385,4 @@ fn run_cmd(cmd: &str, env: &[(String, String)], log: &Path, bound: Duration) -> 
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let last = text.lines().last().unwrap_or("").to_string();
     Err(format!("{cmd:?}: {status}; last output: {last}"))
-}
-
-/// `--compare CMD`: `CMD BEFORE AFTER`, exit 0 when they hold the same state; else the
-/// first line of its output is the difference.
-fn external_compare(cmd: &str, dir: &Path, before: &Snap, after: &Snap) -> Option<String> {
-    let (b, a) = (dir.join("before.json"), dir.join("after.json"));
-    if let Err(e) =
-        std::fs::write(&b, &before.bytes).and_then(|()| std::fs::write(&a, &after.bytes))
-    {
-        return Some(format!("cannot write the snapshots for --compare: {e}"));
-    }
-    let mut command = std::process::Command::new("sh");
-    command
-        .arg("-c")
-        .arg(format!("{cmd} \"$1\" \"$2\""))
-        .arg("sh")
-        .arg(&b)
-        .arg(&a);
-    crate::sys::die_with_parent(&mut command, nix::sys::signal::Signal::SIGKILL);
-    let out = command.output();
-    match out {
-        Ok(o) if o.status.success() => None,
-        Ok(o) => {
-            let text = String::from_utf8_lossy(&o.stdout).to_string()
-                + &String::from_utf8_lossy(&o.stderr);
-            Some(format!(
-                "{cmd}: {}: {}",
-                o.status,
-                text.lines().next().unwrap_or("")
-            ))
-        }
-        Err(e) => Some(format!("cannot run --compare {cmd:?}: {e}")),
-    }
 }
