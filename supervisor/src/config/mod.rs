@@ -1,12 +1,12 @@
 //! `baton run` settings: TOML config merged under the flags, then validated.
+//! `file.rs` reads the TOML file, `values.rs` parses one value (a duration, a signal, a
+//! number, a nice value) with the flag or key it came from in the error.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use serde::Deserialize;
 
 use crate::cli::args::RunArgs;
 use crate::daemon::io::listeners::ListenSpec;
@@ -21,41 +21,12 @@ pub const PLAIN_PROBATION: Duration = Duration::from_secs(10);
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-/// The config file's shape. Every key is optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct File {
-    listen: Option<Vec<String>>,
-    unix_mode: Option<toml::Value>,
-    /// `unix_mode` is written `0o…` in the text.
-    #[serde(skip)]
-    unix_mode_octal: bool,
-    backlog: Option<toml::Value>,
-    ready: Option<String>,
-    ready_timeout: Option<String>,
-    drain_timeout: Option<String>,
-    stop_signal: Option<String>,
-    state: Option<bool>,
-    snapshot_timeout: Option<String>,
-    restore_timeout: Option<String>,
-    precopy: Option<String>,
-    precopy_rounds: Option<toml::Value>,
-    precopy_timeout: Option<String>,
-    control: Option<PathBuf>,
-    control_group: Option<String>,
-    nice: Option<toml::Value>,
-    releases: Option<PathBuf>,
-    probation: Option<String>,
-    health: Option<String>,
-    health_interval: Option<String>,
-    health_failures: Option<toml::Value>,
-    preflight: Option<String>,
-    preflight_timeout: Option<String>,
-    keep: Option<toml::Value>,
-    metrics: Option<String>,
-    state_dir: Option<PathBuf>,
-    command: Option<Vec<String>>,
-}
+mod file;
+mod values;
+
+use file::{File, read_file};
+pub use values::DEFAULT_NICE;
+use values::{duration, nice_value, signal, toml_int};
 
 /// Release lifecycle settings.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -95,7 +66,7 @@ pub struct RunConfig {
     /// Drain timeout.
     pub drain_timeout: Duration,
     /// Stop signal for children without the SDK.
-    #[serde(with = "signal_number")]
+    #[serde(with = "values::signal_number")]
     pub stop_signal: Signal,
     /// Stateful upgrades.
     pub state: bool,
@@ -131,131 +102,6 @@ pub struct RunConfig {
     /// Where the history is kept.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
-}
-
-/// A signal as its number.
-mod signal_number {
-    use nix::sys::signal::Signal;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(s: &Signal, ser: S) -> Result<S::Ok, S::Error> {
-        ser.serialize_i32(*s as i32)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Signal, D::Error> {
-        let n = i32::deserialize(d)?;
-        Signal::try_from(n).map_err(serde::de::Error::custom)
-    }
-}
-
-/// The longest duration any setting takes: a year. Longer ones are typos, and
-/// `Instant` arithmetic on them could overflow.
-pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
-
-fn duration(what: &str, v: &str) -> Result<Duration, ConfigError> {
-    let d = humantime::parse_duration(v).map_err(|e| {
-        ConfigError(format!(
-            "invalid {what} '{v}': {e} (expected e.g. 500ms, 30s, 2m)"
-        ))
-    })?;
-    if d > MAX_DURATION {
-        return Err(ConfigError(format!(
-            "invalid {what} '{v}': longer than the maximum of 365 days"
-        )));
-    }
-    Ok(d)
-}
-
-fn signal(what: &str, v: &str) -> Result<Signal, ConfigError> {
-    let up = v.trim().to_ascii_uppercase();
-    let parsed = if let Ok(n) = up.parse::<i32>() {
-        Signal::try_from(n).ok()
-    } else {
-        let name = if up.starts_with("SIG") {
-            up
-        } else {
-            format!("SIG{up}")
-        };
-        Signal::from_str(&name).ok()
-    };
-    match parsed {
-        Some(Signal::SIGKILL | Signal::SIGSTOP) | None => Err(ConfigError(format!(
-            "invalid {what} '{v}': expected a catchable signal name or number, e.g. TERM, QUIT, INT"
-        ))),
-        Some(s) => Ok(s),
-    }
-}
-
-fn toml_int(what: &str, v: &toml::Value, radix: u32) -> Result<i64, ConfigError> {
-    match v {
-        toml::Value::Integer(i) => Ok(*i),
-        toml::Value::String(s) => i64::from_str_radix(s.trim_start_matches("0o"), radix)
-            .map_err(|_| ConfigError(format!("invalid {what} '{s}': not a number"))),
-        other => Err(ConfigError(format!("invalid {what} {other}: not a number"))),
-    }
-}
-
-/// baton's nice value unless told otherwise: ahead of an app at the default 0.
-pub const DEFAULT_NICE: i32 = -10;
-
-/// A nice value, -20..=19, or `off` (`None`).
-fn nice_value(what: &str, v: &toml::Value) -> Result<Option<i32>, ConfigError> {
-    if v.as_str() == Some("off") {
-        return Ok(None);
-    }
-    let n = toml_int(what, v, 10).map_err(|_| {
-        let shown = v
-            .as_str()
-            .map_or_else(|| v.to_string(), |s| format!("'{s}'"));
-        ConfigError(format!(
-            "invalid {what} {shown}: expected a nice value from -20 to 19, or off"
-        ))
-    })?;
-    match i32::try_from(n) {
-        Ok(n) if (-20..=19).contains(&n) => Ok(Some(n)),
-        _ => Err(ConfigError(format!(
-            "invalid {what} {n}: a nice value is from -20 to 19 (or off)"
-        ))),
-    }
-}
-
-/// A config file larger than this is refused (it would be a mistake, not a config).
-const CONFIG_LIMIT: u64 = 1 << 20;
-
-/// Whether `key = 0o…` is written as an octal literal in the config's text (TOML
-/// forgets the radix once parsed).
-fn octal_literal(text: &str, key: &str) -> bool {
-    text.lines().any(|l| {
-        l.trim_start()
-            .strip_prefix(key)
-            .map(str::trim_start)
-            .and_then(|r| r.strip_prefix('='))
-            .is_some_and(|v| v.trim_start().starts_with("0o"))
-    })
-}
-
-fn read_file(path: &Path) -> Result<File, ConfigError> {
-    let text = crate::access::read_small_file(path, CONFIG_LIMIT)
-        .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
-    let mut file: File = toml::from_str(&text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| {
-                text.as_bytes()[..s.start.min(text.len())]
-                    .iter()
-                    .filter(|&&b| b == b'\n')
-                    .count()
-                    + 1
-            })
-            .unwrap_or(0);
-        ConfigError(format!(
-            "config {} line {line}: {}",
-            path.display(),
-            e.message().replace('\n', " ")
-        ))
-    })?;
-    file.unix_mode_octal = octal_literal(&text, "unix_mode");
-    Ok(file)
 }
 
 impl RunConfig {
@@ -560,238 +406,4 @@ fn absolute(p: PathBuf) -> PathBuf {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-
-    #[test]
-    fn nice_defaults_to_minus_ten_and_takes_off_or_a_value() {
-        assert_eq!(parse(&["--", "true"]).unwrap().nice, Some(DEFAULT_NICE));
-        assert_eq!(parse(&["--nice", "off", "--", "true"]).unwrap().nice, None);
-        assert_eq!(
-            parse(&["--nice", "-20", "--", "true"]).unwrap().nice,
-            Some(-20)
-        );
-        assert_eq!(
-            parse(&["--nice", "19", "--", "true"]).unwrap().nice,
-            Some(19)
-        );
-        for bad in ["-21", "20", "x", "2147483648"] {
-            let e = parse(&["--nice", bad, "--", "true"])
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains("--nice") && e.contains("-20 to 19"), "{e}");
-        }
-        let dir = std::env::temp_dir().join(format!("baton-nice-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        for (value, want) in [("\"off\"", None), ("3", Some(3))] {
-            let p = dir.join("b.toml");
-            std::fs::write(&p, format!("nice = {value}\ncommand = [\"true\"]\n")).unwrap();
-            let c = parse(&["--config", p.to_str().unwrap()]).unwrap();
-            assert_eq!(c.nice, want, "{value}");
-        }
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn huge_durations_are_refused_for_every_flag() {
-        for flag in [
-            "--ready-timeout",
-            "--drain-timeout",
-            "--snapshot-timeout",
-            "--restore-timeout",
-        ] {
-            let e = parse(&[flag, "300000000000y", "--", "true"])
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(flag) && e.contains("365 days"), "{e}");
-        }
-        let e = parse(&["--ready", "delay=300000000000y", "--", "true"])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("--ready"), "{e}");
-        assert!(parse(&["--drain-timeout", "365days", "--", "true"]).is_ok());
-    }
-
-    fn parse(args: &[&str]) -> Result<RunConfig, ConfigError> {
-        let mut v = vec!["baton", "run"];
-        v.extend_from_slice(args);
-        match crate::cli::args::Cli::try_parse_from(v).unwrap().command {
-            crate::cli::args::Command::Run(a) => RunConfig::from_args(*a),
-            _ => unreachable!(),
-        }
-    }
-
-    #[test]
-    fn defaults_and_flags() {
-        let c = parse(&["--listen", "http=127.0.0.1:0", "--", "true"]).unwrap();
-        assert_eq!(c.ready_timeout, Duration::from_secs(30));
-        assert_eq!(c.stop_signal, Signal::SIGTERM);
-        assert_eq!(c.ready, ReadyMode::Notify);
-        let c = parse(&["--ready", "delay=2s", "--stop-signal", "quit", "--", "true"]).unwrap();
-        assert_eq!(c.ready, ReadyMode::Delay(Duration::from_secs(2)));
-        assert_eq!(c.stop_signal, Signal::SIGQUIT);
-    }
-
-    #[test]
-    fn errors_name_the_flag_or_key() {
-        let e = parse(&["--ready-timeout", "soon", "--", "true"])
-            .unwrap_err()
-            .0;
-        assert!(e.contains("--ready-timeout") && e.contains("soon"), "{e}");
-        let e = parse(&["--stop-signal", "KILL", "--", "true"])
-            .unwrap_err()
-            .0;
-        assert!(e.contains("--stop-signal"), "{e}");
-        let e = parse(&["--", "/nonexistent/app"]).unwrap_err().0;
-        assert!(e.contains("/nonexistent/app"), "{e}");
-        let e = parse(&[]).unwrap_err().0;
-        assert!(e.contains("PROGRAM"), "{e}");
-    }
-
-    #[test]
-    fn release_settings() {
-        let c = parse(&["--", "true"]).unwrap();
-        assert_eq!(
-            c.release.probation,
-            Probation::For(Duration::from_secs(10)),
-            "no store: a short probation"
-        );
-        let c = parse(&["--probation", "0", "--", "true"]).unwrap();
-        assert_eq!(c.release.probation, Probation::Off);
-        let c = parse(&["--releases", "/srv/r", "--", "bin/app"]).unwrap();
-        assert_eq!(c.release.probation, Probation::For(Duration::from_secs(30)));
-        assert_eq!(c.release.health_failures, 3);
-        for (v, want) in [
-            ("manual", Probation::Manual),
-            ("0", Probation::Off),
-            ("0s", Probation::Off),
-            ("45s", Probation::For(Duration::from_secs(45))),
-        ] {
-            let c = parse(&["--probation", v, "--", "true"]).unwrap();
-            assert_eq!(c.release.probation, want, "{v}");
-        }
-        for (args, want) in [
-            (&["--probation", "soon"][..], "--probation"),
-            (&["--health", "tcp://x:1"][..], "--health"),
-            (&["--health-failures", "0"][..], "--health-failures"),
-            (&["--keep=-1"][..], "--keep"),
-            (
-                &["--releases", "/srv/r", "--", "/abs/app"][..],
-                "inside each release",
-            ),
-        ] {
-            let mut all = args.to_vec();
-            if !all.contains(&"--") {
-                all.extend(["--", "true"]);
-            }
-            let e = parse(&all).unwrap_err().0;
-            assert!(e.contains(want), "{args:?}: {e}");
-        }
-    }
-
-    #[test]
-    fn config_file_under_flags() {
-        let dir = std::env::temp_dir().join(format!("baton-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("b.toml");
-        std::fs::write(
-            &p,
-            "listen = [\"http=127.0.0.1:0\"]\nready_timeout = \"5s\"\ndrain_timeout = \"7s\"\ncommand = [\"true\"]\n",
-        )
-        .unwrap();
-        let c = parse(&["--config", p.to_str().unwrap(), "--drain-timeout", "1s"]).unwrap();
-        assert_eq!(c.ready_timeout, Duration::from_secs(5));
-        assert_eq!(c.drain_timeout, Duration::from_secs(1));
-        assert_eq!(c.listen.len(), 1);
-        std::fs::write(&p, "ready_timeout = \"x\"\ncommand = [\"true\"]\n").unwrap();
-        let e = parse(&["--config", p.to_str().unwrap()]).unwrap_err().0;
-        assert!(e.contains("config key 'ready_timeout'"), "{e}");
-        std::fs::write(&p, "\nbogus = 1\n").unwrap();
-        let e = parse(&["--config", p.to_str().unwrap()]).unwrap_err().0;
-        assert!(e.contains("line 2") && e.contains("bogus"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    mod props {
-        use super::*;
-        use proptest::prelude::*;
-        use std::io::Write;
-
-        const KEYS: [&str; 22] = [
-            "listen",
-            "unix_mode",
-            "backlog",
-            "ready",
-            "ready_timeout",
-            "drain_timeout",
-            "stop_signal",
-            "state",
-            "snapshot_timeout",
-            "restore_timeout",
-            "control",
-            "control_group",
-            "nice",
-            "releases",
-            "probation",
-            "health",
-            "health_interval",
-            "health_failures",
-            "preflight",
-            "preflight_timeout",
-            "keep",
-            "command",
-        ];
-
-        fn value() -> impl Strategy<Value = String> {
-            prop_oneof![
-                "\"[ -~&&[^\"\\\\]]{0,20}\"",
-                any::<i64>().prop_map(|n| n.to_string()),
-                any::<bool>().prop_map(|b| b.to_string()),
-                "\\[(\"[a-z0-9=:.]{0,12}\", ?){0,3}\\]",
-                "(?s).{0,20}",
-            ]
-        }
-
-        proptest! {
-            /// Any duration text is accepted within the cap or refused with a message
-            /// naming it; never a panic.
-            #[test]
-            fn durations_are_capped_or_refused(text in "(?s).{0,30}") {
-                match duration("--drain-timeout", &text) {
-                    Ok(d) => prop_assert!(d <= MAX_DURATION),
-                    Err(e) => prop_assert!(e.to_string().contains("--drain-timeout"), "{}", e),
-                }
-            }
-
-            /// Whole seconds up to the cap round-trip through humantime's format.
-            #[test]
-            fn formatted_durations_parse_back(secs in 0u64..=MAX_DURATION.as_secs()) {
-                let d = Duration::from_secs(secs);
-                let text = humantime::format_duration(d).to_string();
-                prop_assert_eq!(duration("x", &text).unwrap(), d);
-            }
-
-            /// Any config file, well-formed or not, gives a config or one error line.
-            #[test]
-            fn any_config_file_gives_a_config_or_one_error_line(
-                lines in prop::collection::vec((prop::sample::select(&KEYS[..]), value()), 0..8),
-                junk in "(?s).{0,40}",
-                with_junk in any::<bool>(),
-            ) {
-                let mut text: String = lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
-                if with_junk {
-                    text.push_str(&junk);
-                }
-                let dir = std::env::temp_dir().join(format!("baton-config-prop-{}", std::process::id()));
-                std::fs::create_dir_all(&dir).unwrap();
-                let path = dir.join("baton.toml");
-                std::fs::File::create(&path).unwrap().write_all(text.as_bytes()).unwrap();
-                let path = path.to_str().unwrap().to_owned();
-                if let Err(e) = parse(&["--config", &path, "--", "true"]) {
-                    prop_assert!(!e.to_string().contains('\n'), "{}", e);
-                }
-            }
-        }
-    }
-}
+mod tests;
