@@ -117,8 +117,8 @@ where
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
-/// This crate's README example, compiled as a doctest.
-#[cfg(doctest)]
+/// This crate's README example, compiled as a doctest (it uses the `hyper` feature).
+#[cfg(all(doctest, feature = "hyper"))]
 #[doc = include_str!("../README.md")]
 pub struct CrateReadmeDoctests;
 

@@ -5,3 +5,4 @@ pub mod cgroup;
 pub mod generation;
 pub mod spawn;
 pub mod strays;
+mod tasks;
