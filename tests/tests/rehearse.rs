@@ -29,6 +29,24 @@ fn kv<const N: usize>(dir: &TestDir, releases: [(&str, &str); N]) -> [String; N]
     releases.map(|(name, _)| dir.join(format!("{name}.sh")).display().to_string())
 }
 
+/// `--from A --to B --state --listen kv=... --setup SETUP_X --load WRITER`, then `extra`.
+fn kv_args(a: &str, b: &str, extra: &[&str]) -> Vec<String> {
+    let base = [
+        "--from",
+        a,
+        "--to",
+        b,
+        "--state",
+        "--listen",
+        "kv=127.0.0.1:0",
+        "--setup",
+        SETUP_X,
+        "--load",
+        WRITER,
+    ];
+    base.iter().chain(extra).map(|s| s.to_string()).collect()
+}
+
 fn assert_all_pass(r: &baton_tests::rehearse::Rehearsal) {
     assert_eq!(r.out.status.code(), Some(0), "{:?}", r.out);
     assert_eq!(r.report["passed"], true, "{}", r.report);
@@ -112,24 +130,7 @@ async fn a_broken_b_that_loses_keys_fails_the_state_check_and_names_one() {
             ("kvx", "--schema 2 --fault lose-x-keys"),
         ],
     );
-    let r = rehearse(
-        dir.path(),
-        [
-            "--from",
-            &a,
-            "--to",
-            &b,
-            "--state",
-            "--listen",
-            "kv=127.0.0.1:0",
-            "--setup",
-            SETUP_X,
-            "--load",
-            WRITER,
-        ],
-    )
-    .await
-    .unwrap();
+    let r = rehearse(dir.path(), kv_args(&a, &b, &[])).await.unwrap();
     assert_eq!(r.out.status.code(), Some(1), "{:?}", r.out);
     assert_eq!(r.outcome("state check: B kept A's state"), "fail");
     let d = r.detail("state check: B kept A's state");
@@ -154,27 +155,7 @@ async fn a_b_that_cannot_go_back_is_reported_and_passes_only_with_no_downgrade()
             ("kvr", "--schema 2 --fault refuse-downgrade"),
         ],
     );
-    let args = |extra: &[&str]| {
-        let mut v: Vec<String> = [
-            "--from",
-            &a,
-            "--to",
-            &b,
-            "--state",
-            "--listen",
-            "kv=127.0.0.1:0",
-            "--setup",
-            SETUP_X,
-            "--load",
-            WRITER,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    let r = rehearse(dir.path(), args(&[])).await.unwrap();
+    let r = rehearse(dir.path(), kv_args(&a, &b, &[])).await.unwrap();
     assert_eq!(r.out.status.code(), Some(1), "{:?}", r.out);
     assert_eq!(r.outcome("B writes schema 1"), "fail");
     assert!(
@@ -186,7 +167,7 @@ async fn a_b_that_cannot_go_back_is_reported_and_passes_only_with_no_downgrade()
     assert_eq!(r.outcome("B → A, no load"), "fail");
     assert!(r.detail("B → A, no load").contains("serves on"));
 
-    let r = rehearse(dir.path(), args(&["--no-downgrade"]))
+    let r = rehearse(dir.path(), kv_args(&a, &b, &["--no-downgrade"]))
         .await
         .unwrap();
     assert_all_pass(&r);
