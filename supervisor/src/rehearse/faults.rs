@@ -46,21 +46,31 @@ pub struct Ctx<'a> {
     pub probe: &'a Probe,
     /// Bound on each upgrade and snapshot.
     pub timeout: Duration,
+    /// The rehearsal's directory (for the wrapper that holds B at its start).
+    pub dir: &'a Path,
+}
+
+/// How a trial ended when it did not fail.
+enum Struck {
+    /// The fault struck and A came through.
+    Yes(String, Figures),
+    /// B was faster than the fault (it restored and was promoted first); A runs again.
+    Missed(String),
 }
 
 /// Runs `fault` and adds its step to `report`.
 pub fn trial(ctx: &Ctx<'_>, fault: Fault, report: &mut Report) {
     let name = fault.name();
-    let result = run(ctx, fault);
-    match result {
-        Ok((detail, figures)) => report.step(name, Outcome::Pass, detail, &figures),
+    match run(ctx, fault) {
+        Ok(Struck::Yes(detail, figures)) => report.step(name, Outcome::Pass, detail, &figures),
+        Ok(Struck::Missed(why)) => report.step(name, Outcome::Skip, why, &[]),
         Err(why) => report.step(name, Outcome::Fail, why, &[]),
     };
 }
 
 type Figures = Vec<(&'static str, serde_json::Value)>;
 
-fn run(ctx: &Ctx<'_>, fault: Fault) -> Result<(String, Figures), String> {
+fn run(ctx: &Ctx<'_>, fault: Fault) -> Result<Struck, String> {
     let (b, stateful, timeout) = (ctx.baton, ctx.stateful, ctx.timeout);
     let e = |e: anyhow::Error| format!("{e:#}");
     let before = b.status().map_err(e)?;
@@ -107,12 +117,32 @@ fn run(ctx: &Ctx<'_>, fault: Fault) -> Result<(String, Figures), String> {
             true
         });
     });
+    // Killed before it is ready: B starts held (SIGSTOP by a wrapper before it execs B),
+    // so the kill always comes first however fast B is.
+    let exe = match fault {
+        Fault::Spawned => held_at_start(ctx.dir, ctx.b).map_err(|e| e.to_string())?,
+        Fault::Restoring => ctx.b.to_path_buf(),
+    };
     let started = Instant::now();
-    let report = b.upgrade_to(ctx.b, timeout).map_err(e);
+    let report = b.upgrade_to(&exe, timeout).map_err(e);
     // Back to A for whatever comes next, whatever happened.
     b.point_at(ctx.a).map_err(e)?;
     let report = report?;
     let killed = killed_rx.recv_timeout(Duration::from_secs(1)).ok();
+    if killed.is_none() && report.result == UpgradeResult::Promoted {
+        // Mid-restore is a window as long as B's restore: a small state closes it first.
+        let back = b.upgrade_to(ctx.a, timeout).map_err(e)?;
+        if back.result != UpgradeResult::Promoted {
+            return Err(format!(
+                "the fault missed B (it was promoted), and B did not go back to A: {}",
+                back.reason.unwrap_or_default()
+            ));
+        }
+        return Ok(Struck::Missed(format!(
+            "B restored and was promoted in {} ms, before the kill; A runs again",
+            report.duration_ms
+        )));
+    }
     if killed.is_none() {
         return Err(format!(
             "the fault never struck: the upgrade ended {:?} first",
@@ -151,7 +181,7 @@ fn run(ctx: &Ctx<'_>, fault: Fault) -> Result<(String, Figures), String> {
         .check()
         .map_err(|why| format!("A does not serve: {why}"))?;
     let reason = report.reason.clone().unwrap_or_default();
-    Ok((
+    Ok(Struck::Yes(
         format!(
             "rolled back in {} ({reason}); A (pid {a_pid}) serves{}",
             took(started.elapsed()),
@@ -166,4 +196,17 @@ fn run(ctx: &Ctx<'_>, fault: Fault) -> Result<(String, Figures), String> {
             ("reason", reason.into()),
         ],
     ))
+}
+
+/// A script that stops itself, then runs `b`: B held at its start until the trial kills it.
+fn held_at_start(dir: &Path, b: &Path) -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("b-held-at-start");
+    let quoted = b.display().to_string().replace('\'', "'\\''");
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\nkill -STOP $$\nexec '{quoted}' \"$@\"\n"),
+    )?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
 }

@@ -232,6 +232,7 @@ impl Rehearsal<'_> {
                 stateful,
                 probe: &probe,
                 timeout: self.timeout(),
+                dir: &self.dir,
             };
             for f in trials {
                 faults::trial(&ctx, f, self.report);
