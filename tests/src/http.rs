@@ -128,19 +128,21 @@ pub fn read_response(stream: &mut TcpStream) -> io::Result<Response> {
         }
         buf.extend_from_slice(&chunk[..n]);
     };
+    let mut headers: Vec<(String, String)> = Vec::new();
+    let (minor, status, _) = crate::load::parse_response_head(&buf[..head_end], |n, v| {
+        headers.push((n.to_ascii_lowercase(), v.to_owned()));
+        Ok(())
+    })
+    .map_err(|()| {
+        bad(format!(
+            "malformed response head {:?}",
+            String::from_utf8_lossy(&buf[..head_end])
+        ))
+    })?;
+    if minor != 1 {
+        return Err(bad(format!("HTTP/1.{minor} response, expected HTTP/1.1")));
+    }
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|r| r.get(..3))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
-    let headers: Vec<(String, String)> = lines
-        .filter(|l| !l.is_empty())
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
     if headers.iter().any(|(n, _)| n == "transfer-encoding") {
         return Err(bad(format!("unsupported transfer-encoding: {head:?}")));
     }

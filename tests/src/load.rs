@@ -415,7 +415,7 @@ pub struct LatencySummary {
     pub min: u64,
     /// Arithmetic mean.
     pub mean: f64,
-    /// Median (bucket upper bound, <= 3% above the true value).
+    /// Median (within 0.1%).
     pub p50: u64,
     /// 90th percentile.
     pub p90: u64,
@@ -823,32 +823,31 @@ fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
         .map(|i| from + i + 4)
 }
 
-/// Parses a status line and headers; `head` ends with `\r\n\r\n`.
-fn parse_head(head: &[u8]) -> Result<Head, ()> {
-    let text = std::str::from_utf8(head).map_err(|_| ())?;
-    let mut lines = text.split("\r\n");
-    let status_line = lines.next().ok_or(())?;
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().ok_or(())?;
-    let minor = match version {
-        "HTTP/1.1" => 1,
-        "HTTP/1.0" => 0,
+/// Parses a response's status line and headers with httparse, handing each header to
+/// `each` (name as sent, value trimmed): `(minor version, status, head length)`.
+pub(crate) fn parse_response_head(
+    head: &[u8],
+    mut each: impl FnMut(&str, &str) -> Result<(), ()>,
+) -> Result<(u8, u16, usize), ()> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut r = httparse::Response::new(&mut headers);
+    let len = match r.parse(head) {
+        Ok(httparse::Status::Complete(n)) => n,
         _ => return Err(()),
     };
-    let code = parts.next().ok_or(())?;
-    if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(());
+    for h in r.headers.iter() {
+        let value = std::str::from_utf8(h.value).map_err(|_| ())?;
+        each(h.name, value.trim())?;
     }
-    let status: u16 = code.parse().map_err(|_| ())?;
+    Ok((r.version.ok_or(())?, r.code.ok_or(())?, len))
+}
+
+/// Parses a status line and headers; `head` ends with `\r\n\r\n`.
+fn parse_head(head: &[u8]) -> Result<Head, ()> {
     let mut content_length: Option<usize> = None;
     let mut chunked = false;
-    let mut close = minor == 0;
-    for line in lines {
-        if line.is_empty() {
-            continue;
-        }
-        let (name, value) = line.split_once(':').ok_or(())?;
-        let value = value.trim();
+    let mut close_token = None;
+    let (minor, status, _) = parse_response_head(head, |name, value| {
         if name.eq_ignore_ascii_case("content-length") {
             let n: usize = value.parse().map_err(|_| ())?;
             if content_length.is_some_and(|old| old != n) {
@@ -864,13 +863,15 @@ fn parse_head(head: &[u8]) -> Result<Head, ()> {
             for token in value.split(',') {
                 let token = token.trim();
                 if token.eq_ignore_ascii_case("close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case("keep-alive") && minor == 0 {
-                    close = false;
+                    close_token = Some(true);
+                } else if token.eq_ignore_ascii_case("keep-alive") && close_token.is_none() {
+                    close_token = Some(false);
                 }
             }
         }
-    }
+        Ok(())
+    })?;
+    let mut close = close_token.unwrap_or(minor == 0);
     let framing = if status / 100 == 1 || status == 204 || status == 304 {
         Framing::Length(0)
     } else if chunked {
@@ -957,20 +958,17 @@ pub fn find_pid(body: &[u8]) -> Option<u32> {
     std::str::from_utf8(&digits[..len]).ok()?.parse().ok()
 }
 
-/// A log-linear latency histogram: 32 buckets per power of two, so every value is stored
-/// with at most ~3% error, in a fixed ~16 KiB, mergeable across clients without locks.
+/// A latency histogram (HDR, 3 significant figures: every value within 0.1%),
+/// mergeable across clients.
 #[derive(Clone)]
-pub struct Histogram {
-    buckets: Box<[u64]>,
-    count: u64,
-    sum: u128,
+pub struct Histogram(hdrhistogram::Histogram<u64>, Exact);
+
+/// The exact extremes (HDR keeps them within its precision only).
+#[derive(Clone, Copy)]
+struct Exact {
     min: u64,
     max: u64,
 }
-
-const SUB_BITS: u32 = 5;
-const SUB: u64 = 1 << SUB_BITS;
-const BUCKETS: usize = (SUB as usize) * (64 - SUB_BITS as usize + 1);
 
 impl Default for Histogram {
     fn default() -> Self {
@@ -979,91 +977,53 @@ impl Default for Histogram {
 }
 
 impl Histogram {
-    /// An empty histogram.
+    /// An empty histogram, for values up to an hour in microseconds (larger ones are
+    /// recorded as that).
     pub fn new() -> Self {
-        Self {
-            buckets: vec![0; BUCKETS].into_boxed_slice(),
-            count: 0,
-            sum: 0,
-            min: u64::MAX,
-            max: 0,
-        }
-    }
-
-    fn index(v: u64) -> usize {
-        if v < SUB {
-            return v as usize;
-        }
-        let exp = 63 - v.leading_zeros(); // >= SUB_BITS
-        let shift = exp - SUB_BITS;
-        let sub = (v >> shift) - SUB; // 0..SUB
-        (SUB + u64::from(shift) * SUB + sub) as usize
-    }
-
-    /// The largest value that lands in bucket `i`.
-    fn upper(i: usize) -> u64 {
-        let i = i as u64;
-        if i < SUB {
-            return i;
-        }
-        let shift = (i - SUB) / SUB;
-        let sub = (i - SUB) % SUB;
-        let low = (SUB + sub) << shift;
-        low.saturating_add((1u64 << shift) - 1)
+        // Valid bounds and precision: it fails only for low < 1, high < 2 * low, or
+        // more than 5 significant figures.
+        Self(
+            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+            Exact {
+                min: u64::MAX,
+                max: 0,
+            },
+        )
     }
 
     /// Adds one sample.
     pub fn record(&mut self, v: u64) {
-        if let Some(b) = self.buckets.get_mut(Self::index(v)) {
-            *b += 1;
-        }
-        self.count += 1;
-        self.sum += u128::from(v);
-        self.min = self.min.min(v);
-        self.max = self.max.max(v);
+        self.0.saturating_record(v);
+        self.1.min = self.1.min.min(v);
+        self.1.max = self.1.max.max(v);
     }
 
     /// Adds every sample of `other`.
     pub fn merge(&mut self, other: &Histogram) {
-        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
-            *a += *b;
-        }
-        self.count += other.count;
-        self.sum += other.sum;
-        self.min = self.min.min(other.min);
-        self.max = self.max.max(other.max);
+        // Same bounds on both sides: nothing is out of range.
+        let _ = self.0.add(&other.0);
+        self.1.min = self.1.min.min(other.1.min);
+        self.1.max = self.1.max.max(other.1.max);
     }
 
-    /// The smallest bucket bound below which at least `q` of the samples fall (0 when
-    /// empty), capped at the exact maximum.
+    /// The value below which `q` of the samples fall (0 when empty).
     pub fn quantile(&self, q: f64) -> u64 {
-        if self.count == 0 {
-            return 0;
-        }
-        let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
-        let mut seen = 0;
-        for (i, n) in self.buckets.iter().enumerate() {
-            seen += n;
-            if seen >= rank {
-                return Self::upper(i).min(self.max);
-            }
-        }
-        self.max
+        self.0.value_at_quantile(q).min(self.1.max)
     }
 
     /// Count, min, mean, p50/p90/p99 and max.
     pub fn summary(&self) -> LatencySummary {
-        if self.count == 0 {
+        if self.0.is_empty() {
             return LatencySummary::default();
         }
         LatencySummary {
-            count: self.count,
-            min: self.min,
-            mean: self.sum as f64 / self.count as f64,
+            count: self.0.len(),
+            min: self.1.min,
+            mean: self.0.mean(),
             p50: self.quantile(0.50),
             p90: self.quantile(0.90),
             p99: self.quantile(0.99),
-            max: self.max,
+            max: self.1.max,
         }
     }
 }
@@ -1100,21 +1060,6 @@ mod tests {
     use tokio::net::TcpListener;
 
     #[test]
-    fn histogram_buckets_are_monotonic_and_tight() {
-        let mut prev = 0;
-        for v in (0..100_000u64).chain([u64::MAX / 3, u64::MAX]) {
-            let i = Histogram::index(v);
-            assert!(i >= prev, "index not monotonic at {v}");
-            prev = i;
-            let up = Histogram::upper(i);
-            assert!(up >= v, "upper({i}) = {up} < {v}");
-            // At most 1/32 above the value.
-            assert!(up - v <= v / 32 + 1, "bucket too wide at {v}: {up}");
-        }
-        assert!(Histogram::index(u64::MAX) < BUCKETS);
-    }
-
-    #[test]
     fn histogram_quantiles() {
         let mut h = Histogram::new();
         for v in 1..=1000u64 {
@@ -1124,9 +1069,7 @@ mod tests {
         assert_eq!(s.count, 1000);
         assert_eq!(s.min, 1);
         assert_eq!(s.max, 1000);
-        assert!((500..=516).contains(&s.p50), "{s:?}");
-        assert!((900..=929).contains(&s.p90), "{s:?}");
-        assert!((990..=1000).contains(&s.p99), "{s:?}");
+        assert_eq!((s.p50, s.p90, s.p99), (500, 900, 990), "{s:?}");
         let mut other = Histogram::new();
         other.record(1_000_000);
         h.merge(&other);
