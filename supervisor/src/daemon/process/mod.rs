@@ -2,6 +2,7 @@
 //! until it exits, and everything it left behind found or killed.
 
 pub mod cgroup;
+mod event;
 pub mod generation;
 pub mod spawn;
 pub mod strays;

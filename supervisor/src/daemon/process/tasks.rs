@@ -1,4 +1,4 @@
-//! The tasks behind a [`GenHandle`](super::generation::GenHandle): its exit watch, and
+//! The tasks behind a generation's handle: its exit watch, and
 //! its control channel's read and write loops.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -10,7 +10,7 @@ use baton_protocol::{ChildMsg, SupervisorMsg};
 use tokio::net::UnixStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
-use super::generation::*;
+use super::event::{BAD_LIMIT, Dropped, GenEvent, NO_COUNT, Outgoing, RELAY_SLOTS, STALL_BOUND};
 use crate::upgrade::GenId;
 
 pub(super) async fn wait_exit(
