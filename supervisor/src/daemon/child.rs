@@ -7,7 +7,7 @@ use baton_protocol::{ChildMsg, PROTOCOL_VERSION, SupervisorMsg};
 use super::{Driver, MAX_STRANGERS, STRANGER_TTL};
 use crate::daemon::io::notify;
 use crate::daemon::process::generation::GenEvent;
-use crate::upgrade::{GenId, Handover, Machine};
+use crate::upgrade::{GenId, Handover, Input, Machine};
 
 pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
     let now = Instant::now();
@@ -128,7 +128,7 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                         deferred_ready(m, d, gen_id);
                         return;
                     }
-                    m.on_hello(gen_id, features, restores);
+                    m.handle(d, now, gen_id, Input::Hello { features, restores });
                     deferred_ready(m, d, gen_id);
                 }
                 ChildMsg::Connections { active } => {
@@ -138,7 +138,7 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                         h.set_connections(Some(active));
                     }
                 }
-                ChildMsg::Prepared => m.on_prepared(d, now, gen_id),
+                ChildMsg::Prepared => m.handle(d, now, gen_id, Input::Prepared),
                 ChildMsg::Snapshot {
                     size,
                     version,
@@ -152,7 +152,7 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                         h.snapshot_version = version;
                         h.snapshot_dropped = dropped;
                     }
-                    m.on_snapshot(d, now, gen_id, size);
+                    m.handle(d, now, gen_id, Input::Snapshot { size });
                 }
                 ChildMsg::Chunk {
                     size, round, seq, ..
@@ -161,17 +161,21 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                     if let Some(h) = d.handles.get_mut(&gen_id) {
                         h.chunk = Some((fd, slots));
                     }
-                    m.on_chunk(d, now, gen_id, round, seq, size);
+                    m.handle(d, now, gen_id, Input::Chunk { round, seq, size });
                     // Not passed on (not pre-copying, or out of order): closed here.
                     if let Some(h) = d.handles.get_mut(&gen_id) {
                         h.chunk = None;
                     }
                 }
-                ChildMsg::RoundDone { round, .. } => m.on_round_done(d, now, gen_id, round),
-                ChildMsg::PrecopyFailed { reason } => m.on_precopy_failed(d, now, gen_id, &reason),
-                ChildMsg::Applied { seq } => m.on_applied(d, now, gen_id, seq),
+                ChildMsg::RoundDone { round, .. } => {
+                    m.handle(d, now, gen_id, Input::RoundDone { round })
+                }
+                ChildMsg::PrecopyFailed { reason } => {
+                    m.handle(d, now, gen_id, Input::PrecopyFailed { why: &reason })
+                }
+                ChildMsg::Applied { seq } => m.handle(d, now, gen_id, Input::Applied { seq }),
                 ChildMsg::SnapshotFailed { reason } => {
-                    m.on_snapshot_failed(d, now, gen_id, &reason)
+                    m.handle(d, now, gen_id, Input::SnapshotFailed { why: &reason })
                 }
                 ChildMsg::Restored {
                     from_version,
@@ -184,9 +188,11 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                         restore_ms,
                         "snapshot restored"
                     );
-                    m.on_restored(d, now, gen_id);
+                    m.handle(d, now, gen_id, Input::Restored);
                 }
-                ChildMsg::Rejected { reason } => m.on_rejected(d, now, gen_id, &reason),
+                ChildMsg::Rejected { reason } => {
+                    m.handle(d, now, gen_id, Input::Rejected { why: &reason })
+                }
                 ChildMsg::Migrate {
                     listener,
                     buffered,
@@ -246,7 +252,7 @@ fn exited(m: &mut Machine, d: &mut Driver, now: Instant, gen_id: GenId, how: &st
     d.handles.remove(&gen_id);
     d.warned_bad.remove(&gen_id);
     d.containment.reap(gen_id);
-    m.on_exit(d, now, gen_id, how);
+    m.handle(d, now, gen_id, Input::Exited { how });
     if !d.containment.contains() {
         find_strays(m, d, gen_id);
     }
@@ -287,7 +293,7 @@ fn find_strays(m: &Machine, d: &mut Driver, gen_id: GenId) {
 fn ready(m: &mut Machine, d: &mut Driver, gen_id: GenId) {
     let now = Instant::now();
     d.ready_received = Some(now);
-    m.on_ready(d, now, gen_id);
+    m.handle(d, now, gen_id, Input::Ready);
     d.ready_received = None;
 }
 
@@ -355,7 +361,7 @@ pub(super) fn on_notify(m: &mut Machine, d: &mut Driver, pid: u32, text: &str) {
             }
             "ERRNO" if v.trim() != "0" => {
                 tracing::warn!(generation = gen_id, pid = owner, errno = v, "ERRNO");
-                m.on_errno(d, Instant::now(), gen_id, v);
+                m.handle(d, Instant::now(), gen_id, Input::Errno { errno: v });
             }
             "STOPPING" | "WATCHDOG" | "ERRNO" | "RELOADING" | "MAINPID" | "MONOTONIC_USEC" => {}
             _ => tracing::debug!(generation = gen_id, key = k, "ignored notify key"),

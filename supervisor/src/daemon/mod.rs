@@ -502,7 +502,15 @@ async fn serve(
                 LoopEvent::Health { gen_id, result } => {
                     d.health_running = false;
                     let detail = result.as_ref().err().cloned().unwrap_or_default();
-                    m.on_health(&mut d, Instant::now(), gen_id, result.is_ok(), &detail);
+                    m.handle(
+                        &mut d,
+                        Instant::now(),
+                        gen_id,
+                        crate::upgrade::Input::Health {
+                            ok: result.is_ok(),
+                            detail: &detail,
+                        },
+                    );
                 }
                 LoopEvent::Probed(result) => reexec::on_probed(&mut m, &mut d, result),
             },

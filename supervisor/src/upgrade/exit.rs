@@ -13,7 +13,7 @@ pub(super) const STABLE_AFTER: Duration = Duration::from_secs(10);
 
 impl Machine {
     /// Generation `gen_id` exited; `how` describes the status.
-    pub fn on_exit(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId, how: &str) {
+    pub(super) fn on_exit(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId, how: &str) {
         let Some(g) = self.gens.remove(&gen_id) else {
             return;
         };

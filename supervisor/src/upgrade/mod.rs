@@ -14,6 +14,7 @@ mod dryrun;
 mod exit;
 mod handover;
 mod host;
+mod input;
 mod outcome;
 mod precopy;
 mod probation;
@@ -22,6 +23,7 @@ mod stateful;
 
 pub use handover::Handover;
 pub use host::{Host, Kill, PrecopySettings, ReadyMode, SdEvent, Settings};
+pub use input::Input;
 pub use record::{Gen, Waiters};
 use record::{Revert, Stage, Upgrade, Why};
 
@@ -383,7 +385,7 @@ impl Machine {
     }
 
     /// The child's SDK said hello.
-    pub fn on_hello(&mut self, gen_id: GenId, features: Vec<Feature>, restores: Option<Vec<u32>>) {
+    fn on_hello(&mut self, gen_id: GenId, features: Vec<Feature>, restores: Option<Vec<u32>>) {
         if let Some(g) = self.gens.get_mut(&gen_id) {
             g.features = Some(features);
             g.restores = restores;
@@ -391,7 +393,7 @@ impl Machine {
     }
 
     /// `READY=1` from generation `gen_id` (or its delay elapsed).
-    pub fn on_ready(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId) {
+    fn on_ready(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId) {
         let Some(u) = self.upgrade.as_mut() else {
             return;
         };

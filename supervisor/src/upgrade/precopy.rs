@@ -158,7 +158,7 @@ impl Machine {
     }
 
     /// Pre-copy: a chunk arrived from `from` (the driver holds its fd).
-    pub fn on_chunk(
+    pub(super) fn on_chunk(
         &mut self,
         host: &mut impl Host,
         now: Instant,
@@ -191,7 +191,13 @@ impl Machine {
     }
 
     /// Pre-copy: the candidate applied chunk `seq`; the old generation may send one more.
-    pub fn on_applied(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId, seq: u64) {
+    pub(super) fn on_applied(
+        &mut self,
+        host: &mut impl Host,
+        now: Instant,
+        gen_id: GenId,
+        seq: u64,
+    ) {
         let Some(u) = self.upgrade.as_mut().filter(|u| u.candidate == gen_id) else {
             return;
         };
@@ -220,7 +226,13 @@ impl Machine {
     }
 
     /// Pre-copy: the old generation finished round `round`.
-    pub fn on_round_done(&mut self, host: &mut impl Host, now: Instant, from: GenId, round: u32) {
+    pub(super) fn on_round_done(
+        &mut self,
+        host: &mut impl Host,
+        now: Instant,
+        from: GenId,
+        round: u32,
+    ) {
         let (max_rounds, timeout) = (self.s.precopy.rounds, self.s.precopy.timeout);
         let Some(u) = self.upgrade.as_mut() else {
             return;
@@ -295,7 +307,7 @@ impl Machine {
     }
 
     /// Pre-copy: the old generation could not send a round.
-    pub fn on_precopy_failed(
+    pub(super) fn on_precopy_failed(
         &mut self,
         host: &mut impl Host,
         now: Instant,

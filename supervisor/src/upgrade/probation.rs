@@ -215,7 +215,7 @@ impl Machine {
     }
 
     /// A health check of generation `gen_id` passed or failed.
-    pub fn on_health(
+    pub(super) fn on_health(
         &mut self,
         host: &mut impl Host,
         now: Instant,
@@ -251,7 +251,13 @@ impl Machine {
 
     /// Generation `gen_id` reported `ERRNO=` (non-zero) through sd_notify: during
     /// probation that is a failure, as it is for systemd.
-    pub fn on_errno(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId, errno: &str) {
+    pub(super) fn on_errno(
+        &mut self,
+        host: &mut impl Host,
+        now: Instant,
+        gen_id: GenId,
+        errno: &str,
+    ) {
         if self.probation_generation() != Some(gen_id) {
             return;
         }

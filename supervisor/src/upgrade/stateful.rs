@@ -9,7 +9,7 @@ use super::{GenId, Host, Machine, Stage, Why, later, ms_f};
 
 impl Machine {
     /// Stateful candidate: initialised, waiting for state.
-    pub fn on_prepared(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId) {
+    pub(super) fn on_prepared(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId) {
         let Some(u) = self.upgrade.as_mut() else {
             return;
         };
@@ -84,7 +84,13 @@ impl Machine {
     }
 
     /// Stateful old generation delivered its snapshot (the driver holds the fd).
-    pub fn on_snapshot(&mut self, host: &mut impl Host, now: Instant, from: GenId, size: u64) {
+    pub(super) fn on_snapshot(
+        &mut self,
+        host: &mut impl Host,
+        now: Instant,
+        from: GenId,
+        size: u64,
+    ) {
         if self.dry_run_snapshot(host, now, from, size) {
             return;
         }
@@ -117,7 +123,7 @@ impl Machine {
     }
 
     /// Stateful old generation could not write a snapshot.
-    pub fn on_snapshot_failed(
+    pub(super) fn on_snapshot_failed(
         &mut self,
         host: &mut impl Host,
         now: Instant,
@@ -141,7 +147,7 @@ impl Machine {
     }
 
     /// Stateful candidate restored the snapshot.
-    pub fn on_restored(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId) {
+    pub(super) fn on_restored(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId) {
         let Some(u) = self.upgrade.as_mut() else {
             return;
         };
@@ -169,7 +175,13 @@ impl Machine {
     }
 
     /// Stateful candidate rejected the snapshot.
-    pub fn on_rejected(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId, why: &str) {
+    pub(super) fn on_rejected(
+        &mut self,
+        host: &mut impl Host,
+        now: Instant,
+        gen_id: GenId,
+        why: &str,
+    ) {
         if self.upgrade.as_ref().is_some_and(|u| u.candidate == gen_id) {
             self.fail(host, now, format!("candidate rejected the snapshot: {why}"));
         }

@@ -541,3 +541,43 @@ fn ready_without_restore_names_the_mistake() {
         );
     }
 }
+
+/// The one input drives a whole stateful upgrade, as the daemon does it.
+#[test]
+fn handle_drives_a_stateful_upgrade_end_to_end() {
+    let (mut m, mut h, t) = stateful();
+    m.request_upgrade(&mut h, t, Some(7));
+    m.handle(
+        &mut h,
+        t,
+        2,
+        Input::Hello {
+            features: vec![Feature::State],
+            restores: None,
+        },
+    );
+    m.handle(&mut h, t, 2, Input::Prepared);
+    assert!(h.take().iter().any(|c| matches!(
+        c,
+        Call::Send(1, SupervisorMsg::Quiesce { dry_run: false, .. })
+    )));
+    m.handle(&mut h, t, 1, Input::Snapshot { size: 9 });
+    assert!(h.take().contains(&Call::Pass(1, 2)));
+    m.handle(&mut h, t, 2, Input::Restored);
+    m.handle(&mut h, t, 2, Input::Ready);
+    assert_eq!(m.active(), Some(2));
+    assert!(h.take().iter().any(|c| matches!(
+        c,
+        Call::Finished(UpgradeResult::Promoted, None, w) if w == &vec![7]
+    )));
+    m.handle(
+        &mut h,
+        t,
+        1,
+        Input::Exited {
+            how: "exit status 0",
+        },
+    );
+    assert!(m.generation(1).is_none());
+    assert_eq!(m.crashes(), 0, "a retired generation's exit is not a crash");
+}
