@@ -413,3 +413,69 @@ async fn a_missing_or_non_executable_release_is_one_clear_line() {
         assert!(out.stderr.contains(want), "{out:?}");
     }
 }
+
+/// Releases as directories (`--program`), states compared by a command (`--compare`),
+/// and a setup that fails: the rehearsal stops there, says why, and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_directories_a_compare_command_and_a_failing_setup() {
+    let _serial = exclusive().await;
+    let dir = TestDir::new("rehearse-dirs").unwrap();
+    App::prepare(&dir, &[("kv1", "--schema 1"), ("kv2", "--schema 2")], "kv1");
+    for (rel, script) in [("a", "kv1.sh"), ("b", "kv2.sh")] {
+        std::fs::create_dir_all(dir.join(rel).join("bin")).unwrap();
+        std::fs::copy(dir.join(script), dir.join(rel).join("bin/kv")).unwrap();
+    }
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let common = [
+        "--from",
+        a,
+        "--to",
+        b,
+        "--program",
+        "bin/kv",
+        "--state",
+        "--listen",
+        "kv=127.0.0.1:0",
+        "--setup",
+        SETUP_X,
+        "--load",
+        WRITER,
+    ];
+    // A command decides: one that compares the JSON passes, one that never agrees fails.
+    let same = "python3 -c 'import json,sys; sys.exit(json.load(open(sys.argv[1])) != json.load(open(sys.argv[2])))'";
+    let mut args: Vec<&str> = common.to_vec();
+    args.extend(["--compare", same]);
+    let r = rehearse(dir.path(), args).await.unwrap();
+    assert_eq!(r.outcome("state check: A → B → A"), "pass", "{}", r.report);
+    assert_eq!(r.outcome("A → B under load"), "pass", "{}", r.report);
+    let mut args: Vec<&str> = common.to_vec();
+    args.extend(["--compare", "false"]);
+    let r = rehearse(dir.path(), args).await.unwrap();
+    assert_eq!(r.out.status.code(), Some(1), "{:?}", r.out);
+    assert!(
+        r.detail("state check: B kept A's state")
+            .contains("false: exit status: 1"),
+        "{}",
+        r.report
+    );
+
+    let mut args: Vec<&str> = common.to_vec();
+    let setup = args.iter().position(|a| *a == "--setup").unwrap() + 1;
+    args[setup] = "echo broken >&2; exit 3";
+    let r = rehearse(dir.path(), args).await.unwrap();
+    assert_eq!(r.out.status.code(), Some(1), "{:?}", r.out);
+    assert_eq!(r.outcome("setup"), "fail");
+    assert!(
+        r.detail("setup").contains("exit status: 3") && r.detail("setup").contains("broken"),
+        "{}",
+        r.detail("setup")
+    );
+    assert_eq!(
+        r.steps().len(),
+        2,
+        "nothing runs after a failed setup: {}",
+        r.report
+    );
+    assert!(leftovers(dir.path()).is_empty());
+}
