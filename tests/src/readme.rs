@@ -16,7 +16,15 @@ use crate::systemd::repo_root;
 /// # Panics
 /// The README has no such section, or it has no shell block.
 pub fn blocks(section: &str) -> Vec<Vec<String>> {
-    let text = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    blocks_in("README.md", section)
+}
+
+/// The shell blocks of one `## ` section of `file` (relative to the repository), in order.
+///
+/// # Panics
+/// The file has no such section, or it has no shell block.
+pub fn blocks_in(file: &str, section: &str) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(repo_root().join(file)).expect("the document");
     let mut out = Vec::new();
     let mut inside_section = false;
     let mut block: Option<Vec<String>> = None;
@@ -37,7 +45,7 @@ pub fn blocks(section: &str) -> Vec<Vec<String>> {
     }
     assert!(
         !out.is_empty(),
-        "README.md has no shell block under '## {section}'"
+        "{file} has no shell block under '## {section}'"
     );
     out
 }
@@ -184,8 +192,15 @@ fn script_run(lines: &[String], timeout: Duration) -> Ran {
     let dir = TestDir::new("readme").expect("a temp dir");
     let log = dir.join("out.log");
     let file = std::fs::File::create(&log).expect("log file");
+    // The docs say `baton` where an installed one would be: this checkout's.
+    let path = format!(
+        "{}:{}",
+        repo_root().join("target/release").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let mut child = Command::new("bash")
         .args(["-c", &script])
+        .env("PATH", path)
         .current_dir(repo_root())
         .stdin(Stdio::null())
         .stdout(file.try_clone().expect("dup"))

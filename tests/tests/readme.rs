@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use baton_tests::harness::{exclusive, which};
-use baton_tests::readme::{Session, blocks, first_command};
+use baton_tests::readme::{Session, blocks, blocks_in, first_command};
 
 const SCRIPT: Duration = Duration::from_secs(60);
 
@@ -107,4 +107,27 @@ async fn the_sdk_walkthroughs_run_as_written() {
     let out: String = ran.iter().map(|r| r.output.as_str()).collect();
     assert!(out.contains("OK a 1"), "{out}");
     assert_eq!(ran.last().and_then(|r| r.code), Some(0), "{ran:?}");
+}
+
+/// docs/TESTING-UPGRADES.md's kv-server rehearsal, as written: every step passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_testing_upgrades_example_runs_as_written() {
+    let _serial = exclusive().await;
+    if which("redis-cli").is_none() {
+        eprintln!("SKIP: redis-cli is not installed (scripts/install-test-deps installs it)");
+        return;
+    }
+    let b = blocks_in(
+        "docs/TESTING-UPGRADES.md",
+        "Example: this repository's kv-server",
+    );
+    let ran = Session::default().run(&b[0], Duration::from_secs(180));
+    let out: String = ran.iter().map(|r| r.output.as_str()).collect();
+    assert_eq!(ran.last().and_then(|r| r.code), Some(0), "{out}");
+    assert!(out.contains("none failed"), "{out}");
+    assert!(
+        out.contains("state check: A → B → A gives A's state back  pass"),
+        "{out}"
+    );
+    assert!(out.contains("writes"), "the writer said nothing: {out}");
 }
