@@ -26,12 +26,13 @@ import argparse
 import asyncio
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from baton_child import Baton, BatonError, RejectSnapshot
 from baton_child.aio import Conn, Refuse, StreamServer
 
 LISTENER = "counter"
+CHUNK_KEYS = 10_000
 
 
 class State:
@@ -42,6 +43,8 @@ class State:
         self.generation = generation
         self.counts: dict[str, int] = {}
         self.ops = 0
+        # Pre-copy: the counters written since the current round began.
+        self.dirty: Optional[set[str]] = None
 
     def decode(self, version: int, state: Any) -> State:
         """Restores a snapshot of schema ``version`` (migrating 1 up to 2)."""
@@ -74,6 +77,28 @@ class State:
         """For the SDK's server at a quiesce."""
         return self.encode(accept)
 
+    def chunks(self, round: int) -> Iterator[Any]:
+        """Pre-copy: round 0 is every counter, later rounds the ones written since the
+        round before began; in this program's schema, 10,000 counters a chunk."""
+        if round == 0:
+            keys = list(self.counts)
+        else:
+            keys = list(self.dirty or ())
+        # Recorded from now: what is written while these are sent goes in the next round.
+        self.dirty = set()
+        for i in range(0, len(keys), CHUNK_KEYS):
+            part = {k: self.counts[k] for k in keys[i : i + CHUNK_KEYS] if k in self.counts}
+            yield {"counts": part, "ops": self.ops} if self.schema == 2 else {"counts": part}
+
+    def apply(self, version: int, chunk: Any) -> State:
+        """Candidate: one pre-copy chunk, in order (a later value wins)."""
+        if version not in (1, 2) or version > self.schema or not isinstance(chunk.get("counts"), dict):
+            raise RejectSnapshot(f"a schema-{version} chunk is not one this program reads")
+        self.counts.update(chunk["counts"])
+        if version == 2:
+            self.ops = int(chunk.get("ops", self.ops))
+        return self
+
     def command(self, line: str) -> str:
         pid = os.getpid()
         words = line.split()
@@ -83,6 +108,8 @@ class State:
             n = self.counts.get(words[1], 0) + (1 if words[0] == "INCR" else -1)
             self.counts[words[1]] = n
             self.ops += 1
+            if self.dirty is not None:
+                self.dirty.add(words[1])
             return f"OK {words[1]} {n} pid={pid}"
         if len(words) == 2 and words[0] == "GET":
             return f"VALUE {words[1]} {self.counts.get(words[1], 0)} pid={pid}"
@@ -97,10 +124,15 @@ async def main() -> None:
     p.add_argument("--schema", type=int, choices=(1, 2), default=1)
     p.add_argument("--listen-fallback", default="127.0.0.1:7000")
     args = p.parse_args()
-    baton = Baton.start(stateful=args.schema, restores=list(range(1, args.schema + 1)), adopt=True)
+    baton = Baton.start(
+        stateful=args.schema, restores=list(range(1, args.schema + 1)), adopt=True, precopy=True
+    )
     state = State(args.schema, baton.generation)
     try:
-        restored = await baton.restore_async(state.decode)
+        # Chunks while the old generation serves (pre-copy), or one snapshot.
+        restored = await baton.restore_chunked_async(
+            state.decode, lambda: state, lambda s, version, chunk: s.apply(version, chunk)
+        )
     except BatonError as e:
         sys.exit(f"py-counter: {e}")
     print(

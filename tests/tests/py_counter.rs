@@ -96,6 +96,12 @@ async fn py_counter_keeps_every_increment_and_connection_through_stateful_upgrad
         };
         let new = report.pid.unwrap();
         assert_ne!(new, pid);
+        // Both generations announce pre-copy: the counters stream while clients write,
+        // and only the last delta is sent paused.
+        assert!(
+            report.precopy_rounds.is_some_and(|r| r >= 1),
+            "upgrade {i} did not pre-copy: {report:?}"
+        );
         wait_pid_gone(pid, Duration::from_secs(15)).await.unwrap();
         wait_all(&mut clients, &format!("upgrade {i}"), |_, s| {
             s.pids.contains(&new)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import socket
+import threading
 import time
+from typing import Any
 
 import pytest
 
-from baton_child import Baton, BatonError, Commit, Quiesce, RejectSnapshot, Resume
+from baton_child import Baton, BatonError, Commit, Precopy, Quiesce, RejectSnapshot, Resume
 from baton_child._env import parse
 from baton_child._memfd import sealed
 from baton_child.testing import FakeSupervisor
@@ -373,3 +376,105 @@ def test_migrate_stream_takes_the_bytes_asyncio_buffered() -> None:
         assert b.recv(2) == b"hi"
         moved.close()
         b.close()
+
+
+def _chunk(sup: FakeSupervisor, seq: int, version: int, state: Any) -> None:
+    data = json.dumps({"version": version, "state": state}).encode()
+    fd = sealed("fake-chunk", data)
+    try:
+        sup.send({"type": "chunk", "fds": 1, "size": len(data), "round": 0, "seq": seq}, [fd])
+    finally:
+        os.close(fd)
+
+
+def test_precopy_chunks_keep_to_the_window_and_a_resume_releases_a_blocked_sender() -> None:
+    with FakeSupervisor() as sup:
+        baton = sup.baton(stateful=2, precopy=True)
+        assert "precopy" in sup.expect("hello").body["features"]
+        sup.send({"type": "precopy", "round": 0})
+        assert baton.next_state_event(5) == Precopy(0)
+        for i in range(4):
+            baton.send_chunk(0, 2, {"i": i})
+        sent = [sup.expect("chunk") for _ in range(4)]
+        assert [m.body["seq"] for m in sent] == [0, 1, 2, 3]
+        assert FakeSupervisor.read_snapshot(sent[3]) == {"version": 2, "state": {"i": 3}}
+        # The fifth waits for credit: nothing comes until one is acked.
+        done: list[Any] = []
+        t = threading.Thread(target=lambda: done.append(baton.send_chunk(0, 2, {"i": 4})))
+        t.start()
+        with pytest.raises(TimeoutError):
+            sup.recv(0.3)
+        sup.send({"type": "acked", "seq": 0})
+        assert sup.expect("chunk").body["seq"] == 4
+        t.join(5)
+        assert done and done[0] > 0
+        # A sender blocked when the upgrade is aborted gets an error, not a hang.
+        errors: list[BaseException] = []
+
+        def blocked() -> None:
+            try:
+                baton.send_chunk(0, 2, {"i": 5})
+            except BatonError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=blocked)
+        t.start()
+        sup.send({"type": "resume", "reason": "candidate crashed"})
+        t.join(5)
+        assert errors and "aborted" in str(errors[0])
+        baton.round_done(0, 5, 100)
+        assert sup.expect("round_done").body == {"type": "round_done", "round": 0, "chunks": 5, "bytes": 100}
+
+
+def test_a_candidate_applies_chunks_in_order_and_checks_their_count() -> None:
+    with FakeSupervisor() as sup:
+        baton = sup.baton(stateful=2, precopy=True)
+        sup.expect("hello")
+
+        def apply(s: dict[str, int], version: int, chunk: Any) -> dict[str, int]:
+            assert version == 2
+            return {**s, **chunk}
+
+        def decode(version: int, state: Any) -> dict[str, int]:
+            return dict(state)
+
+        def empty() -> dict[str, int]:
+            return {}
+
+        result: list[Any] = []
+        t = threading.Thread(
+            target=lambda: result.append(asyncio.run(baton.restore_chunked_async(decode, empty, apply)))
+        )
+        t.start()
+        sup.expect("prepared")
+        _chunk(sup, 0, 2, {"a": 1, "b": 1})
+        assert sup.expect("applied").body["seq"] == 0
+        _chunk(sup, 1, 2, {"b": 2})
+        assert sup.expect("applied").body["seq"] == 1
+        sup.send({"type": "complete", "chunks": 2})
+        assert sup.expect("restored").body["from_version"] == 2
+        t.join(5)
+        assert result == [{"a": 1, "b": 2}]
+
+    # A count that does not match is a rejection.
+    with FakeSupervisor() as sup:
+        baton = sup.baton(stateful=2, precopy=True)
+        sup.expect("hello")
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                asyncio.run(baton.restore_chunked_async(decode, empty, apply))
+            except BatonError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=run)
+        t.start()
+        sup.expect("prepared")
+        _chunk(sup, 0, 2, {"a": 1})
+        sup.expect("applied")
+        sup.send({"type": "complete", "chunks": 3})
+        assert "got 1 chunks" in sup.expect("rejected").body["reason"]
+        sup.send({"type": "drain", "deadline_ms": 1000, "migrate": False})
+        t.join(5)
+        assert errors

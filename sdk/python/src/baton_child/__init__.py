@@ -10,7 +10,7 @@ fallback, so the same program runs anywhere.
 from ._baton import PROTOCOL, Baton
 from ._env import Env
 from ._errors import BatonError, ProtocolError, RejectSnapshot
-from ._events import Adopted, Commit, DrainInfo, Quiesce, Resume, StateEvent
+from ._events import Adopted, Commit, DrainInfo, Precopy, PrecopyFinal, Quiesce, Resume, StateEvent
 
 __all__ = [
     "PROTOCOL",
@@ -20,6 +20,8 @@ __all__ = [
     "Commit",
     "DrainInfo",
     "Env",
+    "Precopy",
+    "PrecopyFinal",
     "ProtocolError",
     "Quiesce",
     "RejectSnapshot",

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from . import _env, _memfd
 from ._errors import BatonError, ProtocolError, RejectSnapshot
-from ._events import Adopted, Commit, DrainInfo, Quiesce, Resume, StateEvent
+from ._events import Adopted, Commit, DrainInfo, Precopy, PrecopyFinal, Quiesce, Resume, StateEvent
 from ._mailbox import Latch, Mailbox
 from ._wire import Channel, Message
 
@@ -25,6 +25,8 @@ PROTOCOL = 1
 _INLINE_BUFFERED = 64 * 1024
 _CONNECTIONS_EVERY = 0.1
 _REJECTED_GRACE = 10.0
+# Chunks sent and not yet applied by the candidate (PROTOCOL.md: PRECOPY_WINDOW).
+_PRECOPY_WINDOW = 4
 
 
 class Baton:
@@ -49,6 +51,7 @@ class Baton:
         stateful: Optional[int] = None,
         restores: Optional[list[int]] = None,
         adopt: bool = False,
+        precopy: bool = False,
     ) -> None:
         """Use :meth:`start` (or ``baton_child.testing``); this does not read the environment."""
         self.env = env
@@ -64,6 +67,11 @@ class Baton:
         self._conn_sent_at = 0.0
         self._conn_timer: Optional[threading.Timer] = None
         self._channel: Optional[Channel] = None
+        # Pre-copy credit: chunks sent and not acked, and whether the upgrade was aborted.
+        self._credit = threading.Condition()
+        self._unacked = 0
+        self._seq = 0
+        self._precopy_aborted = False
         if env.control_fd is not None:
             sock = socket.socket(fileno=env.control_fd)
             _env.check_control(sock)
@@ -75,6 +83,8 @@ class Baton:
                 features.append("state")
             if adopt:
                 features.append("adopt")
+            if precopy and stateful is not None:
+                features.append("precopy")
             hello: dict[str, Any] = {"type": "hello", "protocol": PROTOCOL, "features": features}
             if stateful is not None:
                 versions = restores if restores is not None else range(1, stateful + 1)
@@ -90,6 +100,7 @@ class Baton:
         restores: Optional[list[int]] = None,
         adopt: bool = False,
         handle_signals: bool = True,
+        precopy: bool = False,
     ) -> Baton:
         """Takes the environment and says ``hello`` to the supervisor.
 
@@ -101,13 +112,15 @@ class Baton:
                 writes one of them (a revert). Default: 1 to ``stateful``.
             adopt: it adopts connections the previous generation hands over
                 (:meth:`adopted`).
+            precopy: with ``stateful``, it sends its state in chunks while it serves
+                (:class:`Precopy`) and restores from chunks (:meth:`restore_chunked`).
             handle_signals: SIGTERM and SIGINT start the drain (main thread only).
 
         Raises:
             BatonError: the environment is malformed or an inherited fd is not what
                 it should be.
         """
-        baton = cls(_env.Env.take(), stateful=stateful, restores=restores, adopt=adopt)
+        baton = cls(_env.Env.take(), stateful=stateful, restores=restores, adopt=adopt, precopy=precopy)
         if handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, baton._on_signal)
@@ -364,6 +377,105 @@ class Baton:
         """Answers :class:`Quiesce` with why there is no snapshot; the upgrade aborts."""
         self._send({"type": "snapshot_failed", "reason": reason})
 
+    # Pre-copy ----------------------------------------------------------------------
+
+    def send_chunk(self, round: int, version: int, chunk: Any) -> int:
+        """Pre-copy, old generation: sends ``chunk`` (JSON-serialisable) of ``round`` as
+        schema ``version``, blocking while 4 chunks wait to be applied. Returns its size.
+
+        Raises:
+            BatonError: the upgrade was aborted (a :class:`Resume` follows: serve on),
+                or it cannot be written or sent.
+        """
+        if self._channel is None:
+            return 0
+        data = json.dumps({"version": version, "state": chunk}, separators=(",", ":")).encode()
+        with self._credit:
+            while self._unacked >= _PRECOPY_WINDOW and not self._precopy_aborted:
+                self._credit.wait()
+            if self._precopy_aborted:
+                raise BatonError("pre-copy aborted: the upgrade is over")
+            seq = self._seq
+            self._seq += 1
+            self._unacked += 1
+            # Sent under the lock: chunks go out in `seq` order.
+            fd = _memfd.sealed("baton-chunk", data)
+            try:
+                self._send({"type": "chunk", "fds": 1, "size": len(data), "round": round, "seq": seq}, [fd])
+            finally:
+                os.close(fd)
+        return len(data)
+
+    async def send_chunk_async(self, round: int, version: int, chunk: Any) -> int:
+        """Like :meth:`send_chunk`, for asyncio: waits for credit off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.send_chunk, round, version, chunk)
+
+    def round_done(self, round: int, chunks: int, bytes: int) -> None:
+        """Pre-copy, old generation: every chunk of ``round`` was sent."""
+        self._send({"type": "round_done", "round": round, "chunks": chunks, "bytes": bytes})
+
+    def precopy_failed(self, reason: str) -> None:
+        """Pre-copy, old generation: no round can be sent; the upgrade aborts."""
+        self._send({"type": "precopy_failed", "reason": reason})
+
+    async def restore_chunked_async(
+        self,
+        decode: Callable[[int, Any], T],
+        empty: Callable[[], T],
+        apply: Callable[[Any, int, Any], T],
+    ) -> Optional[T]:
+        """Candidate of a stateful upgrade that takes pre-copy chunks: ``empty()`` then
+        ``apply(value, version, chunk)`` per chunk in order, or ``decode(version, state)``
+        for a one-shot snapshot (a predecessor without pre-copy). None when fresh.
+
+        Raises:
+            BatonError: a chunk or the snapshot was rejected (raise :class:`RejectSnapshot`
+                in ``decode`` or ``apply``); the supervisor kills this process next.
+        """
+        if self._channel is None or self.schema is None:
+            return None
+        self._send({"type": "prepared"})
+        msg = await self._restore.get_async()
+        if msg.type in ("restore", "fresh"):
+            outcome = self._decode_restore(msg, decode)
+        else:
+            outcome = await self._apply_chunks(msg, empty, apply)
+        if isinstance(outcome, BatonError):
+            try:
+                await asyncio.wait_for(self._drain.wait_async(), _REJECTED_GRACE)
+            except asyncio.TimeoutError:
+                pass
+            raise outcome
+        return outcome[0]
+
+    async def _apply_chunks(
+        self, msg: Message, empty: Callable[[], Any], apply: Callable[[Any, int, Any], Any]
+    ) -> "tuple[Any] | BatonError":
+        started = time.monotonic()
+        value, count, version = empty(), 0, 0
+        while msg.type == "chunk":
+            try:
+                version, state = self._read_snapshot(msg)
+                value = apply(value, version, state)
+            except (BatonError, RejectSnapshot) as e:
+                self._send({"type": "rejected", "reason": str(e)})
+                return BatonError(f"pre-copy chunk rejected: {e}")
+            finally:
+                msg.close_fds()
+            self._send({"type": "applied", "seq": _ms(msg.body, "seq")})
+            count += 1
+            msg = await self._restore.get_async()
+        expected = _ms(msg.body, "chunks")
+        if msg.type != "complete" or expected != count:
+            msg.close_fds()
+            why = f"pre-copy: got {count} chunks, then {msg.type!r} saying {expected}"
+            self._send({"type": "rejected", "reason": why})
+            return BatonError(why)
+        ms = int((time.monotonic() - started) * 1000)
+        self._send({"type": "restored", "from_version": version or self.schema, "restore_ms": ms})
+        return (value,)
+
     # Connection migration ----------------------------------------------------------
 
     def migrate(self, sock: socket.socket, listener: str, buffered: bytes = b"", meta: Any = None) -> None:
@@ -476,8 +588,22 @@ class Baton:
             else:
                 self._state.put(Quiesce(None, dry_run))
         elif t == "resume":
+            with self._credit:
+                # Senders blocked on credit give up: the upgrade is over.
+                self._precopy_aborted = True
+                self._credit.notify_all()
             self._state.put(Resume(str(b.get("reason", ""))))
-        elif t in ("restore", "fresh"):
+        elif t in ("precopy", "precopy_final"):
+            r = _ms(b, "round")
+            if r == 0:
+                with self._credit:
+                    self._unacked, self._seq, self._precopy_aborted = 0, 0, False
+            self._state.put(Precopy(r) if t == "precopy" else PrecopyFinal(r))
+        elif t == "acked":
+            with self._credit:
+                self._unacked = max(0, self._unacked - 1)
+                self._credit.notify_all()
+        elif t in ("restore", "fresh", "chunk", "complete"):
             self._restore.put(msg)
             return  # restore() closes its fd
         elif t == "adopt":

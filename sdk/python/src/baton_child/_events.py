@@ -57,7 +57,24 @@ class Commit:
     migrate: bool
 
 
-StateEvent = Union[Quiesce, Resume, Commit]
+@dataclass(frozen=True)
+class Precopy:
+    """Pre-copy, old generation: keep serving and send round ``round`` with
+    :meth:`Baton.send_chunk`, then :meth:`Baton.round_done`. Round 0 is the whole state
+    (start recording what changes first); round N what changed since round N-1 began."""
+
+    round: int
+
+
+@dataclass(frozen=True)
+class PrecopyFinal:
+    """Pre-copy's last round: quiesce as for :class:`Quiesce`, then send what changed
+    since the last round as round ``round`` (chunks, then :meth:`Baton.round_done`)."""
+
+    round: int
+
+
+StateEvent = Union[Quiesce, Resume, Commit, Precopy, PrecopyFinal]
 
 
 @dataclass

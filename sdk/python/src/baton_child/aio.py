@@ -24,11 +24,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
-from typing import Any, Awaitable, Callable, Optional, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Optional, Protocol, Sequence
 
 from ._baton import Baton
 from ._errors import BatonError
-from ._events import Adopted, Commit, Quiesce, Resume
+from ._events import Adopted, Commit, Precopy, PrecopyFinal, Quiesce, Resume
 
 Read = Callable[[asyncio.StreamReader], Awaitable[bytes]]
 
@@ -45,6 +45,16 @@ class State(Protocol):
         """``(version, state, dropped)`` in one of the versions ``accept`` lists (None:
         the app's own): the JSON-serialisable state and what a down-migration loses
         (JSON pointers). Raise :class:`Refuse` when none can be written."""
+        ...
+
+
+class ChunkedState(State, Protocol):
+    """State that also takes part in pre-copy (``Baton.start(precopy=True)``)."""
+
+    def chunks(self, round: int) -> Iterable[Any]:
+        """Round 0: the whole state in JSON-serialisable pieces; start recording what
+        changes *before* reading any of it. Round N: what changed since round N-1 began
+        (the current values). Called on the event loop, between requests."""
         ...
 
 
@@ -275,12 +285,39 @@ class StreamServer:
                     self.baton.snapshot_failed(f"requests in flight did not finish within {self.pause_timeout} s")
                 except (Refuse, BatonError) as e:
                     self.baton.snapshot_failed(str(e))
+            elif isinstance(ev, Precopy):
+                # Live: requests go on being served between the chunks.
+                await self._send_round(ev.round)
+            elif isinstance(ev, PrecopyFinal):
+                await self._stop_accepting()
+                try:
+                    await self._pause()
+                except asyncio.TimeoutError:
+                    self.baton.precopy_failed(f"requests in flight did not finish within {self.pause_timeout} s")
+                    continue
+                await self._send_round(ev.round)
             elif isinstance(ev, Resume):
                 self._resume()
                 self._start_accepting()
             elif isinstance(ev, Commit):
                 await self._hand_over(ev.migrate)
                 return
+
+    async def _send_round(self, round: int) -> None:
+        chunks = getattr(self.state, "chunks", None)
+        if chunks is None:
+            self.baton.precopy_failed("this server's state does not send chunks")
+            return
+        sent = size = 0
+        try:
+            for chunk in chunks(round):
+                size += await self.baton.send_chunk_async(round, self.baton.schema or 1, chunk)
+                sent += 1
+            self.baton.round_done(round, sent, size)
+        except BatonError:
+            pass  # the upgrade was aborted: a resume follows
+        except Refuse as e:
+            self.baton.precopy_failed(str(e))
 
     async def _hand_over(self, migrate: bool) -> None:
         """Gives every paused connection to the successor (or closes it), then is done."""
