@@ -7,6 +7,9 @@ Commands, one per line; every reply ends with the pid that served it:
     DECR <key>    ->  OK <key> <value> pid=<pid>       (schema 2 only)
     GET <key>     ->  VALUE <key> <value> pid=<pid>
     PID           ->  PID pid=<pid> schema=<n> generation=<g>
+    POPULATE <n> <width>  ->  OK populated <n> pid=<pid>   (n counters p000..., width
+                  characters each, set to 1: a large state for tests, as Redis's
+                  DEBUG POPULATE)
 
 Run it under baton with ``--state`` for stateful upgrades: the counters travel in a
 snapshot, and the client connections are handed over at a request boundary with any
@@ -113,6 +116,14 @@ class State:
             return f"OK {words[1]} {n} pid={pid}"
         if len(words) == 2 and words[0] == "GET":
             return f"VALUE {words[1]} {self.counts.get(words[1], 0)} pid={pid}"
+        if len(words) == 3 and words[0] == "POPULATE" and words[1].isdigit() and words[2].isdigit():
+            n, width = int(words[1]), max(2, int(words[2]))
+            for i in range(n):
+                k = f"p{i:0{width - 1}d}"
+                self.counts[k] = 1
+                if self.dirty is not None:
+                    self.dirty.add(k)
+            return f"OK populated {n} pid={pid}"
         if words == ["PID"]:
             return f"PID pid={pid} schema={self.schema} generation={self.generation}"
         return f"ERR unknown command pid={pid}"

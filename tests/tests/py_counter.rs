@@ -1,7 +1,8 @@
 //! Issue 16: a stateful Python app (examples/py-counter, on the Python SDK) with 20
 //! persistent clients through 10 stateful upgrades: every acknowledged increment is kept,
 //! every client keeps its connection and sees each new pid, schema 1 migrates to 2, and
-//! a downgrade that schema 1 cannot hold is refused and rolls back.
+//! a downgrade that schema 1 cannot hold is refused and rolls back; and pre-copy at 100 MB
+//! (issue 28).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -176,4 +177,111 @@ async fn wait_all(clients: &mut [Client], what: &str, done: impl Fn(usize, &Seen
             Err(_) => panic!("{what}: client {i} timed out: {:?}", *rx.borrow()),
         }
     }
+}
+
+/// Python pre-copy at scale: 1,000,000 counters with 100-character names (over 100 MB of
+/// JSON) stream to the new generation while 4 clients keep incrementing. Every increment
+/// acknowledged is kept, every populated counter arrives, and the clients are paused for
+/// less than half of the upgrade (the bulk moved while they were served).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn py_counter_precopies_100_mb_of_state_under_writers() {
+    const KEYS: u64 = 1_000_000;
+    const WIDTH: u64 = 100;
+    let _serial = exclusive().await;
+    let python = python3().await.unwrap();
+    let dir = TestDir::new("py-counter-big").unwrap();
+    let app = App::prepare_commands(
+        &dir,
+        &[(
+            "v2",
+            command(&python, "py-counter/counter.py", "--schema 2"),
+        )],
+        "v2",
+    );
+    let baton = Baton::start_in(
+        dir,
+        [
+            "--state",
+            "--listen",
+            "counter=127.0.0.1:0",
+            "--drain-timeout",
+            "30s",
+            "--ready-timeout",
+            "60s",
+            "--snapshot-timeout",
+            "60s",
+            "--restore-timeout",
+            "120s",
+        ],
+        [&app.link],
+    )
+    .await
+    .unwrap();
+    let addr = baton.tcp_addr("counter").await.unwrap();
+    let mut c = CounterClient::connect(addr).await.unwrap();
+    let reply = c.call(&format!("POPULATE {KEYS} {WIDTH}")).await.unwrap();
+    assert!(
+        reply.starts_with(&format!("OK populated {KEYS}")),
+        "{reply}"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for i in 0..4 {
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut c = CounterClient::connect(addr).await.unwrap();
+            let mut acked = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                let reply = c.call(&format!("INCR w{i}")).await.unwrap();
+                let (n, _) = parse_counter_reply(&reply).unwrap();
+                assert_eq!(n, acked + 1, "w{i}: a lost or repeated increment");
+                acked = n;
+            }
+            acked
+        }));
+    }
+    let report = match baton.upgrade_wait().await.unwrap() {
+        UpgradeOutcome::Promoted(r) => r,
+        UpgradeOutcome::RolledBack { message } => panic!("rolled back: {message}"),
+    };
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for w in writers {
+        acked.push(w.await.unwrap());
+    }
+    assert!(
+        report.precopy_bytes.is_some_and(|b| b >= 100_000_000),
+        "not 100 MB pre-copied: {report:?}"
+    );
+    let gap = report.accept_gap_ms.unwrap_or(f64::MAX);
+    assert!(
+        gap < report.duration_ms as f64 / 2.0,
+        "paused {gap} ms of a {} ms upgrade: {report:?}",
+        report.duration_ms
+    );
+    for (i, n) in acked.iter().enumerate() {
+        let reply = c.call(&format!("GET w{i}")).await.unwrap();
+        assert_eq!(
+            parse_counter_reply(&reply).map(|(v, _)| v),
+            Some(*n),
+            "w{i}"
+        );
+    }
+    for k in [0, KEYS / 2, KEYS - 1] {
+        let key = format!("p{k:0width$}", width = (WIDTH - 1) as usize);
+        let reply = c.call(&format!("GET {key}")).await.unwrap();
+        assert_eq!(
+            parse_counter_reply(&reply).map(|(v, _)| v),
+            Some(1),
+            "{key}"
+        );
+    }
+    eprintln!(
+        "py-counter: {} MB pre-copied in {} rounds; paused {gap:.1} ms of {} ms; {} increments kept",
+        report.precopy_bytes.unwrap_or(0) / 1_000_000,
+        report.precopy_rounds.unwrap_or(0),
+        report.duration_ms,
+        acked.iter().sum::<i64>()
+    );
 }
