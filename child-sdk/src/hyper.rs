@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tower_service::Service;
 
 use crate::baton::Baton;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::incoming::Incoming;
 use crate::stream::Stream;
@@ -157,6 +157,38 @@ pub trait Snapshot: Send + Sync + 'static {
     /// As [`Baton::snapshot`]; serve then reports the failure to baton, which
     /// aborts the upgrade, and serving goes on.
     fn write(&self, baton: &Baton) -> Result<()>;
+
+    /// Pre-copy (announced with [`Builder::precopy`](crate::Builder::precopy)): sends
+    /// round `round` with [`Baton::chunks`], then [`Chunks::finish`](crate::Chunks::finish).
+    /// Round 0 is the whole state (start recording what changes before reading any of
+    /// it); round N what changed since round N-1 began. Called on a blocking thread, while
+    /// requests are served, except for the last round, which runs paused.
+    ///
+    /// # Errors
+    ///
+    /// As [`Chunks::send`](crate::Chunks::send); serve then reports it to baton, which
+    /// aborts the upgrade. The default has no chunks to send.
+    fn send_round(&self, baton: &Baton, round: u32) -> Result<()> {
+        let _ = (baton, round);
+        Err(Error::Feature {
+            feature: "precopy",
+            reason: "this state sends no chunks: implement Snapshot::send_round",
+        })
+    }
+}
+
+/// Sends a pre-copy round; a failure other than an aborted upgrade is reported, and
+/// baton aborts the upgrade.
+fn send_round_or_fail(state: &dyn Snapshot, baton: &Baton, round: u32) {
+    match state.send_round(baton, round) {
+        Ok(()) | Err(Error::Precopy(_)) => {}
+        Err(e) => {
+            tracing::warn!(round, error = %e, "pre-copy round not sent");
+            if let Err(e) = baton.precopy_failed(&e.to_string()) {
+                tracing::warn!(error = %e, "cannot report the failed round");
+            }
+        }
+    }
 }
 
 impl<F, T> Snapshot for F
@@ -245,6 +277,9 @@ impl Server {
         };
         let mut accepting = true;
         let mut quiescing = false;
+        // Pre-copy's last round, sent once every connection is paused.
+        let mut final_round: Option<u32> = None;
+        let mut last_round: Option<(Arc<dyn Snapshot>, u32)> = None;
         let stateful = self.state.is_some();
         let info = loop {
             tokio::select! {
@@ -257,20 +292,40 @@ impl Server {
                         quiescing = true;
                         mode.send_replace(Mode::Pause);
                     }
+                    Event::Precopy { round } => {
+                        // Live: requests go on being served while the round is sent.
+                        if let Some(state) = self.state.clone() {
+                            let baton = baton.clone();
+                            tokio::task::spawn_blocking(move || send_round_or_fail(&*state, &baton, round));
+                        }
+                    }
+                    Event::PrecopyFinal { round } => {
+                        accepting = false;
+                        quiescing = true;
+                        final_round = Some(round);
+                        mode.send_replace(Mode::Pause);
+                    }
                     Event::Resume { reason } => {
                         tracing::info!(%reason, "upgrade aborted: serving again");
+                        final_round = None;
                         quiescing = false;
                         accepting = true;
                         mode.send_replace(Mode::Serve);
                     }
                     Event::Drain(info) => break info,
-                    other => tracing::warn!(event = ?other, "hyper::serve does not drive this event; ignored"),
                 },
                 info = baton.wait_drain(), if !stateful => break info,
-                _ = tally_rx.wait_for(|t| t.paused >= t.live), if quiescing => {
+                // The watch's `Ref` is dropped in here: held in `select!`'s output it would
+                // make this future `!Send` (it could not be `tokio::spawn`ed).
+                _ = async { tally_rx.wait_for(|t| t.paused >= t.live).await.map(drop) }, if quiescing => {
                     quiescing = false;
-                    if let Some(state) = &self.state {
-                        tracing::info!(connections = tally.borrow().live, "quiesced: every connection at a request boundary; writing the snapshot");
+                    let live = tally.borrow().live;
+                    if let (Some(state), Some(round)) = (self.state.clone(), final_round.take()) {
+                        tracing::info!(connections = live, round, "quiesced: every connection at a request boundary; sending the last round");
+                        // Sent below, out of `select!` (whose output holds the tally's lock).
+                        last_round = Some((state, round));
+                    } else if let Some(state) = &self.state {
+                        tracing::info!(connections = live, "quiesced: every connection at a request boundary; writing the snapshot");
                         if let Err(e) = state.write(&baton) {
                             tracing::warn!(error = %e, "snapshot failed");
                             if let Err(e) = baton.snapshot_failed(&e.to_string()) {
@@ -289,6 +344,15 @@ impl Server {
                     }
                 },
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+            if let Some((state, round)) = last_round.take() {
+                let b = baton.clone();
+                let sent =
+                    tokio::task::spawn_blocking(move || send_round_or_fail(&*state, &b, round))
+                        .await;
+                if let Err(e) = sent {
+                    tracing::warn!(error = %e, "the last pre-copy round panicked");
+                }
             }
         };
         mode.send_replace(Mode::Drain {
