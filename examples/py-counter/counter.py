@@ -160,7 +160,11 @@ async def main() -> None:
             conn.writer.write(reply.encode())
             await conn.writer.drain()
 
-    await StreamServer(baton, LISTENER, args.listen_fallback, handle, state).serve()
+    try:
+        server = StreamServer(baton, LISTENER, args.listen_fallback, handle, state)
+    except BatonError as e:
+        sys.exit(f"py-counter: {e}")
+    await server.serve()
 
 
 if __name__ == "__main__":

@@ -277,11 +277,16 @@ def test_listeners_are_checked_by_kind_and_taken_once() -> None:
             baton.listener("http", "127.0.0.1:1")
         with pytest.raises(BatonError, match="expected a stream socket"):
             baton.listener("dns", "127.0.0.1:1")
-        # Not inherited: the fallback.
-        f = baton.udp_socket("other", "127.0.0.1:0")
-        assert f.type == socket.SOCK_DGRAM
-        for x in (s, f):
-            x.close()
+        # Not one baton passed: under baton that is an error, not the fallback.
+        with pytest.raises(BatonError, match="not passed by baton"):
+            baton.udp_socket("other", "127.0.0.1:0")
+        s.close()
+    # Outside baton, the fallback.
+    from baton_child import Env
+
+    f = Baton(Env()).udp_socket("other", "127.0.0.1:0")
+    assert f.type == socket.SOCK_DGRAM
+    f.close()
 
 
 def test_outside_baton_everything_is_a_no_op() -> None:
@@ -478,3 +483,14 @@ def test_a_candidate_applies_chunks_in_order_and_checks_their_count() -> None:
         sup.send({"type": "drain", "deadline_ms": 1000, "migrate": False})
         t.join(5)
         assert errors
+
+
+def test_a_listener_baton_did_not_pass_is_an_error_under_baton() -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    with FakeSupervisor(listeners={"web": s}) as sup:
+        baton = sup.baton()
+        with pytest.raises(BatonError, match="'http' was not passed by baton \\(it passed 'web'\\)"):
+            baton.listener("http", "127.0.0.1:0")
+        assert baton.listener("web", "127.0.0.1:0").getsockname()[1] > 0

@@ -147,8 +147,9 @@ class Baton:
         to stop accepting, close it.
 
         Raises:
-            BatonError: taken already, not a listening stream socket, or the fallback
-                cannot be bound.
+            BatonError: taken already, not a listening stream socket, not one baton
+                passed (under baton the fallback is not used), or the fallback cannot
+                be bound.
         """
         sock = self._inherited(name)
         if sock is None:
@@ -176,6 +177,14 @@ class Baton:
 
     def _inherited(self, name: str) -> Optional[socket.socket]:
         fds = [fd for n, fd in self.env.listeners if n == name]
+        if not fds and self.env.listeners and self.env.supervised:
+            # Under baton the fallback would be a port nobody asked for, and the next
+            # generation could not bind it: a misnamed listener is an error.
+            passed = ", ".join(repr(n) for n, _ in self.env.listeners)
+            raise BatonError(
+                f"listener {name!r} was not passed by baton (it passed {passed}): "
+                f"give baton --listen {name}=ADDR, or use one of those names"
+            )
         if not fds:
             return None
         if name in self._taken:
