@@ -365,7 +365,7 @@ pub struct RunArgs {
     /// The preflight must finish within DUR [default: 30s].
     #[arg(long, value_name = "DUR")]
     pub preflight_timeout: Option<String>,
-    /// Keep at most N old releases in the store; older ones are deleted [default: keep all].
+    /// Keep at most N old releases in the store; older ones are deleted [default: all].
     #[arg(long, value_name = "N")]
     pub keep: Option<String>,
     /// Serve Prometheus metrics at ADDR (HOST:PORT or unix:PATH), GET /metrics; baton's own socket, not the app's.

@@ -232,3 +232,88 @@ mod props {
         }
     }
 }
+
+/// A setting is written in three places: its flag (clap, whose help gives the default),
+/// its TOML key (`file::File`) and its row in the README's table. They must agree: the
+/// same names everywhere, and the README's default the flag's.
+#[test]
+fn every_setting_is_a_flag_a_config_key_and_a_readme_row_with_the_same_default() {
+    use clap::CommandFactory;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    let cli = crate::cli::args::Cli::command();
+    let run = cli.find_subcommand("run").expect("a run subcommand");
+    let mut flags: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for a in run.get_arguments() {
+        let Some(long) = a.get_long() else { continue };
+        if ["config", "help", "version"].contains(&long) {
+            continue;
+        }
+        let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+        let default = help
+            .split("[default: ")
+            .nth(1)
+            .and_then(|r| r.rsplit_once(']'))
+            .map(|(d, _)| d.to_owned());
+        flags.insert(long.to_owned(), default);
+    }
+
+    // The file's `deny_unknown_fields` error lists every key it takes.
+    let err = toml::from_str::<super::file::File>("no_such_key = 1")
+        .expect_err("an unknown key")
+        .to_string();
+    let keys: BTreeSet<String> = err
+        .split("expected one of")
+        .nth(1)
+        .expect("the keys it takes")
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|k| k.replace('_', "-"))
+        .collect();
+    let mut want_keys: BTreeSet<String> = flags.keys().cloned().collect();
+    want_keys.insert("command".into()); // PROGRAM and its arguments, after `--` on the command line
+    assert_eq!(keys, want_keys, "TOML keys and flags differ");
+
+    let readme = include_str!("../../../README.md");
+    let table = readme
+        .split("`baton run` options (all also accepted")
+        .nth(1)
+        .expect("the README's options table");
+    let mut rows: BTreeMap<String, String> = BTreeMap::new();
+    for line in table
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+    {
+        let Some(rest) = line.strip_prefix("| `--") else {
+            continue;
+        };
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '-')
+            .collect();
+        // Cells split at `|`, but not at `\|` (an escaped bar inside a cell).
+        let cells: Vec<String> = line
+            .replace("\\|", "\u{1}")
+            .split('|')
+            .map(|c| c.replace('\u{1}', "|"))
+            .collect();
+        rows.insert(name, cells[2].trim().replace('`', ""));
+    }
+    let flag_names: BTreeSet<String> = flags.keys().cloned().collect();
+    let row_names: BTreeSet<String> = rows.keys().cloned().collect();
+    assert_eq!(row_names, flag_names, "README table rows and flags differ");
+
+    for (name, default) in &flags {
+        let (Some(d), cell) = (default, &rows[name]) else {
+            continue;
+        };
+        // The README may shorten a long default to its start; the control socket's
+        // lookup order is spelled out above the table.
+        assert!(
+            d == cell || (d.starts_with(cell.as_str()) && !cell.is_empty()) || name == "control",
+            "--{name}: the flag says the default is {d:?}, the README {cell:?}"
+        );
+    }
+}
