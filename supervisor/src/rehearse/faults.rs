@@ -19,7 +19,8 @@ use crate::sys;
 pub enum Fault {
     /// As soon as it was spawned, before it is ready.
     Spawned,
-    /// After A's snapshot was handed to it, while it restores.
+    /// After A's snapshot (or pre-copy's first round) was handed to it, while it
+    /// restores.
     Restoring,
 }
 
@@ -94,9 +95,11 @@ fn run(ctx: &Ctx<'_>, fault: Fault) -> Result<Struck, String> {
                 return true;
             };
             // The stream starts with the recent past; only this trial's events count.
-            if ev.at_ms < since
-                || (ev.generation <= active && !matches!(ev.kind, EventKind::Snapshot { .. }))
-            {
+            let from_a = matches!(
+                ev.kind,
+                EventKind::Snapshot { .. } | EventKind::Precopy { .. }
+            );
+            if ev.at_ms < since || (ev.generation <= active && !from_a) {
                 return true;
             }
             let due = match (&ev.kind, fault) {
@@ -104,13 +107,18 @@ fn run(ctx: &Ctx<'_>, fault: Fault) -> Result<Struck, String> {
                     b_pid = ev.pid;
                     matches!(fault, Fault::Spawned)
                 }
-                (EventKind::Snapshot { .. }, Fault::Restoring) => ev.generation == active,
+                // A's snapshot, or its first pre-copy round, reached B: B is restoring.
+                (EventKind::Snapshot { .. } | EventKind::Precopy { .. }, Fault::Restoring) => {
+                    ev.generation == active
+                }
                 _ => false,
             };
             if due {
                 if let Some(p) = b_pid {
-                    let _ = sys::kill(p, Signal::SIGKILL);
-                    let _ = killed_tx.send(p);
+                    if still_a_candidate(&control, p) {
+                        let _ = sys::kill(p, Signal::SIGKILL);
+                        let _ = killed_tx.send(p);
+                    }
                 }
                 return false;
             }
@@ -209,4 +217,17 @@ fn held_at_start(dir: &Path, b: &Path) -> std::io::Result<std::path::PathBuf> {
     )?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
     Ok(path)
+}
+
+/// Freezes `pid` (SIGSTOP) and tells whether it is still a candidate, not promoted; a
+/// promoted one is let go (SIGCONT): the fault missed it, and killing the active
+/// generation would be another trial altogether.
+fn still_a_candidate(control: &Path, pid: u32) -> bool {
+    let _ = sys::kill(pid, Signal::SIGSTOP);
+    let candidate = conn::status(Some(control.to_path_buf()), Duration::from_secs(10))
+        .is_ok_and(|s| s.pid != Some(pid) && s.generations.iter().any(|g| g.pid == pid));
+    if !candidate {
+        let _ = sys::kill(pid, Signal::SIGCONT);
+    }
+    candidate
 }

@@ -132,6 +132,18 @@ fn client(addr: SocketAddr, path: &str, keep_alive: bool, stop: &AtomicBool, tal
     }
 }
 
+/// One `GET path` on a fresh connection, bounded as any request: the status, or why not.
+pub fn get_once(addr: SocketAddr, path: &str) -> Result<u16, String> {
+    let s = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)
+        .map_err(|e| format!("connect: {}", e.kind()))?;
+    let _ = s.set_read_timeout(Some(REQUEST_TIMEOUT));
+    let _ = s.set_write_timeout(Some(REQUEST_TIMEOUT));
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: baton-rehearse\r\nConnection: close\r\n\r\n"
+    );
+    exchange(BufReader::new(s), request.as_bytes()).map(|(status, _)| status)
+}
+
 fn fail(tally: &Tally, why: String) {
     tally
         .failures
@@ -146,7 +158,16 @@ fn exchange(
     mut c: BufReader<TcpStream>,
     request: &[u8],
 ) -> Result<(u16, Option<BufReader<TcpStream>>), String> {
-    let kind = |what: &str, e: std::io::Error| format!("{what}: {}", e.kind());
+    let kind = |what: &str, e: std::io::Error| match e.kind() {
+        // A read timeout (SO_RCVTIMEO) reports EAGAIN.
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            format!(
+                "{what}: no answer within {}",
+                humantime::format_duration(REQUEST_TIMEOUT)
+            )
+        }
+        k => format!("{what}: {k}"),
+    };
     c.get_mut()
         .write_all(request)
         .map_err(|e| kind("send", e))?;

@@ -1,7 +1,7 @@
 //! Whether the app serves: one request on its first listener.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::load;
 
@@ -22,23 +22,13 @@ impl Probe {
             return Ok(());
         };
         match &self.http {
-            Some(path) => {
-                let h = load::HttpLoad::start(addr, path, 1);
-                let until = Instant::now() + Duration::from_secs(10);
-                while h.ok() == 0 && Instant::now() < until {
-                    let (n, first) = h
-                        .failures_between(Instant::now() - Duration::from_secs(60), Instant::now());
-                    if n > 0 {
-                        return Err(first.unwrap_or_default());
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                let (ok, failed, _) = h.stop();
-                if ok == 0 || failed > 0 {
-                    return Err(format!("{ok} answered, {failed} failed"));
-                }
-                Ok(())
-            }
+            Some(path) => match load::get_once(addr, path) {
+                Ok(status) if status < 500 => Ok(()),
+                Ok(status) => Err(format!("GET {path} on {addr} answered HTTP {status}")),
+                Err(why) => Err(format!(
+                    "GET {path} on {addr}: {why} (is it an HTTP app? give --load CMD for any other protocol)"
+                )),
+            },
             None => std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
                 .map(drop)
                 .map_err(|e| format!("connect {addr}: {e}")),
