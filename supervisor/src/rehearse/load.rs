@@ -269,22 +269,8 @@ impl CmdLoad {
         cleanup: Cleanup,
     ) -> anyhow::Result<CmdLoad> {
         let out = dir.join("load.log");
-        let f = std::fs::File::create(&out)?;
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg(cmd)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .process_group(0);
-        // A SIGKILLed rehearsal takes its load with it.
-        sys::die_with_parent(&mut command, Signal::SIGKILL);
-        let child = command
-            .spawn()
+        let child = shell(cmd, env, &out, &cleanup)
             .with_context(|| format!("cannot start the load command {cmd:?}"))?;
-        cleanup.add_group(child.id());
         Ok(CmdLoad {
             child: Some(child),
             out,
@@ -345,7 +331,36 @@ impl Drop for CmdLoad {
     }
 }
 
-fn wait_for(c: &mut Child, bound: Duration) -> Option<ExitStatus> {
+/// Starts `sh -c cmd` with `env`, its output in the file `out`, in a process group of its
+/// own that `cleanup` takes down (forget it once it is reaped); a SIGKILLed rehearsal
+/// takes it along too.
+///
+/// # Errors
+/// `out` cannot be created, or the shell cannot start.
+pub fn shell(
+    cmd: &str,
+    env: &[(String, String)],
+    out: &Path,
+    cleanup: &Cleanup,
+) -> std::io::Result<Child> {
+    let f = std::fs::File::create(out)?;
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(cmd)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .process_group(0);
+    sys::die_with_parent(&mut command, Signal::SIGKILL);
+    let child = command.spawn()?;
+    cleanup.add_group(child.id());
+    Ok(child)
+}
+
+/// The child's exit status, once it exits within `bound`; `None` if it is still running.
+pub fn wait_for(c: &mut Child, bound: Duration) -> Option<ExitStatus> {
     let until = Instant::now() + bound;
     loop {
         if let Ok(Some(s)) = c.try_wait() {

@@ -175,7 +175,13 @@ impl Rehearsal<'_> {
 
         if let Some(cmd) = &self.args.setup {
             let t = Instant::now();
-            match run_cmd(cmd, &env, &self.dir.join("setup.log"), self.timeout()) {
+            match run_cmd(
+                cmd,
+                &env,
+                &self.dir.join("setup.log"),
+                self.timeout(),
+                cleanup,
+            ) {
                 Ok(()) => self.report.step(
                     "setup",
                     Outcome::Pass,
@@ -348,37 +354,25 @@ fn environment(status: &Status, control: &Path, dir: &Path) -> Vec<(String, Stri
 }
 
 /// Runs `sh -c cmd` to completion (bounded); its output goes to `log`.
-fn run_cmd(cmd: &str, env: &[(String, String)], log: &Path, bound: Duration) -> Result<(), String> {
-    use std::os::unix::process::CommandExt;
-    let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let err = out.try_clone().map_err(|e| e.to_string())?;
-    let mut command = std::process::Command::new("sh");
-    command
-        .arg("-c")
-        .arg(cmd)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(std::process::Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .process_group(0);
-    crate::sys::die_with_parent(&mut command, nix::sys::signal::Signal::SIGKILL);
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
-    let until = Instant::now() + bound;
-    let status = loop {
-        if let Ok(Some(s)) = child.try_wait() {
-            break s;
-        }
-        if Instant::now() > until {
-            let _ = crate::sys::signal_group(child.id(), nix::sys::signal::Signal::SIGKILL);
-            let _ = child.wait();
-            return Err(format!(
-                "{cmd:?} did not finish within {}",
-                humantime::format_duration(bound)
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+fn run_cmd(
+    cmd: &str,
+    env: &[(String, String)],
+    log: &Path,
+    bound: Duration,
+    cleanup: &Cleanup,
+) -> Result<(), String> {
+    let mut child =
+        load::shell(cmd, env, log, cleanup).map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let status = load::wait_for(&mut child, bound);
+    // Whatever it left in its group goes too.
+    let _ = crate::sys::signal_group(child.id(), nix::sys::signal::Signal::SIGKILL);
+    cleanup.forget_group(child.id());
+    let Some(status) = status else {
+        let _ = child.wait();
+        return Err(format!(
+            "{cmd:?} did not finish within {}",
+            humantime::format_duration(bound)
+        ));
     };
     if status.success() {
         return Ok(());

@@ -203,16 +203,10 @@ impl PrivateBaton {
             return;
         };
         let _ = sys::kill(c.id(), Signal::SIGTERM);
-        let until = Instant::now() + grace;
-        while Instant::now() < until {
-            if let Ok(Some(_)) = c.try_wait() {
-                self.cleanup.forget_baton(c.id());
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if super::load::wait_for(&mut c, grace).is_none() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
-        let _ = c.kill();
-        let _ = c.wait();
         self.cleanup.forget_baton(c.id());
     }
 }
