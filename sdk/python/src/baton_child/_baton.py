@@ -308,7 +308,12 @@ class Baton:
             return None
         self._send({"type": "prepared"})
         msg = await self._restore.get_async()
-        outcome = self._decode_restore(msg, decode)
+        return await self._restored_async(self._decode_restore(msg, decode))
+
+    async def _restored_async(self, outcome: "tuple[Optional[T]] | tuple[T] | BatonError") -> Optional[T]:
+        """The restored value, or the rejection raised once the supervisor has had time to
+        stop us (exiting first would race its report of the reason with "candidate
+        exited")."""
         if isinstance(outcome, BatonError):
             try:
                 await asyncio.wait_for(self._drain.wait_async(), _REJECTED_GRACE)
@@ -447,16 +452,8 @@ class Baton:
         self._send({"type": "prepared"})
         msg = await self._restore.get_async()
         if msg.type in ("restore", "fresh"):
-            outcome = self._decode_restore(msg, decode)
-        else:
-            outcome = await self._apply_chunks(msg, empty, apply)
-        if isinstance(outcome, BatonError):
-            try:
-                await asyncio.wait_for(self._drain.wait_async(), _REJECTED_GRACE)
-            except asyncio.TimeoutError:
-                pass
-            raise outcome
-        return outcome[0]
+            return await self._restored_async(self._decode_restore(msg, decode))
+        return await self._restored_async(await self._apply_chunks(msg, empty, apply))
 
     async def _apply_chunks(
         self, msg: Message, empty: Callable[[], Any], apply: Callable[[Any, int, Any], Any]
