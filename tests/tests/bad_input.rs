@@ -369,3 +369,99 @@ async fn a_shim_that_looks_for_itself_by_its_name_is_explained() {
         "{out:?}"
     );
 }
+
+/// A Python app asking for a listener name baton did not pass fails at start with one
+/// line naming the ones baton passed, and binds nothing (its fallback port stays free).
+#[tokio::test]
+async fn a_python_app_asking_for_a_listener_baton_did_not_pass_says_so() {
+    let python = baton_tests::harness::python3().await.unwrap();
+    let dir = TestDir::new("py-misnamed").unwrap();
+    let fallback = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = fallback.local_addr().unwrap().port();
+    drop(fallback);
+    let out = baton_cli(
+        [
+            "run".to_owned(),
+            "--control".to_owned(),
+            dir.join("baton.sock").display().to_string(),
+            "--state".to_owned(),
+            "--listen".to_owned(),
+            "wrong=127.0.0.1:0".to_owned(),
+            "--".to_owned(),
+            "env".to_owned(),
+            format!("PYTHONPATH={}", baton_tests::python::sdk_path().display()),
+            python.display().to_string(),
+            baton_tests::python::example("py-counter/counter.py")
+                .display()
+                .to_string(),
+            "--listen-fallback".to_owned(),
+            format!("127.0.0.1:{port}"),
+        ],
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("py-counter:") && l.contains("not passed"))
+        .unwrap_or_else(|| panic!("{out:?}"));
+    assert!(
+        line.contains("'counter'") && line.contains("'wrong'"),
+        "{line}"
+    );
+    // The fallback was never bound: the port is still free.
+    TcpListener::bind(("127.0.0.1", port)).unwrap();
+}
+
+/// A relative `--control` works: children get an absolute `NOTIFY_SOCKET` (the SDK
+/// refuses a relative one), and the client finds the socket by the same relative path.
+#[tokio::test]
+async fn a_relative_control_path_works() {
+    let dir = TestDir::new("rel-control").unwrap();
+    let mut child = tokio::process::Command::new(baton_tests::harness::baton_bin().unwrap())
+        .args([
+            "run",
+            "--control",
+            "./rel.sock",
+            "--listen",
+            "http=127.0.0.1:0",
+            "--",
+        ])
+        .arg(hello_http_bin().unwrap())
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let status = |args: &'static [&'static str]| {
+        let dir = dir.path().to_path_buf();
+        async move {
+            let mut cmd = tokio::process::Command::new(baton_tests::harness::baton_bin().unwrap());
+            cmd.args(args).current_dir(dir);
+            baton_tests::harness::run_to_exit(cmd, "baton", BOUND)
+                .await
+                .unwrap()
+        }
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = status(&["status", "--json", "--control", "./rel.sock"]).await;
+        if out.status.success() && out.stdout.contains("\"phase\":\"active\"") {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "baton exited: {out:?}");
+        assert!(std::time::Instant::now() < until, "never active: {out:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = status(&["stop", "--control", "./rel.sock"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
