@@ -100,6 +100,7 @@ fn main() -> ExitCode {
             match what {
                 cli::args::Generate::Man { dir } => generate::man(&dir)?,
                 cli::args::Generate::Completions { shell } => generate::completions(shell),
+                cli::args::Generate::Settings => print!("{}", config::settings::markdown()),
             }
             Ok(ExitCode::SUCCESS)
         }),

@@ -127,6 +127,9 @@ pub enum Generate {
         /// The directory to write them to.
         dir: PathBuf,
     },
+    /// The README's table of `baton run` settings, in Markdown, on stdout (from the
+    /// same definitions as the flags and the config keys).
+    Settings,
     /// The completion script for SHELL, on stdout.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -158,6 +161,7 @@ pub enum ReleaseOp {
     /// Copy (or move) a file or directory into the store as VERSION (unpack).
     Add {
         /// The new release's version (its directory name).
+        #[arg(id = "release", value_name = "VERSION")]
         version: String,
         /// A binary (it lands at PROGRAM inside the release) or a directory (the release).
         path: PathBuf,
@@ -171,6 +175,7 @@ pub enum ReleaseOp {
     /// Check VERSION without starting it: executable, for this machine, sha256, preflight.
     Check {
         /// The release.
+        #[arg(id = "release", value_name = "VERSION")]
         version: String,
         /// With --releases: the preflight command ({exe}, {version}, {dir} are replaced).
         #[arg(long, value_name = "CMD")]
@@ -179,11 +184,15 @@ pub enum ReleaseOp {
     /// Check, then upgrade to VERSION; it is permanent after its probation.
     Install {
         /// The release.
-        #[arg(required_unless_present = "newest")]
+        #[arg(
+            id = "release",
+            value_name = "VERSION",
+            required_unless_present = "newest"
+        )]
         version: Option<String>,
         /// Install the newest release in the store (nothing to do if it runs already;
         /// for `ExecReload=`).
-        #[arg(long, conflicts_with = "version")]
+        #[arg(long, conflicts_with = "release")]
         newest: bool,
         /// Wait until it is permanent: exit 0 then, 1 (reason on stderr) on rollback or revert.
         #[arg(long)]
@@ -195,6 +204,7 @@ pub enum ReleaseOp {
     /// Make VERSION permanent now (it must be the one on probation).
     Permanent {
         /// The release.
+        #[arg(id = "release", value_name = "VERSION")]
         version: String,
     },
     /// Revert the release on probation, else install the previous permanent one.
@@ -208,6 +218,7 @@ pub enum ReleaseOp {
     /// Delete VERSION (never the permanent or current one, nor one in use).
     Remove {
         /// The release.
+        #[arg(id = "release", value_name = "VERSION")]
         version: String,
     },
 }
@@ -283,103 +294,15 @@ pub struct RehearseArgs {
     pub args: Vec<OsString>,
 }
 
-/// Where the control socket is.
-#[derive(Debug, Args)]
-pub struct ControlArg {
-    /// Control socket [default: $BATON_CONTROL, else $XDG_RUNTIME_DIR/baton.sock, else /run/baton/baton.sock for root, else /tmp/baton-UID/baton.sock].
-    #[arg(long, value_name = "PATH", env = "BATON_CONTROL")]
-    pub control: Option<PathBuf>,
-}
+pub use crate::config::flags::{ControlArg, RunArgs};
 
-/// `baton run` options. Every option can also come from `--config`; flags win.
-#[derive(Debug, Args)]
-pub struct RunArgs {
-    /// A listening socket NAME=ADDR; ADDR is HOST:PORT, [V6]:PORT, unix:PATH or udp:HOST:PORT (repeatable).
-    /// Sockets passed by systemd (LISTEN_FDS) are matched by name and not bound again.
-    #[arg(long, value_name = "NAME=ADDR")]
-    pub listen: Vec<String>,
-    /// Mode for Unix socket files, in octal [default: 0660].
-    #[arg(long, value_name = "MODE")]
-    pub unix_mode: Option<String>,
-    /// listen(2) backlog [default: net.core.somaxconn].
-    #[arg(long, value_name = "N")]
-    pub backlog: Option<String>,
-    /// How readiness is known: `notify` (READY=1 on NOTIFY_SOCKET) or `delay=DUR` (alive for DUR) [default: notify].
-    #[arg(long, value_name = "MODE")]
-    pub ready: Option<String>,
-    /// A candidate not ready within DUR is rolled back [default: 30s].
-    #[arg(long, value_name = "DUR")]
-    pub ready_timeout: Option<String>,
-    /// A draining generation is SIGKILLed after DUR [default: 30s].
-    #[arg(long, value_name = "DUR")]
-    pub drain_timeout: Option<String>,
-    /// Signal that tells a child without the SDK to drain (also sent if baton dies) [default: TERM].
-    #[arg(long, value_name = "SIG")]
-    pub stop_signal: Option<String>,
-    /// Two-phase stateful upgrades: the old generation's snapshot is restored by the new one.
-    #[arg(long)]
-    pub state: bool,
-    /// Stateful: the old generation must deliver its snapshot within DUR [default: 30s].
-    #[arg(long, value_name = "DUR")]
-    pub snapshot_timeout: Option<String>,
-    /// Stateful: the candidate must restore the snapshot within DUR [default: 60s].
-    #[arg(long, value_name = "DUR")]
-    pub restore_timeout: Option<String>,
-    /// Stateful: pre-copy (the state streams while the old generation serves) when both
-    /// generations support it; `off` sends it all while quiesced [default: auto].
-    #[arg(long, value_name = "auto|off")]
-    pub precopy: Option<String>,
-    /// Pre-copy: at most N delta rounds after the full copy [default: 8].
-    #[arg(long, value_name = "N")]
-    pub precopy_rounds: Option<String>,
-    /// Pre-copy: start no new round after DUR; the rest is copied while quiesced [default: 60s].
-    #[arg(long, value_name = "DUR")]
-    pub precopy_timeout: Option<String>,
-    /// baton's own nice value (-20..19), so that it keeps its place on CPUs the app
-    /// saturates; children get back the nice value baton started with; `off` leaves
-    /// baton's alone. Needs CAP_SYS_NICE (root) to go below the start value, else
-    /// baton keeps it and says so [default: -10].
-    #[arg(long, value_name = "N|off", allow_hyphen_values = true)]
-    pub nice: Option<String>,
-    /// Members of GROUP (name or gid) may use the control socket too (mode 0660).
-    #[arg(long, value_name = "GROUP")]
-    pub control_group: Option<String>,
-    /// Release store: run PROGRAM (a path inside each release, e.g. bin/app) from DIR/<version>/.
-    #[arg(long, value_name = "DIR")]
-    pub releases: Option<PathBuf>,
-    /// A promoted release stays on probation for DUR (`0`: permanent at once; `manual`) [default: 30s with --releases, else 10s].
-    #[arg(long, value_name = "DUR")]
-    pub probation: Option<String>,
-    /// Health check during probation: `exec:CMD` (exit 0 = healthy) or `http://HOST:PORT/PATH` (2xx).
-    #[arg(long, value_name = "CHECK")]
-    pub health: Option<String>,
-    /// Time between health checks [default: 2s].
-    #[arg(long, value_name = "DUR")]
-    pub health_interval: Option<String>,
-    /// Consecutive failed health checks that revert the release [default: 3].
-    #[arg(long, value_name = "N")]
-    pub health_failures: Option<String>,
-    /// Command that vets a release before it is installed, e.g. '{exe} --check-config'.
-    #[arg(long, value_name = "CMD")]
-    pub preflight: Option<String>,
-    /// The preflight must finish within DUR [default: 30s].
-    #[arg(long, value_name = "DUR")]
-    pub preflight_timeout: Option<String>,
-    /// Keep at most N old releases in the store; older ones are deleted [default: all].
-    #[arg(long, value_name = "N")]
-    pub keep: Option<String>,
-    /// Serve Prometheus metrics at ADDR (HOST:PORT or unix:PATH), GET /metrics; baton's own socket, not the app's.
-    #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<String>,
-    /// Keep the upgrade history (history.jsonl) in DIR, across restarts [default: $STATE_DIRECTORY (systemd's StateDirectory=), else in memory only].
-    #[arg(long, value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// TOML file with the same settings (keys like `ready_timeout`, `listen = [...]`, `command = [...]`).
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    #[command(flatten)]
-    pub control: ControlArg,
-    /// The program to run and its arguments (after `--`). Resolved again at every upgrade.
-    #[arg(last = true, value_name = "PROGRAM [ARGS]")]
-    pub command: Vec<OsString>,
+#[cfg(test)]
+mod tests {
+    /// clap checks a command's definitions only when it parses one (and only in debug
+    /// builds): every subcommand is checked here, once.
+    #[test]
+    fn every_command_is_well_defined() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -1,5 +1,7 @@
 //! `baton run` settings: TOML config merged under the flags, then validated.
-//! `file.rs` reads the TOML file, `values.rs` parses one value (a duration, a signal, a
+//! `settings.rs` defines each setting once; from those definitions `flags.rs` builds
+//! the command line and `file.rs` reads the TOML file; `sources.rs` picks a setting's
+//! flag, key or default, and `values.rs` parses one value (a duration, a signal, a
 //! number, a nice value) with the flag or key it came from in the error.
 
 use std::ffi::OsString;
@@ -8,7 +10,6 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::cli::args::RunArgs;
 use crate::daemon::io::listeners::ListenSpec;
 use crate::release::health::HealthCheck;
 use crate::upgrade::{PrecopySettings, Probation, ReadyMode};
@@ -22,10 +23,15 @@ pub const PLAIN_PROBATION: Duration = Duration::from_secs(10);
 pub struct ConfigError(pub String);
 
 mod file;
+pub mod flags;
+pub mod settings;
+mod sources;
 mod values;
 
 use file::{File, read_file};
-pub use values::DEFAULT_NICE;
+pub use flags::RunArgs;
+use settings::{self as S, Setting};
+use sources::Sources;
 use values::{duration, nice_value, signal, toml_int};
 
 /// Release lifecycle settings.
@@ -114,48 +120,27 @@ impl RunConfig {
             Some(p) => read_file(p)?,
             None => File::default(),
         };
-        // Names for messages: the flag, and the key when it came from the file.
-        let pick = |flag: Option<String>, key: Option<String>, fname: &str, kname: &str| match flag
-        {
-            Some(v) => Some((v, format!("--{fname}"))),
-            None => key.map(|v| (v, format!("config key '{kname}'"))),
+        let src = Sources {
+            flags: &a,
+            file: &f,
         };
-        let dur = |flag: Option<String>, key: Option<String>, name: &str, default: Duration| {
-            let kname = name.replace('-', "_");
-            match pick(flag, key, name, &kname) {
-                Some((v, what)) => duration(&what, &v),
-                None => Ok(default),
-            }
-        };
-        let listen_raw = if a.listen.is_empty() {
-            f.listen.clone().unwrap_or_default()
-        } else {
-            a.listen.clone()
-        };
-        let listen = listen_raw
+        let listen = src
+            .list(&S::LISTEN)
             .iter()
             .map(|s| ListenSpec::parse(s).map_err(|e| ConfigError(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
-        let unix_mode = match (&a.unix_mode, &f.unix_mode) {
-            (Some(s), _) => toml_int("--unix-mode", &toml::Value::String(s.clone()), 8)?,
-            (None, Some(toml::Value::Integer(i))) if f.unix_mode_octal => *i,
-            (None, Some(toml::Value::Integer(i))) => {
-                return Err(ConfigError(format!(
-                    "config key 'unix_mode' = {i} is decimal: write an octal mode as 0o{i} or \"{i}\""
-                )));
-            }
-            (None, Some(v)) => toml_int("config key 'unix_mode'", v, 8)?,
-            (None, None) => 0o660,
+        let unix_mode = match src.value(&S::UNIX_MODE) {
+            Some((v, what)) => toml_int(&what, &v, 8)?,
+            None => 0o660,
         };
         if !(0..=0o7777).contains(&unix_mode) {
             return Err(ConfigError(format!(
                 "invalid unix mode {unix_mode:o}: must be 0 to 7777 (octal)"
             )));
         }
-        let backlog = match (&a.backlog, &f.backlog) {
-            (Some(s), _) => toml_int("--backlog", &toml::Value::String(s.clone()), 10)?,
-            (None, Some(v)) => toml_int("config key 'backlog'", v, 10)?,
-            (None, None) => i64::from(crate::sys::somaxconn()),
+        let backlog = match src.value(&S::BACKLOG) {
+            Some((v, what)) => toml_int(&what, &v, 10)?,
+            None => i64::from(crate::sys::somaxconn()),
         };
         if !(1..=i64::from(i32::MAX)).contains(&backlog) {
             return Err(ConfigError(format!(
@@ -163,7 +148,7 @@ impl RunConfig {
                 i32::MAX
             )));
         }
-        let ready = match pick(a.ready.clone(), f.ready.clone(), "ready", "ready") {
+        let ready = match src.text(&S::READY) {
             None => ReadyMode::Notify,
             Some((v, what)) => {
                 if v == "notify" {
@@ -177,12 +162,7 @@ impl RunConfig {
                 }
             }
         };
-        let stop_signal = match pick(
-            a.stop_signal.clone(),
-            f.stop_signal.clone(),
-            "stop-signal",
-            "stop_signal",
-        ) {
+        let stop_signal = match src.text(&S::STOP_SIGNAL) {
             Some((v, what)) => signal(&what, &v)?,
             None => Signal::SIGTERM,
         };
@@ -196,10 +176,10 @@ impl RunConfig {
                 .map(OsString::from)
                 .collect();
         }
-        let store_dir = a.releases.clone().or(f.releases.clone());
+        let store = src.path(&S::RELEASES);
         if command.is_empty() {
             // A store recorded PROGRAM at its first `release add`: that one.
-            if let Some(dir) = &store_dir {
+            if let Some(dir) = &store {
                 let store =
                     crate::release::store::Store::open(dir, false).map_err(|e| ConfigError(e.0))?;
                 let meta = store.read().map_err(|e| ConfigError(e.0))?;
@@ -211,17 +191,11 @@ impl RunConfig {
                 "no PROGRAM given: usage: baton run [OPTIONS] -- PROGRAM [ARGS...] (or --releases DIR, whose store records it)".into(),
             ));
         }
-        let nice = match (&a.nice, &f.nice) {
-            (Some(s), _) => nice_value("--nice", &toml::Value::String(s.clone()))?,
-            (None, Some(v)) => nice_value("config key 'nice'", v)?,
-            (None, None) => Some(DEFAULT_NICE),
+        let nice = match src.value(&S::NICE) {
+            Some((v, what)) => nice_value(&what, &v)?,
+            None => None,
         };
-        let control_group = match pick(
-            a.control_group.clone(),
-            f.control_group.clone(),
-            "control-group",
-            "control_group",
-        ) {
+        let control_group = match src.text(&S::CONTROL_GROUP) {
             Some((v, what)) => Some(
                 crate::sys::group_id(&v)
                     .map_err(|e| ConfigError(format!("invalid {what}: {e}")))?,
@@ -229,19 +203,13 @@ impl RunConfig {
             None => None,
         };
         let program = command.remove(0);
-        let store = a.releases.clone().or(f.releases.clone());
         if store.is_some() {
             let p = program.to_string_lossy();
             crate::release::store::check_program(&p).map_err(|e| ConfigError(e.0))?;
         } else {
             crate::daemon::process::spawn::resolve_program(&program).map_err(ConfigError)?;
         }
-        let probation = match pick(
-            a.probation.clone(),
-            f.probation.clone(),
-            "probation",
-            "probation",
-        ) {
+        let probation = match src.text(&S::PROBATION) {
             None if store.is_some() => Probation::For(Duration::from_secs(30)),
             // Without a store a crash soon after an upgrade still reverts to the
             // previous executable (held open by fd); short, so that back-to-back
@@ -254,76 +222,51 @@ impl RunConfig {
                 d => Probation::For(d),
             },
         };
-        let health = match pick(a.health.clone(), f.health.clone(), "health", "health") {
+        let health = match src.text(&S::HEALTH) {
             Some((v, _)) => Some(HealthCheck::parse(&v).map_err(ConfigError)?),
             None => None,
         };
-        let int = |flag: &Option<String>, key: &Option<toml::Value>, name: &str, min: i64| {
-            let v = match (flag, key) {
-                (Some(s), _) => Some(toml_int(
-                    &format!("--{name}"),
-                    &toml::Value::String(s.clone()),
-                    10,
-                )?),
-                (None, Some(v)) => Some(toml_int(
-                    &format!("config key '{}'", name.replace('-', "_")),
-                    v,
-                    10,
-                )?),
-                (None, None) => None,
+        let int = |s: &Setting, min: i64| -> Result<Option<i64>, ConfigError> {
+            let Some((v, what)) = src.value(s) else {
+                return Ok(None);
             };
-            match v {
-                Some(n) if n < min || n > i64::from(u32::MAX) => Err(ConfigError(format!(
-                    "invalid --{name} {n}: must be from {min} to {}",
+            match toml_int(&what, &v, 10)? {
+                n if n < min || n > i64::from(u32::MAX) => Err(ConfigError(format!(
+                    "invalid {what} {n}: must be from {min} to {}",
                     u32::MAX
                 ))),
-                other => Ok(other),
+                n => Ok(Some(n)),
             }
         };
-        let health_failures =
-            int(&a.health_failures, &f.health_failures, "health-failures", 1)?.unwrap_or(3) as u32;
-        let keep = int(&a.keep, &f.keep, "keep", 0)?.map(|n| n as usize);
+        let health_failures = int(&S::HEALTH_FAILURES, 1)?.unwrap_or(3) as u32;
+        let keep = int(&S::KEEP, 0)?.map(|n| n as usize);
         let precopy = PrecopySettings {
-            enabled: match a.precopy.as_deref().or(f.precopy.as_deref()) {
-                None | Some("auto") => true,
-                Some("off") => false,
-                Some(other) => {
+            enabled: match src.text(&S::PRECOPY) {
+                None => true,
+                Some((v, _)) if v == "auto" => true,
+                Some((v, _)) if v == "off" => false,
+                Some((other, what)) => {
                     return Err(ConfigError(format!(
-                        "invalid --precopy {other:?}: expected auto or off"
+                        "invalid {what} {other:?}: expected auto or off"
                     )));
                 }
             },
-            rounds: int(&a.precopy_rounds, &f.precopy_rounds, "precopy-rounds", 0)?.unwrap_or(8)
-                as u32,
-            timeout: dur(
-                a.precopy_timeout.clone(),
-                f.precopy_timeout.clone(),
-                "precopy-timeout",
-                Duration::from_secs(60),
-            )?,
+            rounds: int(&S::PRECOPY_ROUNDS, 0)?.unwrap_or(8) as u32,
+            timeout: src.duration(&S::PRECOPY_TIMEOUT)?,
         };
         let release = ReleaseConfig {
             store,
             probation,
             health,
-            health_interval: dur(
-                a.health_interval.clone(),
-                f.health_interval.clone(),
-                "health-interval",
-                Duration::from_secs(2),
-            )?
-            .max(Duration::from_millis(10)),
+            health_interval: src
+                .duration(&S::HEALTH_INTERVAL)?
+                .max(Duration::from_millis(10)),
             health_failures,
-            preflight: a.preflight.clone().or(f.preflight.clone()),
-            preflight_timeout: dur(
-                a.preflight_timeout.clone(),
-                f.preflight_timeout.clone(),
-                "preflight-timeout",
-                Duration::from_secs(30),
-            )?,
+            preflight: src.text(&S::PREFLIGHT).map(|(v, _)| v),
+            preflight_timeout: src.duration(&S::PREFLIGHT_TIMEOUT)?,
             keep,
         };
-        let metrics = match pick(a.metrics.clone(), f.metrics.clone(), "metrics", "metrics") {
+        let metrics = match src.text(&S::METRICS) {
             Some((v, what)) => {
                 let spec = ListenSpec::parse(&format!("metrics={v}")).map_err(|e| match e {
                     crate::daemon::io::listeners::ListenError::Parse { why, .. } => {
@@ -340,7 +283,7 @@ impl RunConfig {
             }
             None => None,
         };
-        let state_dir = a.state_dir.clone().or(f.state_dir.clone()).or_else(|| {
+        let state_dir = src.path(&S::STATE_DIR).or_else(|| {
             // systemd's StateDirectory= (the first, when several are set).
             std::env::var_os("STATE_DIRECTORY")
                 .and_then(|v| std::env::split_paths(&v).next())
@@ -353,40 +296,17 @@ impl RunConfig {
             unix_mode: unix_mode as u32,
             backlog: backlog as i32,
             ready,
-            ready_timeout: dur(
-                a.ready_timeout.clone(),
-                f.ready_timeout.clone(),
-                "ready-timeout",
-                Duration::from_secs(30),
-            )?,
-            drain_timeout: dur(
-                a.drain_timeout.clone(),
-                f.drain_timeout.clone(),
-                "drain-timeout",
-                Duration::from_secs(30),
-            )?,
+            ready_timeout: src.duration(&S::READY_TIMEOUT)?,
+            drain_timeout: src.duration(&S::DRAIN_TIMEOUT)?,
             stop_signal,
-            state: a.state || f.state.unwrap_or(false),
-            snapshot_timeout: dur(
-                a.snapshot_timeout.clone(),
-                f.snapshot_timeout.clone(),
-                "snapshot-timeout",
-                Duration::from_secs(30),
-            )?,
-            restore_timeout: dur(
-                a.restore_timeout.clone(),
-                f.restore_timeout.clone(),
-                "restore-timeout",
-                Duration::from_secs(60),
-            )?,
+            state: src.switch(&S::STATE),
+            snapshot_timeout: src.duration(&S::SNAPSHOT_TIMEOUT)?,
+            restore_timeout: src.duration(&S::RESTORE_TIMEOUT)?,
             precopy,
             // The notify socket beside it is passed to children, which need an absolute
             // path (sd_notify's rule).
             control: absolute(
-                a.control
-                    .control
-                    .clone()
-                    .or(f.control.clone())
+                src.path(&S::CONTROL)
                     .unwrap_or_else(crate::access::default_control_path),
             ),
             control_group,

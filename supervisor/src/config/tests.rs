@@ -4,7 +4,8 @@ use clap::Parser;
 
 #[test]
 fn nice_defaults_to_minus_ten_and_takes_off_or_a_value() {
-    assert_eq!(parse(&["--", "true"]).unwrap().nice, Some(DEFAULT_NICE));
+    // Ahead of an app at the default 0.
+    assert_eq!(parse(&["--", "true"]).unwrap().nice, Some(-10));
     assert_eq!(parse(&["--nice", "off", "--", "true"]).unwrap().nice, None);
     assert_eq!(
         parse(&["--nice", "-20", "--", "true"]).unwrap().nice,
@@ -156,30 +157,11 @@ mod props {
     use proptest::prelude::*;
     use std::io::Write;
 
-    const KEYS: [&str; 22] = [
-        "listen",
-        "unix_mode",
-        "backlog",
-        "ready",
-        "ready_timeout",
-        "drain_timeout",
-        "stop_signal",
-        "state",
-        "snapshot_timeout",
-        "restore_timeout",
-        "control",
-        "control_group",
-        "nice",
-        "releases",
-        "probation",
-        "health",
-        "health_interval",
-        "health_failures",
-        "preflight",
-        "preflight_timeout",
-        "keep",
-        "command",
-    ];
+    fn keys() -> Vec<String> {
+        let mut k: Vec<String> = settings::ALL.iter().map(|s| s.key()).collect();
+        k.push(settings::COMMAND_KEY.into());
+        k
+    }
 
     fn value() -> impl Strategy<Value = String> {
         prop_oneof![
@@ -213,7 +195,7 @@ mod props {
         /// Any config file, well-formed or not, gives a config or one error line.
         #[test]
         fn any_config_file_gives_a_config_or_one_error_line(
-            lines in prop::collection::vec((prop::sample::select(&KEYS[..]), value()), 0..8),
+            lines in prop::collection::vec((prop::sample::select(keys()), value()), 0..8),
             junk in "(?s).{0,40}",
             with_junk in any::<bool>(),
         ) {
@@ -233,87 +215,117 @@ mod props {
     }
 }
 
-/// A setting is written in three places: its flag (clap, whose help gives the default),
-/// its TOML key (`file::File`) and its row in the README's table. They must agree: the
-/// same names everywhere, and the README's default the flag's.
+/// A value of each setting unlike its default, as a flag's text.
+fn sample(s: &settings::Setting) -> &'static str {
+    match s.name {
+        "listen" => "http=127.0.0.1:0",
+        "unix-mode" => "600",
+        "backlog" => "64",
+        "ready" => "delay=2s",
+        "stop-signal" => "QUIT",
+        "precopy" => "off",
+        "precopy-rounds" | "health-failures" | "keep" => "5",
+        "nice" => "3",
+        "control" => "/tmp/baton-sample.sock",
+        "control-group" => "0",
+        "releases" => "/srv/r",
+        "probation" => "45s",
+        "health" => "exec:true",
+        "preflight" => "true",
+        "metrics" => "127.0.0.1:0",
+        "state-dir" => "/tmp/baton-sample-state",
+        "state" => "",
+        _ => "7s", // the durations
+    }
+}
+
+/// The same value as a TOML line.
+fn toml_line(s: &settings::Setting) -> String {
+    use settings::Kind;
+    let v = sample(s);
+    let value = match s.kind {
+        Kind::Switch => "true".to_owned(),
+        Kind::List => format!("[\"{v}\"]"),
+        Kind::Mode => format!("0o{v}"),
+        Kind::Number if v.parse::<i64>().is_ok() => v.to_owned(),
+        _ => format!("{v:?}"),
+    };
+    format!("{} = {value}\n", s.key())
+}
+
+/// Each setting is defined once (`settings.rs`) and reaches the flag, the config key
+/// and the merge from there: the same value given as the flag or as the key gives the
+/// same config, unlike the default one (so neither is ignored).
 #[test]
-fn every_setting_is_a_flag_a_config_key_and_a_readme_row_with_the_same_default() {
-    use clap::CommandFactory;
-    use std::collections::{BTreeMap, BTreeSet};
-
-    let cli = crate::cli::args::Cli::command();
-    let run = cli.find_subcommand("run").expect("a run subcommand");
-    let mut flags: BTreeMap<String, Option<String>> = BTreeMap::new();
-    for a in run.get_arguments() {
-        let Some(long) = a.get_long() else { continue };
-        if ["config", "help", "version"].contains(&long) {
-            continue;
+fn every_setting_is_a_flag_and_a_config_key_with_the_same_effect() {
+    let dir = std::env::temp_dir().join(format!("baton-settings-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = |c: RunConfig| serde_json::to_value(c).unwrap();
+    let default = json(parse(&["--", "true"]).unwrap());
+    for s in settings::ALL {
+        let flag = s.flag();
+        let by_flag = if s.kind == settings::Kind::Switch {
+            parse(&[&flag, "--", "true"])
+        } else {
+            parse(&[&flag, sample(s), "--", "true"])
         }
-        let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
-        let default = help
-            .split("[default: ")
-            .nth(1)
-            .and_then(|r| r.rsplit_once(']'))
-            .map(|(d, _)| d.to_owned());
-        flags.insert(long.to_owned(), default);
+        .unwrap_or_else(|e| panic!("{flag}: {e}"));
+        let p = dir.join(format!("{}.toml", s.key()));
+        std::fs::write(&p, format!("{}command = [\"true\"]\n", toml_line(s))).unwrap();
+        let by_key = parse(&["--config", p.to_str().unwrap()])
+            .unwrap_or_else(|e| panic!("key {}: {e}", s.key()));
+        let (by_flag, by_key) = (json(by_flag), json(by_key));
+        assert_eq!(by_flag, by_key, "{flag} and its key differ");
+        assert_ne!(by_flag, default, "{flag} changed nothing");
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
 
-    // The file's `deny_unknown_fields` error lists every key it takes.
-    let err = toml::from_str::<super::file::File>("no_such_key = 1")
-        .expect_err("an unknown key")
-        .to_string();
-    let keys: BTreeSet<String> = err
-        .split("expected one of")
-        .nth(1)
-        .expect("the keys it takes")
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .map(|k| k.replace('_', "-"))
-        .collect();
-    let mut want_keys: BTreeSet<String> = flags.keys().cloned().collect();
-    want_keys.insert("command".into()); // PROGRAM and its arguments, after `--` on the command line
-    assert_eq!(keys, want_keys, "TOML keys and flags differ");
+/// A default given as a value is the real one: the merge parses that very text.
+#[test]
+fn documented_defaults_are_the_defaults() {
+    let c = parse(&["--", "true"]).unwrap();
+    assert_eq!(c.ready_timeout, Duration::from_secs(30));
+    assert_eq!(c.unix_mode, 0o660);
+    assert_eq!(c.nice, Some(-10));
+    assert_eq!(c.release.health_failures, 3);
+    assert_eq!(c.precopy.rounds, 8);
+    for s in settings::ALL {
+        if let settings::DefaultValue::Value(v) = s.default {
+            let flag = s.flag();
+            assert_eq!(
+                serde_json::to_value(parse(&[&flag, v, "--", "true"]).unwrap()).unwrap(),
+                serde_json::to_value(&c).unwrap(),
+                "{flag} {v} is not its default"
+            );
+        }
+    }
+}
 
+/// The README's table is the one `baton generate settings` prints.
+#[test]
+fn the_readme_table_is_generated_from_the_definitions() {
     let readme = include_str!("../../../README.md");
-    let table = readme
-        .split("`baton run` options (all also accepted")
-        .nth(1)
-        .expect("the README's options table");
-    let mut rows: BTreeMap<String, String> = BTreeMap::new();
-    for line in table
-        .lines()
-        .skip_while(|l| !l.starts_with('|'))
-        .take_while(|l| l.starts_with('|'))
-    {
-        let Some(rest) = line.strip_prefix("| `--") else {
-            continue;
-        };
-        let name: String = rest
-            .chars()
-            .take_while(|c| c.is_ascii_lowercase() || *c == '-')
-            .collect();
-        // Cells split at `|`, but not at `\|` (an escaped bar inside a cell).
-        let cells: Vec<String> = line
-            .replace("\\|", "\u{1}")
-            .split('|')
-            .map(|c| c.replace('\u{1}', "|"))
-            .collect();
-        rows.insert(name, cells[2].trim().replace('`', ""));
-    }
-    let flag_names: BTreeSet<String> = flags.keys().cloned().collect();
-    let row_names: BTreeSet<String> = rows.keys().cloned().collect();
-    assert_eq!(row_names, flag_names, "README table rows and flags differ");
+    assert!(
+        readme.contains(&settings::markdown()),
+        "the README's settings table differs from the definitions: paste in the output of `baton generate settings`"
+    );
+}
 
-    for (name, default) in &flags {
-        let (Some(d), cell) = (default, &rows[name]) else {
-            continue;
-        };
-        // The README may shorten a long default to its start; the control socket's
-        // lookup order is spelled out above the table.
-        assert!(
-            d == cell || (d.starts_with(cell.as_str()) && !cell.is_empty()) || name == "control",
-            "--{name}: the flag says the default is {d:?}, the README {cell:?}"
-        );
-    }
+/// An unknown key names itself, its line and the keys there are.
+#[test]
+fn an_unknown_key_lists_the_keys() {
+    let dir = std::env::temp_dir().join(format!("baton-unknown-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("b.toml");
+    std::fs::write(&p, "command = [\"true\"]\nready_timout = \"5s\"\n").unwrap();
+    let e = parse(&["--config", p.to_str().unwrap()]).unwrap_err().0;
+    assert!(
+        e.contains("line 2") && e.contains("ready_timout") && e.contains("ready_timeout"),
+        "{e}"
+    );
+    std::fs::write(&p, "command = [\"true\"]\nstate = \"yes\"\n").unwrap();
+    let e = parse(&["--config", p.to_str().unwrap()]).unwrap_err().0;
+    assert!(e.contains("'state'") && e.contains("true or false"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -69,9 +69,6 @@ pub(super) fn toml_int(what: &str, v: &toml::Value, radix: u32) -> Result<i64, C
     }
 }
 
-/// baton's nice value unless told otherwise: ahead of an app at the default 0.
-pub const DEFAULT_NICE: i32 = -10;
-
 /// A nice value, -20..=19, or `off` (`None`).
 pub(super) fn nice_value(what: &str, v: &toml::Value) -> Result<Option<i32>, ConfigError> {
     if v.as_str() == Some("off") {
