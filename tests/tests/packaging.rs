@@ -60,6 +60,22 @@ fn upgrading_the_baton_package_reexecs_the_running_baton() {
     let debs = TestDir::new("pkg-baton").unwrap();
     let old = baton_deb("0.1.0-t1", debs.path());
     let new = baton_deb("0.1.0-t2", debs.path());
+    // The package carries the generated man pages, baton-config(5) among them.
+    let listing = std::process::Command::new("dpkg-deb")
+        .arg("-c")
+        .arg(&new)
+        .output()
+        .expect("dpkg-deb");
+    let listing = text(&listing);
+    for page in [
+        "usr/share/man/man1/baton-run.1.gz",
+        "usr/share/man/man5/baton-config.5.gz",
+    ] {
+        assert!(
+            listing.contains(page),
+            "{page} not in the package: {listing}"
+        );
+    }
     let mut pkgs = Installed::default();
     pkgs.install("baton", &old);
     let mut fx = Fixture::new("pkg-reexec", tools, Layout::Packaged, &[]);
