@@ -207,6 +207,11 @@ pub(super) async fn perform(
         resume_readers(d, readers);
         return;
     }
+    let carried = match m.carry().map(serde_json::to_value) {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return fail(m, d, format!("cannot write the machine: {e}"), None),
+        Err(why) => return fail(m, d, why, None),
+    };
     let Some(p) = d.reexec.as_ref() else {
         return resume_readers(d, readers);
     };
@@ -218,7 +223,9 @@ pub(super) async fn perform(
         .into_iter()
         .map(|(id, r)| (id, r.into_parts()))
         .collect();
-    let state = hand_over(m, d, &mut parts, control, notify_in, cfg, to, requested);
+    let state = hand_over(
+        carried, d, &mut parts, control, notify_in, cfg, to, requested,
+    );
     tracing::info!(
         generation = m.active().unwrap_or(0),
         pid = std::process::id(),
@@ -254,7 +261,7 @@ fn resume_readers(d: &mut Driver, mut readers: HashMap<GenId, FrameReader>) {
 
 #[allow(clippy::too_many_arguments)]
 fn hand_over(
-    m: &Machine,
+    machine: serde_json::Value,
     d: &Driver,
     parts: &mut HashMap<GenId, (Vec<u8>, Vec<OwnedFd>)>,
     control: &ControlServer,
@@ -331,7 +338,7 @@ fn hand_over(
             })
             .collect(),
         next_waiter: d.next_waiter,
-        machine: serde_json::to_value(m).unwrap_or_default(),
+        machine,
         boot_note: d.boot_note.clone(),
         in_use: d.in_use.clone(),
         metrics: d.metrics_listener.as_ref().map(listener_over),
@@ -480,8 +487,7 @@ pub async fn resume(inh: Inherited) -> Result<i32, super::RunError> {
     // Taken over: a crash from here on is this image's own.
     sys::disarm_crash_exec();
     drop(prev);
-    let mut m: Machine = serde_json::from_value(state.machine.clone())
-        .map_err(|e| setup(format!("malformed hand-over: the machine: {e}")))?;
+    let mut m = crate::reexec::machine(&state).map_err(setup)?;
     let reexec_waiters: Vec<WaiterId> = state
         .waiters
         .iter()

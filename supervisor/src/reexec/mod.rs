@@ -115,9 +115,19 @@ pub fn check_takeover(state: &HandOver) -> Result<(), String> {
     if let Some(fd) = state.fds().into_iter().find(|fd| !sys::handed_fd_open(*fd)) {
         return Err(format!("handed-over fd {fd} is not open"));
     }
-    serde_json::from_value::<crate::upgrade::Machine>(state.machine.clone())
-        .map_err(|e| format!("malformed hand-over: the machine: {e}"))?;
+    machine(state)?;
     Ok(())
+}
+
+/// The machine a hand-over carries.
+///
+/// # Errors
+/// It is malformed, or carries work under way.
+pub fn machine(state: &HandOver) -> Result<crate::upgrade::Machine, String> {
+    let carried: crate::upgrade::Carried = serde_json::from_value(state.machine.clone())
+        .map_err(|e| format!("malformed hand-over: the machine: {e}"))?;
+    crate::upgrade::Machine::resume(carried)
+        .map_err(|e| format!("malformed hand-over: the machine: {e}"))
 }
 
 /// baton's environment for the next image: its own, without reexec variables,

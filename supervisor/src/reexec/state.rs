@@ -30,8 +30,6 @@ pub const ENV_PREV: &str = "BATON_REEXEC_PREV";
 pub const ENV_FAILED: &str = "BATON_REEXEC_FAILED";
 
 /// Everything that carries over.
-///
-/// [`Machine`]: crate::upgrade::Machine
 #[derive(Debug, Serialize, Deserialize)]
 pub struct HandOver {
     /// [`FORMAT`] of the writer.
@@ -72,7 +70,10 @@ pub struct HandOver {
     pub waiters: Vec<WaiterOver>,
     /// Next waiter id.
     pub next_waiter: WaiterId,
-    /// The upgrade machine, whole (a [`Machine`]).
+    /// What the upgrade machine carries (an [`upgrade::Carried`]), decoded only
+    /// once every fd is checked.
+    ///
+    /// [`upgrade::Carried`]: crate::upgrade::Carried
     pub machine: serde_json::Value,
     /// Which release booted, and why.
     pub boot_note: String,
@@ -262,8 +263,43 @@ mod tests {
         assert_eq!(h.gens.len(), 1);
         assert_eq!(h.waiters[0].kind, WaitKind::Reexec);
         assert_eq!(h.listeners.len(), 2);
-        let m: crate::upgrade::Machine = serde_json::from_value(h.machine).unwrap();
+        let m = crate::reexec::machine(&h).unwrap();
         assert_eq!(m.active(), Some(3));
+        // What this image writes back has every field format 1 had (and the ones
+        // added since, with defaults, which a format-1 reader ignores), so that the
+        // baton that wrote it can read it again (a downgrade).
+        let mut before = std::collections::BTreeSet::new();
+        paths(&h.machine, "", &mut before);
+        let again = serde_json::to_value(m.carry().unwrap()).unwrap();
+        let mut after = std::collections::BTreeSet::new();
+        paths(&again, "", &mut after);
+        let missing: Vec<_> = before.difference(&after).collect();
+        assert!(missing.is_empty(), "not written back: {missing:?}");
+        for key in ["permanent", "boot_image", "crashes", "next_gen"] {
+            assert_eq!(again[key], h.machine[key], "{key}");
+        }
+        assert_eq!(again["last"]["pid"], h.machine["last"]["pid"]);
+        assert_eq!(
+            again["gens"]["3"]["pid"], h.machine["gens"]["3"]["pid"],
+            "the generation's pid"
+        );
+    }
+
+    /// A hand-over carrying an upgrade under way is refused: no baton writes one (a
+    /// reexec happens only when idle), so it is corrupt.
+    #[test]
+    fn a_machine_with_work_under_way_is_refused() {
+        for (field, value) in [
+            ("upgrade", serde_json::json!({"candidate": 4})),
+            ("stopping", serde_json::json!(true)),
+        ] {
+            let bytes = with(|v| v["machine"][field] = value.clone());
+            let h = HandOver::decode(&bytes).unwrap();
+            let Err(e) = crate::reexec::machine(&h) else {
+                panic!("{field}: taken");
+            };
+            assert!(e.contains("under way"), "{field}: {e}");
+        }
     }
 
     /// Every field path of today's hand-over (and of the machine inside it), as
@@ -298,9 +334,9 @@ mod tests {
     #[test]
     fn the_hand_over_shape_changes_only_by_decision() {
         let h = HandOver::decode(V1.as_bytes()).unwrap();
-        let machine: crate::upgrade::Machine = serde_json::from_value(h.machine.clone()).unwrap();
+        let machine = crate::reexec::machine(&h).unwrap();
         let mut v = serde_json::to_value(&h).unwrap();
-        v["machine"] = serde_json::to_value(&machine).unwrap();
+        v["machine"] = serde_json::to_value(machine.carry().unwrap()).unwrap();
         let mut set = std::collections::BTreeSet::new();
         paths(&v, "", &mut set);
         let got = format!(

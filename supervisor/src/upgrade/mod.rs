@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use baton_protocol::{EventKind, Feature, Phase, UpgradeReport, UpgradeResult};
 
+mod carry;
 mod dryrun;
 mod exit;
 mod handover;
@@ -21,6 +22,7 @@ mod probation;
 mod record;
 mod stateful;
 
+pub use carry::Carried;
 pub use handover::Handover;
 pub use host::{Host, Kill, PrecopySettings, ReadyMode, SdEvent, Settings};
 pub use input::Input;
@@ -37,9 +39,8 @@ pub type Image = String;
 /// Identifies a client waiting for an upgrade's outcome (`baton upgrade --wait`).
 pub type WaiterId = u64;
 
-/// The supervisor's generations and its upgrade in progress. Serializable, so
-/// that a reexec carries it over whole.
-#[derive(serde::Serialize, serde::Deserialize)]
+/// The supervisor's generations and its upgrade in progress. A reexec carries what
+/// an idle machine holds as a [`Carried`] record, not these fields.
 pub struct Machine {
     s: Settings,
     gens: BTreeMap<GenId, Gen>,
@@ -51,7 +52,6 @@ pub struct Machine {
     stopping: bool,
     crashes: u64,
     consecutive_crashes: u32,
-    #[serde(with = "crate::clock::opt")]
     restart_at: Option<Instant>,
     /// What the replacement of a dead active generation runs.
     restart_image: Option<Image>,
@@ -63,7 +63,6 @@ pub struct Machine {
     probation: Option<probation::OnProbation>,
     /// Without a permanent image: the last one known to serve, which a failing
     /// image on probation reverts to (see `note_fallback`).
-    #[serde(default)]
     fallback: Option<Image>,
     /// Set when a stateful active generation died with its state; the next
     /// candidate reports it.
@@ -71,10 +70,8 @@ pub struct Machine {
     /// What the first generation runs.
     boot_image: Option<Image>,
     /// A queued upgrade waits even once the machine is idle (a reexec is due).
-    #[serde(skip)]
     held: bool,
     /// A dry-run snapshot under way (a reexec waits for idle, so never carried).
-    #[serde(skip)]
     dry_run: Option<dryrun::DryRun>,
 }
 

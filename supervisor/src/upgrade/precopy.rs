@@ -14,7 +14,7 @@ use super::{GenId, Host, Machine, Stage, Upgrade, later, ms_f};
 pub const CONVERGED_BYTES: u64 = 1 << 20;
 
 /// One pre-copy hand-over in progress.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Run {
     /// The old generation sending.
     pub(super) from: GenId,
@@ -22,9 +22,7 @@ pub struct Run {
     round: u32,
     /// Whether that round is the last, sent while quiesced.
     last: bool,
-    #[serde(with = "crate::clock")]
     started: Instant,
-    #[serde(with = "crate::clock")]
     round_started: Instant,
     /// Bytes and chunks of the round being sent, as forwarded.
     round_bytes: u64,
@@ -32,7 +30,6 @@ pub struct Run {
     /// The next chunk's sequence number.
     next_seq: u64,
     /// Chunks the candidate has applied.
-    #[serde(default)]
     applied: u64,
     /// Rounds completed while serving, and their bytes.
     live_rounds: u32,

@@ -56,18 +56,16 @@ pub struct ProbationOutcome {
 }
 
 /// The image on probation.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug)]
 pub(super) struct OnProbation {
     pub(super) image: Image,
     /// `None`: until made permanent by hand.
-    #[serde(with = "crate::clock::opt")]
     pub(super) until: Option<Instant>,
-    waiters: Vec<WaiterId>,
-    failures: u32,
+    pub(super) waiters: Vec<WaiterId>,
+    pub(super) failures: u32,
     /// It failed (crashed, failed its health check) with no earlier version to
     /// revert to: it keeps running, and its probation can no longer pass.
-    #[serde(default)]
-    failed: Option<String>,
+    pub(super) failed: Option<String>,
 }
 
 impl Machine {

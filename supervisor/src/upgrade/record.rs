@@ -7,7 +7,7 @@ use baton_protocol::{Feature, Phase, UpgradeReport, UpgradeResult};
 use super::{GenId, Image, WaiterId, ms, ms_f};
 
 /// One running child.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Gen {
     /// Process id.
     pub pid: u32,
@@ -20,18 +20,14 @@ pub struct Gen {
     /// What it runs.
     pub image: Image,
     /// When it is SIGKILLed (draining, or a rolled-back candidate).
-    #[serde(with = "crate::clock::opt")]
     pub kill_at: Option<Instant>,
     /// SIGKILL was sent.
     pub killed: bool,
     /// Becomes ready at this time (`--ready delay=`).
-    #[serde(with = "crate::clock::opt")]
     pub(super) ready_at: Option<Instant>,
     /// Must be ready by this time.
-    #[serde(with = "crate::clock::opt")]
     pub(super) ready_by: Option<Instant>,
     /// When it became active.
-    #[serde(with = "crate::clock::opt")]
     pub(super) promoted_at: Option<Instant>,
 }
 
@@ -41,7 +37,7 @@ impl Gen {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Why {
     /// The first generation at startup.
     Initial,
@@ -55,7 +51,7 @@ pub(super) enum Why {
     Rollback,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Stage {
     /// Waiting for READY (stateless) or `prepared` (stateful).
     Starting,
@@ -71,7 +67,7 @@ pub(super) enum Stage {
 
 /// Who waits for an upgrade: until promotion (or rollback), or until the image
 /// it installs is permanent (or reverted).
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Default)]
 pub struct Waiters {
     /// Answered at promotion or rollback.
     pub promoted: Vec<WaiterId>,
@@ -89,34 +85,30 @@ impl Waiters {
 }
 
 /// A revert in progress: the image that failed, why, and who waits.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug)]
 pub(super) struct Revert {
     pub(super) failed: Image,
     pub(super) reason: String,
     pub(super) waiters: Vec<WaiterId>,
 }
 
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug)]
 pub(super) struct Upgrade {
     pub(super) why: Why,
     pub(super) candidate: GenId,
     pub(super) pid: Option<u32>,
-    #[serde(with = "crate::clock")]
     pub(super) started: Instant,
     pub(super) waiters: Waiters,
     /// The image asked for (`None`: what a plain upgrade runs).
     pub(super) image: Option<Image>,
     pub(super) revert: Option<Revert>,
     pub(super) stage: Stage,
-    #[serde(with = "crate::clock::opt")]
     pub(super) stage_deadline: Option<Instant>,
     /// The generation that was quiesced for this upgrade.
     pub(super) quiesced: Option<GenId>,
-    #[serde(with = "crate::clock::opt")]
     pub(super) quiesced_at: Option<Instant>,
     pub(super) snapshot_ms: Option<f64>,
     pub(super) snapshot_bytes: Option<u64>,
-    #[serde(with = "crate::clock::opt")]
     pub(super) restore_sent_at: Option<Instant>,
     pub(super) restore_ms: Option<f64>,
     /// READY arrived while still restoring (datagrams can overtake the stream).
@@ -124,7 +116,6 @@ pub(super) struct Upgrade {
     /// Set when the old generation died with its state.
     pub(super) state_lost: Option<String>,
     /// The chunked hand-over, when both generations do it.
-    #[serde(default)]
     pub(super) precopy: Option<super::precopy::Run>,
 }
 

@@ -64,8 +64,8 @@ fn a_serialized_machine_keeps_its_generations_deadlines_and_waiters() {
     m.request_upgrade(&mut h, t, Some(9));
     h.take();
     let deadline = m.next_deadline().unwrap();
-    let json = serde_json::to_string(&m).unwrap();
-    let mut back: Machine = serde_json::from_str(&json).unwrap();
+    let json = serde_json::to_string(&m.carry().unwrap()).unwrap();
+    let mut back = Machine::resume(serde_json::from_str(&json).unwrap()).unwrap();
     let d = back.next_deadline().unwrap();
     let off = if d > deadline {
         d - deadline

@@ -1,0 +1,216 @@
+//! What a reexec carries of the machine: a plain record, part of the versioned
+//! hand-over (`reexec/state.rs`), decoupled from [`Machine`]'s fields. The machine
+//! may rename or regroup its fields freely; only the conversions here change, and
+//! the hand-over's shape test fails if this record changes without a decision.
+//!
+//! A reexec happens only when the machine is idle, so no upgrade, replacement or
+//! stop is ever carried. Format 1 wrote the whole machine, so the record keeps the
+//! fields that format had (always empty for those) for an older baton to read
+//! what this one writes, after a downgrade.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use baton_protocol::{Feature, Phase, UpgradeReport};
+use serde::{Deserialize, Serialize};
+
+use super::probation::OnProbation;
+use super::{Gen, GenId, Image, Machine, Settings, WaiterId};
+
+/// The machine across a reexec.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Carried {
+    /// The settings it runs with.
+    pub s: Settings,
+    /// Every running generation.
+    pub gens: BTreeMap<GenId, GenCarried>,
+    /// The next generation's number.
+    pub next_gen: GenId,
+    /// The active generation.
+    pub active: Option<GenId>,
+    /// Waiters of an upgrade asked for but not started (a reexec was due).
+    pub queued: Option<Vec<WaiterId>>,
+    /// Unexpected exits of the active generation.
+    pub crashes: u64,
+    /// Those in a row (the restart back-off).
+    pub consecutive_crashes: u32,
+    /// The last finished upgrade.
+    pub last: Option<UpgradeReport>,
+    /// The last generation has exited (baton is stopping).
+    pub exited: bool,
+    /// The confirmed image.
+    pub permanent: Option<Image>,
+    /// The image on probation.
+    pub probation: Option<ProbationCarried>,
+    /// The last image known to serve, without a permanent one.
+    #[serde(default)]
+    pub fallback: Option<Image>,
+    /// A stateful generation died with its state (the next candidate reports it).
+    pub lost_state: Option<String>,
+    /// What the first generation runs.
+    pub boot_image: Option<Image>,
+    /// Never set (idle): kept for format 1 readers.
+    #[serde(default)]
+    pub upgrade: Option<serde_json::Value>,
+    /// Never set (idle): kept for format 1 readers.
+    #[serde(default)]
+    pub restart_at: Option<serde_json::Value>,
+    /// What a replacement would run (none is due when idle).
+    #[serde(default)]
+    pub restart_image: Option<Image>,
+    /// Never set (idle): kept for format 1 readers.
+    #[serde(default)]
+    pub stopping: bool,
+}
+
+/// A generation across a reexec.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GenCarried {
+    /// Process id.
+    pub pid: u32,
+    /// Phase.
+    pub phase: Phase,
+    /// Features its SDK announced.
+    pub features: Option<Vec<Feature>>,
+    /// Schema versions it restores.
+    pub restores: Option<Vec<u32>>,
+    /// What it runs.
+    pub image: Image,
+    /// When it is SIGKILLed.
+    #[serde(with = "crate::clock::opt")]
+    pub kill_at: Option<Instant>,
+    /// SIGKILL was sent.
+    pub killed: bool,
+    /// Becomes ready at this time (`--ready delay=`).
+    #[serde(with = "crate::clock::opt")]
+    pub ready_at: Option<Instant>,
+    /// Must be ready by this time.
+    #[serde(with = "crate::clock::opt")]
+    pub ready_by: Option<Instant>,
+    /// When it became active.
+    #[serde(with = "crate::clock::opt")]
+    pub promoted_at: Option<Instant>,
+}
+
+/// The image on probation across a reexec.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProbationCarried {
+    /// The image.
+    pub image: Image,
+    /// When probation ends (`None`: by hand).
+    #[serde(with = "crate::clock::opt")]
+    pub until: Option<Instant>,
+    /// Clients waiting for it to become permanent.
+    pub waiters: Vec<WaiterId>,
+    /// Failed health checks in a row.
+    pub failures: u32,
+    /// Why it failed with nothing to revert to.
+    #[serde(default)]
+    pub failed: Option<String>,
+}
+
+impl From<&Gen> for GenCarried {
+    fn from(g: &Gen) -> Self {
+        GenCarried {
+            pid: g.pid,
+            phase: g.phase,
+            features: g.features.clone(),
+            restores: g.restores.clone(),
+            image: g.image.clone(),
+            kill_at: g.kill_at,
+            killed: g.killed,
+            ready_at: g.ready_at,
+            ready_by: g.ready_by,
+            promoted_at: g.promoted_at,
+        }
+    }
+}
+
+impl From<GenCarried> for Gen {
+    fn from(g: GenCarried) -> Self {
+        Gen {
+            pid: g.pid,
+            phase: g.phase,
+            features: g.features,
+            restores: g.restores,
+            image: g.image,
+            kill_at: g.kill_at,
+            killed: g.killed,
+            ready_at: g.ready_at,
+            ready_by: g.ready_by,
+            promoted_at: g.promoted_at,
+        }
+    }
+}
+
+impl Machine {
+    /// What a reexec carries.
+    ///
+    /// # Errors
+    /// The machine is not idle: an upgrade, a replacement or a stop is under way,
+    /// which a reexec never carries.
+    pub fn carry(&self) -> Result<Carried, String> {
+        if !self.idle() {
+            return Err("the supervisor is not idle".into());
+        }
+        Ok(Carried {
+            s: self.s,
+            gens: self.gens.iter().map(|(k, g)| (*k, g.into())).collect(),
+            next_gen: self.next_gen,
+            active: self.active,
+            queued: self.queued.clone(),
+            crashes: self.crashes,
+            consecutive_crashes: self.consecutive_crashes,
+            last: self.last.clone(),
+            exited: self.exited,
+            permanent: self.permanent.clone(),
+            probation: self.probation.as_ref().map(|p| ProbationCarried {
+                image: p.image.clone(),
+                until: p.until,
+                waiters: p.waiters.clone(),
+                failures: p.failures,
+                failed: p.failed.clone(),
+            }),
+            fallback: self.fallback.clone(),
+            lost_state: self.lost_state.clone(),
+            boot_image: self.boot_image.clone(),
+            upgrade: None,
+            restart_at: None,
+            restart_image: self.restart_image.clone(),
+            stopping: false,
+        })
+    }
+
+    /// The machine a reexec carried over.
+    ///
+    /// # Errors
+    /// The record carries an upgrade, a replacement or a stop under way, which no
+    /// baton writes (it reexecs only when idle).
+    pub fn resume(c: Carried) -> Result<Machine, String> {
+        if c.upgrade.is_some() || c.restart_at.is_some() || c.stopping {
+            return Err("it carries work under way (a reexec happens only when idle)".into());
+        }
+        let mut m = Machine::new(c.s);
+        m.gens = c.gens.into_iter().map(|(k, g)| (k, g.into())).collect();
+        m.next_gen = c.next_gen;
+        m.active = c.active;
+        m.queued = c.queued;
+        m.crashes = c.crashes;
+        m.consecutive_crashes = c.consecutive_crashes;
+        m.last = c.last;
+        m.exited = c.exited;
+        m.permanent = c.permanent;
+        m.probation = c.probation.map(|p| OnProbation {
+            image: p.image,
+            until: p.until,
+            waiters: p.waiters,
+            failures: p.failures,
+            failed: p.failed,
+        });
+        m.fallback = c.fallback;
+        m.lost_state = c.lost_state;
+        m.boot_image = c.boot_image;
+        m.restart_image = c.restart_image;
+        Ok(m)
+    }
+}
