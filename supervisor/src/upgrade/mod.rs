@@ -75,6 +75,26 @@ pub struct Machine {
     dry_run: Option<dryrun::DryRun>,
 }
 
+/// The machine's top-level state. Each one's data lives in the machine: an
+/// upgrade's in its record, a replacement's in its deadline and image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Course {
+    /// No generation is active and nothing is under way (before the first start,
+    /// or after a failed one with nothing to replace it).
+    Down,
+    /// A generation serves and nothing is under way; a reexec may happen.
+    Idle,
+    /// A new generation is on its way in: the first start, an upgrade, a
+    /// replacement, a revert or a rollback.
+    Upgrading,
+    /// The active generation died; its replacement starts at a deadline (back-off).
+    RestartDue,
+    /// A dry-run snapshot of the active generation is under way.
+    DryRun,
+    /// Every generation drains; baton exits once all are gone.
+    Stopping,
+}
+
 /// `now + d`, saturating instead of panicking when `d` is absurdly large (config
 /// caps durations, but the machine must never panic on time arithmetic).
 fn later(now: Instant, mut d: Duration) -> Instant {
@@ -121,14 +141,27 @@ impl Machine {
         }
     }
 
-    /// Nothing is under way: no upgrade, no replacement due, not stopping, and a
-    /// generation is active. A reexec happens only then.
+    /// The top-level state: exactly one holds at a time.
+    pub fn course(&self) -> Course {
+        if self.stopping {
+            Course::Stopping
+        } else if self.upgrade.is_some() {
+            Course::Upgrading
+        } else if self.restart_at.is_some() {
+            Course::RestartDue
+        } else if self.dry_run.is_some() {
+            Course::DryRun
+        } else if self.active.is_some() {
+            Course::Idle
+        } else {
+            Course::Down
+        }
+    }
+
+    /// Nothing is under way and a generation is active ([`Course::Idle`]). A reexec
+    /// happens only then.
     pub fn idle(&self) -> bool {
-        self.upgrade.is_none()
-            && self.dry_run.is_none()
-            && self.restart_at.is_none()
-            && !self.stopping
-            && self.active.is_some()
+        self.course() == Course::Idle
     }
 
     /// Holds (`true`) a queued upgrade back even when idle, or lets it go: it
@@ -280,7 +313,11 @@ impl Machine {
             }
             return;
         }
-        if self.upgrade.is_some() || self.restart_at.is_some() || self.held || self.dry_running() {
+        let busy = matches!(
+            self.course(),
+            Course::Upgrading | Course::RestartDue | Course::DryRun
+        );
+        if busy || self.held {
             self.queued.get_or_insert_with(Vec::new).extend(waiter);
             tracing::info!("upgrade requested during another; queued");
             return;

@@ -1,5 +1,6 @@
 //! What a reexec needs from the machine: holding a queued upgrade back until it
-//! is done, and the machine surviving serialization with its deadlines.
+//! is done, the machine surviving a hand-over with its deadlines, and the named
+//! top-level state that says when it is idle.
 
 use super::*;
 
@@ -82,4 +83,34 @@ fn a_serialized_machine_keeps_its_generations_deadlines_and_waiters() {
     assert!(h.take().contains(&Call::Spawn(3)));
     back.tick(&mut h, deadline + Duration::from_millis(5));
     assert!(h.take().contains(&Call::Kill(1, Kill::Now)));
+}
+
+/// The top-level state is named, and one holds at a time: down, upgrading, idle,
+/// dry run, restart due, stopping.
+#[test]
+fn the_course_names_the_top_level_state() {
+    let mut m = Machine::new(settings());
+    let mut h = Fake::default();
+    let t = Instant::now();
+    assert_eq!(m.course(), Course::Down);
+    m.start(&mut h, t);
+    assert_eq!(m.course(), Course::Upgrading);
+    m.on_ready(&mut h, t, 1);
+    assert_eq!(m.course(), Course::Idle);
+    m.request_upgrade(&mut h, t, None);
+    assert_eq!(m.course(), Course::Upgrading);
+    m.on_ready(&mut h, t, 2);
+    assert_eq!(m.course(), Course::Idle);
+    m.on_exit(&mut h, t, 2, "signal 11");
+    assert_eq!(m.course(), Course::RestartDue);
+    m.tick(&mut h, t);
+    assert_eq!(m.course(), Course::Upgrading);
+    m.request_stop(&mut h, t);
+    assert_eq!(m.course(), Course::Stopping);
+
+    let (mut m, mut h, t) = stateful();
+    assert_eq!(m.request_dry_run(&mut h, t, Some(1)), Ok(1));
+    assert_eq!(m.course(), Course::DryRun);
+    m.on_snapshot(&mut h, t, 1, 77);
+    assert_eq!(m.course(), Course::Idle);
 }
