@@ -75,11 +75,6 @@ impl Machine {
         Ok(active)
     }
 
-    /// Whether a dry-run snapshot is under way.
-    pub fn dry_running(&self) -> bool {
-        self.dry_run.is_some()
-    }
-
     /// A stateful candidate became prepared during a dry run: its quiesce waits.
     /// `true` if it was held back.
     pub(super) fn hold_for_dry_run(&mut self, gen_id: GenId) -> bool {
