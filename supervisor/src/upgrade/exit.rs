@@ -3,9 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use baton_protocol::{EventKind, Feature, SupervisorMsg};
+use baton_protocol::{EventKind, Feature};
 
-use super::record::Stage;
 use super::{GenId, Host, Machine, SdEvent, later, ms};
 
 /// A generation active this long resets the crash back-off.
@@ -63,11 +62,7 @@ impl Machine {
                 );
                 let lost_state = self.s.stateful && g.has(Feature::State);
                 if lost_state && self.upgrade.is_none() {
-                    let why = format!(
-                        "STATE LOST: generation {gen_id} died ({how}) before handing over its state"
-                    );
-                    tracing::error!(generation = gen_id, "{why}");
-                    self.lost_state = Some(why);
+                    self.state_died_idle(gen_id, how);
                 }
                 if self.upgrade.is_none()
                     && self.revert_on_probation(
@@ -80,46 +75,15 @@ impl Machine {
                     self.maybe_exit(host);
                     return;
                 }
-                if self.precopy_from() == Some(gen_id) {
-                    // The candidate holds part of a state that is gone: abort it, and
-                    // replace the dead generation as after any crash.
-                    self.restart_image = Some(g.image.clone());
-                    let why = format!(
-                        "STATE LOST: generation {gen_id} died ({how}) during pre-copy; the candidate is aborted"
-                    );
-                    tracing::error!(generation = gen_id, "{why}");
-                    self.lost_state = Some(why.clone());
-                    self.fail(host, now, why);
+                if self.precopy_source_died(host, now, gen_id, &g.image, how) {
                     self.maybe_exit(host);
                     return;
                 }
-                match self.upgrade.as_mut() {
-                    Some(u) => {
-                        if lost_state {
-                            let why = format!(
-                                "STATE LOST: generation {gen_id} died ({how}) before handing over its state"
-                            );
-                            tracing::error!(generation = gen_id, "{why}");
-                            u.state_lost = Some(why);
-                            if u.stage == Stage::Snapshotting {
-                                // No snapshot is coming: the candidate starts empty.
-                                let c = u.candidate;
-                                u.stage = Stage::Restored;
-                                u.stage_deadline = None;
-                                u.quiesced = None;
-                                host.send(
-                                    c,
-                                    SupervisorMsg::Fresh {
-                                        reason: u.state_lost.clone().unwrap_or_default(),
-                                    },
-                                );
-                            }
-                        }
-                    }
-                    None => {
-                        self.restart_image = Some(g.image.clone());
-                        self.schedule_replacement(now);
-                    }
+                if self.upgrade.is_none() {
+                    self.restart_image = Some(g.image.clone());
+                    self.schedule_replacement(now);
+                } else if lost_state {
+                    self.state_died_upgrading(host, gen_id, how);
                 }
                 host.systemd(SdEvent::Ready, &self.status_line(now));
             }

@@ -524,25 +524,7 @@ impl Machine {
                 }
             }
         }
-        if let Some(u) = self.upgrade.as_ref() {
-            if u.stage_deadline.is_some_and(|t| t <= now) {
-                let why = match u.stage {
-                    Stage::Precopy => format!(
-                        "pre-copy did not finish within {}",
-                        humantime::format_duration(self.s.precopy_deadline())
-                    ),
-                    Stage::Snapshotting => format!(
-                        "old generation did not deliver its snapshot within {}",
-                        humantime::format_duration(self.s.snapshot_timeout)
-                    ),
-                    _ => format!(
-                        "candidate did not restore the snapshot within {}",
-                        humantime::format_duration(self.s.restore_timeout)
-                    ),
-                };
-                self.fail(host, now, why);
-            }
-        }
+        self.stage_tick(host, now);
         if self.restart_at.is_some_and(|t| t <= now) {
             self.restart_at = None;
             let image = self.restart_image.take().or_else(|| self.permanent.clone());

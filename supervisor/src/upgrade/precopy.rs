@@ -89,6 +89,30 @@ fn stop_reason(
 }
 
 impl Machine {
+    /// The active generation `gen_id` died. If it was sending a pre-copy, the
+    /// candidate holds part of a state that is gone: it is aborted, and the dead
+    /// generation replaced as after any crash. `true` if so.
+    pub(super) fn precopy_source_died(
+        &mut self,
+        host: &mut impl Host,
+        now: Instant,
+        gen_id: GenId,
+        image: &super::Image,
+        how: &str,
+    ) -> bool {
+        if self.precopy_from() != Some(gen_id) {
+            return false;
+        }
+        self.restart_image = Some(image.clone());
+        let why = format!(
+            "STATE LOST: generation {gen_id} died ({how}) during pre-copy; the candidate is aborted"
+        );
+        tracing::error!(generation = gen_id, "{why}");
+        self.lost_state = Some(why.clone());
+        self.fail(host, now, why);
+        true
+    }
+
     /// Starts the chunked hand-over from `old` to the candidate if both can:
     /// live rounds, or (with pre-copy off) one round while quiesced. Returns
     /// false to use the one-shot snapshot.

@@ -7,7 +7,37 @@ use baton_protocol::{Feature, Phase, SupervisorMsg};
 
 use super::{GenId, Host, Machine, Stage, Why, later, ms_f};
 
+fn state_lost(gen_id: GenId, how: &str) -> String {
+    let why = format!("STATE LOST: generation {gen_id} died ({how}) before handing over its state");
+    tracing::error!(generation = gen_id, "{why}");
+    why
+}
+
 impl Machine {
+    /// The active generation `gen_id`, which held state, died with no upgrade under
+    /// way: the candidate that replaces it reports the loss.
+    pub(super) fn state_died_idle(&mut self, gen_id: GenId, how: &str) {
+        self.lost_state = Some(state_lost(gen_id, how));
+    }
+
+    /// The active generation `gen_id`, which held state, died during an upgrade.
+    /// The upgrade reports the loss; if it waited for the snapshot, none is coming,
+    /// and the candidate starts empty.
+    pub(super) fn state_died_upgrading(&mut self, host: &mut impl Host, gen_id: GenId, how: &str) {
+        let Some(u) = self.upgrade.as_mut() else {
+            return;
+        };
+        let why = state_lost(gen_id, how);
+        u.state_lost = Some(why.clone());
+        if u.stage == Stage::Snapshotting {
+            let c = u.candidate;
+            u.stage = Stage::Restored;
+            u.stage_deadline = None;
+            u.quiesced = None;
+            host.send(c, SupervisorMsg::Fresh { reason: why });
+        }
+    }
+
     /// Stateful candidate: initialised, waiting for state.
     pub(super) fn on_prepared(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId) {
         let Some(u) = self.upgrade.as_mut() else {
@@ -184,6 +214,30 @@ impl Machine {
     ) {
         if self.upgrade.as_ref().is_some_and(|u| u.candidate == gen_id) {
             self.fail(host, now, format!("candidate rejected the snapshot: {why}"));
+        }
+    }
+
+    /// A stateful stage (pre-copy, snapshot, restore) past its deadline fails the
+    /// upgrade, naming the stage and its timeout.
+    pub(super) fn stage_tick(&mut self, host: &mut impl Host, now: Instant) {
+        if let Some(u) = self.upgrade.as_ref() {
+            if u.stage_deadline.is_some_and(|t| t <= now) {
+                let why = match u.stage {
+                    Stage::Precopy => format!(
+                        "pre-copy did not finish within {}",
+                        humantime::format_duration(self.s.precopy_deadline())
+                    ),
+                    Stage::Snapshotting => format!(
+                        "old generation did not deliver its snapshot within {}",
+                        humantime::format_duration(self.s.snapshot_timeout)
+                    ),
+                    _ => format!(
+                        "candidate did not restore the snapshot within {}",
+                        humantime::format_duration(self.s.restore_timeout)
+                    ),
+                };
+                self.fail(host, now, why);
+            }
         }
     }
 }
