@@ -28,6 +28,7 @@ pub mod events;
 pub mod reexec;
 pub mod release;
 pub mod report;
+#[cfg(feature = "io")]
 mod sys;
 pub mod wire;
 

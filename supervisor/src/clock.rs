@@ -25,6 +25,19 @@ fn from_mono(v: i64) -> Instant {
     }
 }
 
+/// The machine's times across a reexec, as `CLOCK_MONOTONIC` microseconds.
+pub struct Mono;
+
+impl baton_machine::MonoClock for Mono {
+    fn micros(&self, t: Instant) -> i64 {
+        to_mono(t)
+    }
+
+    fn instant(&self, v: i64) -> Instant {
+        from_mono(v)
+    }
+}
+
 /// `#[serde(with = "crate::clock")]` for an `Instant`.
 pub fn serialize<S: Serializer>(t: &Instant, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_i64(to_mono(*t))
@@ -33,24 +46,6 @@ pub fn serialize<S: Serializer>(t: &Instant, s: S) -> Result<S::Ok, S::Error> {
 /// See [`serialize`].
 pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Instant, D::Error> {
     i64::deserialize(d).map(from_mono)
-}
-
-/// `#[serde(with = "crate::clock::opt")]` for an `Option<Instant>`.
-pub mod opt {
-    use super::*;
-
-    /// See [`super::serialize`].
-    pub fn serialize<S: Serializer>(t: &Option<Instant>, s: S) -> Result<S::Ok, S::Error> {
-        match t {
-            Some(t) => s.serialize_some(&to_mono(*t)),
-            None => s.serialize_none(),
-        }
-    }
-
-    /// See [`super::serialize`].
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Instant>, D::Error> {
-        Option::<i64>::deserialize(d).map(|v| v.map(from_mono))
-    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,6 @@ mod rehearse;
 mod release;
 mod sys;
 mod text;
-mod upgrade;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

@@ -1,6 +1,8 @@
 use super::*;
 use crate::child::{ChildMsg, SupervisorMsg};
 use std::io::{Read, Seek, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use tokio::net::UnixStream;
 
 fn memfile(content: &[u8]) -> OwnedFd {
     let mut f = tempfile_in_proc();

@@ -12,7 +12,7 @@ use nix::sys::signal::Signal;
 
 use crate::daemon::io::listeners::ListenSpec;
 use crate::release::health::HealthCheck;
-use crate::upgrade::{PrecopySettings, Probation, ReadyMode};
+use baton_machine::{PrecopySettings, Probation, ReadyMode};
 
 /// Probation on the plain path (no `--releases`): long enough to catch a build that
 /// crashes a few seconds after READY.

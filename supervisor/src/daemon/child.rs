@@ -7,7 +7,7 @@ use baton_protocol::{ChildMsg, PROTOCOL_VERSION, SupervisorMsg};
 use super::{Driver, MAX_STRANGERS, STRANGER_TTL};
 use crate::daemon::io::notify;
 use crate::daemon::process::generation::GenEvent;
-use crate::upgrade::{GenId, Handover, Input, Machine};
+use baton_machine::{GenId, Handover, Input, Machine};
 
 pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
     let now = Instant::now();
@@ -101,7 +101,7 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                 "killing a hostile generation"
             );
             h.kill_reason = Some(why);
-            crate::upgrade::Host::kill(d, gen_id, pid, crate::upgrade::Kill::Now);
+            baton_machine::Host::kill(d, gen_id, pid, baton_machine::Kill::Now);
         }
         GenEvent::Message {
             gen_id,
@@ -372,12 +372,7 @@ pub(super) fn on_notify(m: &mut Machine, d: &mut Driver, pid: u32, text: &str) {
 /// A `#!` script that exits 127 ("command not found") most likely looked for itself by
 /// `$0`, as pyenv, rbenv and asdf shims do: baton runs a script as
 /// `/proc/<baton>/fd/N`, so `$0` is that path. Say so, with the way out.
-fn explain_not_found(
-    m: &Machine,
-    d: &Driver,
-    gen_id: crate::upgrade::GenId,
-    how: String,
-) -> String {
+fn explain_not_found(m: &Machine, d: &Driver, gen_id: baton_machine::GenId, how: String) -> String {
     let script = m
         .generation(gen_id)
         .and_then(|g| d.images.get(&g.image))

@@ -6,7 +6,7 @@ use crate::daemon::process::spawn::{self};
 use crate::reexec::state::WaitKind;
 use crate::release::lifecycle::Lifecycle;
 use crate::sys;
-use crate::upgrade::{GenId, Host, Image, Kill, ProbationOutcome, ReleaseEvent, SdEvent, WaiterId};
+use baton_machine::{GenId, Host, Image, Kill, ProbationOutcome, ReleaseEvent, SdEvent, WaiterId};
 use baton_protocol::{
     ControlReply, EventKind, HistoryEntry, ReleaseReply, ReleaseResultKind, SupervisorMsg,
     UpgradeReport, UpgradeResult,

@@ -4,7 +4,7 @@ use crate::config::RunConfig;
 use crate::daemon::io::listeners::{ListenAddr, Listener};
 use crate::daemon::io::metrics::Present;
 use crate::sys;
-use crate::upgrade::Machine;
+use baton_machine::Machine;
 use std::time::{Duration, Instant};
 
 use super::{Driver, LoopEvent};

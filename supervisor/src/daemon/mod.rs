@@ -1,5 +1,5 @@
 //! `baton run`, the daemon: the driver that puts real processes, sockets, signals and
-//! time around the pure machine ([`crate::upgrade`]).
+//! time around the pure machine ([`baton_machine`]).
 //!
 //! - `process/`: a generation's process: spawning it, waiting on it, its cgroup, the
 //!   strays it may leave;
@@ -34,7 +34,7 @@ use crate::reexec::state::{SelfOver, WaitKind};
 use crate::release::exe::Exe;
 use crate::release::lifecycle::{Boot, Lifecycle};
 use crate::sys;
-use crate::upgrade::{GenId, Image, Machine, Settings, WaiterId};
+use baton_machine::{GenId, Image, Machine, Settings, WaiterId};
 
 pub mod io;
 pub mod process;
@@ -506,7 +506,7 @@ async fn serve(
                         &mut d,
                         Instant::now(),
                         gen_id,
-                        crate::upgrade::Input::Health {
+                        baton_machine::Input::Health {
                             ok: result.is_ok(),
                             detail: &detail,
                         },

@@ -23,7 +23,7 @@ use crate::reexec::{self as rx, FORMAT};
 use crate::release::exe::Exe;
 use crate::release::lifecycle::Lifecycle;
 use crate::sys;
-use crate::upgrade::{GenId, Machine, WaiterId};
+use baton_machine::{GenId, Machine, WaiterId};
 
 /// How long a child's control channel may take to take what baton queued for it.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -207,10 +207,10 @@ pub(super) async fn perform(
         resume_readers(d, readers);
         return;
     }
-    let carried = match m.carry().map(serde_json::to_value) {
+    let carried = match m.carry(&crate::clock::Mono).map(serde_json::to_value) {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => return fail(m, d, format!("cannot write the machine: {e}"), None),
-        Err(why) => return fail(m, d, why, None),
+        Err(why) => return fail(m, d, why.to_string(), None),
     };
     let Some(p) = d.reexec.as_ref() else {
         return resume_readers(d, readers);

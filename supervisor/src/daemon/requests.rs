@@ -12,7 +12,7 @@ use super::{Driver, LoopEvent};
 use crate::daemon::io::control::Incoming;
 use crate::reexec::state::WaitKind;
 use crate::release::exe::Exe;
-use crate::upgrade::{Machine, Waiters};
+use baton_machine::{Machine, Waiters};
 use std::os::fd::OwnedFd;
 
 pub(super) fn status(m: &Machine, d: &Driver) -> Status {

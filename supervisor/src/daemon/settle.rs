@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use baton_protocol::{EventKind, HistoryEntry, StartReason};
 
 use super::Driver;
-use crate::upgrade::{GenId, Handover, Machine};
+use baton_machine::{GenId, Handover, Machine};
 
 /// Promoted upgrades whose history line is not final yet, oldest first.
 #[derive(Debug, Default)]

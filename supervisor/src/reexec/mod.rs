@@ -123,10 +123,10 @@ pub fn check_takeover(state: &HandOver) -> Result<(), String> {
 ///
 /// # Errors
 /// It is malformed, or carries work under way.
-pub fn machine(state: &HandOver) -> Result<crate::upgrade::Machine, String> {
-    let carried: crate::upgrade::Carried = serde_json::from_value(state.machine.clone())
+pub fn machine(state: &HandOver) -> Result<baton_machine::Machine, String> {
+    let carried: baton_machine::Carried = serde_json::from_value(state.machine.clone())
         .map_err(|e| format!("malformed hand-over: the machine: {e}"))?;
-    crate::upgrade::Machine::resume(carried)
+    baton_machine::Machine::resume(carried, &crate::clock::Mono)
         .map_err(|e| format!("malformed hand-over: the machine: {e}"))
 }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
 use crate::daemon::io::listeners::ListenAddr;
-use crate::upgrade::{GenId, WaiterId};
+use baton_machine::{GenId, WaiterId};
 
 /// The hand-over format this image writes.
 pub const FORMAT: u32 = 1;
@@ -70,10 +70,8 @@ pub struct HandOver {
     pub waiters: Vec<WaiterOver>,
     /// Next waiter id.
     pub next_waiter: WaiterId,
-    /// What the upgrade machine carries (an [`upgrade::Carried`]), decoded only
-    /// once every fd is checked.
-    ///
-    /// [`upgrade::Carried`]: crate::upgrade::Carried
+    /// What the upgrade machine carries (a [`baton_machine::Carried`]), decoded
+    /// only once every fd is checked.
     pub machine: serde_json::Value,
     /// Which release booted, and why.
     pub boot_note: String,
@@ -270,7 +268,7 @@ mod tests {
         // baton that wrote it can read it again (a downgrade).
         let mut before = std::collections::BTreeSet::new();
         paths(&h.machine, "", &mut before);
-        let again = serde_json::to_value(m.carry().unwrap()).unwrap();
+        let again = serde_json::to_value(m.carry(&crate::clock::Mono).unwrap()).unwrap();
         let mut after = std::collections::BTreeSet::new();
         paths(&again, "", &mut after);
         let missing: Vec<_> = before.difference(&after).collect();
@@ -336,7 +334,7 @@ mod tests {
         let h = HandOver::decode(V1.as_bytes()).unwrap();
         let machine = crate::reexec::machine(&h).unwrap();
         let mut v = serde_json::to_value(&h).unwrap();
-        v["machine"] = serde_json::to_value(machine.carry().unwrap()).unwrap();
+        v["machine"] = serde_json::to_value(machine.carry(&crate::clock::Mono).unwrap()).unwrap();
         let mut set = std::collections::BTreeSet::new();
         paths(&v, "", &mut set);
         let got = format!(

@@ -10,7 +10,7 @@ use baton_protocol::{Release, ReleaseStatus};
 use crate::release::exe::Exe;
 use crate::release::health::{self, Vars};
 use crate::release::store::{InUse, Meta, Store};
-use crate::upgrade::ReleaseEvent;
+use baton_machine::ReleaseEvent;
 
 /// A store opened by `baton run --releases`.
 #[derive(Debug, Clone)]

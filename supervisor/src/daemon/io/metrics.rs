@@ -327,8 +327,8 @@ impl Metrics {
         self.inner.releases_failed.inc();
     }
 
-    /// A migration tally (see [`crate::upgrade::Handover`]).
-    pub fn handover(&self, h: crate::upgrade::Handover) {
+    /// A migration tally (see [`baton_machine::Handover`]).
+    pub fn handover(&self, h: baton_machine::Handover) {
         let (handed_over, migrated, lost) = h.counts();
         self.inner.handed_over.inc_by(handed_over);
         self.inner.migrated.inc_by(migrated);

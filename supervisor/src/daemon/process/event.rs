@@ -7,7 +7,7 @@ use std::time::Duration;
 use baton_protocol::{ChildMsg, SupervisorMsg};
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
-use crate::upgrade::GenId;
+use baton_machine::GenId;
 
 /// Something that happened to a generation, for the main loop.
 pub enum GenEvent {

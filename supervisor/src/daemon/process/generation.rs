@@ -13,7 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 pub use super::event::{GenEvent, QUEUE_BOUND, RELAY_SLOTS, STALL_BOUND};
 use super::event::{NO_COUNT, Outgoing};
 use super::tasks::{read_loop, wait_cloned, wait_exit, wait_pidfd, write_loop};
-use crate::upgrade::GenId;
+use baton_machine::GenId;
 
 /// How a generation's exit is noticed: its `Child` (spawned by this image), or
 /// a pidfd (adopted from the image before a reexec).

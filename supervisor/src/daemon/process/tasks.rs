@@ -11,7 +11,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use super::event::{BAD_LIMIT, Dropped, GenEvent, NO_COUNT, Outgoing, RELAY_SLOTS, STALL_BOUND};
-use crate::upgrade::GenId;
+use baton_machine::GenId;
 
 pub(super) async fn wait_exit(
     gen_id: GenId,

@@ -4,6 +4,12 @@
 //! time) and it acts through the [`Host`] trait. Time is always passed in, and
 //! [`Machine::next_deadline`] tells the driver when to call [`Machine::tick`], so
 //! every timeout is unit-testable without sleeping or forking.
+//!
+//! A crate of its own so that Cargo keeps it pure: it depends on the protocol's
+//! message types (without their I/O), serde, humantime and tracing, and on no
+//! runtime, no syscall crate.
+
+#![deny(missing_docs)]
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -22,7 +28,7 @@ mod probation;
 mod record;
 mod stateful;
 
-pub use carry::Carried;
+pub use carry::{Carried, CarryError, GenCarried, MonoClock, ProbationCarried};
 pub use handover::Handover;
 pub use host::{Host, Kill, PrecopySettings, ReadyMode, SdEvent, Settings};
 pub use input::Input;

@@ -55,6 +55,24 @@ fn idle_means_nothing_under_way() {
     assert!(!m.idle());
 }
 
+/// Times as microseconds from a base instant.
+struct TestClock(Instant);
+
+impl MonoClock for TestClock {
+    fn micros(&self, t: Instant) -> i64 {
+        if t >= self.0 {
+            (t - self.0).as_micros() as i64
+        } else {
+            -((self.0 - t).as_micros() as i64)
+        }
+    }
+
+    fn instant(&self, v: i64) -> Instant {
+        let d = Duration::from_micros(v.unsigned_abs());
+        if v >= 0 { self.0 + d } else { self.0 - d }
+    }
+}
+
 #[test]
 fn a_serialized_machine_keeps_its_generations_deadlines_and_waiters() {
     let (mut m, mut h, t) = running(settings());
@@ -65,8 +83,9 @@ fn a_serialized_machine_keeps_its_generations_deadlines_and_waiters() {
     m.request_upgrade(&mut h, t, Some(9));
     h.take();
     let deadline = m.next_deadline().unwrap();
-    let json = serde_json::to_string(&m.carry().unwrap()).unwrap();
-    let mut back = Machine::resume(serde_json::from_str(&json).unwrap()).unwrap();
+    let clock = TestClock(t);
+    let json = serde_json::to_string(&m.carry(&clock).unwrap()).unwrap();
+    let mut back = Machine::resume(serde_json::from_str(&json).unwrap(), &clock).unwrap();
     let d = back.next_deadline().unwrap();
     let off = if d > deadline {
         d - deadline

@@ -17,6 +17,27 @@ use serde::{Deserialize, Serialize};
 use super::probation::OnProbation;
 use super::{Gen, GenId, Image, Machine, Settings, WaiterId};
 
+/// How a carried time is written: as the host's monotonic clock, which both images
+/// of baton share, so that deadlines carry over exactly (an `Instant` has no
+/// serialised form).
+pub trait MonoClock {
+    /// `t` as monotonic microseconds.
+    fn micros(&self, t: Instant) -> i64;
+    /// The `Instant` of monotonic microseconds `micros`.
+    fn instant(&self, micros: i64) -> Instant;
+}
+
+/// Why a machine cannot be carried, or a record not resumed.
+#[derive(Debug, thiserror::Error)]
+pub enum CarryError {
+    /// An upgrade, a replacement or a stop is under way.
+    #[error("the supervisor is not idle")]
+    NotIdle,
+    /// The record carries work under way, which no baton writes.
+    #[error("it carries work under way (a reexec happens only when idle)")]
+    WorkUnderWay,
+}
+
 /// The machine across a reexec.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Carried {
@@ -77,19 +98,15 @@ pub struct GenCarried {
     /// What it runs.
     pub image: Image,
     /// When it is SIGKILLed.
-    #[serde(with = "crate::clock::opt")]
-    pub kill_at: Option<Instant>,
+    pub kill_at: Option<i64>,
     /// SIGKILL was sent.
     pub killed: bool,
     /// Becomes ready at this time (`--ready delay=`).
-    #[serde(with = "crate::clock::opt")]
-    pub ready_at: Option<Instant>,
+    pub ready_at: Option<i64>,
     /// Must be ready by this time.
-    #[serde(with = "crate::clock::opt")]
-    pub ready_by: Option<Instant>,
+    pub ready_by: Option<i64>,
     /// When it became active.
-    #[serde(with = "crate::clock::opt")]
-    pub promoted_at: Option<Instant>,
+    pub promoted_at: Option<i64>,
 }
 
 /// The image on probation across a reexec.
@@ -98,8 +115,7 @@ pub struct ProbationCarried {
     /// The image.
     pub image: Image,
     /// When probation ends (`None`: by hand).
-    #[serde(with = "crate::clock::opt")]
-    pub until: Option<Instant>,
+    pub until: Option<i64>,
     /// Clients waiting for it to become permanent.
     pub waiters: Vec<WaiterId>,
     /// Failed health checks in a row.
@@ -109,53 +125,58 @@ pub struct ProbationCarried {
     pub failed: Option<String>,
 }
 
-impl From<&Gen> for GenCarried {
-    fn from(g: &Gen) -> Self {
+impl GenCarried {
+    fn new(g: &Gen, c: &impl MonoClock) -> Self {
+        let t = |t: Option<Instant>| t.map(|t| c.micros(t));
         GenCarried {
             pid: g.pid,
             phase: g.phase,
             features: g.features.clone(),
             restores: g.restores.clone(),
             image: g.image.clone(),
-            kill_at: g.kill_at,
+            kill_at: t(g.kill_at),
             killed: g.killed,
-            ready_at: g.ready_at,
-            ready_by: g.ready_by,
-            promoted_at: g.promoted_at,
+            ready_at: t(g.ready_at),
+            ready_by: t(g.ready_by),
+            promoted_at: t(g.promoted_at),
         }
     }
-}
 
-impl From<GenCarried> for Gen {
-    fn from(g: GenCarried) -> Self {
+    fn into_gen(self, c: &impl MonoClock) -> Gen {
+        let g = self;
+        let t = |t: Option<i64>| t.map(|t| c.instant(t));
         Gen {
             pid: g.pid,
             phase: g.phase,
             features: g.features,
             restores: g.restores,
             image: g.image,
-            kill_at: g.kill_at,
+            kill_at: t(g.kill_at),
             killed: g.killed,
-            ready_at: g.ready_at,
-            ready_by: g.ready_by,
-            promoted_at: g.promoted_at,
+            ready_at: t(g.ready_at),
+            ready_by: t(g.ready_by),
+            promoted_at: t(g.promoted_at),
         }
     }
 }
 
 impl Machine {
-    /// What a reexec carries.
+    /// What a reexec carries, its times written by `clock`.
     ///
     /// # Errors
-    /// The machine is not idle: an upgrade, a replacement or a stop is under way,
+    /// [`CarryError::NotIdle`]: an upgrade, a replacement or a stop is under way,
     /// which a reexec never carries.
-    pub fn carry(&self) -> Result<Carried, String> {
+    pub fn carry(&self, clock: &impl MonoClock) -> Result<Carried, CarryError> {
         if !self.idle() {
-            return Err("the supervisor is not idle".into());
+            return Err(CarryError::NotIdle);
         }
         Ok(Carried {
             s: self.s,
-            gens: self.gens.iter().map(|(k, g)| (*k, g.into())).collect(),
+            gens: self
+                .gens
+                .iter()
+                .map(|(k, g)| (*k, GenCarried::new(g, clock)))
+                .collect(),
             next_gen: self.next_gen,
             active: self.active,
             queued: self.queued.clone(),
@@ -166,7 +187,7 @@ impl Machine {
             permanent: self.permanent.clone(),
             probation: self.probation.as_ref().map(|p| ProbationCarried {
                 image: p.image.clone(),
-                until: p.until,
+                until: p.until.map(|t| clock.micros(t)),
                 waiters: p.waiters.clone(),
                 failures: p.failures,
                 failed: p.failed.clone(),
@@ -181,17 +202,21 @@ impl Machine {
         })
     }
 
-    /// The machine a reexec carried over.
+    /// The machine a reexec carried over, its times read by `clock`.
     ///
     /// # Errors
-    /// The record carries an upgrade, a replacement or a stop under way, which no
-    /// baton writes (it reexecs only when idle).
-    pub fn resume(c: Carried) -> Result<Machine, String> {
+    /// [`CarryError::WorkUnderWay`]: the record carries an upgrade, a replacement or
+    /// a stop, which no baton writes (it reexecs only when idle).
+    pub fn resume(c: Carried, clock: &impl MonoClock) -> Result<Machine, CarryError> {
         if c.upgrade.is_some() || c.restart_at.is_some() || c.stopping {
-            return Err("it carries work under way (a reexec happens only when idle)".into());
+            return Err(CarryError::WorkUnderWay);
         }
         let mut m = Machine::new(c.s);
-        m.gens = c.gens.into_iter().map(|(k, g)| (k, g.into())).collect();
+        m.gens = c
+            .gens
+            .into_iter()
+            .map(|(k, g)| (k, g.into_gen(clock)))
+            .collect();
         m.next_gen = c.next_gen;
         m.active = c.active;
         m.queued = c.queued;
@@ -202,7 +227,7 @@ impl Machine {
         m.permanent = c.permanent;
         m.probation = c.probation.map(|p| OnProbation {
             image: p.image,
-            until: p.until,
+            until: p.until.map(|t| clock.instant(t)),
             waiters: p.waiters,
             failures: p.failures,
             failed: p.failed,
