@@ -33,7 +33,7 @@ pub use handover::Handover;
 pub use host::{Host, Kill, PrecopySettings, ReadyMode, SdEvent, Settings};
 pub use input::Input;
 pub use record::{Gen, Waiters};
-use record::{Revert, Stage, Upgrade, Why};
+use record::{Revert, Stage, Transfer, Upgrade, Why};
 
 pub use probation::{Probation, ProbationOutcome, ReleaseEvent};
 
@@ -372,15 +372,10 @@ impl Machine {
             revert,
             stage: Stage::Starting,
             stage_deadline: None,
-            quiesced: None,
-            quiesced_at: None,
-            snapshot_ms: None,
-            snapshot_bytes: None,
-            restore_sent_at: None,
-            restore_ms: None,
-            ready_early: false,
-            state_lost: self.lost_state.take(),
-            precopy: None,
+            state: Transfer {
+                state_lost: self.lost_state.take(),
+                ..Transfer::default()
+            },
         });
         if matches!(why, Why::Upgrade | Why::Revert | Why::Rollback) {
             host.systemd(SdEvent::Reloading, &self.status_line(now));
@@ -446,7 +441,7 @@ impl Machine {
         }
         match u.stage {
             Stage::Restored => self.promote(host, now),
-            Stage::Precopy | Stage::Snapshotting | Stage::Restoring => u.ready_early = true,
+            Stage::Precopy | Stage::Snapshotting | Stage::Restoring => u.state.ready_early = true,
             Stage::Starting => {
                 let needs_state = self.s.stateful
                     && self

@@ -23,7 +23,7 @@ impl Machine {
         }
         // Anything that stopped accepting for this upgrade drains now.
         let migrate = self.gens.get(&id).is_some_and(|g| g.has(Feature::Adopt));
-        let retire: Vec<GenId> = old.into_iter().chain(u.quiesced).collect();
+        let retire: Vec<GenId> = old.into_iter().chain(u.state.quiesced).collect();
         for o in retire {
             if o != id
                 && self
@@ -34,7 +34,7 @@ impl Machine {
                 self.retire(host, now, o, migrate);
             }
         }
-        let mut report = u.report(UpgradeResult::Promoted, u.state_lost.clone(), now);
+        let mut report = u.report(UpgradeResult::Promoted, u.state.state_lost.clone(), now);
         self.peak_rss(host, &u, &mut report);
         tracing::info!(
             generation = id,

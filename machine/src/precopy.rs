@@ -136,7 +136,7 @@ impl Machine {
             return false;
         };
         let live = self.s.precopy.enabled;
-        u.precopy = Some(Run {
+        u.state.precopy = Some(Run {
             from: old,
             round: 0,
             last: !live,
@@ -192,7 +192,7 @@ impl Machine {
             return;
         };
         let to = u.candidate;
-        let Some(p) = u.precopy.as_mut().filter(|p| p.from == from) else {
+        let Some(p) = u.state.precopy.as_mut().filter(|p| p.from == from) else {
             return;
         };
         if round != p.round || seq != p.next_seq {
@@ -222,7 +222,7 @@ impl Machine {
         let Some(u) = self.upgrade.as_mut().filter(|u| u.candidate == gen_id) else {
             return;
         };
-        let Some(p) = u.precopy.as_mut() else {
+        let Some(p) = u.state.precopy.as_mut() else {
             return;
         };
         host.send(p.from, SupervisorMsg::Acked { seq });
@@ -237,10 +237,10 @@ impl Machine {
         let Some(u) = self.upgrade.as_ref() else {
             return;
         };
-        let Some(p) = u.precopy.as_ref() else {
+        let Some(p) = u.state.precopy.as_ref() else {
             return;
         };
-        if p.last && u.quiesced.is_none() && p.applied >= p.next_seq {
+        if p.last && u.state.quiesced.is_none() && p.applied >= p.next_seq {
             let (from, round) = (p.from, p.round);
             self.quiesce_for_last_round(host, now, from, round);
         }
@@ -260,6 +260,7 @@ impl Machine {
         };
         let to = u.candidate;
         let Some(p) = u
+            .state
             .precopy
             .as_mut()
             .filter(|p| p.from == from && p.round == round)
@@ -281,7 +282,7 @@ impl Machine {
             "pre-copy round done"
         );
         let paused_ms = if last {
-            u.quiesced_at.map(|t| ms_f(now - t))
+            u.state.quiesced_at.map(|t| ms_f(now - t))
         } else {
             None
         };
@@ -289,11 +290,11 @@ impl Machine {
             p.final_bytes = Some(bytes);
             let total = p.next_seq;
             let sent = p.live_bytes + bytes;
-            u.snapshot_ms = u.quiesced_at.map(|t| ms_f(now - t));
-            u.snapshot_bytes = Some(sent);
+            u.state.snapshot_ms = u.state.quiesced_at.map(|t| ms_f(now - t));
+            u.state.snapshot_bytes = Some(sent);
             u.stage = Stage::Restoring;
             u.stage_deadline = Some(later(now, self.s.restore_timeout));
-            u.restore_sent_at = Some(now);
+            u.state.restore_sent_at = Some(now);
             host.send(to, SupervisorMsg::Complete { chunks: total });
         } else {
             p.live_rounds += 1;
@@ -338,7 +339,7 @@ impl Machine {
         let round = self
             .upgrade
             .as_ref()
-            .and_then(|u| u.precopy.as_ref())
+            .and_then(|u| u.state.precopy.as_ref())
             .filter(|p| p.from == from)
             .map(|p| p.round);
         if let Some(round) = round {

@@ -104,6 +104,15 @@ pub(super) struct Upgrade {
     pub(super) revert: Option<Revert>,
     pub(super) stage: Stage,
     pub(super) stage_deadline: Option<Instant>,
+    /// What the state hand-over has done so far (empty for a stateless upgrade).
+    pub(super) state: Transfer,
+}
+
+/// A stateful upgrade's hand-over: which generation was quiesced, the snapshot's
+/// and the restore's figures, the pre-copy run. All empty until the stages that
+/// fill them, and for a stateless upgrade.
+#[derive(Debug, Default)]
+pub(super) struct Transfer {
     /// The generation that was quiesced for this upgrade.
     pub(super) quiesced: Option<GenId>,
     pub(super) quiesced_at: Option<Instant>,
@@ -136,12 +145,12 @@ impl Why {
 impl Upgrade {
     /// The old generation sending a pre-copy, if one runs.
     pub(super) fn precopy_from(&self) -> Option<GenId> {
-        self.precopy.as_ref().map(|p| p.from)
+        self.state.precopy.as_ref().map(|p| p.from)
     }
 
     /// The old generation handing its state over: quiesced, or still serving a pre-copy.
     pub(super) fn old_gen(&self) -> Option<GenId> {
-        self.quiesced.or(self.precopy_from())
+        self.state.quiesced.or(self.precopy_from())
     }
 
     /// The outcome of this upgrade, with the timings gathered so far.
@@ -154,13 +163,13 @@ impl Upgrade {
         let mut r = UpgradeReport {
             reason,
             duration_ms: ms(now - self.started),
-            accept_gap_ms: self.quiesced_at.map(|t| ms_f(now - t)),
-            snapshot_bytes: self.snapshot_bytes,
-            snapshot_ms: self.snapshot_ms,
-            restore_ms: self.restore_ms,
+            accept_gap_ms: self.state.quiesced_at.map(|t| ms_f(now - t)),
+            snapshot_bytes: self.state.snapshot_bytes,
+            snapshot_ms: self.state.snapshot_ms,
+            restore_ms: self.state.restore_ms,
             ..UpgradeReport::new(result, self.candidate, self.pid)
         };
-        if let Some(p) = &self.precopy {
+        if let Some(p) = &self.state.precopy {
             p.fill(&mut r);
         }
         r

@@ -28,12 +28,12 @@ impl Machine {
             return;
         };
         let why = state_lost(gen_id, how);
-        u.state_lost = Some(why.clone());
+        u.state.state_lost = Some(why.clone());
         if u.stage == Stage::Snapshotting {
             let c = u.candidate;
             u.stage = Stage::Restored;
             u.stage_deadline = None;
-            u.quiesced = None;
+            u.state.quiesced = None;
             host.send(c, SupervisorMsg::Fresh { reason: why });
         }
     }
@@ -83,7 +83,7 @@ impl Machine {
                     "baton runs without --state"
                 } else if u.why == Why::Initial {
                     "first generation"
-                } else if let Some(lost) = &u.state_lost {
+                } else if let Some(lost) = &u.state.state_lost {
                     lost.as_str()
                 } else {
                     "no running generation holds state"
@@ -105,8 +105,8 @@ impl Machine {
         if let Some(u) = self.upgrade.as_mut() {
             u.stage = Stage::Snapshotting;
             u.stage_deadline = Some(later(now, self.s.snapshot_timeout));
-            u.quiesced = Some(old);
-            u.quiesced_at = Some(now);
+            u.state.quiesced = Some(old);
+            u.state.quiesced_at = Some(now);
         }
         if let Some(g) = self.gens.get_mut(&old) {
             g.phase = Phase::Quiesced;
@@ -127,15 +127,15 @@ impl Machine {
         let Some(u) = self.upgrade.as_mut() else {
             return;
         };
-        if u.stage != Stage::Snapshotting || u.quiesced != Some(from) {
+        if u.stage != Stage::Snapshotting || u.state.quiesced != Some(from) {
             return;
         }
-        u.snapshot_ms = u.quiesced_at.map(|t| ms_f(now - t));
-        u.snapshot_bytes = Some(size);
+        u.state.snapshot_ms = u.state.quiesced_at.map(|t| ms_f(now - t));
+        u.state.snapshot_bytes = Some(size);
         let to = u.candidate;
         let kind = baton_protocol::EventKind::Snapshot {
             bytes: size,
-            ms: u.snapshot_ms.unwrap_or(0.0),
+            ms: u.state.snapshot_ms.unwrap_or(0.0),
         };
         let pid = self.gens.get(&from).map_or(0, |g| g.pid);
         host.event(from, pid, kind);
@@ -146,7 +146,7 @@ impl Machine {
             Ok(()) => {
                 u.stage = Stage::Restoring;
                 u.stage_deadline = Some(later(now, self.s.restore_timeout));
-                u.restore_sent_at = Some(now);
+                u.state.restore_sent_at = Some(now);
             }
             Err(e) => self.fail(host, now, format!("cannot pass the snapshot: {e}")),
         }
@@ -166,7 +166,7 @@ impl Machine {
         if self
             .upgrade
             .as_ref()
-            .is_some_and(|u| u.quiesced == Some(from))
+            .is_some_and(|u| u.state.quiesced == Some(from))
         {
             self.fail(
                 host,
@@ -184,10 +184,10 @@ impl Machine {
         if u.candidate != gen_id || u.stage != Stage::Restoring {
             return;
         }
-        u.restore_ms = u.restore_sent_at.map(|t| ms_f(now - t));
+        u.state.restore_ms = u.state.restore_sent_at.map(|t| ms_f(now - t));
         u.stage = Stage::Restored;
         u.stage_deadline = None;
-        let ms = u.restore_ms.unwrap_or(0.0);
+        let ms = u.state.restore_ms.unwrap_or(0.0);
         let pid = self.gens.get(&gen_id).map_or(0, |g| g.pid);
         host.event(gen_id, pid, baton_protocol::EventKind::Restored { ms });
         let Some(u) = self.upgrade.as_mut() else {
@@ -199,7 +199,7 @@ impl Machine {
                 g.ready_by = Some(later(now, self.s.ready_timeout));
             }
         }
-        if u.ready_early {
+        if u.state.ready_early {
             self.promote(host, now);
         }
     }
