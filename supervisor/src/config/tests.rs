@@ -208,7 +208,9 @@ mod props {
             let path = dir.join("baton.toml");
             std::fs::File::create(&path).unwrap().write_all(text.as_bytes()).unwrap();
             let path = path.to_str().unwrap().to_owned();
-            if let Err(e) = parse(&["--config", &path, "--", "true"]) {
+            let got = parse(&["--config", &path, "--", "true"]);
+            let _ = std::fs::remove_dir_all(&dir);
+            if let Err(e) = got {
                 prop_assert!(!e.to_string().contains('\n'), "{}", e);
             }
         }
