@@ -80,7 +80,7 @@ impl Setting {
             Kind::List => a.action(ArgAction::Append),
             Kind::Path => a.value_parser(clap::value_parser!(std::path::PathBuf)),
             // Numbers may be negative (`--nice -5`).
-            Kind::Number => a.allow_hyphen_values(true),
+            Kind::Number => a.allow_negative_numbers(true),
             Kind::Text | Kind::Mode => a,
         };
         if !self.value.is_empty() {
