@@ -10,6 +10,7 @@ use std::time::Instant;
 use baton_protocol::{Feature, Phase, SupervisorMsg};
 
 use super::{GenId, Host, Machine, later};
+use crate::Channel;
 
 /// A dry-run snapshot under way.
 pub(super) struct DryRun {
@@ -30,7 +31,7 @@ impl Machine {
     /// way, stopping).
     pub fn request_dry_run(
         &mut self,
-        host: &mut impl Host,
+        host: &mut impl Channel,
         now: Instant,
         schema: Option<u32>,
     ) -> Result<GenId, String> {

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use baton_protocol::{EventKind, Feature};
 
 use super::{GenId, Host, Machine, SdEvent, later, ms};
+use crate::Outside;
 
 /// A generation active this long resets the crash back-off.
 pub(super) const STABLE_AFTER: Duration = Duration::from_secs(10);
@@ -138,7 +139,7 @@ impl Machine {
         self.maybe_exit(host);
     }
 
-    pub(super) fn maybe_exit(&mut self, host: &mut impl Host) {
+    pub(super) fn maybe_exit(&mut self, host: &mut impl Outside) {
         if self.stopping && self.gens.is_empty() && !self.exited {
             self.exited = true;
             host.exit(0, "stopped");

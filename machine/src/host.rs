@@ -29,18 +29,32 @@ pub enum SdEvent {
     Status,
 }
 
-/// The world as the machine sees it.
-pub trait Host {
+/// Starts and stops generations' processes.
+pub trait Processes {
     /// Starts generation `gen_id` running `image` (`None`: what a plain upgrade
     /// runs), returning its pid and the image it runs, or why it could not start.
     fn spawn(&mut self, gen_id: GenId, image: Option<&Image>) -> Result<(u32, Image), String>;
+
     /// Signals generation `gen_id` (pid `pid`).
     fn kill(&mut self, gen_id: GenId, pid: u32, how: Kill);
+
+    /// The peak resident memory of generation `gen_id`, in bytes, if known.
+    fn peak_rss(&mut self, gen_id: GenId) -> Option<u64> {
+        let _ = gen_id;
+        None
+    }
+}
+
+/// Talks to an SDK child on its control socket: messages, and the snapshot and
+/// chunk fds baton relays.
+pub trait Channel {
     /// Sends a control message to an SDK child.
     fn send(&mut self, gen_id: GenId, msg: SupervisorMsg);
+
     /// Hands the snapshot received from `from` to `to` (a `Restore` message with the
     /// fd). Returns an error if there is no snapshot to pass.
     fn pass_snapshot(&mut self, from: GenId, to: GenId) -> Result<(), String>;
+
     /// Pre-copy: forwards chunk `seq` of `round` received from `from` to `to`
     /// (a `Chunk` message with the fd). Returns an error if there is none to pass.
     fn pass_chunk(
@@ -51,30 +65,45 @@ pub trait Host {
         seq: u64,
         size: u64,
     ) -> Result<(), String>;
-    /// Notifies systemd; `status` is the new `STATUS=` text.
-    fn systemd(&mut self, event: SdEvent, status: &str);
+}
+
+/// Answers the clients waiting for an outcome.
+pub trait Answers {
     /// An upgrade finished; answer these waiters.
     fn finished(&mut self, report: &mut UpgradeReport, waiters: Vec<WaiterId>);
-    /// baton should exit with this code (after everything has stopped).
-    fn exit(&mut self, code: i32, reason: &str);
-    /// A release changed state (the host persists it).
-    fn release(&mut self, event: ReleaseEvent<'_>);
+
     /// A probation ended; answer these waiters.
     fn probation_over(&mut self, outcome: &ProbationOutcome, waiters: Vec<WaiterId>);
+
+    /// A dry-run snapshot of `gen_id` ended: its size in bytes (the host holds the
+    /// snapshot it received), or why there is none.
+    fn dry_run_done(&mut self, gen_id: GenId, outcome: Result<u64, String>);
+}
+
+/// Tells the world outside: systemd, the release store, the event stream, and
+/// baton's own exit.
+pub trait Outside {
+    /// Notifies systemd; `status` is the new `STATUS=` text.
+    fn systemd(&mut self, event: SdEvent, status: &str);
+
+    /// baton should exit with this code (after everything has stopped).
+    fn exit(&mut self, code: i32, reason: &str);
+
+    /// A release changed state (the host persists it).
+    fn release(&mut self, event: ReleaseEvent<'_>);
+
     /// Something happened to generation `gen_id` (for `baton events`, history and
     /// metrics).
     fn event(&mut self, gen_id: GenId, pid: u32, kind: EventKind) {
         let _ = (gen_id, pid, kind);
     }
-    /// A dry-run snapshot of `gen_id` ended: its size in bytes (the host holds the
-    /// snapshot it received), or why there is none.
-    fn dry_run_done(&mut self, gen_id: GenId, outcome: Result<u64, String>);
-    /// The peak resident memory of generation `gen_id`, in bytes, if known.
-    fn peak_rss(&mut self, gen_id: GenId) -> Option<u64> {
-        let _ = gen_id;
-        None
-    }
 }
+
+/// The world as the machine sees it: four small seams, each a test can record on
+/// its own.
+pub trait Host: Processes + Channel + Answers + Outside {}
+
+impl<T: Processes + Channel + Answers + Outside> Host for T {}
 
 /// How readiness is decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

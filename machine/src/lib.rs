@@ -30,7 +30,9 @@ mod stateful;
 
 pub use carry::{Carried, CarryError, GenCarried, MonoClock, ProbationCarried};
 pub use handover::Handover;
-pub use host::{Host, Kill, PrecopySettings, ReadyMode, SdEvent, Settings};
+pub use host::{
+    Answers, Channel, Host, Kill, Outside, PrecopySettings, Processes, ReadyMode, SdEvent, Settings,
+};
 pub use input::Input;
 pub use record::{Gen, Waiters};
 use record::{Revert, Stage, Transfer, Upgrade, Why};

@@ -7,6 +7,7 @@ use baton_protocol::{EventKind, Feature, Phase, SupervisorMsg, UpgradeReport, Up
 
 use super::record::{Stage, Upgrade, Why};
 use super::{GenId, Host, Image, Kill, Machine, SdEvent, WaiterId, later, ms};
+use crate::{Channel, Outside, Processes};
 
 impl Machine {
     pub(super) fn promote(&mut self, host: &mut impl Host, now: Instant) {
@@ -191,7 +192,13 @@ impl Machine {
     }
 
     /// Tells a generation to drain (or commit, if it was quiesced) and arms its SIGKILL.
-    pub(super) fn retire(&mut self, host: &mut impl Host, now: Instant, id: GenId, migrate: bool) {
+    pub(super) fn retire(
+        &mut self,
+        host: &mut (impl Processes + Channel + Outside),
+        now: Instant,
+        id: GenId,
+        migrate: bool,
+    ) {
         let deadline_ms = ms(self.s.drain_timeout);
         let Some(g) = self.gens.get_mut(&id) else {
             return;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use baton_protocol::{EventKind, Feature, SupervisorMsg, UpgradeReport};
 
 use super::{GenId, Host, Machine, Stage, Upgrade, later, ms_f};
+use crate::{Channel, Outside};
 
 /// A live round this small means the deltas have converged: the last one,
 /// sent while quiesced, is smaller still.
@@ -118,7 +119,7 @@ impl Machine {
     /// false to use the one-shot snapshot.
     pub(super) fn try_precopy(
         &mut self,
-        host: &mut impl Host,
+        host: &mut impl Channel,
         now: Instant,
         old: GenId,
         candidate: GenId,
@@ -168,7 +169,7 @@ impl Machine {
 
     fn quiesce_for_last_round(
         &mut self,
-        host: &mut impl Host,
+        host: &mut impl Channel,
         now: Instant,
         old: GenId,
         round: u32,
@@ -214,7 +215,7 @@ impl Machine {
     /// Pre-copy: the candidate applied chunk `seq`; the old generation may send one more.
     pub(super) fn on_applied(
         &mut self,
-        host: &mut impl Host,
+        host: &mut impl Channel,
         now: Instant,
         gen_id: GenId,
         seq: u64,
@@ -233,7 +234,7 @@ impl Machine {
     /// Once the live rounds have stopped and the candidate has applied everything sent,
     /// quiesces the old generation for the last round. Quiescing earlier would put the
     /// candidate's backlog inside the accept gap.
-    fn quiesce_when_caught_up(&mut self, host: &mut impl Host, now: Instant) {
+    fn quiesce_when_caught_up(&mut self, host: &mut impl Channel, now: Instant) {
         let Some(u) = self.upgrade.as_ref() else {
             return;
         };
@@ -249,7 +250,7 @@ impl Machine {
     /// Pre-copy: the old generation finished round `round`.
     pub(super) fn on_round_done(
         &mut self,
-        host: &mut impl Host,
+        host: &mut (impl Channel + Outside),
         now: Instant,
         from: GenId,
         round: u32,

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use baton_protocol::{ReleaseResultKind, UpgradeReport};
 
 use super::{GenId, Host, Image, Machine, Revert, WaiterId, Waiters, Why, later};
+use crate::{Answers, Outside};
 
 /// How long a newly promoted image stays on probation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -158,7 +159,7 @@ impl Machine {
     /// `image` is neither permanent nor on probation.
     pub fn make_permanent(
         &mut self,
-        host: &mut impl Host,
+        host: &mut (impl Answers + Outside),
         now: Instant,
         image: &Image,
     ) -> Result<(), String> {
@@ -374,7 +375,7 @@ impl Machine {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn after_promotion(
         &mut self,
-        host: &mut impl Host,
+        host: &mut (impl Answers + Outside),
         now: Instant,
         why: Why,
         image: &Image,
@@ -443,7 +444,7 @@ impl Machine {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn after_rollback(
         &mut self,
-        host: &mut impl Host,
+        host: &mut (impl Answers + Outside),
         _now: Instant,
         image: Option<&Image>,
         reason: &str,
@@ -509,7 +510,7 @@ impl Machine {
 
     /// Probation passed (or was cut short by hand): the image is permanent. With `now`,
     /// systemd's `STATUS=` is updated (it said "on probation").
-    fn confirm(&mut self, host: &mut impl Host, now: Option<Instant>) {
+    fn confirm(&mut self, host: &mut (impl Answers + Outside), now: Option<Instant>) {
         let Some(p) = self.probation.take() else {
             return;
         };
@@ -530,7 +531,7 @@ impl Machine {
     }
 
     /// Ends a probation without a verdict.
-    pub(super) fn abandon_probation(&mut self, host: &mut impl Host, reason: &str) {
+    pub(super) fn abandon_probation(&mut self, host: &mut impl Answers, reason: &str) {
         if let Some(p) = self.probation.take() {
             let outcome = ProbationOutcome {
                 image: Some(p.image),
@@ -542,7 +543,7 @@ impl Machine {
         }
     }
 
-    pub(super) fn probation_tick(&mut self, host: &mut impl Host, now: Instant) {
+    pub(super) fn probation_tick(&mut self, host: &mut (impl Answers + Outside), now: Instant) {
         let due = self
             .probation
             .as_ref()

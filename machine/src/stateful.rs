@@ -6,6 +6,7 @@ use std::time::Instant;
 use baton_protocol::{Feature, Phase, SupervisorMsg};
 
 use super::{GenId, Host, Machine, Stage, Why, later, ms_f};
+use crate::Channel;
 
 fn state_lost(gen_id: GenId, how: &str) -> String {
     let why = format!("STATE LOST: generation {gen_id} died ({how}) before handing over its state");
@@ -23,7 +24,12 @@ impl Machine {
     /// The active generation `gen_id`, which held state, died during an upgrade.
     /// The upgrade reports the loss; if it waited for the snapshot, none is coming,
     /// and the candidate starts empty.
-    pub(super) fn state_died_upgrading(&mut self, host: &mut impl Host, gen_id: GenId, how: &str) {
+    pub(super) fn state_died_upgrading(
+        &mut self,
+        host: &mut impl Channel,
+        gen_id: GenId,
+        how: &str,
+    ) {
         let Some(u) = self.upgrade.as_mut() else {
             return;
         };
@@ -39,7 +45,7 @@ impl Machine {
     }
 
     /// Stateful candidate: initialised, waiting for state.
-    pub(super) fn on_prepared(&mut self, host: &mut impl Host, now: Instant, gen_id: GenId) {
+    pub(super) fn on_prepared(&mut self, host: &mut impl Channel, now: Instant, gen_id: GenId) {
         let Some(u) = self.upgrade.as_mut() else {
             return;
         };

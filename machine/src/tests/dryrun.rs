@@ -156,3 +156,32 @@ fn a_dry_run_that_fails_times_out_or_loses_its_process_answers_with_why() {
     );
     assert_ne!(m.course(), Course::DryRun);
 }
+
+/// Records what is sent on the channel seam, and nothing else.
+#[derive(Default)]
+struct Sent(Vec<(GenId, SupervisorMsg)>);
+
+impl Channel for Sent {
+    fn send(&mut self, gen_id: GenId, msg: SupervisorMsg) {
+        self.0.push((gen_id, msg));
+    }
+
+    fn pass_snapshot(&mut self, _from: GenId, _to: GenId) -> Result<(), String> {
+        Err("no snapshot here".into())
+    }
+
+    fn pass_chunk(&mut self, _: GenId, _: GenId, _: u32, _: u64, _: u64) -> Result<(), String> {
+        Err("no chunk here".into())
+    }
+}
+
+/// A dry-run request needs only the channel seam: a recorder of messages is a
+/// whole host for it.
+#[test]
+fn a_dry_run_request_needs_only_the_channel() {
+    let (mut m, _, t) = stateful();
+    let mut sent = Sent::default();
+    assert_eq!(m.request_dry_run(&mut sent, t, Some(1)), Ok(1));
+    assert_eq!(sent.0, vec![(1, dry_quiesce(Some(vec![1])))]);
+    assert_eq!(m.course(), Course::DryRun);
+}

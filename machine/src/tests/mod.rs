@@ -44,10 +44,7 @@ struct Fake {
     events: Vec<(GenId, EventKind)>,
 }
 
-impl Host for Fake {
-    fn event(&mut self, gen_id: GenId, _pid: u32, kind: EventKind) {
-        self.events.push((gen_id, kind));
-    }
+impl Processes for Fake {
     fn spawn(&mut self, gen_id: GenId, image: Option<&Image>) -> Result<(u32, Image), String> {
         self.calls.push(Call::Spawn(gen_id));
         if self.fail_spawn {
@@ -60,29 +57,22 @@ impl Host for Fake {
             Ok((1000 + gen_id as u32, image))
         }
     }
-    fn release(&mut self, event: ReleaseEvent<'_>) {
-        self.releases.push(match event {
-            ReleaseEvent::Current(i) => format!("current {i}"),
-            ReleaseEvent::Permanent(i) => format!("permanent {i}"),
-            ReleaseEvent::Failed { image, reason } => format!("failed {image}: {reason}"),
-            ReleaseEvent::RevertRefused { image, reason } => {
-                format!("revert refused {image}: {reason}")
-            }
-        });
-    }
-    fn probation_over(&mut self, o: &ProbationOutcome, waiters: Vec<WaiterId>) {
-        self.outcomes.push((o.kind, o.reason.clone(), waiters));
-    }
+
     fn kill(&mut self, gen_id: GenId, _pid: u32, how: Kill) {
         self.calls.push(Call::Kill(gen_id, how));
     }
+}
+
+impl Channel for Fake {
     fn send(&mut self, gen_id: GenId, msg: SupervisorMsg) {
         self.calls.push(Call::Send(gen_id, msg));
     }
+
     fn pass_snapshot(&mut self, from: GenId, to: GenId) -> Result<(), String> {
         self.calls.push(Call::Pass(from, to));
         Ok(())
     }
+
     fn pass_chunk(
         &mut self,
         from: GenId,
@@ -94,18 +84,45 @@ impl Host for Fake {
         self.calls.push(Call::PassChunk(from, to, seq));
         Ok(())
     }
-    fn systemd(&mut self, event: SdEvent, _status: &str) {
-        self.calls.push(Call::Sd(event));
+}
+
+impl Answers for Fake {
+    fn probation_over(&mut self, o: &ProbationOutcome, waiters: Vec<WaiterId>) {
+        self.outcomes.push((o.kind, o.reason.clone(), waiters));
     }
+
     fn finished(&mut self, r: &mut UpgradeReport, waiters: Vec<WaiterId>) {
         self.calls
             .push(Call::Finished(r.result, r.reason.clone(), waiters));
     }
-    fn exit(&mut self, code: i32, _reason: &str) {
-        self.calls.push(Call::Exit(code));
-    }
+
     fn dry_run_done(&mut self, gen_id: GenId, outcome: Result<u64, String>) {
         self.calls.push(Call::DryRun(gen_id, outcome));
+    }
+}
+
+impl Outside for Fake {
+    fn event(&mut self, gen_id: GenId, _pid: u32, kind: EventKind) {
+        self.events.push((gen_id, kind));
+    }
+
+    fn release(&mut self, event: ReleaseEvent<'_>) {
+        self.releases.push(match event {
+            ReleaseEvent::Current(i) => format!("current {i}"),
+            ReleaseEvent::Permanent(i) => format!("permanent {i}"),
+            ReleaseEvent::Failed { image, reason } => format!("failed {image}: {reason}"),
+            ReleaseEvent::RevertRefused { image, reason } => {
+                format!("revert refused {image}: {reason}")
+            }
+        });
+    }
+
+    fn systemd(&mut self, event: SdEvent, _status: &str) {
+        self.calls.push(Call::Sd(event));
+    }
+
+    fn exit(&mut self, code: i32, _reason: &str) {
+        self.calls.push(Call::Exit(code));
     }
 }
 

@@ -101,7 +101,7 @@ pub(super) fn on_gen_event(m: &mut Machine, d: &mut Driver, ev: GenEvent) {
                 "killing a hostile generation"
             );
             h.kill_reason = Some(why);
-            baton_machine::Host::kill(d, gen_id, pid, baton_machine::Kill::Now);
+            baton_machine::Processes::kill(d, gen_id, pid, baton_machine::Kill::Now);
         }
         GenEvent::Message {
             gen_id,

@@ -6,7 +6,10 @@ use crate::daemon::process::spawn::{self};
 use crate::reexec::state::WaitKind;
 use crate::release::lifecycle::Lifecycle;
 use crate::sys;
-use baton_machine::{GenId, Host, Image, Kill, ProbationOutcome, ReleaseEvent, SdEvent, WaiterId};
+use baton_machine::{
+    Answers, Channel, GenId, Image, Kill, Outside, ProbationOutcome, Processes, ReleaseEvent,
+    SdEvent, WaiterId,
+};
 use baton_protocol::{
     ControlReply, EventKind, HistoryEntry, ReleaseReply, ReleaseResultKind, SupervisorMsg,
     UpgradeReport, UpgradeResult,
@@ -16,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::Driver;
 
-impl Host for Driver {
+impl Processes for Driver {
     fn spawn(&mut self, gen_id: GenId, image: Option<&Image>) -> Result<(u32, Image), String> {
         let label = match image {
             Some(i) if self.images.contains_key(i) => i.clone(),
@@ -77,6 +80,13 @@ impl Host for Driver {
         }
     }
 
+    fn peak_rss(&mut self, gen_id: GenId) -> Option<u64> {
+        let pid = self.handles.get(&gen_id)?.pid;
+        crate::sys::peak_rss(pid)
+    }
+}
+
+impl Channel for Driver {
     fn send(&mut self, gen_id: GenId, msg: SupervisorMsg) {
         if let Some(h) = self.handles.get(&gen_id) {
             h.send(msg, Vec::new());
@@ -94,6 +104,33 @@ impl Host for Driver {
         Ok(())
     }
 
+    fn pass_chunk(
+        &mut self,
+        from: GenId,
+        to: GenId,
+        round: u32,
+        seq: u64,
+        size: u64,
+    ) -> Result<(), String> {
+        let (fd, slots) = self
+            .handles
+            .get_mut(&from)
+            .and_then(|h| h.chunk.take())
+            .ok_or("no chunk received")?;
+        let h = self.handles.get(&to).ok_or("candidate is gone")?;
+        let msg = SupervisorMsg::Chunk {
+            fds: 1,
+            size,
+            round,
+            seq,
+        };
+        // A sender that ignores the window waits for relay slots, like a migration.
+        h.relay(msg, vec![fd], slots);
+        Ok(())
+    }
+}
+
+impl Answers for Driver {
     fn dry_run_done(&mut self, gen_id: GenId, outcome: Result<u64, String>) {
         let waiters = std::mem::take(&mut self.dry_runs);
         let snap = self.handles.get_mut(&gen_id).and_then(|h| {
@@ -131,46 +168,6 @@ impl Host for Driver {
         }
     }
 
-    fn pass_chunk(
-        &mut self,
-        from: GenId,
-        to: GenId,
-        round: u32,
-        seq: u64,
-        size: u64,
-    ) -> Result<(), String> {
-        let (fd, slots) = self
-            .handles
-            .get_mut(&from)
-            .and_then(|h| h.chunk.take())
-            .ok_or("no chunk received")?;
-        let h = self.handles.get(&to).ok_or("candidate is gone")?;
-        let msg = SupervisorMsg::Chunk {
-            fds: 1,
-            size,
-            round,
-            seq,
-        };
-        // A sender that ignores the window waits for relay slots, like a migration.
-        h.relay(msg, vec![fd], slots);
-        Ok(())
-    }
-
-    fn peak_rss(&mut self, gen_id: GenId) -> Option<u64> {
-        let pid = self.handles.get(&gen_id)?.pid;
-        crate::sys::peak_rss(pid)
-    }
-
-    fn systemd(&mut self, event: SdEvent, status: &str) {
-        let status = crate::text::one_line(status);
-        match event {
-            SdEvent::Ready => self.sd.send(&format!("READY=1\nSTATUS={status}")),
-            SdEvent::Reloading => self.sd.reloading(&status),
-            SdEvent::Stopping => self.sd.send(&format!("STOPPING=1\nSTATUS={status}")),
-            SdEvent::Status => self.sd.send(&format!("STATUS={status}")),
-        }
-    }
-
     fn finished(&mut self, report: &mut UpgradeReport, waiters: Vec<WaiterId>) {
         if let Some(t) = self.ready_received {
             let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -202,6 +199,52 @@ impl Host for Driver {
                 }
             };
             let _ = waiter.tx.send(reply);
+        }
+    }
+
+    fn probation_over(&mut self, outcome: &ProbationOutcome, waiters: Vec<WaiterId>) {
+        match outcome.kind {
+            ReleaseResultKind::Reverted => self.metrics.revert("reverted"),
+            ReleaseResultKind::RevertRefused => self.metrics.revert("refused"),
+            _ => {}
+        }
+        // What runs is not what the store says: no waiter is told it went well.
+        if let Some(why) = self.lifecycle.as_ref().and_then(Lifecycle::store_error) {
+            let version = outcome.image.clone().unwrap_or_default();
+            for w in waiters {
+                if let Some(waiter) = self.waiters.remove(&w) {
+                    let kind = format!("{:?}", outcome.kind).to_lowercase();
+                    let _ = waiter.tx.send(ControlReply::Error {
+                        message: format!(
+                            "{version}: {kind} here, but the release store could not record it \
+                             ({why}); it is out of sync, and a restart would boot what it says"
+                        ),
+                    });
+                }
+            }
+            return;
+        }
+        for w in waiters {
+            let reply = ReleaseReply {
+                result: outcome.kind,
+                version: outcome.image.clone(),
+                detail: outcome.reason.clone().unwrap_or_default(),
+                releases: Vec::new(),
+                upgrade: outcome.report.clone(),
+            };
+            self.reply_release(w, reply);
+        }
+    }
+}
+
+impl Outside for Driver {
+    fn systemd(&mut self, event: SdEvent, status: &str) {
+        let status = crate::text::one_line(status);
+        match event {
+            SdEvent::Ready => self.sd.send(&format!("READY=1\nSTATUS={status}")),
+            SdEvent::Reloading => self.sd.reloading(&status),
+            SdEvent::Stopping => self.sd.send(&format!("STOPPING=1\nSTATUS={status}")),
+            SdEvent::Status => self.sd.send(&format!("STATUS={status}")),
         }
     }
 
@@ -250,40 +293,6 @@ impl Host for Driver {
             self.history.push(entry);
         }
         self.emit(gen_id, (pid != 0).then_some(pid), kind);
-    }
-
-    fn probation_over(&mut self, outcome: &ProbationOutcome, waiters: Vec<WaiterId>) {
-        match outcome.kind {
-            ReleaseResultKind::Reverted => self.metrics.revert("reverted"),
-            ReleaseResultKind::RevertRefused => self.metrics.revert("refused"),
-            _ => {}
-        }
-        // What runs is not what the store says: no waiter is told it went well.
-        if let Some(why) = self.lifecycle.as_ref().and_then(Lifecycle::store_error) {
-            let version = outcome.image.clone().unwrap_or_default();
-            for w in waiters {
-                if let Some(waiter) = self.waiters.remove(&w) {
-                    let kind = format!("{:?}", outcome.kind).to_lowercase();
-                    let _ = waiter.tx.send(ControlReply::Error {
-                        message: format!(
-                            "{version}: {kind} here, but the release store could not record it \
-                             ({why}); it is out of sync, and a restart would boot what it says"
-                        ),
-                    });
-                }
-            }
-            return;
-        }
-        for w in waiters {
-            let reply = ReleaseReply {
-                result: outcome.kind,
-                version: outcome.image.clone(),
-                detail: outcome.reason.clone().unwrap_or_default(),
-                releases: Vec::new(),
-                upgrade: outcome.report.clone(),
-            };
-            self.reply_release(w, reply);
-        }
     }
 
     fn exit(&mut self, code: i32, reason: &str) {
