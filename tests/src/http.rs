@@ -5,6 +5,21 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+/// `read`, retried when a signal interrupts it. A socket with a read timeout fails a
+/// read with EINTR on any signal, `SA_RESTART` or not (signal(7)), and a test process
+/// gets SIGCHLD whenever one of its children exits.
+///
+/// # Errors
+/// As `read`, but never `Interrupted`.
+pub fn read_retrying(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// A response: status code and body (the whole reply, for connection-close replies).
 #[derive(Debug, Clone)]
 pub struct Reply {
@@ -116,7 +131,7 @@ pub fn read_response(stream: &mut TcpStream) -> io::Result<Response> {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
-        let n = stream.read(&mut chunk)?;
+        let n = read_retrying(stream, &mut chunk)?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -154,7 +169,7 @@ pub fn read_response(stream: &mut TcpStream) -> io::Result<Response> {
     match length {
         Some(len) => {
             while body.len() < len {
-                let n = stream.read(&mut chunk)?;
+                let n = read_retrying(stream, &mut chunk)?;
                 if n == 0 {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
