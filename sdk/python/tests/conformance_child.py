@@ -55,10 +55,19 @@ class Child:
                     reply = "ERR\n"
                 sock.sendall(reply.encode())
             if self.stop.is_set():
-                if self.migrate:
-                    self.baton.migrate(sock, listener, bytes(buf))
-                else:
+                if not self.migrate:
                     sock.close()
+                    return
+                # What has arrived by the drain is read first: a complete request is
+                # answered, a partial one travels as the buffered bytes.
+                arrived = self.read_arrived(sock)
+                if arrived is None:
+                    sock.close()
+                    return
+                buf += arrived
+                if b"\n" in buf:
+                    continue
+                self.baton.migrate(sock, listener, bytes(buf))
                 return
             ready, _, _ = select.select([sock], [], [], POLL)
             if ready:
@@ -67,6 +76,22 @@ class Child:
                     sock.close()
                     return
                 buf += data
+
+    @staticmethod
+    def read_arrived(sock: socket.socket) -> "bytes | None":
+        """Every byte readable now, without waiting; None at EOF."""
+        got = bytearray()
+        sock.setblocking(False)
+        try:
+            while True:
+                data = sock.recv(4096)
+                if not data:
+                    return None if not got else bytes(got)
+                got += data
+        except BlockingIOError:
+            return bytes(got)
+        finally:
+            sock.setblocking(True)
 
     def accept(self, listener: socket.socket) -> None:
         while not self.stop.is_set():
