@@ -191,7 +191,10 @@ async fn serve(
             return;
         }
         let mut chunk = [0u8; 4096];
+        // Bytes that arrived before the drain are read first (not a random pick when
+        // both are ready), so a partial request travels as the buffered bytes.
         tokio::select! {
+            biased;
             r = s.read(&mut chunk) => match r {
                 Ok(0) | Err(_) => return,
                 Ok(k) => buf.extend_from_slice(&chunk[..k]),
