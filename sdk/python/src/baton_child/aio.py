@@ -157,6 +157,9 @@ class StreamServer:
         self._in_flight = 0
         self._closing = False
         self._accepting: Optional[asyncio.Task[None]] = None
+        # A connection accepted and being set up: a stop waits for it, so that an accepted
+        # connection is never dropped unanswered.
+        self._adding: Optional[asyncio.Future[None]] = None
         self._done = asyncio.Event()
 
     async def serve(self) -> None:
@@ -199,6 +202,9 @@ class StreamServer:
             except asyncio.CancelledError:
                 pass
             self._accepting = None
+        if self._adding is not None:
+            await asyncio.wait([self._adding])
+            self._adding = None
 
     async def _accept_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -219,7 +225,11 @@ class StreamServer:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 continue  # another generation took it
-            await self._add(sock, b"")
+            # Shielded: a stop that cancels this loop while the connection is set up
+            # waits for it (`_stop_accepting`) instead of dropping it unanswered.
+            self._adding = asyncio.ensure_future(self._add(sock, b""))
+            await asyncio.shield(self._adding)
+            self._adding = None
 
     async def _adopt_forever(self) -> None:
         while True:
