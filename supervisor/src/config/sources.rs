@@ -48,16 +48,7 @@ impl Sources<'_> {
 
     /// A text setting, with the name of where it came from.
     pub(super) fn text(&self, s: &Setting) -> Option<(String, String)> {
-        self.get(s).map(|g| {
-            let v = match g.raw {
-                Raw::Text(t) => t,
-                Raw::Path(p) => p.to_string_lossy().into_owned(),
-                Raw::Value(v) => v.as_str().map_or_else(|| v.to_string(), str::to_owned),
-                Raw::Switch(b) => b.to_string(),
-                Raw::List(l) => l.join(","),
-            };
-            (v, g.what)
-        })
+        self.get(s).map(|g| (text_of(g.raw), g.what))
     }
 
     /// A number setting (a TOML value), with the name of where it came from.
@@ -86,10 +77,7 @@ impl Sources<'_> {
     pub(super) fn path(&self, s: &Setting) -> Option<PathBuf> {
         self.get(s).map(|g| match g.raw {
             Raw::Path(p) => p,
-            other => PathBuf::from(match other {
-                Raw::Text(t) => t,
-                _ => String::new(),
-            }),
+            other => PathBuf::from(text_of(other)),
         })
     }
 
@@ -104,5 +92,16 @@ impl Sources<'_> {
             Some(Raw::List(l)) => l,
             _ => Vec::new(),
         }
+    }
+}
+
+/// A raw value as text (a path lossily: only a path setting keeps non-UTF-8 bytes).
+fn text_of(raw: Raw) -> String {
+    match raw {
+        Raw::Text(t) => t,
+        Raw::Path(p) => p.to_string_lossy().into_owned(),
+        Raw::Value(v) => v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+        Raw::Switch(b) => b.to_string(),
+        Raw::List(l) => l.join(","),
     }
 }
